@@ -1,0 +1,177 @@
+//! Map layouts of the network datapath.
+//!
+//! Ownership rule: user space writes `NetGlobal`, `ClassConfig` and
+//! `CGROUP_CLASS`; the datapath writes `ClassState`, `PoolState` and
+//! `SOCK_CLASS`. User space never rewrites a state value in place (it would
+//! race with the packet path); it only zeroes a slot it is about to (re)use.
+
+/// Number of class slots. Slot 0 is the default class.
+pub const MAX_CLASSES: u32 = 4096;
+/// Slot of the class that carries traffic of cgroups without a quota.
+pub const DEFAULT_SLOT: u32 = 0;
+/// Priorities are 0 (highest) ..= `LOWEST_PRIORITY`.
+pub const LOWEST_PRIORITY: u32 = 7;
+/// Depth of the cgroup ancestor walk when a socket's class is resolved.
+pub const MAX_CGROUP_DEPTH: u32 = 32;
+/// Entries of the socket → class cache (LRU).
+pub const SOCK_CACHE_ENTRIES: u32 = 262_144;
+/// Entries of the cgroup id → slot map (configured cgroups).
+pub const CGROUP_MAP_ENTRIES: u32 = 16_384;
+
+/// `tc_index` values `1..=MAX_CLASSES` carry a class slot (+1) from the
+/// container-side tagger to the shaped interface.
+pub const TAG_OFFSET: u32 = 1;
+
+pub mod maps {
+    pub const GLOBAL: &str = "NET_GLOBAL";
+    pub const POOL: &str = "NET_POOL";
+    pub const CLASS_CONFIG: &str = "NET_CLASS_CFG";
+    pub const CLASS_STATE: &str = "NET_CLASS_STATE";
+    pub const CGROUP_CLASS: &str = "NET_CGROUP_CLASS";
+    pub const SOCK_CLASS: &str = "NET_SOCK_CLASS";
+}
+
+pub mod programs {
+    /// tc egress on the shaped interface: classify, account, decide.
+    pub const EGRESS: &str = "qos_egress";
+    /// tc ingress on container-facing veths: tag forwarded packets with their class.
+    pub const TAGGER: &str = "qos_tag";
+    /// sockops on the cgroup2 root: per-flow pacing of TCP sockets.
+    pub const PACER: &str = "qos_pacer";
+}
+
+/// `NetGlobal::flags` bit: shaping enabled.
+pub const GLOBAL_ENABLED: u32 = 1;
+
+/// Host-wide settings of the egress shaper (array map, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetGlobal {
+    /// Egress capacity of the shaped interface, wire bytes per second.
+    pub capacity: u64,
+    /// Depth of the shared pool, bytes.
+    pub pool_depth: u64,
+    /// Pool level needed per priority step before a class may borrow.
+    pub prio_step: u64,
+    /// Pool level above which a class may borrow beyond its allowance
+    /// (capacity that nobody's allowance claims).
+    pub extra_watermark: u64,
+    /// Bumped whenever the cgroup → class mapping changes; cached socket
+    /// classifications of an older generation are resolved again.
+    pub generation: u64,
+    /// Activity epoch, advanced by user space; flows count once per epoch.
+    pub epoch: u64,
+    /// Proportional gain of the pacing correction, 1/1024 units.
+    pub pacing_kp: u64,
+    /// Integral gain of the class pacing multiplier, 1/1024 per second.
+    pub pacing_ki: u64,
+    /// ifindex of the shaped interface.
+    pub shaped_ifindex: u32,
+    /// `GLOBAL_*` bits.
+    pub flags: u32,
+}
+
+/// Per-class settings written by user space (array map indexed by slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassConfig {
+    /// Guaranteed rate, wire bytes per second.
+    pub guarantee: u64,
+    /// Ceiling, bytes per second. Always ≥ guarantee and ≤ capacity.
+    pub ceil: u64,
+    /// Fair share of the spare capacity this class may borrow, bytes per
+    /// second (computed by the user-space allocator).
+    pub borrow_rate: u64,
+    /// Feed-forward pacing rate of one flow, bytes per second.
+    pub flow_base: u64,
+    /// Total rate the allocator gives this class (guarantee + borrow).
+    pub alloc: u64,
+    /// Own bucket depth, bytes.
+    pub depth: u64,
+    /// Borrow-allowance bucket depth, bytes.
+    pub borrow_depth: u64,
+    /// Ceiling bucket depth, bytes.
+    pub ceil_depth: u64,
+    /// Debt (bytes below zero in the own bucket) beyond which ECN-capable
+    /// packets are marked CE.
+    pub mark_debt: u64,
+    /// Debt beyond which packets are dropped: the last resort.
+    pub drop_debt: u64,
+    /// 0 (highest) ..= `LOWEST_PRIORITY`.
+    pub priority: u32,
+    /// 1 when the slot is in use.
+    pub active: u32,
+}
+
+/// Per-class datapath state (array map indexed by slot). Buckets are signed:
+/// a negative own bucket is debt.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassState {
+    pub own: i64,
+    pub borrow: i64,
+    pub ceil: i64,
+    /// Last refill of the three buckets (CAS-guarded).
+    pub last_ns: u64,
+    /// Last update of the pacing multiplier (CAS-guarded).
+    pub ctl_ns: u64,
+    /// Pacing multiplier, 1/1024 units (integral of the bucket level).
+    pub mult: u64,
+    // Counters below only grow.
+    pub packets: u64,
+    pub bytes: u64,
+    pub own_bytes: u64,
+    pub borrowed_bytes: u64,
+    pub over_bytes: u64,
+    pub ce_marks: u64,
+    pub drops: u64,
+    pub drop_bytes: u64,
+    pub pacing_updates: u64,
+    /// Flows registered minus flows closed.
+    pub flows_open: u64,
+    /// One per flow per activity epoch in which it was acknowledged.
+    pub flow_activations: u64,
+}
+
+/// The shared token pool (array map, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolState {
+    pub tokens: i64,
+    pub last_ns: u64,
+}
+
+/// `SockClass::flags` bit: the flow leaves through the shaped interface, so
+/// it is paced.
+pub const SOCK_SHAPED: u32 = 1;
+/// `SockClass::flags` bit: the flow was routed elsewhere; not paced.
+pub const SOCK_ROUTED_ELSEWHERE: u32 = 2;
+
+/// Cached classification of one socket (LRU hash keyed by socket cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockClass {
+    pub slot: u32,
+    pub flags: u32,
+    /// Slot + 1 whose `flows_open` counts this flow; 0 = not counted.
+    pub counted: u32,
+    pub _pad: u32,
+    /// `NetGlobal::generation` the classification was made under.
+    pub generation: u64,
+    /// Last activity epoch the flow was counted in.
+    pub epoch: u64,
+    /// Pacing rate last applied to the socket, bytes per second.
+    pub pacing: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` integers without padding holes that matter;
+    // any bit pattern is a valid value.
+    unsafe impl aya::Pod for NetGlobal {}
+    unsafe impl aya::Pod for ClassConfig {}
+    unsafe impl aya::Pod for ClassState {}
+    unsafe impl aya::Pod for PoolState {}
+    unsafe impl aya::Pod for SockClass {}
+}

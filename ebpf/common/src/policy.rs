@@ -1,0 +1,432 @@
+//! Per-packet and per-ack policy maths of the network datapath.
+//!
+//! Rules for this module (it is compiled for BPF too):
+//! - no panics: every division goes through `checked_div`, no indexing;
+//! - no signed division (BPF v3 has none): signed values are split into sign
+//!   and magnitude first;
+//! - products are bounded so that they fit in u64 (rates are capped at
+//!   `MAX_RATE` bytes/s and refill intervals at `MAX_REFILL_NS`).
+
+pub const NS_PER_SEC: u64 = 1_000_000_000;
+/// A bucket earns at most one second of tokens per refill.
+pub const MAX_REFILL_NS: u64 = NS_PER_SEC;
+/// Highest rate the datapath handles: 100 Gbit/s in bytes per second.
+pub const MAX_RATE: u64 = 12_500_000_000;
+/// Fixed-point unit of gains and the pacing multiplier.
+pub const UNIT: u64 = 1024;
+/// Bounds of the pacing multiplier (0.25 .. 4).
+pub const MULT_MIN: u64 = UNIT / 4;
+pub const MULT_MAX: u64 = UNIT * 4;
+/// Bucket fill (1/1024 of the depth) the pacing loop steers a busy class
+/// to: slightly positive, so that a class sending exactly its allocation
+/// pays from its own tokens instead of hovering at the out-of-profile edge.
+pub const FILL_TARGET: i64 = (UNIT / 8) as i64;
+/// The pacing multiplier is updated at most this often.
+pub const CONTROL_INTERVAL_NS: u64 = 5_000_000;
+/// A single multiplier step covers at most this much time.
+pub const MAX_CONTROL_STEP_NS: u64 = 50_000_000;
+
+#[inline(always)]
+const fn min_u64(a: u64, b: u64) -> u64 {
+    if a < b { a } else { b }
+}
+
+#[inline(always)]
+const fn max_u64(a: u64, b: u64) -> u64 {
+    if a > b { a } else { b }
+}
+
+/// Tokens (bytes) a bucket refilled at `rate` bytes/s earns in `elapsed_ns`.
+#[inline(always)]
+pub const fn earned(elapsed_ns: u64, rate: u64) -> u64 {
+    // ≤ 1e9 * 1.25e10 = 1.25e19 < u64::MAX
+    min_u64(elapsed_ns, MAX_REFILL_NS) * min_u64(rate, MAX_RATE) / NS_PER_SEC
+}
+
+/// Adjustment (≤ 0) that brings a bucket which reached `level` after a refill
+/// back under its `depth`.
+#[inline(always)]
+pub const fn overflow_correction(level: i64, depth: u64) -> i64 {
+    let depth = min_i64_of_u64(depth);
+    if level > depth { depth - level } else { 0 }
+}
+
+/// Adjustment (≥ 0) that lifts a bucket which fell to `level` back to
+/// `-floor`. Bounds the debt a burst of guaranteed traffic can leave in the
+/// shared pool.
+#[inline(always)]
+pub const fn underflow_correction(level: i64, floor: u64) -> i64 {
+    let floor = -min_i64_of_u64(floor);
+    if level < floor { floor - level } else { 0 }
+}
+
+#[inline(always)]
+const fn min_i64_of_u64(v: u64) -> i64 {
+    if v > i64::MAX as u64 { i64::MAX } else { v as i64 }
+}
+
+/// Bytes a packet occupies on the wire (what tc and HTB charge): a GSO packet
+/// carries its headers once but is sent as `gso_segs` frames.
+#[inline(always)]
+pub const fn wire_len(skb_len: u32, gso_segs: u32, header_len: u32) -> u64 {
+    let extra = if gso_segs > 1 { (gso_segs as u64 - 1) * header_len as u64 } else { 0 };
+    skb_len as u64 + extra
+}
+
+/// Pool level a class of `priority` needs before it may borrow within its
+/// allowance. Priority 0 may drain the pool; each lower priority leaves one
+/// more step for the ones above it, which gives strict priority at sub-ms
+/// time scales without any shared lock.
+#[inline(always)]
+pub const fn borrow_threshold(priority: u32, prio_step: u64) -> i64 {
+    min_i64_of_u64(priority as u64 * prio_step)
+}
+
+/// Pool level a class of `priority` needs before it may borrow beyond its
+/// allowance (capacity no allowance claims right now).
+#[inline(always)]
+pub const fn extra_threshold(priority: u32, prio_step: u64, watermark: u64) -> i64 {
+    min_i64_of_u64(watermark + priority as u64 * prio_step)
+}
+
+/// Bucket levels of one class and the pool, read just before a decision.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Levels {
+    pub own: i64,
+    pub borrow: i64,
+    /// Ceiling bucket; ignored when the class has no ceiling below capacity.
+    pub ceil: i64,
+    pub pool: i64,
+}
+
+/// What a class may do, from its configuration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub priority: u32,
+    pub has_ceil: bool,
+    pub prio_step: u64,
+    pub extra_watermark: u64,
+    pub mark_debt: u64,
+    pub drop_debt: u64,
+}
+
+/// Outcome of one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Paid from the class's own (guaranteed) tokens.
+    Own,
+    /// Paid from the shared pool within the class's borrow allowance.
+    Borrow,
+    /// Paid from the shared pool beyond the allowance: capacity nobody claims.
+    BorrowExtra,
+    /// Out of profile: passes, charged as debt to the own bucket.
+    Over,
+    /// Out of profile and the debt is past the mark threshold: passes with
+    /// ECN CE set when the packet is ECN-capable.
+    OverMark,
+    /// Debt past the drop threshold: dropped, not charged.
+    Drop,
+}
+
+impl Verdict {
+    #[inline(always)]
+    pub const fn passes(self) -> bool {
+        !matches!(self, Verdict::Drop)
+    }
+}
+
+/// Decides one packet of `len` wire bytes.
+///
+/// Order: own tokens; borrowing within the allowance (pool above the
+/// priority threshold, ceiling not reached); borrowing of unclaimed capacity;
+/// otherwise the packet is out of profile and the debt decides between pass,
+/// mark and drop.
+#[inline(always)]
+pub const fn decide(levels: &Levels, limits: &Limits, len: u64) -> Verdict {
+    if levels.own > 0 {
+        return Verdict::Own;
+    }
+    let ceil_ok = !limits.has_ceil || levels.ceil > 0;
+    if ceil_ok {
+        if levels.borrow > 0 && levels.pool > borrow_threshold(limits.priority, limits.prio_step) {
+            return Verdict::Borrow;
+        }
+        if levels.pool
+            > extra_threshold(limits.priority, limits.prio_step, limits.extra_watermark)
+        {
+            return Verdict::BorrowExtra;
+        }
+    }
+    // own ≤ 0 here: the debt after this packet is len + |own|.
+    let debt = len.saturating_add(levels.own.unsigned_abs());
+    if debt > limits.drop_debt {
+        Verdict::Drop
+    } else if debt > limits.mark_debt {
+        Verdict::OverMark
+    } else {
+        Verdict::Over
+    }
+}
+
+/// `level / depth` as a signed fraction in 1/1024 units, clamped to ±1.
+#[inline(always)]
+pub const fn fill_ratio(level: i64, depth: u64) -> i64 {
+    if depth == 0 {
+        return 0;
+    }
+    let mag = min_u64(level.unsigned_abs(), depth);
+    // mag ≤ depth, so mag * UNIT / depth ≤ UNIT; mag * UNIT cannot overflow
+    // for depths below 2^53.
+    let r = match (mag.saturating_mul(UNIT)).checked_div(depth) {
+        Some(r) => r as i64,
+        None => 0,
+    };
+    if level < 0 { -r } else { r }
+}
+
+/// Next pacing multiplier of a class: integral action on the fill of its
+/// buckets. A class whose buckets fill up (flows slower than allowed) speeds
+/// its flows up; one in debt slows them down. `ki` is in 1/1024 per second.
+#[inline(always)]
+pub const fn next_multiplier(mult: u64, fill: i64, ki: u64, elapsed_ns: u64) -> u64 {
+    let fill = fill - FILL_TARGET;
+    let mult = max_u64(min_u64(mult, MULT_MAX), MULT_MIN);
+    let dt_us = min_u64(elapsed_ns, MAX_CONTROL_STEP_NS) / 1000; // ≤ 50_000
+    let e = fill.unsigned_abs(); // ≤ 1024
+    // mult * e / 1024 ≤ 4096; * ki (≤ 2^20) * dt_us (≤ 2^16) < 2^48
+    let step = (mult * e / UNIT) * min_u64(ki, 1 << 20) * dt_us / (UNIT * 1_000_000);
+    let next = if fill < 0 { mult.saturating_sub(step) } else { mult + step };
+    max_u64(min_u64(next, MULT_MAX), MULT_MIN)
+}
+
+/// Pacing rate of one flow: feed-forward share × class multiplier, corrected
+/// in proportion to the class's bucket fill (`kp` in 1/1024), never below a
+/// quarter of the feed-forward share nor above `max`.
+#[inline(always)]
+pub const fn pacing_rate(flow_base: u64, mult: u64, fill: i64, kp: u64, max: u64) -> u64 {
+    let fill = fill - FILL_TARGET;
+    let base = min_u64(flow_base, MAX_RATE) / UNIT * min_u64(mult, MULT_MAX);
+    let e = fill.unsigned_abs(); // ≤ 1024
+    // base ≤ 1.25e10 / 1024 * 4096 = 5e10; /1024 * 1024 * kp(≤ 4096) fits.
+    let adj = (base / UNIT) * e / UNIT * min_u64(kp, 4 * UNIT);
+    let rate = if fill < 0 { base.saturating_sub(adj) } else { base + adj };
+    let floor = min_u64(flow_base, MAX_RATE) / 4;
+    let rate = max_u64(rate, floor);
+    if max == 0 { rate } else { min_u64(rate, max) }
+}
+
+/// Whether a socket's pacing should be rewritten: only when the target moved
+/// by more than 1/32, to keep setsockopt calls rare.
+#[inline(always)]
+pub const fn pacing_changed(applied: u64, target: u64) -> bool {
+    let diff = if applied > target { applied - target } else { target - applied };
+    diff > target / 32 || applied == 0
+}
+
+/// Converts a wire rate to the rate TCP paces at (it counts segment payload
+/// plus its own header, not IP and Ethernet headers): 1480/1514 of the wire
+/// bytes for a 1500-byte MTU.
+#[inline(always)]
+pub const fn wire_to_tcp_rate(wire: u64) -> u64 {
+    min_u64(wire, MAX_RATE) / 1514 * 1480
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn limits() -> Limits {
+        Limits {
+            priority: 0,
+            has_ceil: false,
+            prio_step: 1000,
+            extra_watermark: 50_000,
+            mark_debt: 10_000,
+            drop_debt: 100_000,
+        }
+    }
+
+    #[test]
+    fn earned_is_rate_times_time() {
+        assert_eq!(earned(NS_PER_SEC / 10, 1_250_000), 125_000);
+        assert_eq!(earned(1, 1_000_000_000), 1);
+        assert_eq!(earned(0, MAX_RATE), 0);
+    }
+
+    #[test]
+    fn earned_caps_time_and_rate() {
+        assert_eq!(earned(10 * NS_PER_SEC, 1000), 1000);
+        assert_eq!(earned(u64::MAX, u64::MAX), MAX_RATE);
+    }
+
+    #[test]
+    fn overflow_and_underflow_corrections() {
+        assert_eq!(overflow_correction(150, 100), -50);
+        assert_eq!(overflow_correction(100, 100), 0);
+        assert_eq!(overflow_correction(-5, 100), 0);
+        assert_eq!(underflow_correction(-150, 100), 50);
+        assert_eq!(underflow_correction(-100, 100), 0);
+        assert_eq!(underflow_correction(20, 100), 0);
+        assert_eq!(overflow_correction(i64::MAX, u64::MAX), 0);
+    }
+
+    #[test]
+    fn wire_len_adds_headers_of_extra_segments() {
+        assert_eq!(wire_len(1514, 1, 66), 1514);
+        assert_eq!(wire_len(1514, 0, 66), 1514);
+        // 45 segments of 1448 payload + one 66-byte header = 65226 bytes.
+        assert_eq!(wire_len(66 + 45 * 1448, 45, 66), 45 * 1514);
+    }
+
+    #[test]
+    fn own_tokens_come_first() {
+        let l = Levels { own: 1, borrow: 0, ceil: 0, pool: -1_000_000 };
+        assert_eq!(decide(&l, &limits(), 65_000), Verdict::Own);
+    }
+
+    #[test]
+    fn borrowing_needs_allowance_and_pool_above_priority_threshold() {
+        let mut lim = limits();
+        lim.priority = 3; // needs pool > 3000
+        let mut l = Levels { own: 0, borrow: 10, ceil: 0, pool: 3001 };
+        assert_eq!(decide(&l, &lim, 1500), Verdict::Borrow);
+        l.pool = 3000;
+        assert_eq!(decide(&l, &lim, 1500), Verdict::Over);
+        l.pool = 3001;
+        l.borrow = 0;
+        assert_eq!(decide(&l, &lim, 1500), Verdict::Over);
+    }
+
+    #[test]
+    fn higher_priority_borrows_at_lower_pool_levels() {
+        let mut hi = limits();
+        hi.priority = 0;
+        let mut lo = limits();
+        lo.priority = 5;
+        let l = Levels { own: 0, borrow: 100, ceil: 0, pool: 2000 };
+        assert_eq!(decide(&l, &hi, 1500), Verdict::Borrow);
+        assert_eq!(decide(&l, &lo, 1500), Verdict::Over);
+    }
+
+    #[test]
+    fn unclaimed_capacity_is_borrowed_beyond_allowance() {
+        let l = Levels { own: -5, borrow: 0, ceil: 0, pool: 50_001 };
+        assert_eq!(decide(&l, &limits(), 1500), Verdict::BorrowExtra);
+        let l = Levels { pool: 50_000, ..l };
+        assert_eq!(decide(&l, &limits(), 1500), Verdict::Over);
+    }
+
+    #[test]
+    fn ceiling_stops_all_borrowing() {
+        let mut lim = limits();
+        lim.has_ceil = true;
+        let l = Levels { own: 0, borrow: 100, ceil: 0, pool: 1_000_000 };
+        assert_eq!(decide(&l, &lim, 1500), Verdict::Over);
+        let l = Levels { ceil: 1, ..l };
+        assert_eq!(decide(&l, &lim, 1500), Verdict::Borrow);
+    }
+
+    #[test]
+    fn debt_decides_between_pass_mark_and_drop() {
+        let lim = limits();
+        let l = Levels { own: -8_000, borrow: 0, ceil: 0, pool: 0 };
+        assert_eq!(decide(&l, &lim, 1500), Verdict::Over); // 9_500
+        assert_eq!(decide(&l, &lim, 2500), Verdict::OverMark); // 10_500
+        let l = Levels { own: -99_000, ..l };
+        assert_eq!(decide(&l, &lim, 1000), Verdict::OverMark); // exactly 100_000
+        assert_eq!(decide(&l, &lim, 1001), Verdict::Drop);
+        assert!(!Verdict::Drop.passes());
+        assert!(Verdict::OverMark.passes());
+    }
+
+    #[test]
+    fn fill_ratio_is_clamped_and_signed() {
+        assert_eq!(fill_ratio(50, 100), 512);
+        assert_eq!(fill_ratio(-50, 100), -512);
+        assert_eq!(fill_ratio(500, 100), 1024);
+        assert_eq!(fill_ratio(i64::MIN, 100), -1024);
+        assert_eq!(fill_ratio(7, 0), 0);
+    }
+
+    #[test]
+    fn multiplier_integrates_fill_and_stays_bounded() {
+        // Error of a full depth for 10 ms at ki = 5/s: 5 % per 10 ms.
+        let m = next_multiplier(UNIT, 1024 + FILL_TARGET, 5 * UNIT, 10_000_000);
+        assert_eq!(m, UNIT + UNIT / 20);
+        let m = next_multiplier(UNIT, -1024 + FILL_TARGET, 5 * UNIT, 10_000_000);
+        assert_eq!(m, UNIT - UNIT / 20);
+        assert_eq!(next_multiplier(UNIT, FILL_TARGET, 5 * UNIT, 10_000_000), UNIT);
+        assert!(next_multiplier(UNIT, 0, 5 * UNIT, 10_000_000) < UNIT);
+        assert_eq!(next_multiplier(MULT_MAX, 1024, 1 << 20, u64::MAX), MULT_MAX);
+        assert_eq!(next_multiplier(MULT_MIN, -1024, 1 << 20, u64::MAX), MULT_MIN);
+        assert_eq!(next_multiplier(0, 0, 0, 0), MULT_MIN);
+    }
+
+    #[test]
+    fn pacing_rate_follows_base_multiplier_and_fill() {
+        let base = 1_024_000;
+        let t = FILL_TARGET;
+        assert_eq!(pacing_rate(base, UNIT, t, 128, 0), base);
+        assert_eq!(pacing_rate(base, 2 * UNIT, t, 128, 0), 2 * base);
+        // A full depth of error with kp = 1/8: ±12.5 %.
+        assert_eq!(pacing_rate(base, UNIT, 1024 + t, 128, 0), base + base / 8);
+        assert_eq!(pacing_rate(base, UNIT, -1024 + t, 128, 0), base - base / 8);
+        // Never below a quarter of the base, never above max.
+        assert_eq!(pacing_rate(base, MULT_MIN, -1024, 4 * UNIT, 0), base / 4);
+        assert_eq!(pacing_rate(base, MULT_MAX, 1024, 4 * UNIT, 3 * base), 3 * base);
+    }
+
+    #[test]
+    fn pacing_changes_only_past_one_thirty_second() {
+        assert!(pacing_changed(0, 100));
+        assert!(!pacing_changed(1000, 1010));
+        assert!(pacing_changed(1000, 1040));
+        assert!(pacing_changed(1100, 1000));
+    }
+
+    #[test]
+    fn tcp_rate_is_below_wire_rate() {
+        assert_eq!(wire_to_tcp_rate(1514 * 1000), 1480 * 1000);
+        assert!(wire_to_tcp_rate(u64::MAX) <= MAX_RATE);
+    }
+
+    proptest! {
+        #[test]
+        fn earned_never_overflows(el in any::<u64>(), rate in any::<u64>()) {
+            let e = earned(el, rate);
+            prop_assert!(e <= MAX_RATE);
+        }
+
+        #[test]
+        fn decide_is_total_and_consistent(own in any::<i64>(), borrow in any::<i64>(), ceil in any::<i64>(),
+                                          pool in any::<i64>(), prio in 0u32..8, has_ceil in any::<bool>(),
+                                          len in 0u64..200_000) {
+            let lim = Limits { priority: prio, has_ceil, ..limits() };
+            let l = Levels { own, borrow, ceil, pool };
+            let v = decide(&l, &lim, len);
+            if own > 0 { prop_assert_eq!(v, Verdict::Own); }
+            if matches!(v, Verdict::Borrow | Verdict::BorrowExtra) {
+                prop_assert!(!has_ceil || ceil > 0);
+                prop_assert!(pool > borrow_threshold(prio, lim.prio_step));
+            }
+            if v == Verdict::Drop {
+                prop_assert!(len.saturating_add(own.unsigned_abs()) > lim.drop_debt);
+            }
+        }
+
+        #[test]
+        fn pacing_rate_is_bounded(base in 0u64..MAX_RATE, mult in any::<u64>(), fill in -1024i64..=1024,
+                                  kp in any::<u64>(), max in any::<u64>()) {
+            let r = pacing_rate(base, mult, fill, kp, max);
+            if max != 0 { prop_assert!(r <= max); }
+            if max == 0 || max >= base / 4 { prop_assert!(r >= base / 4); }
+        }
+
+        #[test]
+        fn multiplier_is_bounded(m in any::<u64>(), fill in -1024i64..=1024, ki in any::<u64>(), dt in any::<u64>()) {
+            let n = next_multiplier(m, fill, ki, dt);
+            prop_assert!((MULT_MIN..=MULT_MAX).contains(&n));
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! Network bandwidth datapath: classify by cgroup, account, decide, pace.
+//!
+//! - `qos_egress` (tc egress on the shaped interface) runs the per-class
+//!   token buckets, the shared pool and borrowing, and marks or drops out of
+//!   profile traffic. It is the single accounting point for the interface.
+//! - `qos_tag` (tc ingress on container-facing veths) sees container packets
+//!   while their socket is still attached, and tags those routed to the shaped
+//!   interface with their class in `tc_index`.
+//! - `qos_pacer` (sockops on the cgroup2 root) paces each shaped TCP flow at
+//!   its class's per-flow rate: with microsecond RTTs a policer alone cannot
+//!   slow TCP down (cwnd cannot go below 2 segments), pacing can.
+//!
+//! Slow decisions (who deserves how much of the spare capacity, how many
+//! flows are active) are made in user space and arrive through the maps.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, SO_MAX_PACING_RATE, SOL_SOCKET, TC_ACT_SHOT,
+        TC_ACT_UNSPEC, __sk_buff,
+    },
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id, bpf_skb_ecn_set_ce,
+    },
+    macros::{classifier, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap},
+    programs::{SockOpsContext, TcContext},
+};
+use qos_common::{
+    net::{
+        CGROUP_MAP_ENTRIES, ClassConfig, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, MAX_CGROUP_DEPTH,
+        MAX_CLASSES, NetGlobal, PoolState, SOCK_CACHE_ENTRIES, SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED,
+        SockClass, TAG_OFFSET,
+    },
+    policy::{
+        CONTROL_INTERVAL_NS, Levels, Limits, UNIT, Verdict, decide, earned, fill_ratio,
+        next_multiplier, overflow_correction, pacing_changed, pacing_rate, underflow_correction,
+        wire_len, wire_to_tcp_rate,
+    },
+};
+use qos_ebpf::{
+    atomic::{add, add_fetch_i64, cas, read},
+    packet,
+};
+
+#[map]
+static NET_GLOBAL: Array<NetGlobal> = Array::with_max_entries(1, 0);
+#[map]
+static NET_POOL: Array<PoolState> = Array::with_max_entries(1, 0);
+#[map]
+static NET_CLASS_CFG: Array<ClassConfig> = Array::with_max_entries(MAX_CLASSES, 0);
+#[map]
+static NET_CLASS_STATE: Array<ClassState> = Array::with_max_entries(MAX_CLASSES, 0);
+#[map]
+static NET_CGROUP_CLASS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUP_MAP_ENTRIES, 0);
+#[map]
+static NET_SOCK_CLASS: LruHashMap<u64, SockClass> =
+    LruHashMap::with_max_entries(SOCK_CACHE_ENTRIES, 0);
+
+const PASS: i32 = TC_ACT_UNSPEC; // let the next tcx program (or the stack) decide
+const DROP: i32 = TC_ACT_SHOT as i32;
+/// A class idle this long restarts with a neutral pacing multiplier.
+const IDLE_RESET_NS: u64 = 200_000_000;
+
+#[inline(always)]
+fn global() -> Option<&'static NetGlobal> {
+    let g = NET_GLOBAL.get(0)?;
+    if g.flags & GLOBAL_ENABLED == 0 { None } else { Some(g) }
+}
+
+/// Deepest configured ancestor of the packet's socket cgroup (the nearest
+/// configured ancestor owns the traffic of all its descendants).
+#[inline(always)]
+fn resolve_cgroup(skb: *mut __sk_buff) -> u32 {
+    let mut found = DEFAULT_SLOT;
+    let mut level = 0;
+    while level < MAX_CGROUP_DEPTH {
+        // SAFETY: helper on the program's own skb.
+        let id = unsafe { bpf_skb_ancestor_cgroup_id(skb, level as i32) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: read-only lookup of a plain u32.
+        if let Some(slot) = unsafe { NET_CGROUP_CLASS.get(&id) } {
+            found = *slot;
+        }
+        level += 1;
+    }
+    found
+}
+
+/// Class of a packet that still carries its socket, cached per socket.
+/// `shaped`: whether this flow leaves through the shaped interface (known at
+/// the egress hook; decided by a route lookup in the tagger).
+#[inline(always)]
+fn socket_slot(skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) -> u32 {
+    // SAFETY: helper on the program's own skb.
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    if let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(&cookie) {
+        // SAFETY: pointer into the map value, valid for this program run.
+        unsafe {
+            if read(&(*sc).generation) == g.generation {
+                if route.is_none() && (*sc).flags & SOCK_SHAPED == 0 {
+                    (*sc).flags = ((*sc).flags | SOCK_SHAPED) & !SOCK_ROUTED_ELSEWHERE;
+                }
+                return (*sc).slot;
+            }
+        }
+    }
+    let slot = resolve_cgroup(skb);
+    let flags = match route {
+        None => SOCK_SHAPED,
+        Some(ctx) => {
+            // SAFETY: reading the skb's ingress device.
+            let in_if = unsafe { (*skb).ifindex };
+            if packet::forward_ifindex(ctx, in_if) == g.shaped_ifindex {
+                SOCK_SHAPED
+            } else {
+                SOCK_ROUTED_ELSEWHERE
+            }
+        }
+    };
+    let (counted, epoch, pacing) = match NET_SOCK_CLASS.get_ptr(&cookie) {
+        // SAFETY: as above; keep the bookkeeping of a re-classified socket.
+        Some(old) => unsafe { ((*old).counted, (*old).epoch, (*old).pacing) },
+        None => (0, 0, 0),
+    };
+    let entry = SockClass {
+        slot,
+        flags,
+        counted,
+        _pad: 0,
+        generation: g.generation,
+        epoch,
+        pacing,
+    };
+    let _ = NET_SOCK_CLASS.insert(&cookie, &entry, 0);
+    slot
+}
+
+/// Refills the class's own, borrow and ceiling buckets (one CPU wins the
+/// refill of an interval; the others see the result).
+#[inline(always)]
+fn refill_class(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
+    // SAFETY: `st` points into NET_CLASS_STATE.
+    unsafe {
+        let last = read(&(*st).last_ns);
+        if now <= last || !cas(&mut (*st).last_ns, last, now) {
+            return;
+        }
+        let el = now - last;
+        if el > IDLE_RESET_NS {
+            (*st).mult = UNIT;
+        }
+        let own = add_fetch_i64(&mut (*st).own, earned(el, cfg.guarantee) as i64);
+        let fix = overflow_correction(own, cfg.depth);
+        if fix != 0 {
+            add_fetch_i64(&mut (*st).own, fix);
+        }
+        let b = add_fetch_i64(&mut (*st).borrow, earned(el, cfg.borrow_rate) as i64);
+        let fix = overflow_correction(b, cfg.borrow_depth);
+        if fix != 0 {
+            add_fetch_i64(&mut (*st).borrow, fix);
+        }
+        if has_ceil(cfg, g) {
+            let c = add_fetch_i64(&mut (*st).ceil, earned(el, cfg.ceil) as i64);
+            let fix = overflow_correction(c, cfg.ceil_depth);
+            if fix != 0 {
+                add_fetch_i64(&mut (*st).ceil, fix);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn has_ceil(cfg: &ClassConfig, g: &NetGlobal) -> bool {
+    cfg.ceil != 0 && cfg.ceil < g.capacity
+}
+
+#[inline(always)]
+fn refill_pool(pool: *mut PoolState, g: &NetGlobal, now: u64) {
+    // SAFETY: `pool` points into NET_POOL.
+    unsafe {
+        let last = read(&(*pool).last_ns);
+        if now <= last || !cas(&mut (*pool).last_ns, last, now) {
+            return;
+        }
+        let p = add_fetch_i64(&mut (*pool).tokens, earned(now - last, g.capacity) as i64);
+        let fix = overflow_correction(p, g.pool_depth);
+        if fix != 0 {
+            add_fetch_i64(&mut (*pool).tokens, fix);
+        }
+    }
+}
+
+/// Integral step of the class pacing multiplier, at most every
+/// `CONTROL_INTERVAL_NS`.
+#[inline(always)]
+fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
+    // SAFETY: `st` points into NET_CLASS_STATE.
+    unsafe {
+        let last = read(&(*st).ctl_ns);
+        if now < last + CONTROL_INTERVAL_NS || !cas(&mut (*st).ctl_ns, last, now) {
+            return;
+        }
+        let fill = class_fill(st, cfg);
+        // Down 4x faster than up: a wound-up multiplier must not linger.
+        let ki = if fill < 0 { g.pacing_ki * 4 } else { g.pacing_ki };
+        (*st).mult = next_multiplier(read(&(*st).mult), fill, ki, now - last);
+    }
+}
+
+#[inline(always)]
+fn class_fill(st: *const ClassState, cfg: &ClassConfig) -> i64 {
+    // SAFETY: `st` points into NET_CLASS_STATE.
+    let level = unsafe { read(&(*st).own).saturating_add(read(&(*st).borrow)) };
+    fill_ratio(level, cfg.depth + cfg.borrow_depth)
+}
+
+#[classifier]
+pub fn qos_egress(ctx: TcContext) -> i32 {
+    let Some(g) = global() else { return PASS };
+    let skb = ctx.skb.skb;
+    // SAFETY: helpers and field reads on the program's own skb.
+    let (cgroup, ingress_if, tag, len, segs) = unsafe {
+        (
+            bpf_skb_cgroup_id(skb),
+            (*skb).ingress_ifindex,
+            (*skb).tc_index,
+            (*skb).len,
+            (*skb).gso_segs,
+        )
+    };
+    let slot = if cgroup != 0 {
+        socket_slot(skb, g, None)
+    } else if ingress_if != 0 && tag >= TAG_OFFSET && tag < MAX_CLASSES + TAG_OFFSET {
+        tag - TAG_OFFSET
+    } else {
+        DEFAULT_SLOT
+    };
+    let slot = match NET_CLASS_CFG.get(slot) {
+        Some(c) if c.active != 0 => slot,
+        _ => DEFAULT_SLOT,
+    };
+    let Some(cfg) = NET_CLASS_CFG.get(slot) else { return PASS };
+    let Some(st) = NET_CLASS_STATE.get_ptr_mut(slot) else { return PASS };
+    let Some(pool) = NET_POOL.get_ptr_mut(0) else { return PASS };
+
+    let hdr = if segs > 1 { packet::gso_header_len(&ctx) } else { 0 };
+    let wire = wire_len(len, segs, hdr);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    refill_class(st, cfg, g, now);
+    refill_pool(pool, g, now);
+    control(st, cfg, g, now);
+
+    let ceil_on = has_ceil(cfg, g);
+    // SAFETY: pointers into map values.
+    let levels = unsafe {
+        Levels {
+            own: read(&(*st).own),
+            borrow: read(&(*st).borrow),
+            ceil: if ceil_on { read(&(*st).ceil) } else { 0 },
+            pool: read(&(*pool).tokens),
+        }
+    };
+    let limits = Limits {
+        priority: cfg.priority,
+        has_ceil: ceil_on,
+        prio_step: g.prio_step,
+        extra_watermark: g.extra_watermark,
+        mark_debt: cfg.mark_debt,
+        drop_debt: cfg.drop_debt,
+    };
+    let verdict = decide(&levels, &limits, wire);
+    let w = wire as i64;
+    // SAFETY: pointers into map values; every update is atomic.
+    unsafe {
+        match verdict {
+            Verdict::Own => {
+                add_fetch_i64(&mut (*st).own, -w);
+                add(&mut (*st).own_bytes, wire);
+            }
+            Verdict::Borrow => {
+                add_fetch_i64(&mut (*st).borrow, -w);
+                add(&mut (*st).borrowed_bytes, wire);
+            }
+            Verdict::BorrowExtra => add(&mut (*st).borrowed_bytes, wire),
+            Verdict::Over | Verdict::OverMark => {
+                add_fetch_i64(&mut (*st).own, -w);
+                add(&mut (*st).over_bytes, wire);
+                if verdict == Verdict::OverMark && bpf_skb_ecn_set_ce(skb) == 1 {
+                    add(&mut (*st).ce_marks, 1);
+                }
+            }
+            Verdict::Drop => {
+                add(&mut (*st).drops, 1);
+                add(&mut (*st).drop_bytes, wire);
+                return DROP;
+            }
+        }
+        let p = add_fetch_i64(&mut (*pool).tokens, -w);
+        let fix = underflow_correction(p, g.pool_depth);
+        if fix != 0 {
+            add_fetch_i64(&mut (*pool).tokens, fix);
+        }
+        if ceil_on {
+            add_fetch_i64(&mut (*st).ceil, -w);
+        }
+        add(&mut (*st).packets, 1);
+        add(&mut (*st).bytes, wire);
+    }
+    PASS
+}
+
+#[classifier]
+pub fn qos_tag(ctx: TcContext) -> i32 {
+    let Some(g) = global() else { return PASS };
+    let skb = ctx.skb.skb;
+    // SAFETY: helper on the program's own skb.
+    if unsafe { bpf_skb_cgroup_id(skb) } == 0 {
+        return PASS;
+    }
+    let slot = socket_slot(skb, g, Some(&ctx));
+    // SAFETY: helper on the program's own skb.
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    // SAFETY: read-only lookup.
+    let shaped = unsafe { NET_SOCK_CLASS.get(&cookie) }
+        .map(|sc| sc.flags & SOCK_SHAPED != 0)
+        .unwrap_or(false);
+    if shaped {
+        // SAFETY: tc programs may write tc_index.
+        unsafe { (*skb).tc_index = slot + TAG_OFFSET };
+    }
+    PASS
+}
+
+#[sock_ops]
+pub fn qos_pacer(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        let _ = ctx.set_cb_flags((BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        on_ack(&ctx);
+    } else if op == BPF_SOCK_OPS_RTT_CB {
+        on_ack(&ctx);
+    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
+        on_close(&ctx);
+    }
+    1
+}
+
+#[inline(always)]
+fn cookie_of(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: helper on the program's own context.
+    unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
+}
+
+#[inline(always)]
+fn set_pacing(ctx: &SockOpsContext, wire_rate: u64) {
+    let tcp = wire_to_tcp_rate(wire_rate);
+    // ~0U means "unlimited" to the kernel; stay one below.
+    let mut v: u32 = if tcp >= u32::MAX as u64 { u32::MAX - 1 } else { tcp as u32 };
+    // SAFETY: setsockopt on the program's own socket with a 4-byte option.
+    unsafe {
+        bpf_setsockopt(
+            ctx.ops.cast(),
+            SOL_SOCKET as i32,
+            SO_MAX_PACING_RATE as i32,
+            (&mut v as *mut u32).cast(),
+            4,
+        );
+    }
+}
+
+#[inline(always)]
+fn on_ack(ctx: &SockOpsContext) {
+    let Some(g) = global() else { return };
+    let cookie = cookie_of(ctx);
+    let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(&cookie) else { return };
+    // SAFETY: `sc` points into the LRU map value for this run.
+    let (slot, flags) = unsafe { ((*sc).slot, (*sc).flags) };
+    if flags & SOCK_SHAPED == 0 {
+        return;
+    }
+    let Some(cfg) = NET_CLASS_CFG.get(slot) else { return };
+    let Some(st) = NET_CLASS_STATE.get_ptr_mut(slot) else { return };
+    if cfg.active == 0 {
+        return;
+    }
+    // SAFETY: pointers into map values.
+    unsafe {
+        let counted = (*sc).counted;
+        if counted != slot + 1 {
+            if counted != 0 {
+                if let Some(old) = NET_CLASS_STATE.get_ptr_mut(counted - 1) {
+                    add(&mut (*old).flows_open, u64::MAX);
+                }
+            }
+            add(&mut (*st).flows_open, 1);
+            (*sc).counted = slot + 1;
+        }
+        if (*sc).epoch != g.epoch {
+            (*sc).epoch = g.epoch;
+            add(&mut (*st).flow_activations, 1);
+        }
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    control(st, cfg, g, now);
+    // SAFETY: pointers into map values.
+    let (mult, open, applied) = unsafe { (read(&(*st).mult), read(&(*st).flows_open), (*sc).pacing) };
+    let mut base = cfg.flow_base;
+    if applied == 0 {
+        // A new flow must not start above an even share of the class.
+        let share = cfg.alloc.checked_div(open).unwrap_or(cfg.alloc);
+        if share < base {
+            base = share;
+        }
+    }
+    let max = if cfg.ceil != 0 { cfg.ceil } else { g.capacity };
+    let rate = pacing_rate(base, mult, class_fill(st, cfg), g.pacing_kp, max);
+    if pacing_changed(applied, rate) {
+        set_pacing(ctx, rate);
+        // SAFETY: as above.
+        unsafe {
+            (*sc).pacing = rate;
+            add(&mut (*st).pacing_updates, 1);
+        }
+    }
+}
+
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    let cookie = cookie_of(ctx);
+    if let Some(sc) = NET_SOCK_CLASS.get_ptr(&cookie) {
+        // SAFETY: pointer into the map value.
+        let counted = unsafe { (*sc).counted };
+        if counted != 0 {
+            if let Some(st) = NET_CLASS_STATE.get_ptr_mut(counted - 1) {
+                // SAFETY: pointer into NET_CLASS_STATE.
+                unsafe { add(&mut (*st).flows_open, u64::MAX) };
+            }
+        }
+    }
+    let _ = NET_SOCK_CLASS.remove(&cookie);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    // Unreachable by construction: the verifier rejects a program with a
+    // reachable panic path (it would end in this loop).
+    loop {}
+}

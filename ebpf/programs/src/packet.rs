@@ -1,0 +1,130 @@
+//! Bounded packet parsing for tc programs (Ethernet, optional VLAN, IPv4/IPv6,
+//! TCP/UDP).
+
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    helpers::generated::bpf_fib_lookup as fib_lookup_helper,
+    programs::TcContext,
+};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Header length assumed when a GSO packet cannot be parsed (Ethernet + IPv4
+/// + TCP with timestamps).
+pub const FALLBACK_HEADER_LEN: u32 = 66;
+
+/// Layer 3/4 facts of a packet.
+#[derive(Clone, Copy, Default)]
+pub struct Headers {
+    /// Bytes before the payload (L2 + L3 + L4 headers).
+    pub len: u32,
+    pub family: u8,
+    pub protocol: u8,
+    pub l3_offset: u32,
+    pub l4_offset: u32,
+}
+
+#[inline(always)]
+fn load_u8(ctx: &TcContext, off: usize) -> Option<u8> {
+    ctx.load::<u8>(off).ok()
+}
+
+#[inline(always)]
+fn load_be16(ctx: &TcContext, off: usize) -> Option<u16> {
+    ctx.load::<u16>(off).ok().map(u16::from_be)
+}
+
+/// Parses the headers of an Ethernet frame as seen by a tc program.
+#[inline(always)]
+pub fn headers(ctx: &TcContext) -> Option<Headers> {
+    let mut l3 = ETH_HLEN;
+    let mut proto = load_be16(ctx, 12)?;
+    if proto == ETH_P_8021Q {
+        proto = load_be16(ctx, 16)?;
+        l3 += 4;
+    }
+    let (family, protocol, l3_len) = if proto == ETH_P_IP {
+        let ihl = (load_u8(ctx, l3)? & 0x0f) as usize * 4;
+        (AF_INET, load_u8(ctx, l3 + 9)?, ihl)
+    } else if proto == ETH_P_IPV6 {
+        (AF_INET6, load_u8(ctx, l3 + 6)?, 40)
+    } else {
+        return None;
+    };
+    let l4 = l3 + l3_len;
+    let l4_len = if protocol == IPPROTO_TCP {
+        ((load_u8(ctx, l4 + 12)? >> 4) as usize) * 4
+    } else if protocol == IPPROTO_UDP {
+        8
+    } else {
+        0
+    };
+    Some(Headers {
+        len: (l4 + l4_len) as u32,
+        family,
+        protocol,
+        l3_offset: l3 as u32,
+        l4_offset: l4 as u32,
+    })
+}
+
+/// Header length of a GSO packet, for wire accounting.
+#[inline(always)]
+pub fn gso_header_len(ctx: &TcContext) -> u32 {
+    match headers(ctx) {
+        Some(h) if h.len > 0 => h.len,
+        _ => FALLBACK_HEADER_LEN,
+    }
+}
+
+/// ifindex the kernel would forward this packet to, or 0 when unknown.
+/// `in_ifindex` is the device the packet arrived on.
+#[inline(always)]
+pub fn forward_ifindex(ctx: &TcContext, in_ifindex: u32) -> u32 {
+    let Some(h) = headers(ctx) else { return 0 };
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = h.family;
+    p.l4_protocol = h.protocol;
+    p.ifindex = in_ifindex;
+    let l3 = h.l3_offset as usize;
+    let l4 = h.l4_offset as usize;
+    if h.protocol == IPPROTO_TCP || h.protocol == IPPROTO_UDP {
+        // Ports stay in network byte order, as the helper expects.
+        p.sport = ctx.load::<u16>(l4).unwrap_or(0);
+        p.dport = ctx.load::<u16>(l4 + 2).unwrap_or(0);
+    }
+    if h.family == AF_INET {
+        p.__bindgen_anon_2.tos = load_u8(ctx, l3 + 1).unwrap_or(0);
+        p.__bindgen_anon_3.ipv4_src = ctx.load::<u32>(l3 + 12).unwrap_or(0);
+        p.__bindgen_anon_4.ipv4_dst = ctx.load::<u32>(l3 + 16).unwrap_or(0);
+    } else {
+        let Ok(src) = ctx.load::<[u32; 4]>(l3 + 8) else { return 0 };
+        let Ok(dst) = ctx.load::<[u32; 4]>(l3 + 24) else { return 0 };
+        p.__bindgen_anon_3.ipv6_src = src;
+        p.__bindgen_anon_4.ipv6_dst = dst;
+    }
+    p.__bindgen_anon_1.tot_len = 0;
+    // SAFETY: `p` lives on the stack for the duration of the call; the size
+    // matches the struct.
+    let ret = unsafe {
+        fib_lookup_helper(
+            ctx.skb.skb.cast(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if ret == BPF_FIB_LKUP_RET_SUCCESS as i64 || ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        p.ifindex
+    } else {
+        0
+    }
+}

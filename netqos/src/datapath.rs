@@ -1,0 +1,318 @@
+//! Kernel-facing half of the shaper: loads the eBPF object, attaches the
+//! programs, and reads and writes the maps. No policy here.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader, VerifierLogLevel,
+    maps::{Array, HashMap, MapData},
+    programs::{
+        CgroupAttachMode, SchedClassifier, SockOps, TcAttachType,
+        sock_ops::SockOpsLinkId,
+        tc::{SchedClassifierLinkId, TcAttachOptions},
+        links::LinkOrder,
+    },
+};
+use qos_common::{
+    net::{
+        ClassConfig, ClassState, NetGlobal, PoolState, SockClass, maps, programs,
+    },
+    policy::UNIT,
+};
+use tracing::{debug, warn};
+
+use crate::{NetError, ifaces};
+
+type Maps = (
+    Array<MapData, NetGlobal>,
+    Array<MapData, PoolState>,
+    Array<MapData, ClassConfig>,
+    Array<MapData, ClassState>,
+    HashMap<MapData, u64, u32>,
+    HashMap<MapData, u64, SockClass>,
+);
+
+/// Run-time statistics of one program (needs `kernel.bpf_stats_enabled`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ProgramStats {
+    pub name: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+/// The loaded network datapath.
+pub struct Datapath {
+    ebpf: Ebpf,
+    global: Array<MapData, NetGlobal>,
+    pool: Array<MapData, PoolState>,
+    class_cfg: Array<MapData, ClassConfig>,
+    class_state: Array<MapData, ClassState>,
+    cgroup_class: HashMap<MapData, u64, u32>,
+    /// LRU hash in the kernel; aya's HashMap handles both kinds.
+    sock_class: HashMap<MapData, u64, SockClass>,
+    iface: String,
+    ifindex: u32,
+    egress: Option<SchedClassifierLinkId>,
+    pacer: Option<SockOpsLinkId>,
+    taggers: BTreeMap<u32, (String, SchedClassifierLinkId)>,
+    stats_fd: Option<OwnedFd>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("iface", &self.iface)
+            .field("ifindex", &self.ifindex)
+            .field("taggers", &self.tagged_interfaces())
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> NetError {
+    move |source| NetError::Map { map, source }
+}
+
+impl Datapath {
+    /// Loads the object and attaches the egress program to `iface` and the
+    /// pacer to the cgroup2 root. The datapath starts disabled (packets pass
+    /// untouched) until [`Datapath::write_global`] enables it.
+    pub fn load(iface: &str, cgroup2_root: &Path) -> Result<Self, NetError> {
+        let ifindex = ifaces::ifindex(iface)?;
+        let mut ebpf = EbpfLoader::new()
+            .verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS)
+            .load(qos_bpf::NET)
+            .map_err(|source| NetError::Load { source: Box::new(source) })?;
+        let maps = take_maps(&mut ebpf)?;
+        let (global, pool, class_cfg, class_state, cgroup_class, sock_class) = maps;
+        let mut dp = Self {
+            ebpf,
+            global,
+            pool,
+            class_cfg,
+            class_state,
+            cgroup_class,
+            sock_class,
+            iface: iface.to_owned(),
+            ifindex,
+            egress: None,
+            pacer: None,
+            taggers: BTreeMap::new(),
+            stats_fd: None,
+        };
+        for name in [programs::EGRESS, programs::TAGGER] {
+            let prog: &mut SchedClassifier = program(&mut dp.ebpf, name)?;
+            prog.load().map_err(|e| NetError::program(name, e))?;
+        }
+        let pacer: &mut SockOps = program(&mut dp.ebpf, programs::PACER)?;
+        pacer.load().map_err(|e| NetError::program(programs::PACER, e))?;
+
+        let egress: &mut SchedClassifier = program(&mut dp.ebpf, programs::EGRESS)?;
+        dp.egress = Some(attach_tc(egress, iface, TcAttachType::Egress)?);
+
+        let root = File::open(cgroup2_root).map_err(|source| NetError::Io { path: cgroup2_root.into(), source })?;
+        let pacer: &mut SockOps = program(&mut dp.ebpf, programs::PACER)?;
+        // A link attach coexists with other programs on the cgroup
+        // (multi-attach is implied for links).
+        dp.pacer = Some(pacer.attach(&root, CgroupAttachMode::Single).map_err(|source| NetError::Attach {
+            program: programs::PACER,
+            target: cgroup2_root.display().to_string(),
+            source: Box::new(source),
+        })?);
+        debug!(iface, ifindex, root = %cgroup2_root.display(), "network datapath attached");
+        Ok(dp)
+    }
+
+    pub fn iface(&self) -> &str {
+        &self.iface
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    pub fn write_global(&mut self, g: &NetGlobal) -> Result<(), NetError> {
+        self.global.set(0, g, 0).map_err(map_err(maps::GLOBAL))
+    }
+
+    pub fn write_class(&mut self, slot: u32, cfg: &ClassConfig) -> Result<(), NetError> {
+        self.class_cfg.set(slot, cfg, 0).map_err(map_err(maps::CLASS_CONFIG))
+    }
+
+    pub fn read_class(&self, slot: u32) -> Result<ClassConfig, NetError> {
+        self.class_cfg.get(&slot, 0).map_err(map_err(maps::CLASS_CONFIG))
+    }
+
+    /// Starts a slot afresh: full buckets, neutral multiplier, zero counters.
+    /// Only for slots the datapath does not use (inactive config).
+    pub fn reset_state(&mut self, slot: u32, cfg: &ClassConfig) -> Result<(), NetError> {
+        let st = ClassState {
+            own: cfg.depth as i64,
+            borrow: 0,
+            ceil: cfg.ceil_depth as i64,
+            mult: UNIT,
+            ..Default::default()
+        };
+        self.class_state.set(slot, st, 0).map_err(map_err(maps::CLASS_STATE))
+    }
+
+    pub fn read_state(&self, slot: u32) -> Result<ClassState, NetError> {
+        self.class_state.get(&slot, 0).map_err(map_err(maps::CLASS_STATE))
+    }
+
+    pub fn read_pool(&self) -> Result<PoolState, NetError> {
+        self.pool.get(&0, 0).map_err(map_err(maps::POOL))
+    }
+
+    pub fn map_cgroup(&mut self, cgroup_id: u64, slot: u32) -> Result<(), NetError> {
+        self.cgroup_class.insert(cgroup_id, slot, 0).map_err(map_err(maps::CGROUP_CLASS))
+    }
+
+    pub fn unmap_cgroup(&mut self, cgroup_id: u64) -> Result<(), NetError> {
+        match self.cgroup_class.remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(NetError::Map { map: maps::CGROUP_CLASS, source }),
+        }
+    }
+
+    /// Number of entries in the cgroup map (leak checks).
+    pub fn cgroup_entries(&self) -> usize {
+        self.cgroup_class.keys().count()
+    }
+
+    /// Number of cached socket classifications.
+    pub fn socket_entries(&self) -> usize {
+        self.sock_class.keys().count()
+    }
+
+    /// Attaches the tagger to a container-facing interface (tc ingress).
+    pub fn attach_tagger(&mut self, ifname: &str) -> Result<(), NetError> {
+        let ifindex = ifaces::ifindex(ifname)?;
+        if self.taggers.contains_key(&ifindex) {
+            return Ok(());
+        }
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, programs::TAGGER)?;
+        let link = attach_tc(prog, ifname, TcAttachType::Ingress)?;
+        self.taggers.insert(ifindex, (ifname.to_owned(), link));
+        debug!(ifname, ifindex, "tagger attached");
+        Ok(())
+    }
+
+    /// Forgets taggers whose interface is gone (the kernel dropped the link
+    /// with the device) and detaches those not in `keep`.
+    pub fn prune_taggers(&mut self, keep: &BTreeMap<u32, String>) {
+        let stale: Vec<u32> =
+            self.taggers.keys().copied().filter(|ifindex| !keep.contains_key(ifindex)).collect();
+        for ifindex in stale {
+            if let Some((name, link)) = self.taggers.remove(&ifindex) {
+                if let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, programs::TAGGER) {
+                    // Fails harmlessly when the device (and link) is gone.
+                    let _ = prog.detach(link);
+                }
+                debug!(ifname = name, ifindex, "tagger removed");
+            }
+        }
+    }
+
+    pub fn tagged_interfaces(&self) -> Vec<String> {
+        self.taggers.values().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Turns on the kernel's per-program run-time accounting for as long as
+    /// the datapath lives.
+    pub fn enable_run_time_stats(&mut self) -> Result<(), NetError> {
+        if self.stats_fd.is_none() {
+            let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .map_err(|e| NetError::Io { path: PathBuf::from("BPF_ENABLE_STATS"), source: e.io_error })?;
+            self.stats_fd = Some(fd);
+        }
+        Ok(())
+    }
+
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        let mut out = Vec::new();
+        for name in [programs::EGRESS, programs::TAGGER, programs::PACER] {
+            let Some(p) = self.ebpf.program(name) else { continue };
+            match p.info() {
+                Ok(info) => out.push(ProgramStats {
+                    name: name.to_owned(),
+                    run_count: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                }),
+                Err(e) => warn!(program = name, error = %e, "reading program info"),
+            }
+        }
+        out
+    }
+
+    /// Detaches everything. Dropping the datapath does the same; this makes
+    /// the order explicit (egress first, so no packet sees a half state).
+    pub fn detach(mut self) {
+        if let Some(link) = self.egress.take() {
+            if let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, programs::EGRESS) {
+                let _ = prog.detach(link);
+            }
+        }
+        let keep = BTreeMap::new();
+        self.prune_taggers(&keep);
+        if let Some(link) = self.pacer.take() {
+            if let Ok(prog) = program::<SockOps>(&mut self.ebpf, programs::PACER) {
+                let _ = prog.detach(link);
+            }
+        }
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, NetError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(NetError::MissingProgram(name))?;
+    p.try_into().map_err(|e| NetError::program(name, e))
+}
+
+fn attach_tc(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    kind: TcAttachType,
+) -> Result<SchedClassifierLinkId, NetError> {
+    let name = match kind {
+        TcAttachType::Egress => programs::EGRESS,
+        _ => programs::TAGGER,
+    };
+    let tcx = aya::util::KernelVersion::current().map(|v| v >= aya::util::KernelVersion::new(6, 6, 0)).unwrap_or(false);
+    let options = if tcx {
+        TcAttachOptions::TcxOrder(LinkOrder::default())
+    } else {
+        // Pre-6.6 kernels: netlink cls_bpf under a clsact qdisc.
+        let _ = aya::programs::tc::qdisc_add_clsact(iface);
+        TcAttachOptions::Netlink(Default::default())
+    };
+    prog.attach_with_options(iface, kind, options).map_err(|source| NetError::Attach {
+        program: name,
+        target: iface.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, NetError> {
+    fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+        ebpf: &mut Ebpf,
+        name: &'static str,
+    ) -> Result<T, NetError> {
+        let m = ebpf.take_map(name).ok_or(NetError::MissingMap(name))?;
+        T::try_from(m).map_err(|source| NetError::Map { map: name, source })
+    }
+    Ok((
+        take(ebpf, maps::GLOBAL)?,
+        take(ebpf, maps::POOL)?,
+        take(ebpf, maps::CLASS_CONFIG)?,
+        take(ebpf, maps::CLASS_STATE)?,
+        take(ebpf, maps::CGROUP_CLASS)?,
+        take(ebpf, maps::SOCK_CLASS)?,
+    ))
+}

@@ -1,0 +1,52 @@
+//! Per-cgroup network bandwidth: guarantees, ceilings, priorities, shared
+//! spare capacity, on a stock kernel with eBPF.
+//!
+//! - [`policy`]: the pure half (admission, sharing the spare, demand,
+//!   datapath parameters); unit-tested without root.
+//! - [`datapath`]: loading and attaching the eBPF programs, map access.
+//! - [`Shaper`]: the two together; what the `qos` library drives.
+
+pub mod datapath;
+pub mod ifaces;
+pub mod policy;
+mod shaper;
+
+use std::path::PathBuf;
+
+pub use ifaces::ContainerInterfaces;
+pub use shaper::{NetClassStatus, NetQuota, NetStatus, ProgramStatsOut, Shaper, ShaperSettings, TICK};
+
+/// Everything that can go wrong in the network subsystem.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("network interface '{0}' does not exist")]
+    NoInterface(String),
+    #[error("loading the network eBPF object: {source}")]
+    Load { source: Box<aya::EbpfError> },
+    #[error("eBPF program {program}: {source}")]
+    Program { program: &'static str, source: Box<aya::programs::ProgramError> },
+    #[error("attaching {program} to {target}: {source}")]
+    Attach { program: &'static str, target: String, source: Box<aya::programs::ProgramError> },
+    #[error("eBPF map {map}: {source}")]
+    Map { map: &'static str, source: aya::maps::MapError },
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("invalid network quota: {0}")]
+    InvalidQuota(String),
+    #[error(transparent)]
+    Admission(#[from] policy::AdmissionError),
+    #[error("cgroup '{0}' has no network quota")]
+    NotConfigured(String),
+    #[error("all {0} class slots are in use")]
+    NoSlots(u32),
+}
+
+impl NetError {
+    pub(crate) fn program(program: &'static str, source: aya::programs::ProgramError) -> Self {
+        Self::Program { program, source: Box::new(source) }
+    }
+}

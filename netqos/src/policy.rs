@@ -1,0 +1,432 @@
+//! The slow half of the shaper, pure: admission control, sharing the spare
+//! capacity, demand estimation and the per-class datapath parameters.
+//!
+//! All rates here are wire bytes per second (what tc and HTB count).
+
+use qos_common::{
+    net::{ClassConfig, LOWEST_PRIORITY, NetGlobal},
+    policy::{MAX_RATE, UNIT},
+};
+
+/// A class as the allocator sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClassDemand {
+    pub guarantee: u64,
+    pub ceil: u64,
+    pub priority: u32,
+    /// Bytes/s the class would use if it could; None = as much as it gets.
+    pub demand: Option<u64>,
+}
+
+impl ClassDemand {
+    fn wanted_total(&self) -> u64 {
+        let cap = self.ceil.max(self.guarantee);
+        match self.demand {
+            Some(d) => d.min(cap),
+            None => cap,
+        }
+    }
+}
+
+/// Splits the capacity that guaranteed demand leaves unused among the
+/// classes that want more than their guarantee: strictly by priority (0
+/// first), and within a priority in proportion to the guarantees, never above
+/// a class's ceiling or demand (water-filling). Returns each class's share of
+/// the spare ("borrow rate"), in input order.
+pub fn share_spare(capacity: u64, classes: &[ClassDemand]) -> Vec<u64> {
+    let used: u64 = classes
+        .iter()
+        .map(|c| c.guarantee.min(c.demand.unwrap_or(u64::MAX)))
+        .fold(0u64, u64::saturating_add);
+    let mut spare = capacity.saturating_sub(used);
+    let mut extra = vec![0u64; classes.len()];
+    for prio in 0..=LOWEST_PRIORITY {
+        if spare == 0 {
+            break;
+        }
+        // (index, weight, room)
+        let mut open: Vec<(usize, u64, u64)> = classes
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.priority == prio)
+            .filter_map(|(i, c)| {
+                let room = c.wanted_total().saturating_sub(c.guarantee);
+                (room > 0).then_some((i, c.guarantee.max(1), room))
+            })
+            .collect();
+        while spare > 0 && !open.is_empty() {
+            let total_w: u128 = open.iter().map(|&(_, w, _)| w as u128).sum();
+            // Classes whose proportional share would exceed their room get
+            // their room; the rest is shared again among the others.
+            let capped: Vec<usize> = open
+                .iter()
+                .enumerate()
+                .filter(|&(_, &(_, w, room))| (spare as u128 * w as u128) / total_w >= room as u128)
+                .map(|(k, _)| k)
+                .collect();
+            if capped.is_empty() {
+                let mut given = 0;
+                for &(i, w, _) in &open {
+                    let share = (spare as u128 * w as u128 / total_w) as u64;
+                    extra[i] += share;
+                    given += share;
+                }
+                spare -= given;
+                // Rounding leftovers (< number of classes bytes/s) go to the
+                // heaviest class so that nothing is lost.
+                if spare > 0 {
+                    if let Some(&(i, _, room)) = open.iter().max_by_key(|&&(_, w, _)| w) {
+                        let add = spare.min(room.saturating_sub(extra[i]));
+                        extra[i] += add;
+                        spare -= add;
+                    }
+                }
+                break;
+            }
+            for &k in capped.iter().rev() {
+                let (i, _, room) = open.swap_remove(k);
+                extra[i] += room;
+                spare -= room;
+            }
+        }
+    }
+    extra
+}
+
+/// What the last control interval showed about one class.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Observation {
+    /// Smoothed rate the class sent at, bytes/s.
+    pub rate: f64,
+    /// Rate the allocator gave it last time (guarantee + share), bytes/s.
+    pub alloc: u64,
+    /// Bytes beyond its profile or dropped during the interval.
+    pub over_bytes: u64,
+    pub dropped_bytes: u64,
+    pub bytes: u64,
+}
+
+/// A class is taken to want more when it uses (nearly) all it was given or
+/// had to be held back; otherwise its demand is what it uses plus headroom.
+pub fn estimate_demand(o: &Observation) -> Option<u64> {
+    let held_back = o.dropped_bytes > 0 || o.over_bytes * 20 > o.bytes.max(1);
+    if held_back || o.rate >= 0.9 * o.alloc as f64 {
+        None
+    } else {
+        Some((o.rate * 1.25) as u64 + 1)
+    }
+}
+
+/// Exponentially weighted rate: `prev` moved towards `sample` with time
+/// constant `tau_ns`.
+pub fn ewma(prev: f64, sample: f64, dt_ns: u64, tau_ns: u64) -> f64 {
+    if tau_ns == 0 {
+        return sample;
+    }
+    let a = 1.0 - (-(dt_ns as f64) / tau_ns as f64).exp();
+    prev + a * (sample - prev)
+}
+
+/// Flows a class's allocation is split over, from the flows acknowledged in
+/// the last activity epoch and the flows open now.
+pub fn active_flows(activated_last_epoch: u64, open: u64) -> u64 {
+    let n = if open > 0 { activated_last_epoch.min(open) } else { activated_last_epoch };
+    n.max(1)
+}
+
+/// Refusal of a guarantee that does not fit.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "admission refused: guarantees would total {} on {iface} but its egress capacity is {} ({} \
+     already guaranteed, default class included, + {} requested)",
+    fmt(*total), fmt(*capacity), fmt(*existing), fmt(*requested)
+)]
+pub struct AdmissionError {
+    pub iface: String,
+    pub capacity: u64,
+    pub existing: u64,
+    pub requested: u64,
+    pub total: u64,
+}
+
+fn fmt(bits: u64) -> String {
+    qos_core::units::format_bits_exact(bits)
+}
+
+/// Admission control: the guarantees (including the default class's) may not
+/// exceed the capacity. `others` excludes the class being (re)configured.
+pub fn admit(
+    iface: &str,
+    capacity_bits: u64,
+    others_bits: impl IntoIterator<Item = u64>,
+    requested_bits: u64,
+) -> Result<(), AdmissionError> {
+    let existing: u64 = others_bits.into_iter().fold(0, u64::saturating_add);
+    let total = existing.saturating_add(requested_bits);
+    if total > capacity_bits {
+        return Err(AdmissionError {
+            iface: iface.into(),
+            capacity: capacity_bits,
+            existing,
+            requested: requested_bits,
+            total,
+        });
+    }
+    Ok(())
+}
+
+/// Shaper-wide tuning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Own bucket depth, in time at the guarantee.
+    pub depth_ns: u64,
+    pub min_depth: u64,
+    /// Pool depth, in time at the capacity.
+    pub pool_ns: u64,
+    pub min_pool: u64,
+    /// Pacing gains (1/1024; ki per second).
+    pub pacing_kp: u64,
+    pub pacing_ki: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            depth_ns: 20_000_000,
+            min_depth: 64 * 1024,
+            pool_ns: 10_000_000,
+            min_pool: 128 * 1024,
+            pacing_kp: UNIT / 8,
+            pacing_ki: 5 * UNIT,
+        }
+    }
+}
+
+fn bytes_in(rate: u64, ns: u64) -> u64 {
+    (rate.min(MAX_RATE) as u128 * ns as u128 / 1_000_000_000) as u64
+}
+
+/// Host-wide datapath parameters.
+pub fn global_params(capacity: u64, shaped_ifindex: u32, t: &Tuning) -> NetGlobal {
+    let pool_depth = bytes_in(capacity, t.pool_ns).max(t.min_pool);
+    NetGlobal {
+        capacity,
+        pool_depth,
+        prio_step: pool_depth / 16,
+        extra_watermark: pool_depth / 2,
+        generation: 0,
+        epoch: 0,
+        pacing_kp: t.pacing_kp,
+        pacing_ki: t.pacing_ki,
+        shaped_ifindex,
+        flags: 0,
+    }
+}
+
+/// Datapath parameters of one class. `alloc` is guarantee + borrow share,
+/// `flows` the flows it is split over.
+pub fn class_params(
+    guarantee: u64,
+    ceil: u64,
+    priority: u32,
+    borrow_rate: u64,
+    flows: u64,
+    t: &Tuning,
+) -> ClassConfig {
+    let depth = bytes_in(guarantee, t.depth_ns).max(t.min_depth);
+    let alloc = guarantee.saturating_add(borrow_rate);
+    ClassConfig {
+        guarantee,
+        ceil,
+        borrow_rate,
+        flow_base: alloc / flows.max(1),
+        alloc,
+        depth,
+        borrow_depth: bytes_in(borrow_rate, t.pool_ns).max(t.min_depth / 2),
+        ceil_depth: bytes_in(ceil, t.pool_ns).max(t.min_depth),
+        mark_debt: depth / 4,
+        drop_debt: (2 * depth).max(2 * t.min_depth),
+        priority,
+        active: 1,
+    }
+}
+
+/// Whether a new parameter set differs enough from the one in the datapath
+/// to be worth a map write (1 %).
+pub fn worth_update(old: &ClassConfig, new: &ClassConfig) -> bool {
+    fn moved(a: u64, b: u64) -> bool {
+        a.abs_diff(b) > b / 100
+    }
+    old.guarantee != new.guarantee
+        || old.ceil != new.ceil
+        || old.priority != new.priority
+        || old.active != new.active
+        || moved(old.borrow_rate, new.borrow_rate)
+        || moved(old.flow_base, new.flow_base)
+        || moved(old.alloc, new.alloc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const M: u64 = 125_000; // 1 mbit in bytes/s
+
+    fn c(g: u64, prio: u32, demand: Option<u64>) -> ClassDemand {
+        ClassDemand { guarantee: g * M, ceil: 1000 * M, priority: prio, demand: demand.map(|d| d * M) }
+    }
+
+    fn mbit(v: &[u64]) -> Vec<u64> {
+        v.iter().map(|x| (x + M / 2) / M).collect()
+    }
+
+    #[test]
+    fn all_busy_at_full_guarantees_leaves_nothing_to_share() {
+        let cs = [c(100, 0, None), c(300, 0, None), c(600, 0, None)];
+        assert_eq!(share_spare(1000 * M, &cs), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn an_idle_class_leaves_its_guarantee_to_the_others_in_proportion() {
+        let cs = [c(100, 0, None), c(300, 0, None), c(600, 0, Some(0))];
+        assert_eq!(mbit(&share_spare(1000 * M, &cs)), vec![150, 450, 0]);
+    }
+
+    #[test]
+    fn higher_priority_takes_the_spare_first() {
+        let cs = [c(100, 0, None), c(300, 1, None), c(600, 0, Some(0))];
+        let mut cs = cs;
+        cs[0].ceil = 500 * M; // priority 0 wants at most 400 extra
+        assert_eq!(mbit(&share_spare(1000 * M, &cs)), vec![400, 200, 0]);
+    }
+
+    #[test]
+    fn ceilings_and_demands_cap_shares_and_the_rest_is_redistributed() {
+        let mut cs = [c(100, 0, None), c(100, 0, None), c(100, 0, Some(150))];
+        cs[0].ceil = 150 * M;
+        // spare 700: class 2 wants 50, class 0 may take 50, class 1 the rest.
+        assert_eq!(mbit(&share_spare(1000 * M, &cs)), vec![50, 600, 50]);
+    }
+
+    #[test]
+    fn unallocated_capacity_is_shared_too() {
+        let cs = [c(100, 0, None), c(200, 0, None)];
+        assert_eq!(mbit(&share_spare(1000 * M, &cs)), vec![233, 467]);
+    }
+
+    #[test]
+    fn demand_below_guarantee_frees_the_difference() {
+        let cs = [c(500, 0, Some(100)), c(500, 0, None)];
+        assert_eq!(mbit(&share_spare(1000 * M, &cs)), vec![0, 400]);
+    }
+
+    #[test]
+    fn demand_estimation() {
+        let busy = Observation { rate: 95.0, alloc: 100, bytes: 1000, ..Default::default() };
+        assert_eq!(estimate_demand(&busy), None);
+        let light = Observation { rate: 40.0, alloc: 100, bytes: 1000, ..Default::default() };
+        assert_eq!(estimate_demand(&light), Some(51));
+        let dropped = Observation { dropped_bytes: 1, ..light };
+        assert_eq!(estimate_demand(&dropped), None);
+        let over = Observation { over_bytes: 100, ..light };
+        assert_eq!(estimate_demand(&over), None);
+        let idle = Observation { alloc: 100, ..Default::default() };
+        assert_eq!(estimate_demand(&idle), Some(1));
+    }
+
+    #[test]
+    fn ewma_moves_towards_the_sample() {
+        assert_eq!(ewma(0.0, 100.0, 10, 0), 100.0);
+        let v = ewma(0.0, 100.0, 50, 50);
+        assert!((v - 63.2).abs() < 0.1, "{v}");
+        assert!(ewma(100.0, 100.0, 5, 50) == 100.0);
+    }
+
+    #[test]
+    fn active_flow_count() {
+        assert_eq!(active_flows(0, 0), 1);
+        assert_eq!(active_flows(16, 17), 16);
+        assert_eq!(active_flows(20, 16), 16);
+        assert_eq!(active_flows(3, 0), 3);
+    }
+
+    #[test]
+    fn admission_names_the_numbers() {
+        assert!(admit("veth0", 1000, [100, 300], 600).is_ok());
+        let e = admit("veth0", 1000, [100, 300], 700).expect_err("over");
+        assert_eq!((e.existing, e.requested, e.total, e.capacity), (400, 700, 1100, 1000));
+        let msg = e.to_string();
+        assert!(msg.contains("1100bit") && msg.contains("veth0") && msg.contains("capacity is 1kbit"), "{msg}");
+    }
+
+    #[test]
+    fn class_parameters_scale_with_rates() {
+        let t = Tuning::default();
+        let p = class_params(100 * M, 1000 * M, 2, 50 * M, 3, &t);
+        assert_eq!(p.alloc, 150 * M);
+        assert_eq!(p.flow_base, 50 * M);
+        assert_eq!(p.depth, 250_000); // 20 ms at 100 mbit
+        assert_eq!(p.mark_debt, p.depth / 4);
+        assert!(p.drop_debt > p.mark_debt);
+        let small = class_params(M, M, 0, 0, 0, &t);
+        assert_eq!(small.depth, t.min_depth);
+        assert_eq!(small.flow_base, M);
+        let g = global_params(1000 * M, 7, &t);
+        assert_eq!(g.pool_depth, 1_250_000);
+        assert_eq!(g.shaped_ifindex, 7);
+        assert!(worth_update(&p, &ClassConfig { borrow_rate: 52 * M, ..p }));
+        assert!(!worth_update(&p, &ClassConfig { flow_base: 50 * M + 1000, ..p }));
+    }
+
+    fn arb_class() -> impl Strategy<Value = ClassDemand> {
+        (1u64..500, 0u32..=7, prop::option::of(0u64..2000), 0u64..1000).prop_map(|(g, p, d, extra_ceil)| ClassDemand {
+            guarantee: g * M,
+            ceil: (g + extra_ceil) * M,
+            priority: p,
+            demand: d.map(|d| d * M),
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn sharing_respects_capacity_ceilings_and_priority(cs in prop::collection::vec(arb_class(), 1..12)) {
+            let capacity = cs.iter().map(|c| c.guarantee).sum::<u64>() + 500 * M;
+            let extra = share_spare(capacity, &cs);
+            let used: u64 = cs.iter().map(|c| c.guarantee.min(c.demand.unwrap_or(u64::MAX))).sum();
+            prop_assert!(extra.iter().sum::<u64>() <= capacity - used);
+            for (c, e) in cs.iter().zip(&extra) {
+                prop_assert!(c.guarantee + e <= c.wanted_total().max(c.guarantee));
+            }
+            // A lower priority only gets something if every higher priority
+            // class that wanted more got all it wanted.
+            for (i, ci) in cs.iter().enumerate() {
+                if extra[i] == 0 { continue; }
+                for (j, cj) in cs.iter().enumerate() {
+                    if cj.priority < ci.priority {
+                        prop_assert_eq!(cj.guarantee + extra[j], cj.wanted_total().max(cj.guarantee));
+                    }
+                }
+            }
+            // Work conservation: if spare is left, nobody wants more.
+            let left = capacity - used - extra.iter().sum::<u64>();
+            if left > cs.len() as u64 {
+                for (c, e) in cs.iter().zip(&extra) {
+                    prop_assert_eq!(c.guarantee + e, c.wanted_total().max(c.guarantee));
+                }
+            }
+        }
+
+        #[test]
+        fn equal_priority_shares_are_proportional_to_guarantees(gs in prop::collection::vec(1u64..400, 2..8)) {
+            let cs: Vec<ClassDemand> = gs.iter().map(|&g| ClassDemand { guarantee: g * M, ceil: 100_000 * M, priority: 3, demand: None }).collect();
+            let capacity = gs.iter().sum::<u64>() * M + 1000 * M;
+            let extra = share_spare(capacity, &cs);
+            let total_g: u64 = gs.iter().sum();
+            for (g, e) in gs.iter().zip(&extra) {
+                let expect = 1000.0 * M as f64 * *g as f64 / total_g as f64;
+                prop_assert!((*e as f64 - expect).abs() <= cs.len() as f64 + 1.0, "{} vs {}", e, expect);
+            }
+        }
+    }
+}

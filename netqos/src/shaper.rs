@@ -1,0 +1,494 @@
+//! The egress shaper: class bookkeeping around the datapath and the control
+//! loop that shares the spare capacity.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use qos_common::net::{
+    ClassConfig, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, LOWEST_PRIORITY, MAX_CLASSES, NetGlobal,
+};
+use qos_core::{CgroupRef, Rate};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::{
+    NetError,
+    datapath::{Datapath, ProgramStats},
+    ifaces::{self, ContainerInterfaces},
+    policy::{self, ClassDemand, Observation, Tuning},
+};
+
+/// How often the allocator runs.
+pub const TICK: Duration = Duration::from_millis(10);
+/// Activity epoch over which flows are counted.
+const EPOCH: Duration = Duration::from_millis(100);
+/// How often new container interfaces are looked for.
+const SCAN: Duration = Duration::from_secs(1);
+/// Time constant of the measured rates.
+const RATE_TAU_NS: u64 = 50_000_000;
+/// A freed slot is not reused before sockets cached on it were reclassified.
+const SLOT_QUARANTINE: Duration = Duration::from_secs(2);
+
+/// Host configuration of the egress shaper.
+#[derive(Clone, Debug)]
+pub struct ShaperSettings {
+    pub interface: String,
+    pub capacity: Rate,
+    /// Guarantee of the default class (traffic of cgroups without a quota).
+    pub default_rate: Rate,
+    pub default_priority: u32,
+    pub container_interfaces: ContainerInterfaces,
+    pub tuning: Tuning,
+}
+
+/// A cgroup's network quota.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetQuota {
+    /// Guaranteed rate.
+    pub rate: Rate,
+    /// Most it may use when others leave capacity idle; the interface
+    /// capacity when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceil: Option<Rate>,
+    /// 0 (highest) ..= 7.
+    #[serde(default)]
+    pub priority: u32,
+}
+
+impl NetQuota {
+    /// Checks the quota against the shaped interface's capacity.
+    pub fn validate(&self, capacity: Rate) -> Result<(), NetError> {
+        if self.priority > LOWEST_PRIORITY {
+            return Err(NetError::InvalidQuota(format!(
+                "priority {} is out of range; use 0 (highest) to {LOWEST_PRIORITY}",
+                self.priority
+            )));
+        }
+        if self.rate > capacity {
+            return Err(NetError::InvalidQuota(format!(
+                "rate {} exceeds the interface capacity {capacity}",
+                self.rate
+            )));
+        }
+        if let Some(ceil) = self.ceil {
+            if ceil < self.rate {
+                return Err(NetError::InvalidQuota(format!(
+                    "ceil {ceil} is below the guaranteed rate {}",
+                    self.rate
+                )));
+            }
+            if ceil > capacity {
+                return Err(NetError::InvalidQuota(format!(
+                    "ceil {ceil} exceeds the interface capacity {capacity}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What `net show` reports for one class.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct NetClassStatus {
+    /// cgroup name relative to the cgroup2 root; "(default)" for the class of
+    /// unconfigured traffic.
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    pub slot: u32,
+    pub rate: String,
+    pub ceil: String,
+    pub priority: u32,
+    /// Guarantee + share of the spare the allocator currently gives it.
+    pub alloc_bps: u64,
+    /// Measured send rate (wire bits per second, smoothed over ~50 ms).
+    pub rate_bps: u64,
+    pub bytes: u64,
+    pub packets: u64,
+    pub borrowed_bytes: u64,
+    pub over_bytes: u64,
+    pub ce_marks: u64,
+    pub drops: u64,
+    pub drop_bytes: u64,
+    pub flows: u64,
+    pub pacing_updates: u64,
+}
+
+/// What `net show` reports.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct NetStatus {
+    pub interface: String,
+    pub capacity: String,
+    pub capacity_bps: u64,
+    pub classes: Vec<NetClassStatus>,
+    pub tagged_interfaces: Vec<String>,
+    #[serde(default)]
+    pub programs: Vec<ProgramStatsOut>,
+}
+
+/// Per-program run-time figures.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProgramStatsOut {
+    pub name: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+    pub ns_per_run: f64,
+}
+
+impl From<ProgramStats> for ProgramStatsOut {
+    fn from(p: ProgramStats) -> Self {
+        let ns = if p.run_count > 0 { p.run_time_ns as f64 / p.run_count as f64 } else { 0.0 };
+        Self { name: p.name, run_count: p.run_count, run_time_ns: p.run_time_ns, ns_per_run: ns }
+    }
+}
+
+#[derive(Debug)]
+struct Class {
+    name: String,
+    cgroup_id: u64,
+    path: PathBuf,
+    quota: NetQuota,
+    slot: u32,
+    cfg: ClassConfig,
+    prev: ClassState,
+    rate: f64,
+    flows: u64,
+    activations_mark: u64,
+}
+
+/// The egress shaper of one interface.
+#[derive(Debug)]
+pub struct Shaper {
+    settings: ShaperSettings,
+    dp: Datapath,
+    global: NetGlobal,
+    default: Class,
+    classes: BTreeMap<String, Class>,
+    free: Vec<u32>,
+    quarantine: Vec<(Instant, u32)>,
+    next_slot: u32,
+    last_tick: Instant,
+    last_epoch: Instant,
+    last_scan: Option<Instant>,
+}
+
+fn bytes(rate: Rate) -> u64 {
+    rate.bytes_per_sec()
+}
+
+impl Shaper {
+    /// Loads and attaches the datapath on `settings.interface` and starts
+    /// shaping with only the default class.
+    pub fn start(settings: ShaperSettings, cgroup2_root: &Path) -> Result<Self, NetError> {
+        settings.container_interfaces.validate().map_err(NetError::InvalidQuota)?;
+        if settings.default_priority > LOWEST_PRIORITY {
+            return Err(NetError::InvalidQuota(format!(
+                "default priority {} is out of range 0..={LOWEST_PRIORITY}",
+                settings.default_priority
+            )));
+        }
+        if settings.default_rate > settings.capacity {
+            return Err(NetError::InvalidQuota(format!(
+                "default rate {} exceeds the capacity {}",
+                settings.default_rate, settings.capacity
+            )));
+        }
+        let mut dp = Datapath::load(&settings.interface, cgroup2_root)?;
+        let capacity = bytes(settings.capacity);
+        let mut global = policy::global_params(capacity, dp.ifindex(), &settings.tuning);
+        global.flags = GLOBAL_ENABLED;
+        let default_quota = NetQuota {
+            rate: settings.default_rate,
+            ceil: None,
+            priority: settings.default_priority,
+        };
+        let cfg = policy::class_params(bytes(settings.default_rate), capacity, settings.default_priority, 0, 1, &settings.tuning);
+        dp.reset_state(DEFAULT_SLOT, &cfg)?;
+        dp.write_class(DEFAULT_SLOT, &cfg)?;
+        dp.write_global(&global)?;
+        let now = Instant::now();
+        let default = Class {
+            name: "(default)".into(),
+            cgroup_id: 0,
+            path: PathBuf::new(),
+            quota: default_quota,
+            slot: DEFAULT_SLOT,
+            cfg,
+            prev: dp.read_state(DEFAULT_SLOT)?,
+            rate: 0.0,
+            flows: 1,
+            activations_mark: 0,
+        };
+        let mut shaper = Self {
+            settings,
+            dp,
+            global,
+            default,
+            classes: BTreeMap::new(),
+            free: Vec::new(),
+            quarantine: Vec::new(),
+            next_slot: DEFAULT_SLOT + 1,
+            last_tick: now,
+            last_epoch: now,
+            last_scan: None,
+        };
+        shaper.scan_interfaces();
+        info!(
+            iface = %shaper.settings.interface,
+            capacity = %shaper.settings.capacity,
+            "egress shaping on"
+        );
+        Ok(shaper)
+    }
+
+    pub fn settings(&self) -> &ShaperSettings {
+        &self.settings
+    }
+
+    pub fn datapath(&mut self) -> &mut Datapath {
+        &mut self.dp
+    }
+
+    /// The quota of a configured cgroup.
+    pub fn quota(&self, name: &str) -> Option<NetQuota> {
+        self.classes.get(name).map(|c| c.quota)
+    }
+
+    /// Validates and admits a quota without applying it.
+    pub fn check(&self, name: &str, quota: &NetQuota) -> Result<(), NetError> {
+        quota.validate(self.settings.capacity)?;
+        let others = self
+            .classes
+            .values()
+            .filter(|c| c.name != name)
+            .map(|c| c.quota.rate.bits_per_sec())
+            .chain(std::iter::once(self.settings.default_rate.bits_per_sec()));
+        policy::admit(&self.settings.interface, self.settings.capacity.bits_per_sec(), others, quota.rate.bits_per_sec())?;
+        Ok(())
+    }
+
+    /// Applies (or changes) the quota of a cgroup. Nothing changes when it is
+    /// refused.
+    pub fn set(&mut self, cg: &CgroupRef, quota: NetQuota) -> Result<(), NetError> {
+        self.check(&cg.name, &quota)?;
+        let capacity = bytes(self.settings.capacity);
+        let ceil = quota.ceil.map(bytes).unwrap_or(capacity);
+        if let Some(c) = self.classes.get_mut(&cg.name) {
+            if c.cgroup_id == cg.id {
+                let cfg = policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, c.flows, &self.settings.tuning);
+                self.dp.write_class(c.slot, &cfg)?;
+                c.cfg = cfg;
+                c.quota = quota;
+                debug!(cgroup = %cg.name, slot = c.slot, "net quota changed");
+                return Ok(());
+            }
+            // Same name, new directory: start over.
+            self.remove(&cg.name)?;
+        }
+        let slot = self.take_slot()?;
+        let cfg = policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, 1, &self.settings.tuning);
+        let applied = (|| {
+            self.dp.reset_state(slot, &cfg)?;
+            self.dp.write_class(slot, &cfg)?;
+            self.dp.map_cgroup(cg.id, slot)?;
+            self.bump_generation()
+        })();
+        if let Err(e) = applied {
+            // Leave nothing half-applied.
+            let _ = self.dp.unmap_cgroup(cg.id);
+            let _ = self.dp.write_class(slot, &ClassConfig::default());
+            self.free.push(slot);
+            return Err(e);
+        }
+        let prev = self.dp.read_state(slot)?;
+        self.classes.insert(
+            cg.name.clone(),
+            Class {
+                name: cg.name.clone(),
+                cgroup_id: cg.id,
+                path: cg.path.clone(),
+                quota,
+                slot,
+                cfg,
+                prev,
+                rate: 0.0,
+                flows: 1,
+                activations_mark: prev.flow_activations,
+            },
+        );
+        info!(cgroup = %cg.name, id = cg.id, slot, rate = %quota.rate, "net quota set");
+        Ok(())
+    }
+
+    /// Removes a cgroup's quota. Its traffic falls back to the default class.
+    pub fn remove(&mut self, name: &str) -> Result<bool, NetError> {
+        let Some(c) = self.classes.remove(name) else { return Ok(false) };
+        self.dp.unmap_cgroup(c.cgroup_id)?;
+        self.dp.write_class(c.slot, &ClassConfig::default())?;
+        self.bump_generation()?;
+        self.quarantine.push((Instant::now(), c.slot));
+        info!(cgroup = name, slot = c.slot, "net quota removed");
+        Ok(true)
+    }
+
+    /// Configured cgroups whose directory is gone (or was replaced).
+    pub fn vanished(&self) -> Vec<String> {
+        self.classes
+            .values()
+            .filter(|c| {
+                std::fs::metadata(&c.path)
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m) != c.cgroup_id)
+                    .unwrap_or(true)
+            })
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    fn bump_generation(&mut self) -> Result<(), NetError> {
+        self.global.generation += 1;
+        self.dp.write_global(&self.global)
+    }
+
+    fn take_slot(&mut self) -> Result<u32, NetError> {
+        let now = Instant::now();
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            self.quarantine.drain(..).partition(|(t, _)| now.duration_since(*t) >= SLOT_QUARANTINE);
+        self.quarantine = waiting;
+        self.free.extend(ready.into_iter().map(|(_, s)| s));
+        if let Some(s) = self.free.pop() {
+            return Ok(s);
+        }
+        if self.next_slot < MAX_CLASSES {
+            self.next_slot += 1;
+            return Ok(self.next_slot - 1);
+        }
+        Err(NetError::NoSlots(MAX_CLASSES))
+    }
+
+    /// One control step: measure every class, share the spare capacity,
+    /// update the datapath where it moved. Call every [`TICK`].
+    pub fn tick(&mut self) -> Result<(), NetError> {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last_tick);
+        if dt.is_zero() {
+            return Ok(());
+        }
+        self.last_tick = now;
+        let dt_ns = dt.as_nanos() as u64;
+        let epoch_due = now.duration_since(self.last_epoch) >= EPOCH;
+        if epoch_due {
+            self.last_epoch = now;
+        }
+        let capacity = bytes(self.settings.capacity);
+
+        let mut demands = Vec::with_capacity(self.classes.len() + 1);
+        for c in std::iter::once(&mut self.default).chain(self.classes.values_mut()) {
+            let st = self.dp.read_state(c.slot)?;
+            let d_bytes = st.bytes.wrapping_sub(c.prev.bytes);
+            let sample = d_bytes as f64 * 1e9 / dt_ns as f64;
+            c.rate = policy::ewma(c.rate, sample, dt_ns, RATE_TAU_NS);
+            let obs = Observation {
+                rate: c.rate,
+                alloc: c.cfg.alloc,
+                over_bytes: st.over_bytes.wrapping_sub(c.prev.over_bytes),
+                dropped_bytes: st.drop_bytes.wrapping_sub(c.prev.drop_bytes),
+                bytes: d_bytes,
+            };
+            if epoch_due {
+                let act = st.flow_activations.wrapping_sub(c.activations_mark);
+                c.activations_mark = st.flow_activations;
+                c.flows = policy::active_flows(act, st.flows_open);
+            }
+            c.prev = st;
+            let ceil = c.quota.ceil.map(bytes).unwrap_or(capacity);
+            demands.push(ClassDemand {
+                guarantee: bytes(c.quota.rate),
+                ceil,
+                priority: c.quota.priority,
+                demand: policy::estimate_demand(&obs),
+            });
+        }
+        let shares = policy::share_spare(capacity, &demands);
+        for (c, extra) in std::iter::once(&mut self.default).chain(self.classes.values_mut()).zip(shares) {
+            let d = &demands_for(c, capacity);
+            let cfg = policy::class_params(d.0, d.1, c.quota.priority, extra, c.flows, &self.settings.tuning);
+            if policy::worth_update(&c.cfg, &cfg) {
+                self.dp.write_class(c.slot, &cfg)?;
+                c.cfg = cfg;
+            }
+        }
+        if epoch_due {
+            self.global.epoch += 1;
+            self.dp.write_global(&self.global)?;
+        }
+        if self.last_scan.is_none_or(|t| now.duration_since(t) >= SCAN) {
+            self.scan_interfaces();
+        }
+        Ok(())
+    }
+
+    /// Attaches the tagger to new container-facing interfaces and forgets
+    /// vanished ones.
+    pub fn scan_interfaces(&mut self) {
+        self.last_scan = Some(Instant::now());
+        let all = ifaces::list(Path::new("/sys/class/net"));
+        let wanted = self.settings.container_interfaces.select(&all, &self.settings.interface, ifaces::driver);
+        self.dp.prune_taggers(&wanted);
+        for name in wanted.values() {
+            if let Err(e) = self.dp.attach_tagger(name) {
+                // Interfaces come and go; a failure here is not fatal.
+                warn!(iface = %name, error = %e, "cannot attach the container tagger");
+            }
+        }
+    }
+
+    pub fn status(&self) -> NetStatus {
+        let capacity = bytes(self.settings.capacity);
+        let classes = std::iter::once(&self.default)
+            .chain(self.classes.values())
+            .map(|c| NetClassStatus {
+                cgroup: c.name.clone(),
+                cgroup_id: c.cgroup_id,
+                slot: c.slot,
+                rate: c.quota.rate.to_string(),
+                ceil: c.quota.ceil.unwrap_or(self.settings.capacity).to_string(),
+                priority: c.quota.priority,
+                alloc_bps: c.cfg.alloc * 8,
+                rate_bps: (c.rate * 8.0) as u64,
+                bytes: c.prev.bytes,
+                packets: c.prev.packets,
+                borrowed_bytes: c.prev.borrowed_bytes,
+                over_bytes: c.prev.over_bytes,
+                ce_marks: c.prev.ce_marks,
+                drops: c.prev.drops,
+                drop_bytes: c.prev.drop_bytes,
+                flows: c.prev.flows_open,
+                pacing_updates: c.prev.pacing_updates,
+            })
+            .collect();
+        NetStatus {
+            interface: self.settings.interface.clone(),
+            capacity: self.settings.capacity.to_string(),
+            capacity_bps: capacity * 8,
+            classes,
+            tagged_interfaces: self.dp.tagged_interfaces(),
+            programs: self.dp.program_stats().into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// Stops shaping: the datapath lets everything pass, then detaches.
+    pub fn stop(mut self) {
+        self.global.flags = 0;
+        if let Err(e) = self.dp.write_global(&self.global) {
+            warn!(error = %e, "disabling the datapath");
+        }
+        self.dp.detach();
+        info!("egress shaping off");
+    }
+}
+
+fn demands_for(c: &Class, capacity: u64) -> (u64, u64) {
+    (bytes(c.quota.rate), c.quota.ceil.map(bytes).unwrap_or(capacity))
+}

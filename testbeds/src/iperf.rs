@@ -1,0 +1,213 @@
+//! iperf3 traffic: one-off servers in the receiver namespace, clients placed
+//! in cgroups or container namespaces, and their JSON reports.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{KillOnDrop, Placement, spawn, wait_for};
+
+/// TCP maximum segment size on a 1500-byte MTU with timestamps.
+pub const TCP_MSS: u64 = 1448;
+/// Ethernet + IPv4 + TCP (with timestamps) header bytes per segment.
+pub const TCP_OVERHEAD: u64 = 66;
+/// UDP payload the clients send.
+pub const UDP_PAYLOAD: u64 = 1400;
+/// Ethernet + IPv4 + UDP header bytes per datagram.
+pub const UDP_OVERHEAD: u64 = 42;
+
+/// Wire bytes (what tc and HTB charge) of `payload` bytes of bulk traffic.
+pub fn wire_bytes(payload: u64, udp: bool) -> u64 {
+    let (seg, ovh) = if udp { (UDP_PAYLOAD, UDP_OVERHEAD) } else { (TCP_MSS, TCP_OVERHEAD) };
+    payload + payload.div_ceil(seg) * ovh
+}
+
+/// Per-interval received payload, as a receiver reports it.
+#[derive(Clone, Debug, Default)]
+pub struct ServerReport {
+    /// (start s, end s, payload bytes) relative to the test start.
+    pub intervals: Vec<(f64, f64, u64)>,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// What a sender reports.
+#[derive(Clone, Debug, Default)]
+pub struct ClientReport {
+    pub bytes: u64,
+    pub retransmits: u64,
+}
+
+/// A one-off iperf3 server writing its JSON report to a file.
+#[derive(Debug)]
+pub struct Server {
+    child: KillOnDrop,
+    out: PathBuf,
+    pub port: u16,
+}
+
+impl Server {
+    /// Starts `iperf3 -s -1` on `port` and waits until it listens.
+    pub fn start(place: &Placement, bind: Ipv4Addr, port: u16, out_dir: &Path, interval: f64) -> Result<Self> {
+        let out = out_dir.join(format!("server-{port}.json"));
+        let file = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+        let mut cmd = Command::new("iperf3");
+        cmd.args(["-s", "-1", "-J", "-B", &bind.to_string(), "-p", &port.to_string(), "-i", &interval.to_string()])
+            .stdout(file)
+            .stderr(Stdio::null())
+            .stdin(Stdio::null());
+        let child = KillOnDrop(spawn(place, &mut cmd)?);
+        let s = Self { child, out, port };
+        // Listening shows in /proc/net/tcp of the server's namespace; the
+        // cheapest check without entering it is the process's own view.
+        let pid = s.child.0.id();
+        let hex_port = format!(":{:04X} ", port);
+        if !wait_for(Duration::from_secs(5), || {
+            std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))
+                .map(|t| t.lines().any(|l| l.contains(&hex_port) && l.split_whitespace().nth(3) == Some("0A")))
+                .unwrap_or(false)
+        }) {
+            bail!("iperf3 server on port {port} did not start listening");
+        }
+        Ok(s)
+    }
+
+    /// Waits for the server to finish its one test and parses the report.
+    pub fn finish(mut self, timeout: Duration) -> Result<ServerReport> {
+        let end = Instant::now() + timeout;
+        while self.child.0.try_wait()?.is_none() {
+            if Instant::now() > end {
+                bail!("iperf3 server on port {} did not finish", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read_to_string(&self.out)?;
+        parse_server(&text).with_context(|| format!("parsing {}", self.out.display()))
+    }
+}
+
+/// Parses a receiver's JSON report.
+pub fn parse_server(text: &str) -> Result<ServerReport> {
+    let v: Value = serde_json::from_str(text)?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3 server: {e}");
+    }
+    let mut r = ServerReport::default();
+    for iv in v["intervals"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        let s = &iv["sum"];
+        let (Some(a), Some(b), Some(bytes)) = (s["start"].as_f64(), s["end"].as_f64(), s["bytes"].as_u64()) else {
+            continue;
+        };
+        r.intervals.push((a, b, bytes));
+    }
+    let end = &v["end"];
+    let sum = if end["sum_received"].is_object() { &end["sum_received"] } else { &end["sum"] };
+    r.bytes = sum["bytes"].as_u64().unwrap_or_else(|| r.intervals.iter().map(|i| i.2).sum());
+    r.seconds = sum["seconds"].as_f64().unwrap_or(0.0);
+    Ok(r)
+}
+
+/// Client options.
+#[derive(Clone, Debug, Default)]
+pub struct ClientOpts {
+    pub seconds: f64,
+    pub parallel: u32,
+    /// UDP at this many bits per second.
+    pub udp_bps: Option<u64>,
+    pub bind: Option<Ipv4Addr>,
+}
+
+/// An iperf3 client writing its JSON report to a file.
+#[derive(Debug)]
+pub struct Client {
+    child: KillOnDrop,
+    out: PathBuf,
+}
+
+impl Client {
+    pub fn start(place: &Placement, server: Ipv4Addr, port: u16, opts: &ClientOpts, out_dir: &Path) -> Result<Self> {
+        let out = out_dir.join(format!("client-{port}.json"));
+        let file = std::fs::File::create(&out)?;
+        let mut cmd = Command::new("iperf3");
+        cmd.args(["-c", &server.to_string(), "-p", &port.to_string(), "-J", "-t", &format!("{}", opts.seconds)])
+            .args(["-P", &opts.parallel.max(1).to_string()])
+            .stdout(file)
+            .stderr(Stdio::null())
+            .stdin(Stdio::null());
+        if let Some(b) = opts.bind {
+            cmd.args(["-B", &b.to_string()]);
+        }
+        if let Some(bps) = opts.udp_bps {
+            cmd.args(["-u", "-b", &bps.to_string(), "-l", &UDP_PAYLOAD.to_string()]);
+        }
+        let child = KillOnDrop(spawn(place, &mut cmd)?);
+        Ok(Self { child, out })
+    }
+
+    /// Stops the client early (on/off traffic).
+    pub fn stop(mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.0.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = wait_for(Duration::from_secs(3), || matches!(self.child.0.try_wait(), Ok(Some(_))));
+    }
+
+    pub fn finish(mut self, timeout: Duration) -> Result<ClientReport> {
+        let end = Instant::now() + timeout;
+        while self.child.0.try_wait()?.is_none() {
+            if Instant::now() > end {
+                bail!("iperf3 client did not finish");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read_to_string(&self.out)?;
+        parse_client(&text).with_context(|| format!("parsing {}", self.out.display()))
+    }
+}
+
+/// Parses a sender's JSON report.
+pub fn parse_client(text: &str) -> Result<ClientReport> {
+    let v: Value = serde_json::from_str(text)?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3 client: {e}");
+    }
+    let end = &v["end"];
+    let sent = if end["sum_sent"].is_object() { &end["sum_sent"] } else { &end["sum"] };
+    Ok(ClientReport {
+        bytes: sent["bytes"].as_u64().unwrap_or(0),
+        retransmits: sent["retransmits"].as_u64().unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_accounting() {
+        assert_eq!(wire_bytes(1448, false), 1514);
+        assert_eq!(wire_bytes(1449, false), 1449 + 132);
+        assert_eq!(wire_bytes(1400 * 10, true), 1442 * 10);
+        assert_eq!(wire_bytes(0, false), 0);
+    }
+
+    #[test]
+    fn parses_reports() {
+        let server = r#"{"intervals":[{"sum":{"start":0,"end":0.1,"bytes":1000}},{"sum":{"start":0.1,"end":0.2,"bytes":3000}}],
+                         "end":{"sum_received":{"bytes":4000,"seconds":0.2}}}"#;
+        let r = parse_server(server).expect("server");
+        assert_eq!(r.intervals.len(), 2);
+        assert_eq!(r.bytes, 4000);
+        let client = r#"{"end":{"sum_sent":{"bytes":5000,"retransmits":3}}}"#;
+        let c = parse_client(client).expect("client");
+        assert_eq!((c.bytes, c.retransmits), (5000, 3));
+        assert!(parse_server(r#"{"error":"boom"}"#).is_err());
+    }
+}

@@ -1,0 +1,112 @@
+//! The egress testbed: a shaped veth from the host to a peer namespace
+//! (where the receivers run), optional per-container namespaces routed out
+//! through it, and extra host addresses so every sender group has its own
+//! source address.
+//!
+//! ```text
+//!  host netns                                  peer netns
+//!  senders in cgroups ── <shaped veth> ═══════ <peer veth>  receivers
+//!  ct netns: sender ═ veth ═ host veth ─ routed ─┘
+//! ```
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Netns, Sysctl, Veth, run, unique};
+
+/// One container: its namespace, the host-side veth, its address.
+#[derive(Debug)]
+pub struct Container {
+    pub ns: Netns,
+    pub veth: Veth,
+    pub ip: Ipv4Addr,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct EgressBed {
+    // Field order is drop order: containers and veths before namespaces.
+    pub containers: Vec<Container>,
+    pub shaped: Veth,
+    pub peer: Netns,
+    /// 10.<net>.0.0/16 belongs to this bed.
+    pub net: u8,
+    pub host_ip: Ipv4Addr,
+    pub peer_ip: Ipv4Addr,
+    /// Extra host addresses on the shaped veth, one per sender group.
+    pub sender_ips: Vec<Ipv4Addr>,
+    _forward: Option<Sysctl>,
+}
+
+fn free_net() -> Result<u8> {
+    let addrs = run("ip", &["-o", "addr"])?;
+    let routes = run("ip", &["route"])?;
+    for _ in 0..64 {
+        let n = 100 + (crate::nanos_now() % 150) as u8;
+        let tag = format!("10.{n}.");
+        if !addrs.contains(&tag) && !routes.contains(&tag) {
+            return Ok(n);
+        }
+    }
+    bail!("no free 10.x.0.0/16 network for the testbed")
+}
+
+impl EgressBed {
+    /// Builds a bed with `senders` host source addresses and `containers`
+    /// container namespaces.
+    pub fn new(senders: usize, containers: usize) -> Result<Self> {
+        let net = free_net()?;
+        let peer = Netns::new("qpeer")?;
+        let host_if = unique("qsh");
+        let peer_if = unique("qsp");
+        let shaped = Veth::new(&host_if, &peer_if, &peer)?;
+        let host_ip = Ipv4Addr::new(10, net, 0, 1);
+        let peer_ip = Ipv4Addr::new(10, net, 0, 2);
+        run("ip", &["addr", "add", &format!("{host_ip}/24"), "dev", &host_if])?;
+        peer.ip(&["addr", "add", &format!("{peer_ip}/24"), "dev", &peer_if])?;
+        peer.ip(&["route", "add", &format!("10.{net}.0.0/16"), "via", &host_ip.to_string()])?;
+        let mut sender_ips = Vec::new();
+        for i in 0..senders {
+            let ip = Ipv4Addr::new(10, net, 0, 10 + i as u8);
+            run("ip", &["addr", "add", &format!("{ip}/32"), "dev", &host_if])?;
+            sender_ips.push(ip);
+        }
+        let forward = if containers > 0 { Some(Sysctl::set("net.ipv4.ip_forward", "1")?) } else { None };
+        let mut bed = Self {
+            containers: Vec::new(),
+            shaped,
+            peer,
+            net,
+            host_ip,
+            peer_ip,
+            sender_ips,
+            _forward: forward,
+        };
+        for i in 0..containers {
+            bed.add_container(i).with_context(|| format!("container {i}"))?;
+        }
+        // Receivers accept ECN (the kernel default for servers is to accept).
+        bed.peer.exec("sysctl", &["-qw", "net.ipv4.tcp_ecn=1"])?;
+        Ok(bed)
+    }
+
+    fn add_container(&mut self, i: usize) -> Result<()> {
+        let ns = Netns::new("qct")?;
+        let host_if = unique("qch");
+        let veth = Veth::new(&host_if, "eth0", &ns)?;
+        let sub = 10 + i as u8;
+        let gw = Ipv4Addr::new(10, self.net, sub, 1);
+        let ip = Ipv4Addr::new(10, self.net, sub, 2);
+        run("ip", &["addr", "add", &format!("{gw}/24"), "dev", &host_if])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
+        ns.exec("sysctl", &["-qw", "net.ipv4.tcp_ecn=1"])?;
+        self.containers.push(Container { ns, veth, ip });
+        Ok(())
+    }
+
+    pub fn shaped_if(&self) -> &str {
+        self.shaped.host()
+    }
+}

@@ -1,0 +1,218 @@
+//! qosctl: talks to qosd over its socket.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use netqos::NetStatus;
+use qos::{
+    Status,
+    client::{Client, ClientError},
+    config::DEFAULT_SOCKET,
+    protocol::{Reply, Request},
+};
+use qos_core::{Rate, units::format_bps};
+
+const RATE_HELP: &str = "RATE uses tc units: bit, kbit, mbit, gbit, tbit are BITS per second; \
+bps, kbps, mbps, gbps, tbps are BYTES per second (10mbps = 80mbit); a bare number is bits per \
+second; kibit, mibps, ... are binary (1024) multiples; decimals are allowed (1.5gbit).";
+
+/// Control qosd: per-cgroup network quotas and status.
+#[derive(Parser, Debug)]
+#[command(version, about, after_help = RATE_HELP)]
+struct Args {
+    /// qosd's API socket.
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET, env = "QOSD_SOCKET")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Daemon and host overview.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Network bandwidth quotas (egress).
+    Net {
+        #[command(subcommand)]
+        command: NetCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NetCommand {
+    /// Give a cgroup a guaranteed rate, optionally a ceiling and a priority.
+    #[command(after_help = RATE_HELP)]
+    Set {
+        /// cgroup2 directory: a path relative to the cgroup2 mount
+        /// ("tenants/a") or an absolute path under it.
+        cgroup: String,
+        /// Guaranteed rate (always available to the cgroup when it is busy).
+        #[arg(long, value_parser = parse_rate)]
+        rate: Rate,
+        /// Most the cgroup may use by borrowing idle capacity (default: the
+        /// interface capacity).
+        #[arg(long, value_parser = parse_rate)]
+        ceil: Option<Rate>,
+        /// Who borrows idle capacity first: 0 (highest) to 7 (lowest).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=7))]
+        priority: u32,
+    },
+    /// Remove a cgroup's quota; its traffic joins the default class.
+    Unset { cgroup: String },
+    /// Quotas, allocation and counters per cgroup.
+    Show {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Refresh every SECS seconds until interrupted.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<f64>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    s.parse::<Rate>().map_err(|e| e.to_string())
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("qosctl: {e}");
+        std::process::exit(e.exit_code());
+    }
+}
+
+fn run(args: Args) -> Result<(), ClientError> {
+    let mut client = Client::connect(&args.socket)?;
+    match args.command {
+        Command::Status { output } => {
+            let Reply::Status(s) = client.call(&Request::Status)? else { return Err(unexpected()) };
+            print(output, &*s, status_table);
+        }
+        Command::Net { command } => match command {
+            NetCommand::Set { cgroup, rate, ceil, priority } => {
+                let reply = client.call(&Request::NetSet { cgroup, rate, ceil, priority });
+                match reply {
+                    Ok(Reply::NetApplied { cgroup, quota }) => {
+                        let ceil = quota.ceil.map(|c| format!(" ceil {c}")).unwrap_or_default();
+                        println!("{cgroup}: rate {}{ceil} priority {}", quota.rate, quota.priority);
+                    }
+                    Ok(_) => return Err(unexpected()),
+                    Err(e) => return Err(e),
+                }
+            }
+            NetCommand::Unset { cgroup } => {
+                client.call(&Request::NetUnset { cgroup: cgroup.clone() })?;
+                println!("{cgroup}: quota removed");
+            }
+            NetCommand::Show { output, watch } => loop {
+                let Reply::Net(s) = client.call(&Request::NetShow)? else { return Err(unexpected()) };
+                if watch.is_some() && output == Output::Table {
+                    print!("\x1b[2J\x1b[H");
+                }
+                print(output, &*s, net_table);
+                match watch {
+                    Some(secs) if secs > 0.0 => std::thread::sleep(Duration::from_secs_f64(secs)),
+                    _ => break,
+                }
+            },
+        },
+    }
+    Ok(())
+}
+
+fn unexpected() -> ClientError {
+    ClientError::Protocol("reply does not match the request".into())
+}
+
+fn print<T: serde::Serialize>(output: Output, v: &T, table: fn(&T) -> String) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Output::Table => print!("{}", table(v)),
+    }
+}
+
+fn status_table(s: &Status) -> String {
+    let mut out = format!(
+        "qosd {} (pid {}, up {}s)\ncgroups: {} (cgroup2 at {})\n",
+        s.version, s.pid, s.uptime_secs, s.cgroup_mode, s.cgroup2_root
+    );
+    match &s.net {
+        Some(n) => out += &format!(
+            "net: {} egress {} — {} quota(s), {} guaranteed incl. default class; tagger on {}\n",
+            n.interface,
+            n.capacity,
+            n.classes,
+            n.guaranteed,
+            if n.tagged_interfaces.is_empty() { "no interface".to_string() } else { n.tagged_interfaces.join(", ") }
+        ),
+        None => out += "net: not configured\n",
+    }
+    if !s.waiting.is_empty() {
+        out += &format!("waiting for cgroups: {}\n", s.waiting.join(", "));
+    }
+    if let Some(f) = &s.state_file {
+        out += &format!("state: {f}\n");
+    }
+    out
+}
+
+/// Renders rows as aligned columns.
+fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n).map(|i| rows.iter().map(|r| r.get(i).map_or(0, |c| c.chars().count())).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        out += line.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+fn bytes(b: u64) -> String {
+    let f = b as f64;
+    if f >= 1e9 {
+        format!("{:.1}G", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.1}M", f / 1e6)
+    } else if f >= 1e3 {
+        format!("{:.1}K", f / 1e3)
+    } else {
+        format!("{b}")
+    }
+}
+
+fn net_table(s: &NetStatus) -> String {
+    let mut rows = vec![
+        ["CGROUP", "RATE", "CEIL", "PRIO", "ALLOC", "NOW", "FLOWS", "BYTES", "BORROWED", "CE", "DROPS"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for c in &s.classes {
+        rows.push(vec![
+            c.cgroup.clone(),
+            c.rate.clone(),
+            c.ceil.clone(),
+            c.priority.to_string(),
+            format_bps(c.alloc_bps as f64),
+            format_bps(c.rate_bps as f64),
+            c.flows.to_string(),
+            bytes(c.bytes),
+            bytes(c.borrowed_bytes),
+            c.ce_marks.to_string(),
+            c.drops.to_string(),
+        ]);
+    }
+    let mut out = format!("{} egress {}\n", s.interface, s.capacity);
+    out += &columns(&rows);
+    out
+}

@@ -1,0 +1,106 @@
+//! qosd: the per-host daemon. A thin shell around the `qos` library: config,
+//! the API socket, the control loop, signals.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use qos::{Config, Qos, config::DEFAULT_CONFIG, server::ApiSocket};
+use tracing::{error, info, warn};
+
+/// Per-cgroup network isolation daemon (one per host, runs as root).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Config file (TOML). A missing file at the default path means defaults.
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// API socket (overrides [daemon] socket).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// State directory (overrides [daemon] state_dir).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Validate the config and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("qosd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args = Args::parse();
+    let explicit = args.config != PathBuf::from(DEFAULT_CONFIG);
+    let mut config = Config::load(&args.config, explicit)?;
+    if let Some(s) = args.socket {
+        config.daemon.socket = s;
+    }
+    if let Some(d) = args.state_dir {
+        config.daemon.state_dir = d;
+    }
+    if args.check_config {
+        println!("{}: ok", args.config.display());
+        return Ok(());
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.daemon.log))
+        .context("log filter")?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("qosd must run as root (it loads eBPF programs and owns cgroup settings)");
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handlers")?;
+    }
+
+    let socket_path = config.daemon.socket.clone();
+    let socket = ApiSocket::bind(&socket_path)?;
+    let qos = Arc::new(Mutex::new(Qos::start(config).context("starting")?));
+    info!(socket = %socket_path.display(), pid = std::process::id(), "qosd ready");
+
+    let ticker = {
+        let qos = Arc::clone(&qos);
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new().name("control".into()).spawn(move || {
+            let mut next = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                {
+                    let mut q = qos.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = q.tick() {
+                        warn!(error = %e, "control step");
+                    }
+                }
+                next += netqos::TICK;
+                let now = Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                } else {
+                    next = now;
+                }
+            }
+        })?
+    };
+    socket.serve(&qos, &stop);
+    info!("stopping");
+    if ticker.join().is_err() {
+        error!("control thread panicked");
+    }
+    drop(socket);
+    qos.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+    info!("stopped");
+    Ok(())
+}

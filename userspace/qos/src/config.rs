@@ -1,0 +1,209 @@
+//! `qosd.toml`: every key optional, defaults documented here and in
+//! `packaging/qosd.toml`. Unknown keys are errors (a typo must not silently
+//! fall back to a default).
+
+use std::path::{Path, PathBuf};
+
+use netqos::ContainerInterfaces;
+use qos_core::Rate;
+use serde::{Deserialize, Serialize};
+
+use crate::QosError;
+
+pub const DEFAULT_CONFIG: &str = "/etc/qosd/qosd.toml";
+pub const DEFAULT_SOCKET: &str = "/run/qosd/qosd.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/qosd";
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub net: NetConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Unix socket of the API (root only).
+    pub socket: PathBuf,
+    /// Where the desired state is persisted.
+    pub state_dir: PathBuf,
+    /// Where qosd mounts a cgroup2 tree on hosts that have none (pure v1).
+    pub cgroup2_fallback: PathBuf,
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
+    pub log: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            socket: DEFAULT_SOCKET.into(),
+            state_dir: DEFAULT_STATE_DIR.into(),
+            cgroup2_fallback: "/run/qosd/cgroup2".into(),
+            log: "info".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetConfig {
+    /// Interface to shape. Egress shaping is off when unset.
+    pub interface: Option<String>,
+    /// Egress capacity of the interface; required with `interface`.
+    pub egress_capacity: Option<Rate>,
+    /// Guarantee of the class that carries traffic of cgroups without a quota.
+    pub default_rate: Rate,
+    /// Priority of that class (0 highest ..= 7).
+    pub default_priority: u32,
+    /// Interfaces where container traffic enters the host: "auto" (every
+    /// veth), "none", or a list of name patterns (`*` wildcard).
+    pub container_interfaces: ContainerInterfaces,
+    /// Turn on the kernel's per-program run-time statistics while qosd runs.
+    pub bpf_stats: bool,
+    /// Quotas applied at start, before the persisted state.
+    pub quota: Vec<QuotaEntry>,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            interface: None,
+            egress_capacity: None,
+            default_rate: Rate::from_bits_per_sec(10_000_000).unwrap_or_else(|_| unreachable!()),
+            default_priority: 7,
+            container_interfaces: ContainerInterfaces::default(),
+            bpf_stats: false,
+            quota: Vec::new(),
+        }
+    }
+}
+
+/// `[[net.quota]]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaEntry {
+    pub cgroup: String,
+    pub rate: Rate,
+    #[serde(default)]
+    pub ceil: Option<Rate>,
+    #[serde(default)]
+    pub priority: u32,
+}
+
+impl Config {
+    /// Reads a config file. A missing file at the default path means "all
+    /// defaults"; a missing file named explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Self, QosError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(Self::default()),
+            Err(source) => return Err(QosError::Io { path: path.into(), source }),
+        };
+        Self::parse(&text).map_err(|reason| QosError::Config { path: path.into(), reason })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let c: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let n = &self.net;
+        match (&n.interface, &n.egress_capacity) {
+            (Some(_), None) => {
+                return Err("[net] interface is set but egress_capacity is not; give the interface's \
+                            capacity (e.g. egress_capacity = \"1gbit\")"
+                    .into());
+            }
+            (None, Some(_)) => return Err("[net] egress_capacity is set but interface is not".into()),
+            _ => {}
+        }
+        if let Some(cap) = n.egress_capacity {
+            if n.default_rate > cap {
+                return Err(format!("[net] default_rate {} exceeds egress_capacity {cap}", n.default_rate));
+            }
+        }
+        if n.default_priority > 7 {
+            return Err(format!("[net] default_priority {} is out of range 0..=7", n.default_priority));
+        }
+        n.container_interfaces.validate()?;
+        if !n.quota.is_empty() && n.interface.is_none() {
+            return Err("[[net.quota]] entries need [net] interface and egress_capacity".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        let c = Config::parse("").expect("empty");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.daemon.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.net.default_rate.to_string(), "10mbit");
+        assert!(c.net.interface.is_none());
+    }
+
+    #[test]
+    fn full_config() {
+        let c = Config::parse(
+            r#"
+            [daemon]
+            socket = "/tmp/x.sock"
+            [net]
+            interface = "eth0"
+            egress_capacity = "10gbit"
+            default_rate = "5mbit"
+            container_interfaces = ["veth*", "cali*"]
+            [[net.quota]]
+            cgroup = "tenants/a"
+            rate = "1gbit"
+            ceil = "2gbit"
+            priority = 1
+            "#,
+        )
+        .expect("full");
+        assert_eq!(c.net.quota.len(), 1);
+        assert_eq!(c.net.quota[0].ceil.map(|r| r.to_string()), Some("2gbit".into()));
+        assert_eq!(c.net.container_interfaces, ContainerInterfaces::Patterns(vec!["veth*".into(), "cali*".into()]));
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        for (text, needle) in [
+            ("[net]\ninterfce = \"eth0\"", "unknown field `interfce`"),
+            ("[net]\ninterface = \"eth0\"", "egress_capacity is not"),
+            ("[net]\negress_capacity = \"1gbit\"", "interface is not"),
+            ("[net]\ninterface = \"eth0\"\negress_capacity = \"fast\"", "not a rate"),
+            ("[net]\ninterface = \"eth0\"\negress_capacity = \"0\"", "zero"),
+            ("[net]\ninterface = \"e\"\negress_capacity = \"1mbit\"\ndefault_rate = \"2mbit\"", "exceeds"),
+            ("[net]\ndefault_priority = 9", "out of range"),
+            ("[net]\ncontainer_interfaces = \"maybe\"", "use \"auto\""),
+            ("[[net.quota]]\ncgroup = \"a\"\nrate = \"1mbit\"", "need [net] interface"),
+            ("[daemon]\nsocket = 5", "invalid type"),
+        ] {
+            let e = Config::parse(text).expect_err(text);
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn missing_default_file_means_defaults_but_explicit_is_an_error() {
+        let p = Path::new("/nonexistent/qosd.toml");
+        assert_eq!(Config::load(p, false).ok(), Some(Config::default()));
+        let e = Config::load(p, true).expect_err("explicit").to_string();
+        assert!(e.contains("/nonexistent/qosd.toml"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_sample_parses() {
+        let text = include_str!("../../../packaging/qosd.toml");
+        Config::parse(text).unwrap_or_else(|e| panic!("packaging/qosd.toml: {e}"));
+    }
+}

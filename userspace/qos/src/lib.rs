@@ -1,0 +1,330 @@
+//! The toolkit's library: the typed API a scheduler embeds and the daemon
+//! `qosd` wraps.
+//!
+//! ```no_run
+//! use qos::{Config, Qos};
+//! use netqos::NetQuota;
+//! let mut config = Config::default();
+//! config.net.interface = Some("eth0".into());
+//! config.net.egress_capacity = Some("10gbit".parse()?);
+//! let mut qos = Qos::start(config)?;
+//! qos.set_net_quota("tenants/a", NetQuota { rate: "1gbit".parse()?, ceil: None, priority: 0 })?;
+//! loop {
+//!     qos.tick()?; // every netqos::TICK
+//!     # break;
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [`Qos`] holds the desired state (the single source of truth), persists it
+//! when it was given a state directory, and applies it to the kernel.
+
+pub mod client;
+pub mod config;
+pub mod protocol;
+pub mod server;
+pub mod state;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+pub use config::Config;
+use netqos::{NetError, NetQuota, NetStatus, Shaper, ShaperSettings, policy::Tuning};
+use qos_core::{CgroupError, CgroupMode, Hierarchy};
+use serde::{Deserialize, Serialize};
+use state::{DesiredState, StateStore};
+use tracing::{info, warn};
+
+/// How often configured cgroups are checked for existence.
+const CGROUP_CHECK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QosError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("state file {path}: {reason}")]
+    State { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("network shaping is not configured on this host: set [net] interface and egress_capacity in the qosd config")]
+    NetNotConfigured,
+}
+
+/// What `qosctl status` shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub cgroup_mode: String,
+    pub cgroup2_root: String,
+    pub net: Option<NetSummary>,
+    /// Quotas waiting for their cgroup to (re)appear.
+    pub waiting: Vec<String>,
+    pub state_file: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetSummary {
+    pub interface: String,
+    pub capacity: String,
+    pub classes: usize,
+    pub guaranteed: String,
+    pub tagged_interfaces: Vec<String>,
+}
+
+/// The toolkit, embedded.
+#[derive(Debug)]
+pub struct Qos {
+    config: Config,
+    hierarchy: Hierarchy,
+    state: DesiredState,
+    store: Option<StateStore>,
+    net: Option<Shaper>,
+    started: Instant,
+    last_cgroup_check: Instant,
+}
+
+impl Qos {
+    /// Detects the host, starts the configured subsystems and applies the
+    /// config's quotas, then the persisted state (state wins). Quotas whose
+    /// cgroup does not exist yet wait for it.
+    pub fn start(config: Config) -> Result<Self, QosError> {
+        Self::start_with_store(config.clone(), Some(StateStore::new(&config.daemon.state_dir)))
+    }
+
+    /// As [`Qos::start`], without persistence (embedding schedulers that keep
+    /// their own state).
+    pub fn start_ephemeral(config: Config) -> Result<Self, QosError> {
+        Self::start_with_store(config, None)
+    }
+
+    fn start_with_store(config: Config, store: Option<StateStore>) -> Result<Self, QosError> {
+        config.validate().map_err(|reason| QosError::Config { path: "(in memory)".into(), reason })?;
+        let mut hierarchy = Hierarchy::detect()?;
+        if hierarchy.mode() == CgroupMode::V1 {
+            hierarchy.ensure_cgroup2(&config.daemon.cgroup2_fallback)?;
+        }
+        info!(mode = %hierarchy.mode(), root = %hierarchy.unified_root()?.display(), "cgroup hierarchy");
+        let net = match (&config.net.interface, config.net.egress_capacity) {
+            (Some(iface), Some(capacity)) => {
+                let settings = ShaperSettings {
+                    interface: iface.clone(),
+                    capacity,
+                    default_rate: config.net.default_rate,
+                    default_priority: config.net.default_priority,
+                    container_interfaces: config.net.container_interfaces.clone(),
+                    tuning: Tuning::default(),
+                };
+                let mut s = Shaper::start(settings, hierarchy.unified_root()?)?;
+                if config.net.bpf_stats {
+                    s.datapath().enable_run_time_stats()?;
+                }
+                Some(s)
+            }
+            _ => None,
+        };
+        let persisted = match &store {
+            Some(s) => s.load()?,
+            None => DesiredState { version: state::STATE_VERSION, ..Default::default() },
+        };
+        let mut qos = Self {
+            state: DesiredState { version: state::STATE_VERSION, ..Default::default() },
+            config,
+            hierarchy,
+            store,
+            net,
+            started: Instant::now(),
+            last_cgroup_check: Instant::now(),
+        };
+        let mut wanted: Vec<(String, NetQuota)> = qos
+            .config
+            .net
+            .quota
+            .iter()
+            .map(|q| (q.cgroup.clone(), NetQuota { rate: q.rate, ceil: q.ceil, priority: q.priority }))
+            .collect();
+        wanted.extend(persisted.net);
+        for (name, quota) in wanted {
+            match qos.apply_net(&name, quota) {
+                Ok(applied) => {
+                    qos.state.net.insert(applied, quota);
+                }
+                Err(QosError::Cgroup(CgroupError::NotFound { .. })) => {
+                    warn!(cgroup = %name, "cgroup does not exist yet; its quota waits for it");
+                    qos.state.net.insert(name, quota);
+                }
+                Err(e) => warn!(cgroup = %name, error = %e, "quota not re-applied"),
+            }
+        }
+        qos.persist()?;
+        Ok(qos)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn hierarchy(&self) -> &Hierarchy {
+        &self.hierarchy
+    }
+
+    pub fn desired(&self) -> &DesiredState {
+        &self.state
+    }
+
+    fn net(&self) -> Result<&Shaper, QosError> {
+        self.net.as_ref().ok_or(QosError::NetNotConfigured)
+    }
+
+    fn apply_net(&mut self, cgroup: &str, quota: NetQuota) -> Result<String, QosError> {
+        let cg = self.hierarchy.resolve(cgroup)?;
+        let net = self.net.as_mut().ok_or(QosError::NetNotConfigured)?;
+        net.set(&cg, quota)?;
+        Ok(cg.name)
+    }
+
+    /// Sets (or changes) the network quota of a cgroup, persists it, and
+    /// returns the cgroup's canonical name. Refused quotas change nothing.
+    pub fn set_net_quota(&mut self, cgroup: &str, quota: NetQuota) -> Result<String, QosError> {
+        self.net()?;
+        let cg = self.hierarchy.resolve(cgroup)?;
+        self.net()?.check(&cg.name, &quota)?;
+        let mut next = self.state.clone();
+        next.net.insert(cg.name.clone(), quota);
+        // Persist first: if the disk refuses, the kernel is not touched.
+        self.save(&next)?;
+        let net = self.net.as_mut().ok_or(QosError::NetNotConfigured)?;
+        if let Err(e) = net.set(&cg, quota) {
+            self.save(&self.state)?;
+            return Err(e.into());
+        }
+        self.state = next;
+        Ok(cg.name)
+    }
+
+    /// Removes a cgroup's network quota (also one waiting for its cgroup).
+    pub fn unset_net_quota(&mut self, cgroup: &str) -> Result<String, QosError> {
+        self.net()?;
+        // The cgroup may be gone already; find the quota by name.
+        let name = match self.hierarchy.resolve(cgroup) {
+            Ok(cg) => cg.name,
+            Err(_) => cgroup.trim().trim_start_matches('/').to_owned(),
+        };
+        let name = if self.state.net.contains_key(&name) {
+            name
+        } else {
+            // An absolute path of a vanished cgroup.
+            let root = self.hierarchy.unified_root()?.display().to_string();
+            let rel = cgroup.trim().strip_prefix(&root).unwrap_or(cgroup).trim_matches('/').to_owned();
+            if !self.state.net.contains_key(&rel) {
+                return Err(NetError::NotConfigured(cgroup.trim().to_owned()).into());
+            }
+            rel
+        };
+        let mut next = self.state.clone();
+        next.net.remove(&name);
+        self.save(&next)?;
+        if let Some(net) = self.net.as_mut() {
+            net.remove(&name)?;
+        }
+        self.state = next;
+        Ok(name)
+    }
+
+    pub fn net_status(&self) -> Result<NetStatus, QosError> {
+        Ok(self.net()?.status())
+    }
+
+    pub fn status(&self) -> Status {
+        let net = self.net.as_ref().map(|n| {
+            let s = n.settings();
+            let guaranteed: u64 = self.state.net.values().map(|q| q.rate.bits_per_sec()).sum::<u64>()
+                + s.default_rate.bits_per_sec();
+            NetSummary {
+                interface: s.interface.clone(),
+                capacity: s.capacity.to_string(),
+                classes: n.status().classes.len() - 1,
+                guaranteed: qos_core::units::format_bps(guaranteed as f64),
+                tagged_interfaces: n.status().tagged_interfaces,
+            }
+        });
+        let waiting = self
+            .state
+            .net
+            .keys()
+            .filter(|k| self.net.as_ref().is_some_and(|n| n.quota(k).is_none()))
+            .cloned()
+            .collect();
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            cgroup_mode: self.hierarchy.mode().to_string(),
+            cgroup2_root: self.hierarchy.unified_root().map(|p| p.display().to_string()).unwrap_or_default(),
+            net,
+            waiting,
+            state_file: self.store.as_ref().map(|s| s.path().display().to_string()),
+        }
+    }
+
+    /// One control step. Call every [`netqos::TICK`].
+    pub fn tick(&mut self) -> Result<(), QosError> {
+        if let Some(net) = self.net.as_mut() {
+            net.tick()?;
+        }
+        if self.last_cgroup_check.elapsed() >= CGROUP_CHECK {
+            self.last_cgroup_check = Instant::now();
+            self.reconcile_cgroups();
+        }
+        Ok(())
+    }
+
+    /// Drops datapath entries of cgroups that vanished and applies quotas
+    /// whose cgroup (re)appeared.
+    fn reconcile_cgroups(&mut self) {
+        let Some(net) = self.net.as_mut() else { return };
+        for name in net.vanished() {
+            match net.remove(&name) {
+                Ok(_) => info!(cgroup = %name, "cgroup vanished; its quota waits for it to reappear"),
+                Err(e) => warn!(cgroup = %name, error = %e, "removing a vanished cgroup"),
+            }
+        }
+        let waiting: Vec<(String, NetQuota)> =
+            self.state.net.iter().filter(|(k, _)| net.quota(k).is_none()).map(|(k, q)| (k.clone(), *q)).collect();
+        for (name, quota) in waiting {
+            if let Ok(cg) = self.hierarchy.resolve(&name) {
+                match net.set(&cg, quota) {
+                    Ok(()) => info!(cgroup = %name, "cgroup appeared; quota applied"),
+                    Err(e) => warn!(cgroup = %name, error = %e, "applying a waiting quota"),
+                }
+            }
+        }
+    }
+
+    fn save(&self, st: &DesiredState) -> Result<(), QosError> {
+        match &self.store {
+            Some(s) => s.save(st),
+            None => Ok(()),
+        }
+    }
+
+    fn persist(&self) -> Result<(), QosError> {
+        self.save(&self.state)
+    }
+
+    /// Stops every subsystem and removes what it put in the kernel. The
+    /// desired state stays on disk for the next start. Afterwards the
+    /// network calls answer "not configured".
+    pub fn shutdown(&mut self) {
+        if let Some(net) = self.net.take() {
+            net.stop();
+        }
+    }
+}

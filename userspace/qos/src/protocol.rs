@@ -1,0 +1,100 @@
+//! The daemon's socket API: one JSON request per line, one JSON response per
+//! line. Requests larger than [`MAX_REQUEST`] are refused.
+
+use netqos::{NetQuota, NetStatus};
+use qos_core::Rate;
+use serde::{Deserialize, Serialize};
+
+use crate::Status;
+
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    NetSet {
+        cgroup: String,
+        rate: Rate,
+        #[serde(default)]
+        ceil: Option<Rate>,
+        #[serde(default)]
+        priority: u32,
+    },
+    NetUnset {
+        cgroup: String,
+    },
+    NetShow,
+}
+
+/// Error categories a client can act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request was malformed or a value was refused.
+    Invalid,
+    /// The cgroup does not exist or has no quota.
+    NotFound,
+    /// The guarantee does not fit the capacity.
+    Admission,
+    /// The subsystem is not configured on this host.
+    NotConfigured,
+    /// Only root may use the API.
+    Denied,
+    /// A kernel or I/O failure.
+    Internal,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Ok,
+    Status(Box<Status>),
+    Net(Box<NetStatus>),
+    /// The quota as applied (cgroup name canonicalised).
+    NetApplied { cgroup: String, quota: NetQuota },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Response {
+    Ok { ok: Reply },
+    Err { error: ApiError },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format() {
+        let r: Request =
+            serde_json::from_str(r#"{"op":"net_set","cgroup":"a/b","rate":"100mbit","priority":1}"#).expect("parse");
+        assert_eq!(
+            r,
+            Request::NetSet { cgroup: "a/b".into(), rate: "100mbit".parse().expect("rate"), ceil: None, priority: 1 }
+        );
+        let e = serde_json::from_str::<Request>(r#"{"op":"net_set","cgroup":"a","rate":"lots"}"#)
+            .expect_err("bad rate")
+            .to_string();
+        assert!(e.contains("not a rate"), "{e}");
+        assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+        let s = serde_json::to_string(&Request::NetUnset { cgroup: "x".into() }).expect("ser");
+        assert_eq!(s, r#"{"op":"net_unset","cgroup":"x"}"#);
+    }
+
+    #[test]
+    fn response_wire_format() {
+        let ok = serde_json::to_string(&Response::Ok { ok: Reply::Ok }).expect("ser");
+        assert_eq!(ok, r#"{"ok":"ok"}"#);
+        let err = Response::Err { error: ApiError { kind: ErrorKind::Admission, message: "m".into() } };
+        let s = serde_json::to_string(&err).expect("ser");
+        assert_eq!(serde_json::from_str::<Response>(&s).expect("de"), err);
+    }
+}
