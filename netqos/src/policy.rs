@@ -104,16 +104,38 @@ pub struct Observation {
     pub over_bytes: u64,
     pub dropped_bytes: u64,
     pub bytes: u64,
+    /// Smoothed fill of the class's own + borrow buckets (-1 ..= 1).
+    pub fill: f64,
 }
 
-/// A class is taken to want more when it uses (nearly) all it was given or
-/// had to be held back; otherwise its demand is what it uses plus headroom.
+/// A class is taken to want more when it uses (nearly) all it was given, had
+/// to be held back, or spends its tokens as fast as they come (its buckets
+/// stay below half full: the pacing loop keeps a busy class near an eighth).
+/// Otherwise its demand is what it uses plus headroom. The bucket test keeps
+/// a busy class from being judged idle by one slow measurement interval,
+/// which would make the allocation flap.
 pub fn estimate_demand(o: &Observation) -> Option<u64> {
     let held_back = o.dropped_bytes > 0 || o.over_bytes * 20 > o.bytes.max(1);
-    if held_back || o.rate >= 0.9 * o.alloc as f64 {
+    if held_back || o.rate >= 0.9 * o.alloc as f64 || o.fill < 0.5 {
         None
     } else {
         Some((o.rate * 1.25) as u64 + 1)
+    }
+}
+
+/// Demand with hysteresis: a class is taken to want less only once its
+/// estimate said so for `hold_ns` without interruption; it is greedy again
+/// at once. `since` keeps when the current run of "wants less" began.
+pub fn held_demand(estimate: Option<u64>, since: &mut Option<u64>, now_ns: u64, hold_ns: u64) -> Option<u64> {
+    match estimate {
+        None => {
+            *since = None;
+            None
+        }
+        Some(d) => {
+            let start = *since.get_or_insert(now_ns);
+            if now_ns.saturating_sub(start) >= hold_ns { Some(d) } else { None }
+        }
     }
 }
 
@@ -127,11 +149,12 @@ pub fn ewma(prev: f64, sample: f64, dt_ns: u64, tau_ns: u64) -> f64 {
     prev + a * (sample - prev)
 }
 
-/// Flows a class's allocation is split over, from the flows acknowledged in
-/// the last activity epoch and the flows open now.
+/// Flows (in 1/1024) a class's allocation is split over: those acknowledged
+/// during the last activity epoch (an idle connection does not count), at
+/// most the flows open now, at least one.
 pub fn active_flows(activated_last_epoch: u64, open: u64) -> u64 {
     let n = if open > 0 { activated_last_epoch.min(open) } else { activated_last_epoch };
-    n.max(1)
+    n.max(1) * UNIT
 }
 
 /// Refusal of a guarantee that does not fit.
@@ -224,7 +247,7 @@ pub fn global_params(capacity: u64, shaped_ifindex: u32, t: &Tuning) -> NetGloba
 }
 
 /// Datapath parameters of one class. `alloc` is guarantee + borrow share,
-/// `flows` the flows it is split over.
+/// `flows` the flows (1/1024) it is split over.
 pub fn class_params(
     guarantee: u64,
     ceil: u64,
@@ -239,7 +262,7 @@ pub fn class_params(
         guarantee,
         ceil,
         borrow_rate,
-        flow_base: alloc / flows.max(1),
+        flow_base: (alloc as u128 * UNIT as u128 / flows.max(UNIT) as u128) as u64,
         alloc,
         depth,
         borrow_depth: bytes_in(borrow_rate, t.pool_ns).max(t.min_depth / 2),
@@ -323,16 +346,29 @@ mod tests {
 
     #[test]
     fn demand_estimation() {
-        let busy = Observation { rate: 95.0, alloc: 100, bytes: 1000, ..Default::default() };
+        let busy = Observation { rate: 95.0, alloc: 100, bytes: 1000, fill: 1.0, ..Default::default() };
         assert_eq!(estimate_demand(&busy), None);
-        let light = Observation { rate: 40.0, alloc: 100, bytes: 1000, ..Default::default() };
+        let light = Observation { rate: 40.0, alloc: 100, bytes: 1000, fill: 0.9, ..Default::default() };
         assert_eq!(estimate_demand(&light), Some(51));
+        let draining = Observation { fill: 0.2, ..light };
+        assert_eq!(estimate_demand(&draining), None);
         let dropped = Observation { dropped_bytes: 1, ..light };
         assert_eq!(estimate_demand(&dropped), None);
         let over = Observation { over_bytes: 100, ..light };
         assert_eq!(estimate_demand(&over), None);
-        let idle = Observation { alloc: 100, ..Default::default() };
+        let idle = Observation { alloc: 100, fill: 1.0, ..Default::default() };
         assert_eq!(estimate_demand(&idle), Some(1));
+    }
+
+    #[test]
+    fn demand_needs_to_hold_before_it_counts() {
+        let mut since = None;
+        assert_eq!(held_demand(Some(5), &mut since, 1000, 200), None);
+        assert_eq!(held_demand(Some(5), &mut since, 1100, 200), None);
+        assert_eq!(held_demand(Some(6), &mut since, 1200, 200), Some(6));
+        assert_eq!(held_demand(None, &mut since, 1250, 200), None);
+        assert_eq!(since, None);
+        assert_eq!(held_demand(Some(5), &mut since, 1300, 200), None);
     }
 
     #[test]
@@ -345,10 +381,10 @@ mod tests {
 
     #[test]
     fn active_flow_count() {
-        assert_eq!(active_flows(0, 0), 1);
-        assert_eq!(active_flows(16, 17), 16);
-        assert_eq!(active_flows(20, 16), 16);
-        assert_eq!(active_flows(3, 0), 3);
+        assert_eq!(active_flows(0, 0), UNIT);
+        assert_eq!(active_flows(16, 17), 16 * UNIT);
+        assert_eq!(active_flows(20, 16), 16 * UNIT);
+        assert_eq!(active_flows(3, 0), 3 * UNIT);
     }
 
     #[test]
@@ -363,7 +399,7 @@ mod tests {
     #[test]
     fn class_parameters_scale_with_rates() {
         let t = Tuning::default();
-        let p = class_params(100 * M, 1000 * M, 2, 50 * M, 3, &t);
+        let p = class_params(100 * M, 1000 * M, 2, 50 * M, 3 * UNIT, &t);
         assert_eq!(p.alloc, 150 * M);
         assert_eq!(p.flow_base, 50 * M);
         assert_eq!(p.depth, 250_000); // 20 ms at 100 mbit

@@ -7,9 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use qos_common::net::{
+use qos_common::{policy::{UNIT, earned}, net::{
     ClassConfig, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, LOWEST_PRIORITY, MAX_CLASSES, NetGlobal,
-};
+}};
 use qos_core::{CgroupRef, Rate};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
@@ -29,6 +29,9 @@ const EPOCH: Duration = Duration::from_millis(100);
 const SCAN: Duration = Duration::from_secs(1);
 /// Time constant of the measured rates.
 const RATE_TAU_NS: u64 = 50_000_000;
+/// A class must look like it wants less for this long before the allocator
+/// lends its share out (prevents allocation flapping on noisy samples).
+const DEMAND_HOLD_NS: u64 = 200_000_000;
 /// A freed slot is not reused before sockets cached on it were reclassified.
 const SLOT_QUARANTINE: Duration = Duration::from_secs(2);
 
@@ -37,8 +40,9 @@ const SLOT_QUARANTINE: Duration = Duration::from_secs(2);
 pub struct ShaperSettings {
     pub interface: String,
     pub capacity: Rate,
-    /// Guarantee of the default class (traffic of cgroups without a quota).
-    pub default_rate: Rate,
+    /// Guarantee of the default class (traffic of cgroups without a quota);
+    /// None: best effort, it only gets capacity the others leave.
+    pub default_rate: Option<Rate>,
     pub default_priority: u32,
     pub container_interfaces: ContainerInterfaces,
     pub tuning: Tuning,
@@ -112,7 +116,10 @@ pub struct NetClassStatus {
     pub ce_marks: u64,
     pub drops: u64,
     pub drop_bytes: u64,
+    /// Open TCP flows that are paced.
     pub flows: u64,
+    /// Flows the allocation is split over (app-limited flows count partly).
+    pub active_flows: f64,
     pub pacing_updates: u64,
 }
 
@@ -150,12 +157,18 @@ struct Class {
     cgroup_id: u64,
     path: PathBuf,
     quota: NetQuota,
+    /// Guaranteed bytes/s (0 for a best-effort default class).
+    guarantee: u64,
     slot: u32,
     cfg: ClassConfig,
     prev: ClassState,
     rate: f64,
+    fill: f64,
+    /// Flows the allocation is split over, 1/1024.
     flows: u64,
     activations_mark: u64,
+    /// Since when (ns) the class has looked like it wants less.
+    wants_less_since: Option<u64>,
 }
 
 /// The egress shaper of one interface.
@@ -189,22 +202,24 @@ impl Shaper {
                 settings.default_priority
             )));
         }
-        if settings.default_rate > settings.capacity {
+        if let Some(r) = settings.default_rate.filter(|r| *r > settings.capacity) {
             return Err(NetError::InvalidQuota(format!(
-                "default rate {} exceeds the capacity {}",
-                settings.default_rate, settings.capacity
+                "default rate {r} exceeds the capacity {}",
+                settings.capacity
             )));
         }
         let mut dp = Datapath::load(&settings.interface, cgroup2_root)?;
         let capacity = bytes(settings.capacity);
         let mut global = policy::global_params(capacity, dp.ifindex(), &settings.tuning);
         global.flags = GLOBAL_ENABLED;
+        let default_guarantee = settings.default_rate.map(bytes).unwrap_or(0);
         let default_quota = NetQuota {
-            rate: settings.default_rate,
+            // Only shown; the guarantee below is what counts.
+            rate: settings.default_rate.unwrap_or(settings.capacity),
             ceil: None,
             priority: settings.default_priority,
         };
-        let cfg = policy::class_params(bytes(settings.default_rate), capacity, settings.default_priority, 0, 1, &settings.tuning);
+        let cfg = policy::class_params(default_guarantee, capacity, settings.default_priority, 0, UNIT, &settings.tuning);
         dp.reset_state(DEFAULT_SLOT, &cfg)?;
         dp.write_class(DEFAULT_SLOT, &cfg)?;
         dp.write_global(&global)?;
@@ -214,12 +229,15 @@ impl Shaper {
             cgroup_id: 0,
             path: PathBuf::new(),
             quota: default_quota,
+            guarantee: default_guarantee,
             slot: DEFAULT_SLOT,
             cfg,
             prev: dp.read_state(DEFAULT_SLOT)?,
             rate: 0.0,
-            flows: 1,
+            fill: 1.0,
+            flows: UNIT,
             activations_mark: 0,
+            wants_less_since: None,
         };
         let mut shaper = Self {
             settings,
@@ -264,7 +282,7 @@ impl Shaper {
             .values()
             .filter(|c| c.name != name)
             .map(|c| c.quota.rate.bits_per_sec())
-            .chain(std::iter::once(self.settings.default_rate.bits_per_sec()));
+            .chain(std::iter::once(self.settings.default_rate.map_or(0, Rate::bits_per_sec)));
         policy::admit(&self.settings.interface, self.settings.capacity.bits_per_sec(), others, quota.rate.bits_per_sec())?;
         Ok(())
     }
@@ -281,6 +299,7 @@ impl Shaper {
                 self.dp.write_class(c.slot, &cfg)?;
                 c.cfg = cfg;
                 c.quota = quota;
+                c.guarantee = bytes(quota.rate);
                 debug!(cgroup = %cg.name, slot = c.slot, "net quota changed");
                 return Ok(());
             }
@@ -288,7 +307,7 @@ impl Shaper {
             self.remove(&cg.name)?;
         }
         let slot = self.take_slot()?;
-        let cfg = policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, 1, &self.settings.tuning);
+        let cfg = policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, UNIT, &self.settings.tuning);
         let applied = (|| {
             self.dp.reset_state(slot, &cfg)?;
             self.dp.write_class(slot, &cfg)?;
@@ -310,12 +329,15 @@ impl Shaper {
                 cgroup_id: cg.id,
                 path: cg.path.clone(),
                 quota,
+                guarantee: bytes(quota.rate),
                 slot,
                 cfg,
                 prev,
                 rate: 0.0,
-                flows: 1,
+                fill: 1.0,
+                flows: UNIT,
                 activations_mark: prev.flow_activations,
+                wants_less_since: None,
             },
         );
         info!(cgroup = %cg.name, id = cg.id, slot, rate = %quota.rate, "net quota set");
@@ -382,6 +404,7 @@ impl Shaper {
             self.last_epoch = now;
         }
         let capacity = bytes(self.settings.capacity);
+        let now_ns = monotonic_ns();
 
         let mut demands = Vec::with_capacity(self.classes.len() + 1);
         for c in std::iter::once(&mut self.default).chain(self.classes.values_mut()) {
@@ -389,7 +412,16 @@ impl Shaper {
             let d_bytes = st.bytes.wrapping_sub(c.prev.bytes);
             let sample = d_bytes as f64 * 1e9 / dt_ns as f64;
             c.rate = policy::ewma(c.rate, sample, dt_ns, RATE_TAU_NS);
+            // The datapath refills lazily, on packets: add what an idle
+            // class earned since its last packet.
+            let since = now_ns.saturating_sub(st.last_ns);
+            let own = (st.own + earned(since, c.cfg.guarantee) as i64).min(c.cfg.depth as i64);
+            let borrow = (st.borrow + earned(since, c.cfg.borrow_rate) as i64).min(c.cfg.borrow_depth as i64);
+            let level = own.saturating_add(borrow) as f64;
+            let fill = (level / (c.cfg.depth + c.cfg.borrow_depth).max(1) as f64).clamp(-1.0, 1.0);
+            c.fill = policy::ewma(c.fill, fill, dt_ns, RATE_TAU_NS);
             let obs = Observation {
+                fill: c.fill,
                 rate: c.rate,
                 alloc: c.cfg.alloc,
                 over_bytes: st.over_bytes.wrapping_sub(c.prev.over_bytes),
@@ -404,10 +436,10 @@ impl Shaper {
             c.prev = st;
             let ceil = c.quota.ceil.map(bytes).unwrap_or(capacity);
             demands.push(ClassDemand {
-                guarantee: bytes(c.quota.rate),
+                guarantee: c.guarantee,
                 ceil,
                 priority: c.quota.priority,
-                demand: policy::estimate_demand(&obs),
+                demand: policy::held_demand(policy::estimate_demand(&obs), &mut c.wants_less_since, now_ns, DEMAND_HOLD_NS),
             });
         }
         let shares = policy::share_spare(capacity, &demands);
@@ -452,7 +484,7 @@ impl Shaper {
                 cgroup: c.name.clone(),
                 cgroup_id: c.cgroup_id,
                 slot: c.slot,
-                rate: c.quota.rate.to_string(),
+                rate: if c.guarantee == 0 { "0".into() } else { c.quota.rate.to_string() },
                 ceil: c.quota.ceil.unwrap_or(self.settings.capacity).to_string(),
                 priority: c.quota.priority,
                 alloc_bps: c.cfg.alloc * 8,
@@ -465,6 +497,7 @@ impl Shaper {
                 drops: c.prev.drops,
                 drop_bytes: c.prev.drop_bytes,
                 flows: c.prev.flows_open,
+                active_flows: c.flows as f64 / UNIT as f64,
                 pacing_updates: c.prev.pacing_updates,
             })
             .collect();
@@ -489,6 +522,13 @@ impl Shaper {
     }
 }
 
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
 fn demands_for(c: &Class, capacity: u64) -> (u64, u64) {
-    (bytes(c.quota.rate), c.quota.ceil.map(bytes).unwrap_or(capacity))
+    (c.guarantee, c.quota.ceil.map(bytes).unwrap_or(capacity))
 }

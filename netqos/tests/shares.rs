@@ -41,7 +41,7 @@ fn busy_classes_get_their_guarantees() -> anyhow::Result<()> {
         ShaperSettings {
             interface: bed.shaped_if().to_owned(),
             capacity: "1gbit".parse()?,
-            default_rate: "1mbit".parse()?,
+            default_rate: Some("1mbit".parse()?),
             default_priority: 7,
             container_interfaces: ContainerInterfaces::Mode("none".into()),
             tuning: Tuning::default(),

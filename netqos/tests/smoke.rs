@@ -13,7 +13,7 @@ fn datapath_loads_and_attaches() -> anyhow::Result<()> {
     let settings = ShaperSettings {
         interface: veth.host().to_owned(),
         capacity: "1gbit".parse()?,
-        default_rate: "10mbit".parse()?,
+        default_rate: Some("10mbit".parse()?),
         default_priority: 7,
         container_interfaces: ContainerInterfaces::Mode("none".into()),
         tuning: Tuning::default(),

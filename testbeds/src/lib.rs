@@ -5,8 +5,10 @@
 //! when a test fails (panics unwind through the guards). Names are unique per
 //! run (`unique`), so parallel runs cannot collide.
 
+pub mod fairness;
 pub mod iperf;
 pub mod net;
+pub mod plot;
 
 use std::{
     path::{Path, PathBuf},

@@ -160,8 +160,11 @@ pub struct SockClass {
     pub generation: u64,
     /// Last activity epoch the flow was counted in.
     pub epoch: u64,
-    /// Pacing rate last applied to the socket, bytes per second.
+    /// Pacing rate last applied to the socket, bytes per second (wire).
     pub pacing: u64,
+    /// When the flow was first paced (young flows are capped at an even
+    /// share until the epochs have counted them).
+    pub born_ns: u64,
 }
 
 #[cfg(feature = "user")]

@@ -14,8 +14,9 @@ pub const MAX_REFILL_NS: u64 = NS_PER_SEC;
 pub const MAX_RATE: u64 = 12_500_000_000;
 /// Fixed-point unit of gains and the pacing multiplier.
 pub const UNIT: u64 = 1024;
-/// Bounds of the pacing multiplier (0.25 .. 4).
-pub const MULT_MIN: u64 = UNIT / 4;
+/// Bounds of the pacing multiplier (0.5 .. 4). It corrects pacing error and
+/// application-limited flows; transients are the proportional term's job.
+pub const MULT_MIN: u64 = UNIT / 2;
 pub const MULT_MAX: u64 = UNIT * 4;
 /// Bucket fill (1/1024 of the depth) the pacing loop steers a busy class
 /// to: slightly positive, so that a class sending exactly its allocation
@@ -374,6 +375,7 @@ mod tests {
         assert_eq!(pacing_rate(base, UNIT, -1024 + t, 128, 0), base - base / 8);
         // Never below a quarter of the base, never above max.
         assert_eq!(pacing_rate(base, MULT_MIN, -1024, 4 * UNIT, 0), base / 4);
+        assert_eq!(pacing_rate(base, MULT_MIN, 0, 0, 0), base / 2);
         assert_eq!(pacing_rate(base, MULT_MAX, 1024, 4 * UNIT, 3 * base), 3 * base);
     }
 

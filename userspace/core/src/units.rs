@@ -415,3 +415,27 @@ mod tests {
         }
     }
 }
+
+/// Serde helper for an optional rate written as a rate or `"0"` / `"none"`
+/// (no guarantee).
+pub mod rate_or_zero {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Rate;
+
+    pub fn serialize<S: Serializer>(v: &Option<Rate>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(r) => s.collect_str(r),
+            None => s.serialize_str("0"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Rate>, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = s.trim();
+        if t == "0" || t.eq_ignore_ascii_case("none") {
+            return Ok(None);
+        }
+        t.parse().map(Some).map_err(serde::de::Error::custom)
+    }
+}

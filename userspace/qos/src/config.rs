@@ -52,8 +52,10 @@ pub struct NetConfig {
     pub interface: Option<String>,
     /// Egress capacity of the interface; required with `interface`.
     pub egress_capacity: Option<Rate>,
-    /// Guarantee of the class that carries traffic of cgroups without a quota.
-    pub default_rate: Rate,
+    /// Guarantee of the class that carries traffic of cgroups without a quota;
+    /// "0" makes it best effort (only capacity others leave unused).
+    #[serde(with = "qos_core::units::rate_or_zero")]
+    pub default_rate: Option<Rate>,
     /// Priority of that class (0 highest ..= 7).
     pub default_priority: u32,
     /// Interfaces where container traffic enters the host: "auto" (every
@@ -70,7 +72,7 @@ impl Default for NetConfig {
         Self {
             interface: None,
             egress_capacity: None,
-            default_rate: Rate::from_bits_per_sec(10_000_000).unwrap_or_else(|_| unreachable!()),
+            default_rate: Rate::from_bits_per_sec(10_000_000).ok(),
             default_priority: 7,
             container_interfaces: ContainerInterfaces::default(),
             bpf_stats: false,
@@ -122,8 +124,8 @@ impl Config {
             _ => {}
         }
         if let Some(cap) = n.egress_capacity {
-            if n.default_rate > cap {
-                return Err(format!("[net] default_rate {} exceeds egress_capacity {cap}", n.default_rate));
+            if let Some(r) = n.default_rate.filter(|r| *r > cap) {
+                return Err(format!("[net] default_rate {r} exceeds egress_capacity {cap}"));
             }
         }
         if n.default_priority > 7 {
@@ -146,7 +148,9 @@ mod tests {
         let c = Config::parse("").expect("empty");
         assert_eq!(c, Config::default());
         assert_eq!(c.daemon.socket, PathBuf::from(DEFAULT_SOCKET));
-        assert_eq!(c.net.default_rate.to_string(), "10mbit");
+        assert_eq!(c.net.default_rate.map(|r| r.to_string()), Some("10mbit".into()));
+        let best_effort = Config::parse("[net]\ndefault_rate = \"0\"").expect("zero default");
+        assert_eq!(best_effort.net.default_rate, None);
         assert!(c.net.interface.is_none());
     }
 

@@ -246,7 +246,7 @@ impl Qos {
         let net = self.net.as_ref().map(|n| {
             let s = n.settings();
             let guaranteed: u64 = self.state.net.values().map(|q| q.rate.bits_per_sec()).sum::<u64>()
-                + s.default_rate.bits_per_sec();
+                + s.default_rate.map_or(0, qos_core::Rate::bits_per_sec);
             NetSummary {
                 interface: s.interface.clone(),
                 capacity: s.capacity.to_string(),

@@ -12,8 +12,10 @@
 //!
 //! Slow decisions (who deserves how much of the spare capacity, how many
 //! flows are active) are made in user space and arrive through the maps.
-#![no_std]
-#![no_main]
+// On the host (cargo check / clippy / build --workspace) this is an empty
+// std binary; the BPF build is no_std and has no main.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
     bindings::{
@@ -65,6 +67,8 @@ const PASS: i32 = TC_ACT_UNSPEC; // let the next tcx program (or the stack) deci
 const DROP: i32 = TC_ACT_SHOT as i32;
 /// A class idle this long restarts with a neutral pacing multiplier.
 const IDLE_RESET_NS: u64 = 200_000_000;
+/// Flows younger than this are paced at most at an even share of the class.
+const YOUNG_FLOW_NS: u64 = 300_000_000;
 
 #[inline(always)]
 fn global() -> Option<&'static NetGlobal> {
@@ -124,20 +128,12 @@ fn socket_slot(skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) ->
             }
         }
     };
-    let (counted, epoch, pacing) = match NET_SOCK_CLASS.get_ptr(&cookie) {
+    let old = match NET_SOCK_CLASS.get_ptr(&cookie) {
         // SAFETY: as above; keep the bookkeeping of a re-classified socket.
-        Some(old) => unsafe { ((*old).counted, (*old).epoch, (*old).pacing) },
-        None => (0, 0, 0),
+        Some(old) => unsafe { *old },
+        None => SockClass::default(),
     };
-    let entry = SockClass {
-        slot,
-        flags,
-        counted,
-        _pad: 0,
-        generation: g.generation,
-        epoch,
-        pacing,
-    };
+    let entry = SockClass { slot, flags, generation: g.generation, ..old };
     let _ = NET_SOCK_CLASS.insert(&cookie, &entry, 0);
     slot
 }
@@ -208,9 +204,7 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
             return;
         }
         let fill = class_fill(st, cfg);
-        // Down 4x faster than up: a wound-up multiplier must not linger.
-        let ki = if fill < 0 { g.pacing_ki * 4 } else { g.pacing_ki };
-        (*st).mult = next_multiplier(read(&(*st).mult), fill, ki, now - last);
+        (*st).mult = next_multiplier(read(&(*st).mult), fill, g.pacing_ki, now - last);
     }
 }
 
@@ -403,19 +397,39 @@ fn on_ack(ctx: &SockOpsContext) {
             add(&mut (*st).flows_open, 1);
             (*sc).counted = slot + 1;
         }
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: pointers into map values and the sock_ops context.
+    unsafe {
+        if (*sc).born_ns == 0 {
+            (*sc).born_ns = now;
+        }
         if (*sc).epoch != g.epoch {
             (*sc).epoch = g.epoch;
             add(&mut (*st).flow_activations, 1);
         }
     }
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     control(st, cfg, g, now);
     // SAFETY: pointers into map values.
-    let (mult, open, applied) = unsafe { (read(&(*st).mult), read(&(*st).flows_open), (*sc).pacing) };
+    let (mult, open, applied, born) =
+        unsafe { (read(&(*st).mult), read(&(*st).flows_open), (*sc).pacing, (*sc).born_ns) };
     let mut base = cfg.flow_base;
-    if applied == 0 {
-        // A new flow must not start above an even share of the class.
+    // SAFETY: pointer into NET_CLASS_STATE.
+    let own = unsafe { read(&(*st).own) };
+    if own < -(cfg.mark_debt as i64) && cfg.alloc > cfg.guarantee {
+        // In debt while borrowing: the spare it was pacing for is gone (its
+        // owner came back). Fall back to the guaranteed share at once rather
+        // than wait for the allocator.
+        let ratio = (cfg.guarantee * UNIT).checked_div(cfg.alloc).unwrap_or(UNIT);
+        base = base / UNIT * ratio;
+    }
+    let mut mult = mult;
+    if (applied == 0 || born == 0 || now - born < YOUNG_FLOW_NS) && own < 0 {
+        // A burst of new connections overshoots until the epochs have
+        // counted them: once it drives the class into debt, young flows
+        // fall back to an even share of the class.
+        mult = if mult > UNIT { UNIT } else { mult };
         let share = cfg.alloc.checked_div(open).unwrap_or(cfg.alloc);
         if share < base {
             base = share;
@@ -449,10 +463,13 @@ fn on_close(ctx: &SockOpsContext) {
     let _ = NET_SOCK_CLASS.remove(&cookie);
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
     // Unreachable by construction: the verifier rejects a program with a
     // reachable panic path (it would end in this loop).
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

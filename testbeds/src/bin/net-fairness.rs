@@ -1,0 +1,667 @@
+//! Bandwidth fairness scenarios, each run under qosd and under HTB with the
+//! same rates, ceilings and priorities, side by side in one invocation.
+//!
+//! Rates are wire rates (Ethernet frame bytes, as tc and HTB count them),
+//! derived from what the receivers got (iperf3 payload + per-segment headers).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use netqos::policy::{ClassDemand, share_spare};
+use qos_core::{Rate, units::format_bps};
+use serde::Serialize;
+use serde_json::Value;
+use testbeds::{
+    CgroupDir, KillOnDrop, Placement, Sysctl,
+    fairness::{self, Demand, GroupSpec, Scenario, Windows},
+    iperf::{self, Client, ClientOpts, Server},
+    net::EgressBed,
+    plot::{self, Line},
+    run, wait_for,
+};
+
+#[derive(Parser, Debug)]
+#[command(about = "Per-cgroup bandwidth fairness: qosd vs HTB, same host, same run")]
+struct Args {
+    /// Scenario to run (repeatable); all when absent.
+    #[arg(long = "scenario")]
+    scenarios: Vec<String>,
+    /// Seconds of traffic per scenario and mode.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Capacity of the shaped link.
+    #[arg(long, default_value = "1gbit")]
+    capacity: Rate,
+    /// Only egress exists so far.
+    #[arg(long, default_value = "egress")]
+    direction: String,
+    /// Write the JSON files only (no PNG, no table).
+    #[arg(long)]
+    json_only: bool,
+    /// Output directory.
+    #[arg(long, default_value = "results/net-fairness")]
+    out: PathBuf,
+    /// Directory holding qosd and qosctl (default: next to this program).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Record `qosctl net show` every 100 ms into <out>/trace-<scenario>.jsonl (qosd mode).
+    #[arg(long)]
+    trace: bool,
+    /// Modes to run (qosd, htb).
+    #[arg(long = "mode", default_values_t = ["qosd".to_string(), "htb".to_string()])]
+    modes: Vec<String>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+struct GroupResult {
+    name: String,
+    quota_bps: u64,
+    ceil_bps: u64,
+    priority: u32,
+    demand: Demand,
+    flows: u32,
+    protocol: &'static str,
+    /// What the semantics promise this group (guarantee + its share of the spare).
+    expected_bps: u64,
+    mean_bps: f64,
+    goodput_bps: f64,
+    /// 5th percentile of 100 ms windows after a 1 s warm-up, busy periods only.
+    p5_window_bps: f64,
+    recovery_ms: Option<f64>,
+    retransmits: u64,
+    retransmit_ratio: f64,
+    ce_marks: u64,
+    drops: u64,
+    /// (window end s, wire bits per second)
+    series: Vec<(f64, f64)>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+struct RunResult {
+    mode: String,
+    direction: String,
+    capacity_bps: u64,
+    duration_s: f64,
+    utilization: f64,
+    /// Jain index of mean/quota within each priority that has ≥ 2 busy groups.
+    jain_by_priority: BTreeMap<u32, f64>,
+    groups: Vec<GroupResult>,
+    /// Datapath cost (qosd): ns per program run from the kernel's BPF stats.
+    datapath_ns: BTreeMap<String, f64>,
+    targets: Targets,
+}
+
+#[derive(Serialize, Debug, Clone, Default)]
+struct Targets {
+    /// Every busy group's p5 ≥ 98 % of its guarantee.
+    p5_at_least_98pct_of_guarantee: bool,
+    worst_p5_over_guarantee: f64,
+    /// ≥ 97 % of capacity used when demand exceeds it.
+    utilization_at_least_97pct: bool,
+    jain_at_least_0_99: Option<bool>,
+    /// TCP retransmits ≤ 0.1 % of segments.
+    retransmits_at_most_0_1pct: bool,
+    recovery_at_most_300ms: Option<bool>,
+}
+
+#[derive(Serialize, Debug)]
+struct ScenarioResult {
+    scenario: String,
+    about: String,
+    runs: Vec<RunResult>,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("net-fairness: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let args = Args::parse();
+    if args.direction != "egress" {
+        bail!("--direction {}: only egress scenarios exist so far", args.direction);
+    }
+    if !testbeds::require_root("net-fairness") {
+        bail!("net-fairness needs root");
+    }
+    if args.duration < 4.0 {
+        bail!("--duration must be at least 4 s (1 s warm-up plus an on/off cycle)");
+    }
+    for m in &args.modes {
+        if m != "qosd" && m != "htb" {
+            bail!("--mode {m}: use qosd or htb");
+        }
+    }
+    let all = fairness::scenarios();
+    let chosen: Vec<Scenario> = if args.scenarios.is_empty() {
+        all
+    } else {
+        args.scenarios
+            .iter()
+            .map(|n| {
+                all.iter().find(|s| s.name == n).cloned().with_context(|| {
+                    format!("unknown scenario '{n}' (have: {})", all.iter().map(|s| s.name).collect::<Vec<_>>().join(", "))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?.parent().context("exe dir")?.to_owned(),
+    };
+    for b in ["qosd", "qosctl"] {
+        if !bin_dir.join(b).exists() {
+            bail!("{} not found; build it (cargo build --release) or pass --bin-dir", bin_dir.join(b).display());
+        }
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    // Senders in the host namespace use ECN, as a tenant's stack would be set up.
+    let _ecn = Sysctl::set("net.ipv4.tcp_ecn", "1")?;
+    let mut summary = Vec::new();
+    for sc in &chosen {
+        let mut runs = Vec::new();
+        for mode in &args.modes {
+            eprintln!("== {} ({mode})", sc.name);
+            let r = run_scenario(sc, mode, &args, &bin_dir).with_context(|| format!("{} under {mode}", sc.name))?;
+            runs.push(r);
+        }
+        let result = ScenarioResult { scenario: sc.name.into(), about: sc.about.into(), runs };
+        let json = args.out.join(format!("{}-{}.json", args.direction, sc.name));
+        std::fs::write(&json, serde_json::to_vec_pretty(&result)?)?;
+        if !args.json_only {
+            let png = args.out.join(format!("{}-{}.png", args.direction, sc.name));
+            let panels: Vec<(String, Vec<Line>)> = result
+                .runs
+                .iter()
+                .map(|r| {
+                    let lines = r
+                        .groups
+                        .iter()
+                        .map(|g| Line {
+                            label: format!("{} (quota {})", g.name, format_bps(g.quota_bps as f64)),
+                            points: g.series.iter().map(|(t, b)| (*t, b / 1e6)).collect(),
+                            expected: (g.demand != Demand::Idle).then_some(g.expected_bps as f64 / 1e6),
+                        })
+                        .collect();
+                    (format!("{} — utilization {:.1} %", r.mode, r.utilization * 100.0), lines)
+                })
+                .collect();
+            plot::rate_panels(&png, &format!("{}: {}", sc.name, sc.about), "Mbit/s (wire)", &panels)?;
+            print_table(&result);
+        }
+        summary.push(result);
+    }
+    let s: Vec<Value> = summary
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "scenario": r.scenario,
+                "runs": r.runs.iter().map(|x| serde_json::json!({
+                    "mode": x.mode, "utilization": x.utilization, "targets": x.targets,
+                    "worst_p5_over_guarantee": x.targets.worst_p5_over_guarantee,
+                    "datapath_ns": x.datapath_ns,
+                })).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    std::fs::write(args.out.join(format!("{}-summary.json", args.direction)), serde_json::to_vec_pretty(&s)?)?;
+    Ok(())
+}
+
+fn print_table(r: &ScenarioResult) {
+    println!("\n{} — {}", r.scenario, r.about);
+    println!(
+        "{:<6} {:<6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>6}",
+        "mode", "group", "quota", "expected", "mean", "p5", "p5/quota", "retx", "CE", "drops"
+    );
+    for run in &r.runs {
+        for g in &run.groups {
+            println!(
+                "{:<6} {:<6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>6}{}",
+                run.mode,
+                g.name,
+                format_bps(g.quota_bps as f64),
+                format_bps(g.expected_bps as f64),
+                format_bps(g.mean_bps),
+                format_bps(g.p5_window_bps),
+                if g.demand == Demand::Idle { "-".into() } else { format!("{:.3}", g.p5_window_bps / g.quota_bps as f64) },
+                g.retransmits,
+                g.ce_marks,
+                g.drops,
+                g.recovery_ms.map(|r| format!("  recovery {r:.0} ms")).unwrap_or_default()
+            );
+        }
+        println!(
+            "{:<6} utilization {:.1} %  jain {:?}  datapath {:?}",
+            run.mode,
+            run.utilization * 100.0,
+            run.jain_by_priority,
+            run.datapath_ns
+        );
+    }
+}
+
+fn permille(c: u64, p: u64) -> u64 {
+    c * p / 1000
+}
+
+/// Guarantee + share of the spare each group should get while busy.
+fn expected(sc: &Scenario, capacity_bits: u64) -> Vec<u64> {
+    let cls: Vec<ClassDemand> = sc
+        .groups
+        .iter()
+        .map(|g| ClassDemand {
+            guarantee: permille(capacity_bits, g.quota_permille),
+            ceil: g.ceil_permille.map_or(capacity_bits, |c| permille(capacity_bits, c)),
+            priority: g.priority,
+            demand: if g.demand == Demand::Idle { Some(0) } else { None },
+        })
+        .collect();
+    let extra = share_spare(capacity_bits, &cls);
+    cls.iter()
+        .zip(extra)
+        .zip(&sc.groups)
+        .map(|((c, e), g)| if g.demand == Demand::Idle { 0 } else { c.guarantee + e })
+        .collect()
+}
+
+/// Mode-specific setup that lives for the run.
+enum Shaping {
+    Qosd { daemon: KillOnDrop, qosctl: PathBuf, socket: PathBuf, _dir: tempfile_dir::Dir },
+    Htb { dev: String },
+}
+
+mod tempfile_dir {
+    /// A temp dir removed on drop (no extra dependency for one use).
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn qosctl(qosctl: &Path, socket: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(qosctl).arg("--socket").arg(socket).args(args).stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        bail!("qosctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn start_qosd(bed: &EgressBed, args: &Args, bin_dir: &Path, groups: &[(String, &GroupSpec)]) -> Result<Shaping> {
+    let dir = std::env::temp_dir().join(testbeds::unique("qosfair"));
+    std::fs::create_dir_all(&dir)?;
+    let dir = tempfile_dir::Dir(dir);
+    let socket = dir.0.join("qosd.sock");
+    let config = format!(
+        "[daemon]\nsocket = \"{}\"\nstate_dir = \"{}\"\nlog = \"{}\"\n[net]\ninterface = \"{}\"\n\
+         egress_capacity = \"{}\"\ndefault_rate = \"0\"\ncontainer_interfaces = \"auto\"\nbpf_stats = true\n",
+        socket.display(),
+        dir.0.join("state").display(),
+        if args.trace { "debug" } else { "warn" },
+        bed.shaped_if(),
+        args.capacity
+    );
+    let cfg_path = dir.0.join("qosd.toml");
+    std::fs::write(&cfg_path, config)?;
+    let log_path = if args.trace { args.out.join("qosd.log") } else { dir.0.join("qosd.log") };
+    let log = std::fs::File::create(&log_path)?;
+    let daemon = KillOnDrop(
+        Command::new(bin_dir.join("qosd"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting qosd")?,
+    );
+    let qosctl_path = bin_dir.join("qosctl");
+    if !wait_for(Duration::from_secs(10), || qosctl(&qosctl_path, &socket, &["status"]).is_ok()) {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        bail!("qosd did not come up:\n{log}");
+    }
+    let cap = args.capacity.bits_per_sec();
+    for (cg, g) in groups {
+        let rate = Rate::from_bits_per_sec(permille(cap, g.quota_permille))?.to_string();
+        let mut a = vec!["net", "set", cg.as_str(), "--rate", rate.as_str()];
+        let ceil;
+        if let Some(c) = g.ceil_permille {
+            ceil = Rate::from_bits_per_sec(permille(cap, c))?.to_string();
+            a.extend(["--ceil", ceil.as_str()]);
+        }
+        let prio = g.priority.to_string();
+        a.extend(["--priority", prio.as_str()]);
+        qosctl(&qosctl_path, &socket, &a)?;
+    }
+    Ok(Shaping::Qosd { daemon, qosctl: qosctl_path, socket, _dir: dir })
+}
+
+fn start_htb(bed: &EgressBed, args: &Args, groups: &[&GroupSpec], sources: &[std::net::Ipv4Addr]) -> Result<Shaping> {
+    let dev = bed.shaped_if().to_owned();
+    let cap = args.capacity.bits_per_sec();
+    // Quanta proportional to the rates (HTB's default r2q caps large
+    // classes at the same quantum, which would skew the sharing).
+    let quantum = |bits: u64| (bits / 8 / 500).clamp(3028, 200_000).to_string();
+    run("tc", &["qdisc", "add", "dev", &dev, "root", "handle", "1:", "htb", "default", "99"])?;
+    let c = format!("{cap}bit");
+    run("tc", &["class", "add", "dev", &dev, "parent", "1:", "classid", "1:1", "htb", "rate", &c, "ceil", &c, "quantum", &quantum(cap)])?;
+    for (i, g) in groups.iter().enumerate() {
+        let rate = permille(cap, g.quota_permille);
+        let ceil = g.ceil_permille.map_or(cap, |p| permille(cap, p));
+        let id = format!("1:{}", 10 + i);
+        run(
+            "tc",
+            &[
+                "class", "add", "dev", &dev, "parent", "1:1", "classid", &id, "htb", "rate", &format!("{rate}bit"), "ceil",
+                &format!("{ceil}bit"), "prio", &g.priority.to_string(), "quantum", &quantum(rate),
+            ],
+        )?;
+        run(
+            "tc",
+            &[
+                "filter", "add", "dev", &dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip", "src",
+                &format!("{}/32", sources[i]), "flowid", &id,
+            ],
+        )?;
+    }
+    run(
+        "tc",
+        &["class", "add", "dev", &dev, "parent", "1:1", "classid", "1:99", "htb", "rate", "8kbit", "ceil", &c, "prio", "7", "quantum", "3028"],
+    )?;
+    Ok(Shaping::Htb { dev })
+}
+
+/// (drops, CE marks) per group at the end of a run.
+fn counters(shaping: &Shaping, cgroups: &[String]) -> Result<(Vec<u64>, Vec<u64>, BTreeMap<String, f64>)> {
+    match shaping {
+        Shaping::Qosd { qosctl: q, socket, .. } => {
+            let v: Value = serde_json::from_str(&qosctl(q, socket, &["net", "show", "-o", "json"])?)?;
+            let classes = v["classes"].as_array().cloned().unwrap_or_default();
+            let find = |cg: &str| classes.iter().find(|c| c["cgroup"].as_str() == Some(cg)).cloned().unwrap_or(Value::Null);
+            let drops = cgroups.iter().map(|c| find(c)["drops"].as_u64().unwrap_or(0)).collect();
+            let ce = cgroups.iter().map(|c| find(c)["ce_marks"].as_u64().unwrap_or(0)).collect();
+            let mut ns = BTreeMap::new();
+            for p in v["programs"].as_array().cloned().unwrap_or_default() {
+                if p["run_count"].as_u64().unwrap_or(0) > 0 {
+                    ns.insert(p["name"].as_str().unwrap_or("?").to_owned(), p["ns_per_run"].as_f64().unwrap_or(0.0));
+                }
+            }
+            Ok((drops, ce, ns))
+        }
+        Shaping::Htb { dev } => {
+            // `tc -j` has no JSON for htb classes in iproute2 6.1: parse text.
+            let text = run("tc", &["-s", "class", "show", "dev", dev])?;
+            let by_class = htb_drops(&text);
+            let drops = (0..cgroups.len()).map(|i| by_class.get(&format!("1:{}", 10 + i)).copied().unwrap_or(0)).collect();
+            Ok((drops, vec![0; cgroups.len()], BTreeMap::new()))
+        }
+    }
+}
+
+/// class id → dropped packets, from `tc -s class show` text.
+fn htb_drops(text: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let mut current = None;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if line.starts_with("class ") {
+            current = words.nth(2).map(str::to_owned);
+        } else if let (Some(c), Some(pos)) = (&current, line.find("dropped ")) {
+            let n = line[pos + 8..].split(|ch: char| !ch.is_ascii_digit()).next().and_then(|d| d.parse().ok());
+            out.insert(c.clone(), n.unwrap_or(0));
+            current = None;
+        }
+    }
+    out
+}
+
+fn stop(shaping: Shaping) {
+    match shaping {
+        Shaping::Qosd { mut daemon, .. } => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = wait_for(Duration::from_secs(5), || matches!(daemon.0.try_wait(), Ok(Some(_))));
+        }
+        Shaping::Htb { dev } => {
+            let _ = run("tc", &["qdisc", "del", "dev", &dev, "root"]);
+        }
+    }
+}
+
+/// One client phase of a group: when it started (s since run start), for how long.
+struct Phase {
+    offset: f64,
+    server: Server,
+    client: Client,
+}
+
+fn run_scenario(sc: &Scenario, mode: &str, args: &Args, bin_dir: &Path) -> Result<RunResult> {
+    let n = sc.groups.len();
+    let bed = EgressBed::new(n, if sc.containers { n } else { 0 })?;
+    let parent = CgroupDir::new("qos-fair-")?;
+    let mut cgroups = Vec::new();
+    let mut places = Vec::new();
+    let mut sources = Vec::new();
+    for (i, g) in sc.groups.iter().enumerate() {
+        let dir = parent.child(g.name)?;
+        cgroups.push(format!("{}/{}", parent.name(), g.name));
+        let (netns, src) = if sc.containers {
+            (Some(bed.containers[i].ns.path()), bed.containers[i].ip)
+        } else {
+            (None, bed.sender_ips[i])
+        };
+        places.push(Placement { cgroup: Some(dir), netns });
+        sources.push(src);
+    }
+    let groups: Vec<(String, &GroupSpec)> = cgroups.iter().cloned().zip(sc.groups.iter()).collect();
+    let shaping = match mode {
+        "qosd" => start_qosd(&bed, args, bin_dir, &groups)?,
+        _ => start_htb(&bed, args, &sc.groups.iter().collect::<Vec<_>>(), &sources)?,
+    };
+    let result = traffic(sc, mode, args, &bed, &places, &sources, &cgroups, &shaping);
+    stop(shaping);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn traffic(
+    sc: &Scenario,
+    mode: &str,
+    args: &Args,
+    bed: &EgressBed,
+    places: &[Placement],
+    sources: &[std::net::Ipv4Addr],
+    cgroups: &[String],
+    shaping: &Shaping,
+) -> Result<RunResult> {
+    let tmp = std::env::temp_dir().join(testbeds::unique("qosiperf"));
+    std::fs::create_dir_all(&tmp)?;
+    let _cleanup = tempfile_dir::Dir(tmp.clone());
+    let cap = args.capacity.bits_per_sec();
+    let peer = Placement { cgroup: None, netns: Some(bed.peer.path()) };
+    let d = args.duration;
+    let third = d / 3.0;
+    let mut port = 5400u16;
+    let client_opts = |g: &GroupSpec, secs: f64, src| ClientOpts {
+        seconds: secs,
+        parallel: g.flows,
+        udp_bps: g.udp.then_some(cap),
+        bind: Some(src),
+    };
+    // Servers first (all listening), then clients as close together as possible.
+    let mut pending: Vec<Vec<(f64, f64, Server)>> = Vec::new(); // per group: (start offset, secs, server)
+    for g in &sc.groups {
+        let phases: Vec<(f64, f64)> = match g.demand {
+            Demand::Busy => vec![(0.0, d)],
+            Demand::Idle => vec![],
+            Demand::OnOff => vec![(0.0, third), (2.0 * third, third)],
+        };
+        let mut v = Vec::new();
+        for (start, secs) in phases {
+            v.push((start, secs, Server::start(&peer, bed.peer_ip, port, &tmp, 0.1)?));
+            port += 1;
+        }
+        pending.push(v);
+    }
+    let t0 = Instant::now();
+    let stop_trace = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tracer = match (args.trace, shaping) {
+        (true, Shaping::Qosd { qosctl: q, socket, .. }) => {
+            let (q, socket, stop) = (q.clone(), socket.clone(), stop_trace.clone());
+            let path = args.out.join(format!("trace-{}.jsonl", sc.name));
+            Some(std::thread::spawn(move || {
+                let mut lines = String::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(j) = qosctl(&q, &socket, &["net", "show", "-o", "json"]) {
+                        let v: Value = serde_json::from_str(&j).unwrap_or(Value::Null);
+                        lines += &format!("{{\"t\":{:.3},\"net\":{}}}\n", t0.elapsed().as_secs_f64(), v);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let _ = std::fs::write(path, lines);
+            }))
+        }
+        _ => None,
+    };
+    let mut phases: Vec<Vec<Phase>> = (0..sc.groups.len()).map(|_| Vec::new()).collect();
+    let mut later: Vec<(usize, f64, f64, Server)> = Vec::new();
+    for (i, v) in pending.into_iter().enumerate() {
+        for (start, secs, server) in v {
+            if start == 0.0 {
+                let client = Client::start(&places[i], bed.peer_ip, server.port, &client_opts(&sc.groups[i], secs, sources[i]), &tmp)?;
+                phases[i].push(Phase { offset: t0.elapsed().as_secs_f64(), server, client });
+            } else {
+                later.push((i, start, secs, server));
+            }
+        }
+    }
+    for (i, start, secs, server) in later {
+        let wait = start - t0.elapsed().as_secs_f64();
+        if wait > 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(wait));
+        }
+        let client = Client::start(&places[i], bed.peer_ip, server.port, &client_opts(&sc.groups[i], secs, sources[i]), &tmp)?;
+        phases[i].push(Phase { offset: t0.elapsed().as_secs_f64(), server, client });
+    }
+    // Collect.
+    let mut per_group: Vec<(Windows, u64, u64, u64)> = Vec::new(); // windows, payload, retx, segments
+    let mut starts: Vec<Vec<(f64, f64)>> = Vec::new(); // per group phase (offset, end)
+    for (i, ps) in phases.into_iter().enumerate() {
+        let mut w = Windows::new();
+        let (mut payload, mut retx) = (0, 0);
+        let mut spans = Vec::new();
+        for p in ps {
+            let c = p.client.finish(Duration::from_secs_f64(d + 20.0))?;
+            let s = p.server.finish(Duration::from_secs(20))?;
+            retx += c.retransmits;
+            payload += s.bytes;
+            let mut end = p.offset;
+            for (a, b, bytes) in s.intervals {
+                let wire = iperf::wire_bytes(bytes, sc.groups[i].udp) as f64 * 8.0;
+                // iperf3's last interval is a sliver: its rate is noise.
+                if b - a >= 0.05 {
+                    w.push((p.offset + a, p.offset + b, wire / (b - a)));
+                    end = p.offset + b;
+                }
+            }
+            spans.push((p.offset, end));
+        }
+        let segments = payload.div_ceil(iperf::TCP_MSS);
+        per_group.push((w, payload, retx, segments));
+        starts.push(spans);
+    }
+    stop_trace.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = tracer {
+        let _ = t.join();
+    }
+    let (drops, ce, datapath_ns) = counters(shaping, cgroups)?;
+    let expect = expected(sc, cap);
+
+    let mut groups = Vec::new();
+    let mut util_bits = 0.0;
+    let end_all = d;
+    for (i, g) in sc.groups.iter().enumerate() {
+        let (w, payload, retx, segments) = &per_group[i];
+        let mut p5_samples = Vec::new();
+        let mut busy_bits = 0.0;
+        let mut busy_secs = 0.0;
+        for (a, b) in &starts[i] {
+            let from = a + 1.0;
+            let to = b - 0.05;
+            p5_samples.extend(fairness::rates_between(w, from, to));
+            let m = fairness::mean_between(w, from, to);
+            busy_bits += m * (to - from).max(0.0);
+            busy_secs += (to - from).max(0.0);
+        }
+        util_bits += w
+            .iter()
+            .filter(|(a, b, _)| *a >= 1.0 && *b <= end_all - 0.05)
+            .map(|(a, b, r)| r * (b - a))
+            .sum::<f64>();
+        let recovery = if g.demand == Demand::OnOff {
+            starts[i].get(1).and_then(|(on, _)| fairness::recovery_ms(w, *on, 0.95 * permille(cap, g.quota_permille) as f64))
+        } else {
+            None
+        };
+        let quota = permille(cap, g.quota_permille);
+        let mean = if busy_secs > 0.0 { busy_bits / busy_secs } else { 0.0 };
+        groups.push(GroupResult {
+            name: g.name.into(),
+            quota_bps: quota,
+            ceil_bps: g.ceil_permille.map_or(cap, |c| permille(cap, c)),
+            priority: g.priority,
+            demand: g.demand,
+            flows: g.flows,
+            protocol: if g.udp { "udp" } else { "tcp" },
+            expected_bps: expect[i],
+            mean_bps: mean,
+            goodput_bps: if busy_secs > 0.0 { *payload as f64 * 8.0 / starts[i].iter().map(|(a, b)| b - a).sum::<f64>() } else { 0.0 },
+            p5_window_bps: fairness::percentile(&p5_samples, 5.0).unwrap_or(0.0),
+            recovery_ms: recovery,
+            retransmits: *retx,
+            retransmit_ratio: if *segments > 0 && !g.udp { *retx as f64 / *segments as f64 } else { 0.0 },
+            ce_marks: ce[i],
+            drops: drops[i],
+            series: w.iter().map(|(_, b, r)| (*b, *r)).collect(),
+        });
+    }
+    let utilization = util_bits / (end_all - 1.05) / cap as f64;
+    let mut by_prio: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+    for g in groups.iter().filter(|g| g.demand == Demand::Busy) {
+        by_prio.entry(g.priority).or_default().push(g.mean_bps / g.quota_bps as f64);
+    }
+    let jain_by_priority: BTreeMap<u32, f64> =
+        by_prio.into_iter().filter(|(_, v)| v.len() >= 2).filter_map(|(p, v)| fairness::jain(&v).map(|j| (p, j))).collect();
+    let busy: Vec<&GroupResult> = groups.iter().filter(|g| g.demand != Demand::Idle).collect();
+    let worst = busy.iter().map(|g| g.p5_window_bps / g.quota_bps as f64).fold(f64::INFINITY, f64::min);
+    let targets = Targets {
+        p5_at_least_98pct_of_guarantee: worst >= 0.98,
+        worst_p5_over_guarantee: if worst.is_finite() { worst } else { 0.0 },
+        utilization_at_least_97pct: utilization >= 0.97,
+        jain_at_least_0_99: if jain_by_priority.is_empty() { None } else { Some(jain_by_priority.values().all(|j| *j >= 0.99)) },
+        retransmits_at_most_0_1pct: groups.iter().all(|g| g.retransmit_ratio <= 0.001),
+        recovery_at_most_300ms: groups.iter().find(|g| g.demand == Demand::OnOff).map(|g| g.recovery_ms.is_some_and(|r| r <= 300.0)),
+    };
+    Ok(RunResult {
+        mode: mode.into(),
+        direction: args.direction.clone(),
+        capacity_bps: cap,
+        duration_s: d,
+        utilization,
+        jain_by_priority,
+        groups,
+        datapath_ns,
+        targets,
+    })
+}
