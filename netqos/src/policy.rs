@@ -219,7 +219,7 @@ impl Default for Tuning {
             min_depth: 64 * 1024,
             pool_ns: 10_000_000,
             min_pool: 128 * 1024,
-            pacing_kp: UNIT / 8,
+            pacing_kp: 3 * UNIT / 4,
             pacing_ki: 5 * UNIT,
         }
     }

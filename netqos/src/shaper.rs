@@ -31,7 +31,9 @@ const SCAN: Duration = Duration::from_secs(1);
 const RATE_TAU_NS: u64 = 50_000_000;
 /// A class must look like it wants less for this long before the allocator
 /// lends its share out (prevents allocation flapping on noisy samples).
-const DEMAND_HOLD_NS: u64 = 200_000_000;
+const DEMAND_HOLD_NS: u64 = 100_000_000;
+/// A class that sent nothing for this many control steps is idle at once.
+const SILENT_TICKS: u32 = 3;
 /// A freed slot is not reused before sockets cached on it were reclassified.
 const SLOT_QUARANTINE: Duration = Duration::from_secs(2);
 
@@ -116,6 +118,11 @@ pub struct NetClassStatus {
     pub ce_marks: u64,
     pub drops: u64,
     pub drop_bytes: u64,
+    /// Bucket levels (bytes; negative = debt) and the pacing multiplier
+    /// (1.0 = neutral), for diagnosis.
+    pub own_tokens: i64,
+    pub borrow_tokens: i64,
+    pub pacing_multiplier: f64,
     /// Open TCP flows that are paced.
     pub flows: u64,
     /// Flows the allocation is split over (app-limited flows count partly).
@@ -131,6 +138,8 @@ pub struct NetStatus {
     pub capacity_bps: u64,
     pub classes: Vec<NetClassStatus>,
     pub tagged_interfaces: Vec<String>,
+    /// Shared pool level, bytes.
+    pub pool_tokens: i64,
     #[serde(default)]
     pub programs: Vec<ProgramStatsOut>,
 }
@@ -169,6 +178,11 @@ struct Class {
     activations_mark: u64,
     /// Since when (ns) the class has looked like it wants less.
     wants_less_since: Option<u64>,
+    /// Consecutive control steps in which it sent nothing.
+    silent_ticks: u32,
+    /// Flows acknowledged in the last three activity epochs (a flow stalled
+    /// for an epoch still counts).
+    recent_flows: [u64; 3],
 }
 
 /// The egress shaper of one interface.
@@ -238,6 +252,8 @@ impl Shaper {
             flows: UNIT,
             activations_mark: 0,
             wants_less_since: None,
+            silent_ticks: 0,
+            recent_flows: [0; 3],
         };
         let mut shaper = Self {
             settings,
@@ -338,6 +354,8 @@ impl Shaper {
                 flows: UNIT,
                 activations_mark: prev.flow_activations,
                 wants_less_since: None,
+                silent_ticks: 0,
+                recent_flows: [0; 3],
             },
         );
         info!(cgroup = %cg.name, id = cg.id, slot, rate = %quota.rate, "net quota set");
@@ -417,8 +435,9 @@ impl Shaper {
             let since = now_ns.saturating_sub(st.last_ns);
             let own = (st.own + earned(since, c.cfg.guarantee) as i64).min(c.cfg.depth as i64);
             let borrow = (st.borrow + earned(since, c.cfg.borrow_rate) as i64).min(c.cfg.borrow_depth as i64);
-            let level = own.saturating_add(borrow) as f64;
-            let fill = (level / (c.cfg.depth + c.cfg.borrow_depth).max(1) as f64).clamp(-1.0, 1.0);
+            let fill = qos_common::policy::class_fill(own, c.cfg.depth, borrow, c.cfg.borrow_depth, c.cfg.borrow_rate)
+                as f64
+                / UNIT as f64;
             c.fill = policy::ewma(c.fill, fill, dt_ns, RATE_TAU_NS);
             let obs = Observation {
                 fill: c.fill,
@@ -431,6 +450,9 @@ impl Shaper {
             if epoch_due {
                 let act = st.flow_activations.wrapping_sub(c.activations_mark);
                 c.activations_mark = st.flow_activations;
+                c.recent_flows.rotate_right(1);
+                c.recent_flows[0] = act;
+                let act = c.recent_flows.iter().copied().max().unwrap_or(act);
                 c.flows = policy::active_flows(act, st.flows_open);
             }
             c.prev = st;
@@ -439,7 +461,16 @@ impl Shaper {
                 guarantee: c.guarantee,
                 ceil,
                 priority: c.quota.priority,
-                demand: policy::held_demand(policy::estimate_demand(&obs), &mut c.wants_less_since, now_ns, DEMAND_HOLD_NS),
+                demand: {
+                    c.silent_ticks = if d_bytes == 0 { c.silent_ticks.saturating_add(1) } else { 0 };
+                    if c.silent_ticks >= SILENT_TICKS {
+                        // Gone quiet: lend its share out now.
+                        c.wants_less_since = Some(now_ns);
+                        Some(0)
+                    } else {
+                        policy::held_demand(policy::estimate_demand(&obs), &mut c.wants_less_since, now_ns, DEMAND_HOLD_NS)
+                    }
+                },
             });
         }
         let shares = policy::share_spare(capacity, &demands);
@@ -496,6 +527,9 @@ impl Shaper {
                 ce_marks: c.prev.ce_marks,
                 drops: c.prev.drops,
                 drop_bytes: c.prev.drop_bytes,
+                own_tokens: c.prev.own,
+                borrow_tokens: c.prev.borrow,
+                pacing_multiplier: c.prev.mult as f64 / UNIT as f64,
                 flows: c.prev.flows_open,
                 active_flows: c.flows as f64 / UNIT as f64,
                 pacing_updates: c.prev.pacing_updates,
@@ -507,6 +541,7 @@ impl Shaper {
             capacity_bps: capacity * 8,
             classes,
             tagged_interfaces: self.dp.tagged_interfaces(),
+            pool_tokens: self.dp.read_pool().map(|p| p.tokens).unwrap_or(0),
             programs: self.dp.program_stats().into_iter().map(Into::into).collect(),
         }
     }

@@ -21,6 +21,8 @@ pub const CGROUP_MAP_ENTRIES: u32 = 16_384;
 /// `tc_index` values `1..=MAX_CLASSES` carry a class slot (+1) from the
 /// container-side tagger to the shaped interface.
 pub const TAG_OFFSET: u32 = 1;
+/// `tc_index` bit set by the tagger when the packet's socket is paced.
+pub const TAG_PACED: u32 = 0x8000;
 
 pub mod maps {
     pub const GLOBAL: &str = "NET_GLOBAL";

@@ -109,7 +109,15 @@ pub struct Limits {
     pub extra_watermark: u64,
     pub mark_debt: u64,
     pub drop_debt: u64,
+    /// The packet's flow is paced by us: its sender slows down on its own,
+    /// and a drop would only stall it (a local TCP sender retries a dropped
+    /// packet after its probe timer, hundreds of ms). Such packets are
+    /// dropped only past `PACED_DROP_FACTOR` times the drop threshold.
+    pub paced: bool,
 }
+
+/// See [`Limits::paced`].
+pub const PACED_DROP_FACTOR: u64 = 4;
 
 /// Outcome of one packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,9 +168,16 @@ pub const fn decide(levels: &Levels, limits: &Limits, len: u64) -> Verdict {
     }
     // own ≤ 0 here: the debt after this packet is len + |own|.
     let debt = len.saturating_add(levels.own.unsigned_abs());
-    if debt > limits.drop_debt {
+    // A paced flow is slowed by its pacing; CE would also cut its window and
+    // make it undershoot. It is marked only where others would be dropped.
+    let (mark_at, drop_at) = if limits.paced {
+        (limits.drop_debt, limits.drop_debt.saturating_mul(PACED_DROP_FACTOR))
+    } else {
+        (limits.mark_debt, limits.drop_debt)
+    };
+    if debt > drop_at {
         Verdict::Drop
-    } else if debt > limits.mark_debt {
+    } else if debt > mark_at {
         Verdict::OverMark
     } else {
         Verdict::Over
@@ -185,6 +200,21 @@ pub const fn fill_ratio(level: i64, depth: u64) -> i64 {
     if level < 0 { -r } else { r }
 }
 
+/// Fill (1/1024, ±1) of a class as the pacing loop sees it.
+///
+/// The own bucket is spent first, so a class that borrows keeps it near
+/// zero; whether it uses its borrow allowance shows in the borrow bucket.
+/// Debt in the own bucket (out-of-profile traffic) always means "slow down".
+#[inline(always)]
+pub const fn class_fill(own: i64, depth: u64, borrow: i64, borrow_depth: u64, borrow_rate: u64) -> i64 {
+    let debt_margin = (depth / 16) as i64;
+    if own < -debt_margin || borrow_rate == 0 {
+        fill_ratio(own, depth)
+    } else {
+        fill_ratio(borrow, borrow_depth)
+    }
+}
+
 /// Next pacing multiplier of a class: integral action on the fill of its
 /// buckets. A class whose buckets fill up (flows slower than allowed) speeds
 /// its flows up; one in debt slows them down. `ki` is in 1/1024 per second.
@@ -200,16 +230,24 @@ pub const fn next_multiplier(mult: u64, fill: i64, ki: u64, elapsed_ns: u64) -> 
     max_u64(min_u64(next, MULT_MAX), MULT_MIN)
 }
 
+/// Per-flow rate at and above which the proportional gain applies in full.
+/// A slower flow sends its (up to 64 KB) segments further apart, so it sees
+/// the effect of a rate change later; its gain shrinks in proportion, which
+/// keeps the loop from oscillating with many slow flows.
+pub const KP_FULL_RATE: u64 = 12_500_000;
+
 /// Pacing rate of one flow: feed-forward share × class multiplier, corrected
-/// in proportion to the class's bucket fill (`kp` in 1/1024), never below a
-/// quarter of the feed-forward share nor above `max`.
+/// in proportion to the class's bucket fill (`kp` in 1/1024, scaled down for
+/// slow flows, see [`KP_FULL_RATE`]), never below a quarter of the
+/// feed-forward share nor above `max`.
 #[inline(always)]
 pub const fn pacing_rate(flow_base: u64, mult: u64, fill: i64, kp: u64, max: u64) -> u64 {
     let fill = fill - FILL_TARGET;
     let base = min_u64(flow_base, MAX_RATE) / UNIT * min_u64(mult, MULT_MAX);
-    let e = fill.unsigned_abs(); // ≤ 1024
-    // base ≤ 1.25e10 / 1024 * 4096 = 5e10; /1024 * 1024 * kp(≤ 4096) fits.
-    let adj = (base / UNIT) * e / UNIT * min_u64(kp, 4 * UNIT);
+    let e = fill.unsigned_abs(); // ≤ 1152
+    let kp = min_u64(kp, 4 * UNIT) * min_u64(base, KP_FULL_RATE) / KP_FULL_RATE;
+    // base ≤ 1.25e10 / 1024 * 4096 = 5e10; /1024 * 1152 * kp(≤ 4096) fits.
+    let adj = (base / UNIT) * e / UNIT * kp;
     let rate = if fill < 0 { base.saturating_sub(adj) } else { base + adj };
     let floor = min_u64(flow_base, MAX_RATE) / 4;
     let rate = max_u64(rate, floor);
@@ -245,6 +283,7 @@ mod tests {
             extra_watermark: 50_000,
             mark_debt: 10_000,
             drop_debt: 100_000,
+            paced: false,
         }
     }
 
@@ -338,6 +377,12 @@ mod tests {
         assert_eq!(decide(&l, &lim, 1000), Verdict::OverMark); // exactly 100_000
         assert_eq!(decide(&l, &lim, 1001), Verdict::Drop);
         assert!(!Verdict::Drop.passes());
+        let paced = Limits { paced: true, ..lim };
+        assert_eq!(decide(&l, &paced, 1001), Verdict::OverMark);
+        assert_eq!(decide(&Levels { own: -50_000, ..l }, &paced, 1000), Verdict::Over);
+        let deep = Levels { own: -399_000, ..l };
+        assert_eq!(decide(&deep, &paced, 1000), Verdict::OverMark);
+        assert_eq!(decide(&deep, &paced, 1001), Verdict::Drop);
         assert!(Verdict::OverMark.passes());
     }
 
@@ -348,6 +393,18 @@ mod tests {
         assert_eq!(fill_ratio(500, 100), 1024);
         assert_eq!(fill_ratio(i64::MIN, 100), -1024);
         assert_eq!(fill_ratio(7, 0), 0);
+    }
+
+    #[test]
+    fn class_fill_reads_the_bucket_that_matters() {
+        // No borrowing: the own bucket.
+        assert_eq!(class_fill(500, 1000, 999, 100, 0), 512);
+        // Borrowing, own spent: the borrow bucket says whether the
+        // allowance is used.
+        assert_eq!(class_fill(-10, 1000, 100, 100, 5), 1024);
+        assert_eq!(class_fill(0, 1000, 0, 100, 5), 0);
+        // Debt wins.
+        assert_eq!(class_fill(-500, 1000, 100, 100, 5), -512);
     }
 
     #[test]
@@ -366,7 +423,7 @@ mod tests {
 
     #[test]
     fn pacing_rate_follows_base_multiplier_and_fill() {
-        let base = 1_024_000;
+        let base = 1024 * 25_000; // above KP_FULL_RATE: full gain
         let t = FILL_TARGET;
         assert_eq!(pacing_rate(base, UNIT, t, 128, 0), base);
         assert_eq!(pacing_rate(base, 2 * UNIT, t, 128, 0), 2 * base);
@@ -376,6 +433,10 @@ mod tests {
         // Never below a quarter of the base, never above max.
         assert_eq!(pacing_rate(base, MULT_MIN, -1024, 4 * UNIT, 0), base / 4);
         assert_eq!(pacing_rate(base, MULT_MIN, 0, 0, 0), base / 2);
+        // A slow flow gets a proportionally smaller correction.
+        let slow = KP_FULL_RATE / 8;
+        let up = pacing_rate(slow, UNIT, 1024 + t, 1024, 0) - slow;
+        assert!(up.abs_diff(slow / 8) < slow / 50, "{up}");
         assert_eq!(pacing_rate(base, MULT_MAX, 1024, 4 * UNIT, 3 * base), 3 * base);
     }
 
@@ -403,8 +464,8 @@ mod tests {
         #[test]
         fn decide_is_total_and_consistent(own in any::<i64>(), borrow in any::<i64>(), ceil in any::<i64>(),
                                           pool in any::<i64>(), prio in 0u32..8, has_ceil in any::<bool>(),
-                                          len in 0u64..200_000) {
-            let lim = Limits { priority: prio, has_ceil, ..limits() };
+                                          len in 0u64..200_000, paced in any::<bool>()) {
+            let lim = Limits { priority: prio, has_ceil, paced, ..limits() };
             let l = Levels { own, borrow, ceil, pool };
             let v = decide(&l, &lim, len);
             if own > 0 { prop_assert_eq!(v, Verdict::Own); }
@@ -414,6 +475,9 @@ mod tests {
             }
             if v == Verdict::Drop {
                 prop_assert!(len.saturating_add(own.unsigned_abs()) > lim.drop_debt);
+                if paced {
+                    prop_assert!(len.saturating_add(own.unsigned_abs()) > lim.drop_debt * PACED_DROP_FACTOR);
+                }
             }
         }
 

@@ -36,10 +36,10 @@ use qos_common::{
     net::{
         CGROUP_MAP_ENTRIES, ClassConfig, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, MAX_CGROUP_DEPTH,
         MAX_CLASSES, NetGlobal, PoolState, SOCK_CACHE_ENTRIES, SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED,
-        SockClass, TAG_OFFSET,
+        SockClass, TAG_OFFSET, TAG_PACED,
     },
     policy::{
-        CONTROL_INTERVAL_NS, Levels, Limits, UNIT, Verdict, decide, earned, fill_ratio,
+        self, CONTROL_INTERVAL_NS, Levels, Limits, UNIT, Verdict, decide, earned, fill_ratio,
         next_multiplier, overflow_correction, pacing_changed, pacing_rate, underflow_correction,
         wire_len, wire_to_tcp_rate,
     },
@@ -138,6 +138,14 @@ fn socket_slot(skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) ->
     slot
 }
 
+/// Whether the packet's socket is one the pacer has paced.
+#[inline(always)]
+fn socket_paced(skb: *mut __sk_buff) -> bool {
+    // SAFETY: helper on the program's own skb; read-only lookup.
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    unsafe { NET_SOCK_CLASS.get(&cookie) }.is_some_and(|sc| sc.pacing != 0)
+}
+
 /// Refills the class's own, borrow and ceiling buckets (one CPU wins the
 /// refill of an interval; the others see the result).
 #[inline(always)]
@@ -211,8 +219,8 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
 #[inline(always)]
 fn class_fill(st: *const ClassState, cfg: &ClassConfig) -> i64 {
     // SAFETY: `st` points into NET_CLASS_STATE.
-    let level = unsafe { read(&(*st).own).saturating_add(read(&(*st).borrow)) };
-    fill_ratio(level, cfg.depth + cfg.borrow_depth)
+    let (own, borrow) = unsafe { (read(&(*st).own), read(&(*st).borrow)) };
+    policy::class_fill(own, cfg.depth, borrow, cfg.borrow_depth, cfg.borrow_rate)
 }
 
 #[classifier]
@@ -229,12 +237,14 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
             (*skb).gso_segs,
         )
     };
-    let slot = if cgroup != 0 {
-        socket_slot(skb, g, None)
-    } else if ingress_if != 0 && tag >= TAG_OFFSET && tag < MAX_CLASSES + TAG_OFFSET {
-        tag - TAG_OFFSET
+    let class_tag = tag & !TAG_PACED;
+    let (slot, paced) = if cgroup != 0 {
+        let slot = socket_slot(skb, g, None);
+        (slot, socket_paced(skb))
+    } else if ingress_if != 0 && class_tag >= TAG_OFFSET && class_tag < MAX_CLASSES + TAG_OFFSET {
+        (class_tag - TAG_OFFSET, tag & TAG_PACED != 0)
     } else {
-        DEFAULT_SLOT
+        (DEFAULT_SLOT, false)
     };
     let slot = match NET_CLASS_CFG.get(slot) {
         Some(c) if c.active != 0 => slot,
@@ -269,6 +279,7 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
         extra_watermark: g.extra_watermark,
         mark_debt: cfg.mark_debt,
         drop_debt: cfg.drop_debt,
+        paced,
     };
     let verdict = decide(&levels, &limits, wire);
     let w = wire as i64;
@@ -327,8 +338,9 @@ pub fn qos_tag(ctx: TcContext) -> i32 {
         .map(|sc| sc.flags & SOCK_SHAPED != 0)
         .unwrap_or(false);
     if shaped {
+        let paced = if socket_paced(skb) { TAG_PACED } else { 0 };
         // SAFETY: tc programs may write tc_index.
-        unsafe { (*skb).tc_index = slot + TAG_OFFSET };
+        unsafe { (*skb).tc_index = (slot + TAG_OFFSET) | paced };
     }
     PASS
 }
