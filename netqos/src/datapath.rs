@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, VerifierLogLevel,
-    maps::{Array, HashMap, MapData},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{
         CgroupAttachMode, SchedClassifier, SockOps, TcAttachType,
         sock_ops::SockOpsLinkId,
@@ -20,7 +20,7 @@ use aya::{
 };
 use qos_common::{
     net::{
-        ClassConfig, ClassState, NetGlobal, PoolState, SockClass, maps, programs,
+        ClassConfig, ClassCounters, ClassState, NetGlobal, PoolState, SockClass, maps, programs,
     },
     policy::UNIT,
 };
@@ -33,6 +33,7 @@ type Maps = (
     Array<MapData, PoolState>,
     Array<MapData, ClassConfig>,
     Array<MapData, ClassState>,
+    PerCpuArray<MapData, ClassCounters>,
     HashMap<MapData, u64, u32>,
     HashMap<MapData, u64, SockClass>,
 );
@@ -52,6 +53,7 @@ pub struct Datapath {
     pool: Array<MapData, PoolState>,
     class_cfg: Array<MapData, ClassConfig>,
     class_state: Array<MapData, ClassState>,
+    class_counters: PerCpuArray<MapData, ClassCounters>,
     cgroup_class: HashMap<MapData, u64, u32>,
     /// LRU hash in the kernel; aya's HashMap handles both kinds.
     sock_class: HashMap<MapData, u64, SockClass>,
@@ -88,13 +90,14 @@ impl Datapath {
             .load(qos_bpf::NET)
             .map_err(|source| NetError::Load { source: Box::new(source) })?;
         let maps = take_maps(&mut ebpf)?;
-        let (global, pool, class_cfg, class_state, cgroup_class, sock_class) = maps;
+        let (global, pool, class_cfg, class_state, class_counters, cgroup_class, sock_class) = maps;
         let mut dp = Self {
             ebpf,
             global,
             pool,
             class_cfg,
             class_state,
+            class_counters,
             cgroup_class,
             sock_class,
             iface: iface.to_owned(),
@@ -157,7 +160,21 @@ impl Datapath {
             mult: UNIT,
             ..Default::default()
         };
-        self.class_state.set(slot, st, 0).map_err(map_err(maps::CLASS_STATE))
+        self.class_state.set(slot, st, 0).map_err(map_err(maps::CLASS_STATE))?;
+        let cpus = aya::util::nr_cpus().map_err(|(path, source)| NetError::Io { path: path.into(), source })?;
+        let zeros = PerCpuValues::try_from(vec![ClassCounters::default(); cpus])
+            .map_err(|source| NetError::Io { path: "per-CPU values".into(), source })?;
+        self.class_counters.set(slot, zeros, 0).map_err(map_err(maps::CLASS_COUNTERS))
+    }
+
+    /// Counters of a slot, summed over the CPUs.
+    pub fn read_counters(&self, slot: u32) -> Result<ClassCounters, NetError> {
+        let per_cpu = self.class_counters.get(&slot, 0).map_err(map_err(maps::CLASS_COUNTERS))?;
+        let mut sum = ClassCounters::default();
+        for c in per_cpu.iter() {
+            sum.add(c);
+        }
+        Ok(sum)
     }
 
     pub fn read_state(&self, slot: u32) -> Result<ClassState, NetError> {
@@ -312,6 +329,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, NetError> {
         take(ebpf, maps::POOL)?,
         take(ebpf, maps::CLASS_CONFIG)?,
         take(ebpf, maps::CLASS_STATE)?,
+        take(ebpf, maps::CLASS_COUNTERS)?,
         take(ebpf, maps::CGROUP_CLASS)?,
         take(ebpf, maps::SOCK_CLASS)?,
     ))

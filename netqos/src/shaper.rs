@@ -8,7 +8,7 @@ use std::{
 };
 
 use qos_common::{policy::{UNIT, earned}, net::{
-    ClassConfig, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, LOWEST_PRIORITY, MAX_CLASSES, NetGlobal,
+    ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, LOWEST_PRIORITY, MAX_CLASSES, NetGlobal,
 }};
 use qos_core::{CgroupRef, Rate};
 use serde::{Deserialize, Serialize};
@@ -171,6 +171,7 @@ struct Class {
     slot: u32,
     cfg: ClassConfig,
     prev: ClassState,
+    counters: ClassCounters,
     rate: f64,
     fill: f64,
     /// Flows the allocation is split over, 1/1024.
@@ -247,6 +248,7 @@ impl Shaper {
             slot: DEFAULT_SLOT,
             cfg,
             prev: dp.read_state(DEFAULT_SLOT)?,
+            counters: dp.read_counters(DEFAULT_SLOT)?,
             rate: 0.0,
             fill: 1.0,
             flows: UNIT,
@@ -338,6 +340,7 @@ impl Shaper {
             return Err(e);
         }
         let prev = self.dp.read_state(slot)?;
+        let counters = self.dp.read_counters(slot)?;
         self.classes.insert(
             cg.name.clone(),
             Class {
@@ -349,10 +352,11 @@ impl Shaper {
                 slot,
                 cfg,
                 prev,
+                counters,
                 rate: 0.0,
                 fill: 1.0,
                 flows: UNIT,
-                activations_mark: prev.flow_activations,
+                activations_mark: counters.flow_activations,
                 wants_less_since: None,
                 silent_ticks: 0,
                 recent_flows: [0; 3],
@@ -427,7 +431,8 @@ impl Shaper {
         let mut demands = Vec::with_capacity(self.classes.len() + 1);
         for c in std::iter::once(&mut self.default).chain(self.classes.values_mut()) {
             let st = self.dp.read_state(c.slot)?;
-            let d_bytes = st.bytes.wrapping_sub(c.prev.bytes);
+            let ct = self.dp.read_counters(c.slot)?;
+            let d_bytes = ct.bytes.wrapping_sub(c.counters.bytes);
             let sample = d_bytes as f64 * 1e9 / dt_ns as f64;
             c.rate = policy::ewma(c.rate, sample, dt_ns, RATE_TAU_NS);
             // The datapath refills lazily, on packets: add what an idle
@@ -435,7 +440,7 @@ impl Shaper {
             let since = now_ns.saturating_sub(st.last_ns);
             let own = (st.own + earned(since, c.cfg.guarantee) as i64).min(c.cfg.depth as i64);
             let borrow = (st.borrow + earned(since, c.cfg.borrow_rate) as i64).min(c.cfg.borrow_depth as i64);
-            let fill = qos_common::policy::class_fill(own, c.cfg.depth, borrow, c.cfg.borrow_depth, c.cfg.borrow_rate)
+            let fill = qos_common::policy::class_fill(own, c.cfg.depth, borrow, c.cfg.borrow_depth, c.cfg.borrow_rate, c.cfg.guarantee)
                 as f64
                 / UNIT as f64;
             c.fill = policy::ewma(c.fill, fill, dt_ns, RATE_TAU_NS);
@@ -443,19 +448,20 @@ impl Shaper {
                 fill: c.fill,
                 rate: c.rate,
                 alloc: c.cfg.alloc,
-                over_bytes: st.over_bytes.wrapping_sub(c.prev.over_bytes),
-                dropped_bytes: st.drop_bytes.wrapping_sub(c.prev.drop_bytes),
+                over_bytes: ct.over_bytes.wrapping_sub(c.counters.over_bytes),
+                dropped_bytes: ct.drop_bytes.wrapping_sub(c.counters.drop_bytes),
                 bytes: d_bytes,
             };
             if epoch_due {
-                let act = st.flow_activations.wrapping_sub(c.activations_mark);
-                c.activations_mark = st.flow_activations;
+                let act = ct.flow_activations.wrapping_sub(c.activations_mark);
+                c.activations_mark = ct.flow_activations;
                 c.recent_flows.rotate_right(1);
                 c.recent_flows[0] = act;
                 let act = c.recent_flows.iter().copied().max().unwrap_or(act);
                 c.flows = policy::active_flows(act, st.flows_open);
             }
             c.prev = st;
+            c.counters = ct;
             let ceil = c.quota.ceil.map(bytes).unwrap_or(capacity);
             demands.push(ClassDemand {
                 guarantee: c.guarantee,
@@ -520,19 +526,19 @@ impl Shaper {
                 priority: c.quota.priority,
                 alloc_bps: c.cfg.alloc * 8,
                 rate_bps: (c.rate * 8.0) as u64,
-                bytes: c.prev.bytes,
-                packets: c.prev.packets,
-                borrowed_bytes: c.prev.borrowed_bytes,
-                over_bytes: c.prev.over_bytes,
-                ce_marks: c.prev.ce_marks,
-                drops: c.prev.drops,
-                drop_bytes: c.prev.drop_bytes,
+                bytes: c.counters.bytes,
+                packets: c.counters.packets,
+                borrowed_bytes: c.counters.borrowed_bytes,
+                over_bytes: c.counters.over_bytes,
+                ce_marks: c.counters.ce_marks,
+                drops: c.counters.drops,
+                drop_bytes: c.counters.drop_bytes,
                 own_tokens: c.prev.own,
                 borrow_tokens: c.prev.borrow,
                 pacing_multiplier: c.prev.mult as f64 / UNIT as f64,
                 flows: c.prev.flows_open,
                 active_flows: c.flows as f64 / UNIT as f64,
-                pacing_updates: c.prev.pacing_updates,
+                pacing_updates: c.counters.pacing_updates,
             })
             .collect();
         NetStatus {

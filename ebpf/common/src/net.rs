@@ -29,6 +29,7 @@ pub mod maps {
     pub const POOL: &str = "NET_POOL";
     pub const CLASS_CONFIG: &str = "NET_CLASS_CFG";
     pub const CLASS_STATE: &str = "NET_CLASS_STATE";
+    pub const CLASS_COUNTERS: &str = "NET_CLASS_COUNTERS";
     pub const CGROUP_CLASS: &str = "NET_CGROUP_CLASS";
     pub const SOCK_CLASS: &str = "NET_SOCK_CLASS";
 }
@@ -119,7 +120,15 @@ pub struct ClassState {
     pub ctl_ns: u64,
     /// Pacing multiplier, 1/1024 units (integral of the bucket level).
     pub mult: u64,
-    // Counters below only grow.
+    /// Flows registered minus flows closed.
+    pub flows_open: u64,
+}
+
+/// Per-class counters (per-CPU array indexed by slot; user space sums the
+/// CPUs). Only grow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassCounters {
     pub packets: u64,
     pub bytes: u64,
     pub own_bytes: u64,
@@ -129,10 +138,24 @@ pub struct ClassState {
     pub drops: u64,
     pub drop_bytes: u64,
     pub pacing_updates: u64,
-    /// Flows registered minus flows closed.
-    pub flows_open: u64,
     /// One per flow per activity epoch in which it was acknowledged.
     pub flow_activations: u64,
+}
+
+impl ClassCounters {
+    /// Sum of per-CPU values.
+    pub fn add(&mut self, o: &Self) {
+        self.packets = self.packets.wrapping_add(o.packets);
+        self.bytes = self.bytes.wrapping_add(o.bytes);
+        self.own_bytes = self.own_bytes.wrapping_add(o.own_bytes);
+        self.borrowed_bytes = self.borrowed_bytes.wrapping_add(o.borrowed_bytes);
+        self.over_bytes = self.over_bytes.wrapping_add(o.over_bytes);
+        self.ce_marks = self.ce_marks.wrapping_add(o.ce_marks);
+        self.drops = self.drops.wrapping_add(o.drops);
+        self.drop_bytes = self.drop_bytes.wrapping_add(o.drop_bytes);
+        self.pacing_updates = self.pacing_updates.wrapping_add(o.pacing_updates);
+        self.flow_activations = self.flow_activations.wrapping_add(o.flow_activations);
+    }
 }
 
 /// The shared token pool (array map, one entry).
@@ -177,6 +200,7 @@ mod pod {
     unsafe impl aya::Pod for NetGlobal {}
     unsafe impl aya::Pod for ClassConfig {}
     unsafe impl aya::Pod for ClassState {}
+    unsafe impl aya::Pod for ClassCounters {}
     unsafe impl aya::Pod for PoolState {}
     unsafe impl aya::Pod for SockClass {}
 }

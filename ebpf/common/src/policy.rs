@@ -206,12 +206,15 @@ pub const fn fill_ratio(level: i64, depth: u64) -> i64 {
 /// zero; whether it uses its borrow allowance shows in the borrow bucket.
 /// Debt in the own bucket (out-of-profile traffic) always means "slow down".
 #[inline(always)]
-pub const fn class_fill(own: i64, depth: u64, borrow: i64, borrow_depth: u64, borrow_rate: u64) -> i64 {
+pub const fn class_fill(own: i64, depth: u64, borrow: i64, borrow_depth: u64, borrow_rate: u64, guarantee: u64) -> i64 {
     let debt_margin = (depth / 16) as i64;
-    if own < -debt_margin || borrow_rate == 0 {
-        fill_ratio(own, depth)
+    let own_fill = fill_ratio(own, depth);
+    // A borrow allowance below 1/16 of the guarantee is noise next to it.
+    if own < -debt_margin || borrow_rate.saturating_mul(16) < guarantee {
+        own_fill
     } else {
-        fill_ratio(borrow, borrow_depth)
+        let b = fill_ratio(borrow, borrow_depth);
+        if b > own_fill { b } else { own_fill }
     }
 }
 
@@ -398,13 +401,17 @@ mod tests {
     #[test]
     fn class_fill_reads_the_bucket_that_matters() {
         // No borrowing: the own bucket.
-        assert_eq!(class_fill(500, 1000, 999, 100, 0), 512);
+        assert_eq!(class_fill(500, 1000, 999, 100, 0, 50), 512);
         // Borrowing, own spent: the borrow bucket says whether the
         // allowance is used.
-        assert_eq!(class_fill(-10, 1000, 100, 100, 5), 1024);
-        assert_eq!(class_fill(0, 1000, 0, 100, 5), 0);
+        assert_eq!(class_fill(-10, 1000, 100, 100, 5, 50), 1024);
+        assert_eq!(class_fill(0, 1000, 0, 100, 5, 50), 0);
+        // Own tokens left over count too.
+        assert_eq!(class_fill(500, 1000, 0, 100, 5, 50), 512);
         // Debt wins.
-        assert_eq!(class_fill(-500, 1000, 100, 100, 5), -512);
+        assert_eq!(class_fill(-500, 1000, 100, 100, 5, 50), -512);
+        // A negligible allowance is ignored.
+        assert_eq!(class_fill(0, 1000, -100, 100, 1, 50), 0);
     }
 
     #[test]

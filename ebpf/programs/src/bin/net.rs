@@ -29,17 +29,17 @@ use aya_ebpf::{
         bpf_skb_cgroup_id, bpf_skb_ecn_set_ce,
     },
     macros::{classifier, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SockOpsContext, TcContext},
 };
 use qos_common::{
     net::{
-        CGROUP_MAP_ENTRIES, ClassConfig, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, MAX_CGROUP_DEPTH,
+        CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, MAX_CGROUP_DEPTH,
         MAX_CLASSES, NetGlobal, PoolState, SOCK_CACHE_ENTRIES, SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED,
         SockClass, TAG_OFFSET, TAG_PACED,
     },
     policy::{
-        self, CONTROL_INTERVAL_NS, Levels, Limits, UNIT, Verdict, decide, earned, fill_ratio,
+        self, CONTROL_INTERVAL_NS, Levels, Limits, UNIT, Verdict, decide, earned,
         next_multiplier, overflow_correction, pacing_changed, pacing_rate, underflow_correction,
         wire_len, wire_to_tcp_rate,
     },
@@ -57,6 +57,8 @@ static NET_POOL: Array<PoolState> = Array::with_max_entries(1, 0);
 static NET_CLASS_CFG: Array<ClassConfig> = Array::with_max_entries(MAX_CLASSES, 0);
 #[map]
 static NET_CLASS_STATE: Array<ClassState> = Array::with_max_entries(MAX_CLASSES, 0);
+#[map]
+static NET_CLASS_COUNTERS: PerCpuArray<ClassCounters> = PerCpuArray::with_max_entries(MAX_CLASSES, 0);
 #[map]
 static NET_CGROUP_CLASS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUP_MAP_ENTRIES, 0);
 #[map]
@@ -97,13 +99,24 @@ fn resolve_cgroup(skb: *mut __sk_buff) -> u32 {
     found
 }
 
-/// Class of a packet that still carries its socket, cached per socket.
-/// `shaped`: whether this flow leaves through the shaped interface (known at
-/// the egress hook; decided by a route lookup in the tagger).
+/// What the socket cache says about a packet's socket.
+#[derive(Clone, Copy)]
+struct SockView {
+    slot: u32,
+    /// The flow leaves through the shaped interface.
+    shaped: bool,
+    /// The pacer has paced it.
+    paced: bool,
+}
+
+/// Class of a packet that still carries its socket, cached per socket (one
+/// lookup per packet). At the egress hook (`route` None) the flow is shaped
+/// by definition; the tagger decides it with a route lookup, once per socket.
 #[inline(always)]
-fn socket_slot(skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) -> u32 {
+fn socket_view(skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) -> SockView {
     // SAFETY: helper on the program's own skb.
     let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    let mut old = SockClass::default();
     if let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(&cookie) {
         // SAFETY: pointer into the map value, valid for this program run.
         unsafe {
@@ -111,8 +124,10 @@ fn socket_slot(skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) ->
                 if route.is_none() && (*sc).flags & SOCK_SHAPED == 0 {
                     (*sc).flags = ((*sc).flags | SOCK_SHAPED) & !SOCK_ROUTED_ELSEWHERE;
                 }
-                return (*sc).slot;
+                return SockView { slot: (*sc).slot, shaped: (*sc).flags & SOCK_SHAPED != 0, paced: (*sc).pacing != 0 };
             }
+            // Re-classified: keep its bookkeeping.
+            old = *sc;
         }
     }
     let slot = resolve_cgroup(skb);
@@ -128,22 +143,9 @@ fn socket_slot(skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) ->
             }
         }
     };
-    let old = match NET_SOCK_CLASS.get_ptr(&cookie) {
-        // SAFETY: as above; keep the bookkeeping of a re-classified socket.
-        Some(old) => unsafe { *old },
-        None => SockClass::default(),
-    };
     let entry = SockClass { slot, flags, generation: g.generation, ..old };
     let _ = NET_SOCK_CLASS.insert(&cookie, &entry, 0);
-    slot
-}
-
-/// Whether the packet's socket is one the pacer has paced.
-#[inline(always)]
-fn socket_paced(skb: *mut __sk_buff) -> bool {
-    // SAFETY: helper on the program's own skb; read-only lookup.
-    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
-    unsafe { NET_SOCK_CLASS.get(&cookie) }.is_some_and(|sc| sc.pacing != 0)
+    SockView { slot, shaped: flags & SOCK_SHAPED != 0, paced: old.pacing != 0 }
 }
 
 /// Refills the class's own, borrow and ceiling buckets (one CPU wins the
@@ -220,7 +222,7 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
 fn class_fill(st: *const ClassState, cfg: &ClassConfig) -> i64 {
     // SAFETY: `st` points into NET_CLASS_STATE.
     let (own, borrow) = unsafe { (read(&(*st).own), read(&(*st).borrow)) };
-    policy::class_fill(own, cfg.depth, borrow, cfg.borrow_depth, cfg.borrow_rate)
+    policy::class_fill(own, cfg.depth, borrow, cfg.borrow_depth, cfg.borrow_rate, cfg.guarantee)
 }
 
 #[classifier]
@@ -239,8 +241,8 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
     };
     let class_tag = tag & !TAG_PACED;
     let (slot, paced) = if cgroup != 0 {
-        let slot = socket_slot(skb, g, None);
-        (slot, socket_paced(skb))
+        let v = socket_view(skb, g, None);
+        (v.slot, v.paced)
     } else if ingress_if != 0 && class_tag >= TAG_OFFSET && class_tag < MAX_CLASSES + TAG_OFFSET {
         (class_tag - TAG_OFFSET, tag & TAG_PACED != 0)
     } else {
@@ -252,6 +254,7 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
     };
     let Some(cfg) = NET_CLASS_CFG.get(slot) else { return PASS };
     let Some(st) = NET_CLASS_STATE.get_ptr_mut(slot) else { return PASS };
+    let Some(ct) = NET_CLASS_COUNTERS.get_ptr_mut(slot) else { return PASS };
     let Some(pool) = NET_POOL.get_ptr_mut(0) else { return PASS };
 
     let hdr = if segs > 1 { packet::gso_header_len(&ctx) } else { 0 };
@@ -288,23 +291,23 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
         match verdict {
             Verdict::Own => {
                 add_fetch_i64(&mut (*st).own, -w);
-                add(&mut (*st).own_bytes, wire);
+                (*ct).own_bytes += wire;
             }
             Verdict::Borrow => {
                 add_fetch_i64(&mut (*st).borrow, -w);
-                add(&mut (*st).borrowed_bytes, wire);
+                (*ct).borrowed_bytes += wire;
             }
-            Verdict::BorrowExtra => add(&mut (*st).borrowed_bytes, wire),
+            Verdict::BorrowExtra => (*ct).borrowed_bytes += wire,
             Verdict::Over | Verdict::OverMark => {
                 add_fetch_i64(&mut (*st).own, -w);
-                add(&mut (*st).over_bytes, wire);
+                (*ct).over_bytes += wire;
                 if verdict == Verdict::OverMark && bpf_skb_ecn_set_ce(skb) == 1 {
-                    add(&mut (*st).ce_marks, 1);
+                    (*ct).ce_marks += 1;
                 }
             }
             Verdict::Drop => {
-                add(&mut (*st).drops, 1);
-                add(&mut (*st).drop_bytes, wire);
+                (*ct).drops += 1;
+                (*ct).drop_bytes += wire;
                 return DROP;
             }
         }
@@ -316,8 +319,8 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
         if ceil_on {
             add_fetch_i64(&mut (*st).ceil, -w);
         }
-        add(&mut (*st).packets, 1);
-        add(&mut (*st).bytes, wire);
+        (*ct).packets += 1;
+        (*ct).bytes += wire;
     }
     PASS
 }
@@ -330,17 +333,11 @@ pub fn qos_tag(ctx: TcContext) -> i32 {
     if unsafe { bpf_skb_cgroup_id(skb) } == 0 {
         return PASS;
     }
-    let slot = socket_slot(skb, g, Some(&ctx));
-    // SAFETY: helper on the program's own skb.
-    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
-    // SAFETY: read-only lookup.
-    let shaped = unsafe { NET_SOCK_CLASS.get(&cookie) }
-        .map(|sc| sc.flags & SOCK_SHAPED != 0)
-        .unwrap_or(false);
-    if shaped {
-        let paced = if socket_paced(skb) { TAG_PACED } else { 0 };
+    let v = socket_view(skb, g, Some(&ctx));
+    if v.shaped {
+        let paced = if v.paced { TAG_PACED } else { 0 };
         // SAFETY: tc programs may write tc_index.
-        unsafe { (*skb).tc_index = (slot + TAG_OFFSET) | paced };
+        unsafe { (*skb).tc_index = (v.slot + TAG_OFFSET) | paced };
     }
     PASS
 }
@@ -419,7 +416,9 @@ fn on_ack(ctx: &SockOpsContext) {
         }
         if (*sc).epoch != g.epoch {
             (*sc).epoch = g.epoch;
-            add(&mut (*st).flow_activations, 1);
+            if let Some(ct) = NET_CLASS_COUNTERS.get_ptr_mut(slot) {
+                (*ct).flow_activations += 1;
+            }
         }
     }
     control(st, cfg, g, now);
@@ -447,14 +446,18 @@ fn on_ack(ctx: &SockOpsContext) {
             base = share;
         }
     }
-    let max = if cfg.ceil != 0 { cfg.ceil } else { g.capacity };
+    // Headroom above the ceiling: the ceiling bucket enforces it exactly,
+    // the pacing only has to get there despite its own rounding.
+    let max = if cfg.ceil != 0 { cfg.ceil + cfg.ceil / 8 } else { g.capacity };
     let rate = pacing_rate(base, mult, class_fill(st, cfg), g.pacing_kp, max);
     if pacing_changed(applied, rate) {
         set_pacing(ctx, rate);
         // SAFETY: as above.
         unsafe {
             (*sc).pacing = rate;
-            add(&mut (*st).pacing_updates, 1);
+            if let Some(ct) = NET_CLASS_COUNTERS.get_ptr_mut(slot) {
+                (*ct).pacing_updates += 1;
+            }
         }
     }
 }
