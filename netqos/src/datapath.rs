@@ -250,6 +250,14 @@ impl Datapath {
         Ok(())
     }
 
+    /// Kernel ids of the loaded programs.
+    pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
+        [programs::EGRESS, programs::TAGGER, programs::PACER]
+            .into_iter()
+            .filter_map(|n| self.ebpf.program(n).and_then(|p| p.info().ok()).map(|i| (n, i.id())))
+            .collect()
+    }
+
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         let mut out = Vec::new();
         for name in [programs::EGRESS, programs::TAGGER, programs::PACER] {

@@ -8,7 +8,7 @@ use std::{
 };
 
 use qos_common::{policy::{UNIT, earned}, net::{
-    ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, LOWEST_PRIORITY, MAX_CLASSES, NetGlobal,
+    ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, LOWEST_PRIORITY, MAX_CLASSES, NetGlobal,
 }};
 use qos_core::{CgroupRef, Rate};
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,8 @@ const RATE_TAU_NS: u64 = 50_000_000;
 const DEMAND_HOLD_NS: u64 = 100_000_000;
 /// A class that sent nothing for this many control steps is idle at once.
 const SILENT_TICKS: u32 = 3;
+/// How long the pacer gets to lift pacing from active flows at shutdown.
+const RELEASE_GRACE: Duration = Duration::from_millis(200);
 /// A freed slot is not reused before sockets cached on it were reclassified.
 const SLOT_QUARANTINE: Duration = Duration::from_secs(2);
 
@@ -47,6 +49,8 @@ pub struct ShaperSettings {
     pub default_rate: Option<Rate>,
     pub default_priority: u32,
     pub container_interfaces: ContainerInterfaces,
+    /// Switch shaped BBR flows to CUBIC (see `GLOBAL_REPLACE_BBR`).
+    pub replace_bbr: bool,
     pub tuning: Tuning,
 }
 
@@ -226,7 +230,7 @@ impl Shaper {
         let mut dp = Datapath::load(&settings.interface, cgroup2_root)?;
         let capacity = bytes(settings.capacity);
         let mut global = policy::global_params(capacity, dp.ifindex(), &settings.tuning);
-        global.flags = GLOBAL_ENABLED;
+        global.flags = GLOBAL_ENABLED | if settings.replace_bbr { GLOBAL_REPLACE_BBR } else { 0 };
         let default_guarantee = settings.default_rate.map(bytes).unwrap_or(0);
         let default_quota = NetQuota {
             // Only shown; the guarantee below is what counts.
@@ -552,12 +556,16 @@ impl Shaper {
         }
     }
 
-    /// Stops shaping: the datapath lets everything pass, then detaches.
+    /// Stops shaping: the datapath lets everything pass and the pacer lifts
+    /// the pacing of flows as their acks arrive; then it detaches. Flows
+    /// that stay silent through the grace period keep their last pacing
+    /// rate until they close.
     pub fn stop(mut self) {
-        self.global.flags = 0;
+        self.global.flags = GLOBAL_RELEASE;
         if let Err(e) = self.dp.write_global(&self.global) {
             warn!(error = %e, "disabling the datapath");
         }
+        std::thread::sleep(RELEASE_GRACE);
         self.dp.detach();
         info!("egress shaping off");
     }

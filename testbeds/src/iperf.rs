@@ -121,6 +121,8 @@ pub struct ClientOpts {
     /// UDP at this many bits per second.
     pub udp_bps: Option<u64>,
     pub bind: Option<Ipv4Addr>,
+    /// IP TOS byte (2 = ECT(0): ECN-capable without any ECN reaction).
+    pub tos: Option<u8>,
 }
 
 /// An iperf3 client writing its JSON report to a file.
@@ -142,6 +144,9 @@ impl Client {
             .stdin(Stdio::null());
         if let Some(b) = opts.bind {
             cmd.args(["-B", &b.to_string()]);
+        }
+        if let Some(tos) = opts.tos {
+            cmd.args(["-S", &tos.to_string()]);
         }
         if let Some(bps) = opts.udp_bps {
             cmd.args(["-u", "-b", &bps.to_string(), "-l", &UDP_PAYLOAD.to_string()]);

@@ -45,6 +45,14 @@ pub mod programs {
 
 /// `NetGlobal::flags` bit: shaping enabled.
 pub const GLOBAL_ENABLED: u32 = 1;
+/// `NetGlobal::flags` bit: shutting down; the pacer lifts the pacing of
+/// every flow it sees instead of setting it.
+pub const GLOBAL_RELEASE: u32 = 2;
+/// `NetGlobal::flags` bit: switch shaped flows that use BBR to CUBIC when
+/// they are established. BBR learns the rate it delivered and paces itself
+/// at (a probing multiple of) it, so a pacing cap that later rises is never
+/// followed: the flow stays at the first rate it was held to.
+pub const GLOBAL_REPLACE_BBR: u32 = 4;
 
 /// Host-wide settings of the egress shaper (array map, one entry).
 #[repr(C)]

@@ -498,6 +498,7 @@ fn traffic(
         parallel: g.flows,
         udp_bps: g.udp.then_some(cap),
         bind: Some(src),
+        tos: None,
     };
     // Servers first (all listening), then clients as close together as possible.
     let mut pending: Vec<Vec<(f64, f64, Server)>> = Vec::new(); // per group: (start offset, secs, server)

@@ -63,6 +63,9 @@ pub struct NetConfig {
     pub container_interfaces: ContainerInterfaces,
     /// Turn on the kernel's per-program run-time statistics while qosd runs.
     pub bpf_stats: bool,
+    /// Switch shaped flows that use BBR to CUBIC: BBR paces itself at the
+    /// rate it has delivered and never follows a pacing cap that rises.
+    pub replace_bbr: bool,
     /// Quotas applied at start, before the persisted state.
     pub quota: Vec<QuotaEntry>,
 }
@@ -76,6 +79,7 @@ impl Default for NetConfig {
             default_priority: 7,
             container_interfaces: ContainerInterfaces::default(),
             bpf_stats: false,
+            replace_bbr: true,
             quota: Vec::new(),
         }
     }

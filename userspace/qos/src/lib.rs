@@ -120,6 +120,7 @@ impl Qos {
                     default_rate: config.net.default_rate,
                     default_priority: config.net.default_priority,
                     container_interfaces: config.net.container_interfaces.clone(),
+                    replace_bbr: config.net.replace_bbr,
                     tuning: Tuning::default(),
                 };
                 let mut s = Shaper::start(settings, hierarchy.unified_root()?)?;

@@ -25,7 +25,7 @@ use aya_ebpf::{
         TC_ACT_UNSPEC, __sk_buff,
     },
     helpers::generated::{
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt, bpf_skb_ancestor_cgroup_id,
+        bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt, bpf_skb_ancestor_cgroup_id,
         bpf_skb_cgroup_id, bpf_skb_ecn_set_ce,
     },
     macros::{classifier, map, sock_ops},
@@ -34,7 +34,7 @@ use aya_ebpf::{
 };
 use qos_common::{
     net::{
-        CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, MAX_CGROUP_DEPTH,
+        CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, MAX_CGROUP_DEPTH,
         MAX_CLASSES, NetGlobal, PoolState, SOCK_CACHE_ENTRIES, SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED,
         SockClass, TAG_OFFSET, TAG_PACED,
     },
@@ -347,6 +347,7 @@ pub fn qos_pacer(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         let _ = ctx.set_cb_flags((BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        replace_bbr(&ctx);
         on_ack(&ctx);
     } else if op == BPF_SOCK_OPS_RTT_CB {
         on_ack(&ctx);
@@ -381,8 +382,12 @@ fn set_pacing(ctx: &SockOpsContext, wire_rate: u64) {
 
 #[inline(always)]
 fn on_ack(ctx: &SockOpsContext) {
-    let Some(g) = global() else { return };
     let cookie = cookie_of(ctx);
+    if NET_GLOBAL.get(0).is_some_and(|g| g.flags & GLOBAL_RELEASE != 0) {
+        release(ctx, cookie);
+        return;
+    }
+    let Some(g) = global() else { return };
     let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(&cookie) else { return };
     // SAFETY: `sc` points into the LRU map value for this run.
     let (slot, flags) = unsafe { ((*sc).slot, (*sc).flags) };
@@ -457,6 +462,56 @@ fn on_ack(ctx: &SockOpsContext) {
             (*sc).pacing = rate;
             if let Some(ct) = NET_CLASS_COUNTERS.get_ptr_mut(slot) {
                 (*ct).pacing_updates += 1;
+            }
+        }
+    }
+}
+
+const SOL_TCP: i32 = 6;
+const TCP_CONGESTION: i32 = 13;
+
+/// See `GLOBAL_REPLACE_BBR`.
+#[inline(always)]
+fn replace_bbr(ctx: &SockOpsContext) {
+    let Some(g) = global() else { return };
+    if g.flags & GLOBAL_REPLACE_BBR == 0 {
+        return;
+    }
+    let cookie = cookie_of(ctx);
+    // SAFETY: read-only lookup.
+    if !unsafe { NET_SOCK_CLASS.get(&cookie) }.is_some_and(|sc| sc.flags & SOCK_SHAPED != 0) {
+        return;
+    }
+    let mut name = [0u8; 16];
+    // SAFETY: getsockopt/setsockopt on the program's own socket with
+    // buffers of the given sizes.
+    unsafe {
+        if bpf_getsockopt(ctx.ops.cast(), SOL_TCP, TCP_CONGESTION, name.as_mut_ptr().cast(), 16) != 0 {
+            return;
+        }
+        if name[0] == b'b' && name[1] == b'b' && name[2] == b'r' && name[3] == 0 {
+            let mut cubic = *b"cubic\0\0\0";
+            bpf_setsockopt(ctx.ops.cast(), SOL_TCP, TCP_CONGESTION, cubic.as_mut_ptr().cast(), 8);
+        }
+    }
+}
+
+/// Shutdown: give a paced socket back its unlimited pacing.
+#[inline(always)]
+fn release(ctx: &SockOpsContext, cookie: u64) {
+    if let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(&cookie) {
+        // SAFETY: pointer into the map value.
+        unsafe {
+            if (*sc).pacing != 0 {
+                let mut v: u32 = u32::MAX; // ~0U: no limit
+                bpf_setsockopt(
+                    ctx.ops.cast(),
+                    SOL_SOCKET as i32,
+                    SO_MAX_PACING_RATE as i32,
+                    (&mut v as *mut u32).cast(),
+                    4,
+                );
+                (*sc).pacing = 0;
             }
         }
     }
