@@ -4,6 +4,11 @@
 //! `-C target-cpu=v3` (atomic fetch and compare-exchange). The toolchain is
 //! the one running this build (stable with RUSTC_BOOTSTRAP for build-std);
 //! `scripts/bootstrap` installs rust-src and a bpf-linker on its LLVM.
+#![allow(
+    clippy::expect_used,
+    reason = "a build script reports failure by panicking"
+)]
+
 use std::{
     env,
     io::{BufRead, BufReader},
@@ -15,14 +20,23 @@ fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let ebpf_root = manifest.join("..");
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
-    for dir in ["programs/src", "programs/Cargo.toml", "common/src", "common/Cargo.toml"] {
+    for dir in [
+        "programs/src",
+        "programs/Cargo.toml",
+        "common/src",
+        "common/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", ebpf_root.join(dir).display());
     }
     println!("cargo:rerun-if-env-changed=QOS_BPF_LINKER");
 
     let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("CARGO_CFG_TARGET_ARCH");
     let endian = env::var("CARGO_CFG_TARGET_ENDIAN").expect("CARGO_CFG_TARGET_ENDIAN");
-    let target = if endian == "big" { "bpfeb-unknown-none" } else { "bpfel-unknown-none" };
+    let target = if endian == "big" {
+        "bpfeb-unknown-none"
+    } else {
+        "bpfel-unknown-none"
+    };
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
 
     let flags = [
@@ -36,26 +50,45 @@ fn main() {
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&ebpf_root)
         .args(["build", "--package", "qos-ebpf", "--bins", "--release"])
-        .args(["--target", target, "-Z", "build-std=core", "--message-format=json"])
+        .args([
+            "--target",
+            target,
+            "-Z",
+            "build-std=core",
+            "--message-format=json",
+        ])
         .arg("--target-dir")
         .arg(out.join("ebpf-target"))
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_ENCODED_RUSTFLAGS", flags)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for key in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "CARGO_TARGET_DIR"] {
+    for key in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+    ] {
         cmd.env_remove(key);
     }
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning cargo for the eBPF build: {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning cargo for the eBPF build: {e}"));
     let stderr = child.stderr.take().expect("stderr piped");
     let stderr = std::thread::spawn(move || {
-        BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>()
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
     });
     let mut executables = Vec::new();
     let mut diagnostics = Vec::new();
     for line in BufReader::new(child.stdout.take().expect("stdout piped")).lines() {
         let line = line.expect("reading cargo output");
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
         match msg["reason"].as_str() {
             Some("compiler-artifact") => {
                 if let (Some(exe), Some(name)) =

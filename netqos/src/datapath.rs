@@ -13,9 +13,9 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{
         CgroupAttachMode, SchedClassifier, SockOps, TcAttachType,
+        links::LinkOrder,
         sock_ops::SockOpsLinkId,
         tc::{SchedClassifierLinkId, TcAttachOptions},
-        links::LinkOrder,
     },
 };
 use qos_common::{
@@ -88,7 +88,9 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS)
             .load(qos_bpf::NET)
-            .map_err(|source| NetError::Load { source: Box::new(source) })?;
+            .map_err(|source| NetError::Load {
+                source: Box::new(source),
+            })?;
         let maps = take_maps(&mut ebpf)?;
         let (global, pool, class_cfg, class_state, class_counters, cgroup_class, sock_class) = maps;
         let mut dp = Self {
@@ -112,20 +114,29 @@ impl Datapath {
             prog.load().map_err(|e| NetError::program(name, e))?;
         }
         let pacer: &mut SockOps = program(&mut dp.ebpf, programs::PACER)?;
-        pacer.load().map_err(|e| NetError::program(programs::PACER, e))?;
+        pacer
+            .load()
+            .map_err(|e| NetError::program(programs::PACER, e))?;
 
         let egress: &mut SchedClassifier = program(&mut dp.ebpf, programs::EGRESS)?;
         dp.egress = Some(attach_tc(egress, iface, TcAttachType::Egress)?);
 
-        let root = File::open(cgroup2_root).map_err(|source| NetError::Io { path: cgroup2_root.into(), source })?;
+        let root = File::open(cgroup2_root).map_err(|source| NetError::Io {
+            path: cgroup2_root.into(),
+            source,
+        })?;
         let pacer: &mut SockOps = program(&mut dp.ebpf, programs::PACER)?;
         // A link attach coexists with other programs on the cgroup
         // (multi-attach is implied for links).
-        dp.pacer = Some(pacer.attach(&root, CgroupAttachMode::Single).map_err(|source| NetError::Attach {
-            program: programs::PACER,
-            target: cgroup2_root.display().to_string(),
-            source: Box::new(source),
-        })?);
+        dp.pacer = Some(
+            pacer
+                .attach(&root, CgroupAttachMode::Single)
+                .map_err(|source| NetError::Attach {
+                    program: programs::PACER,
+                    target: cgroup2_root.display().to_string(),
+                    source: Box::new(source),
+                })?,
+        );
         debug!(iface, ifindex, root = %cgroup2_root.display(), "network datapath attached");
         Ok(dp)
     }
@@ -143,11 +154,15 @@ impl Datapath {
     }
 
     pub fn write_class(&mut self, slot: u32, cfg: &ClassConfig) -> Result<(), NetError> {
-        self.class_cfg.set(slot, cfg, 0).map_err(map_err(maps::CLASS_CONFIG))
+        self.class_cfg
+            .set(slot, cfg, 0)
+            .map_err(map_err(maps::CLASS_CONFIG))
     }
 
     pub fn read_class(&self, slot: u32) -> Result<ClassConfig, NetError> {
-        self.class_cfg.get(&slot, 0).map_err(map_err(maps::CLASS_CONFIG))
+        self.class_cfg
+            .get(&slot, 0)
+            .map_err(map_err(maps::CLASS_CONFIG))
     }
 
     /// Starts a slot afresh: full buckets, neutral multiplier, zero counters.
@@ -160,16 +175,31 @@ impl Datapath {
             mult: UNIT,
             ..Default::default()
         };
-        self.class_state.set(slot, st, 0).map_err(map_err(maps::CLASS_STATE))?;
-        let cpus = aya::util::nr_cpus().map_err(|(path, source)| NetError::Io { path: path.into(), source })?;
-        let zeros = PerCpuValues::try_from(vec![ClassCounters::default(); cpus])
-            .map_err(|source| NetError::Io { path: "per-CPU values".into(), source })?;
-        self.class_counters.set(slot, zeros, 0).map_err(map_err(maps::CLASS_COUNTERS))
+        self.class_state
+            .set(slot, st, 0)
+            .map_err(map_err(maps::CLASS_STATE))?;
+        let cpus = aya::util::nr_cpus().map_err(|(path, source)| NetError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let zeros =
+            PerCpuValues::try_from(vec![ClassCounters::default(); cpus]).map_err(|source| {
+                NetError::Io {
+                    path: "per-CPU values".into(),
+                    source,
+                }
+            })?;
+        self.class_counters
+            .set(slot, zeros, 0)
+            .map_err(map_err(maps::CLASS_COUNTERS))
     }
 
     /// Counters of a slot, summed over the CPUs.
     pub fn read_counters(&self, slot: u32) -> Result<ClassCounters, NetError> {
-        let per_cpu = self.class_counters.get(&slot, 0).map_err(map_err(maps::CLASS_COUNTERS))?;
+        let per_cpu = self
+            .class_counters
+            .get(&slot, 0)
+            .map_err(map_err(maps::CLASS_COUNTERS))?;
         let mut sum = ClassCounters::default();
         for c in per_cpu.iter() {
             sum.add(c);
@@ -178,7 +208,9 @@ impl Datapath {
     }
 
     pub fn read_state(&self, slot: u32) -> Result<ClassState, NetError> {
-        self.class_state.get(&slot, 0).map_err(map_err(maps::CLASS_STATE))
+        self.class_state
+            .get(&slot, 0)
+            .map_err(map_err(maps::CLASS_STATE))
     }
 
     pub fn read_pool(&self) -> Result<PoolState, NetError> {
@@ -186,13 +218,18 @@ impl Datapath {
     }
 
     pub fn map_cgroup(&mut self, cgroup_id: u64, slot: u32) -> Result<(), NetError> {
-        self.cgroup_class.insert(cgroup_id, slot, 0).map_err(map_err(maps::CGROUP_CLASS))
+        self.cgroup_class
+            .insert(cgroup_id, slot, 0)
+            .map_err(map_err(maps::CGROUP_CLASS))
     }
 
     pub fn unmap_cgroup(&mut self, cgroup_id: u64) -> Result<(), NetError> {
         match self.cgroup_class.remove(&cgroup_id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(NetError::Map { map: maps::CGROUP_CLASS, source }),
+            Err(source) => Err(NetError::Map {
+                map: maps::CGROUP_CLASS,
+                source,
+            }),
         }
     }
 
@@ -222,8 +259,12 @@ impl Datapath {
     /// Forgets taggers whose interface is gone (the kernel dropped the link
     /// with the device) and detaches those not in `keep`.
     pub fn prune_taggers(&mut self, keep: &BTreeMap<u32, String>) {
-        let stale: Vec<u32> =
-            self.taggers.keys().copied().filter(|ifindex| !keep.contains_key(ifindex)).collect();
+        let stale: Vec<u32> = self
+            .taggers
+            .keys()
+            .copied()
+            .filter(|ifindex| !keep.contains_key(ifindex))
+            .collect();
         for ifindex in stale {
             if let Some((name, link)) = self.taggers.remove(&ifindex) {
                 if let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, programs::TAGGER) {
@@ -243,8 +284,11 @@ impl Datapath {
     /// the datapath lives.
     pub fn enable_run_time_stats(&mut self) -> Result<(), NetError> {
         if self.stats_fd.is_none() {
-            let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-                .map_err(|e| NetError::Io { path: PathBuf::from("BPF_ENABLE_STATS"), source: e.io_error })?;
+            let fd =
+                aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| NetError::Io {
+                    path: PathBuf::from("BPF_ENABLE_STATS"),
+                    source: e.io_error,
+                })?;
             self.stats_fd = Some(fd);
         }
         Ok(())
@@ -254,14 +298,21 @@ impl Datapath {
     pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
         [programs::EGRESS, programs::TAGGER, programs::PACER]
             .into_iter()
-            .filter_map(|n| self.ebpf.program(n).and_then(|p| p.info().ok()).map(|i| (n, i.id())))
+            .filter_map(|n| {
+                self.ebpf
+                    .program(n)
+                    .and_then(|p| p.info().ok())
+                    .map(|i| (n, i.id()))
+            })
             .collect()
     }
 
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         let mut out = Vec::new();
         for name in [programs::EGRESS, programs::TAGGER, programs::PACER] {
-            let Some(p) = self.ebpf.program(name) else { continue };
+            let Some(p) = self.ebpf.program(name) else {
+                continue;
+            };
             match p.info() {
                 Ok(info) => out.push(ProgramStats {
                     name: name.to_owned(),
@@ -277,17 +328,17 @@ impl Datapath {
     /// Detaches everything. Dropping the datapath does the same; this makes
     /// the order explicit (egress first, so no packet sees a half state).
     pub fn detach(mut self) {
-        if let Some(link) = self.egress.take() {
-            if let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, programs::EGRESS) {
-                let _ = prog.detach(link);
-            }
+        if let Some(link) = self.egress.take()
+            && let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, programs::EGRESS)
+        {
+            let _ = prog.detach(link);
         }
         let keep = BTreeMap::new();
         self.prune_taggers(&keep);
-        if let Some(link) = self.pacer.take() {
-            if let Ok(prog) = program::<SockOps>(&mut self.ebpf, programs::PACER) {
-                let _ = prog.detach(link);
-            }
+        if let Some(link) = self.pacer.take()
+            && let Ok(prog) = program::<SockOps>(&mut self.ebpf, programs::PACER)
+        {
+            let _ = prog.detach(link);
         }
     }
 }
@@ -296,7 +347,9 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, N
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let p = ebpf.program_mut(name).ok_or(NetError::MissingProgram(name))?;
+    let p = ebpf
+        .program_mut(name)
+        .ok_or(NetError::MissingProgram(name))?;
     p.try_into().map_err(|e| NetError::program(name, e))
 }
 
@@ -309,7 +362,9 @@ fn attach_tc(
         TcAttachType::Egress => programs::EGRESS,
         _ => programs::TAGGER,
     };
-    let tcx = aya::util::KernelVersion::current().map(|v| v >= aya::util::KernelVersion::new(6, 6, 0)).unwrap_or(false);
+    let tcx = aya::util::KernelVersion::current()
+        .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+        .unwrap_or(false);
     let options = if tcx {
         TcAttachOptions::TcxOrder(LinkOrder::default())
     } else {
@@ -317,11 +372,12 @@ fn attach_tc(
         let _ = aya::programs::tc::qdisc_add_clsact(iface);
         TcAttachOptions::Netlink(Default::default())
     };
-    prog.attach_with_options(iface, kind, options).map_err(|source| NetError::Attach {
-        program: name,
-        target: iface.to_owned(),
-        source: Box::new(source),
-    })
+    prog.attach_with_options(iface, kind, options)
+        .map_err(|source| NetError::Attach {
+            program: name,
+            target: iface.to_owned(),
+            source: Box::new(source),
+        })
 }
 
 fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, NetError> {

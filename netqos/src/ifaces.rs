@@ -16,10 +16,14 @@ pub fn ifindex(name: &str) -> Result<u32, NetError> {
 /// Interfaces of the current network namespace: ifindex → name.
 pub fn list(sys_class_net: &Path) -> BTreeMap<u32, String> {
     let mut out = BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir(sys_class_net) else { return out };
+    let Ok(dir) = std::fs::read_dir(sys_class_net) else {
+        return out;
+    };
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Ok(idx) = std::fs::read_to_string(e.path().join("ifindex")) else { continue };
+        let Ok(idx) = std::fs::read_to_string(e.path().join("ifindex")) else {
+            continue;
+        };
         if let Ok(idx) = idx.trim().parse::<u32>() {
             out.insert(idx, name);
         }
@@ -58,7 +62,11 @@ pub fn driver(name: &str) -> Option<String> {
     // SAFETY: plain C structs, zero is valid.
     let mut info: DrvInfo = unsafe { std::mem::zeroed() };
     info.cmd = ETHTOOL_GDRVINFO;
-    let mut req = IfReq { name: [0; 16], data: &mut info, _pad: [0; 16] };
+    let mut req = IfReq {
+        name: [0; 16],
+        data: &mut info,
+        _pad: [0; 16],
+    };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: a datagram socket only used for the ioctl, closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -73,7 +81,11 @@ pub fn driver(name: &str) -> Option<String> {
     if rc != 0 {
         return None;
     }
-    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+    let end = info
+        .driver
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(info.driver.len());
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
@@ -108,7 +120,12 @@ impl ContainerInterfaces {
     }
 
     /// The interfaces (of `all`) the tagger belongs on.
-    pub fn select(&self, all: &BTreeMap<u32, String>, shaped: &str, driver: impl Fn(&str) -> Option<String>) -> BTreeMap<u32, String> {
+    pub fn select(
+        &self,
+        all: &BTreeMap<u32, String>,
+        shaped: &str,
+        driver: impl Fn(&str) -> Option<String>,
+    ) -> BTreeMap<u32, String> {
         all.iter()
             .filter(|(_, name)| name.as_str() != shaped && name.as_str() != "lo")
             .filter(|(_, name)| match self {
@@ -128,7 +145,10 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
         return pattern == name;
     }
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || !name[first.len()..].ends_with(last) || name.len() < first.len() + last.len() {
+    if !name.starts_with(first)
+        || !name[first.len()..].ends_with(last)
+        || name.len() < first.len() + last.len()
+    {
         return false;
     }
     let mut rest = &name[first.len()..name.len() - last.len()];
@@ -160,17 +180,41 @@ mod tests {
 
     #[test]
     fn selection() {
-        let all: BTreeMap<u32, String> =
-            [(1, "lo"), (2, "eth0"), (3, "veth1"), (4, "veth2"), (5, "cali9")].map(|(i, n)| (i, n.to_string())).into();
-        let drv = |n: &str| Some(if n.starts_with("veth") { "veth" } else { "virtio_net" }.to_string());
+        let all: BTreeMap<u32, String> = [
+            (1, "lo"),
+            (2, "eth0"),
+            (3, "veth1"),
+            (4, "veth2"),
+            (5, "cali9"),
+        ]
+        .map(|(i, n)| (i, n.to_string()))
+        .into();
+        let drv = |n: &str| {
+            Some(
+                if n.starts_with("veth") {
+                    "veth"
+                } else {
+                    "virtio_net"
+                }
+                .to_string(),
+            )
+        };
         let auto = ContainerInterfaces::default().select(&all, "veth2", drv);
         assert_eq!(auto.values().cloned().collect::<Vec<_>>(), vec!["veth1"]);
         let none = ContainerInterfaces::Mode("none".into()).select(&all, "eth0", drv);
         assert!(none.is_empty());
-        let pats = ContainerInterfaces::Patterns(vec!["cali*".into(), "veth1".into()]).select(&all, "eth0", drv);
-        assert_eq!(pats.values().cloned().collect::<Vec<_>>(), vec!["veth1", "cali9"]);
+        let pats = ContainerInterfaces::Patterns(vec!["cali*".into(), "veth1".into()])
+            .select(&all, "eth0", drv);
+        assert_eq!(
+            pats.values().cloned().collect::<Vec<_>>(),
+            vec!["veth1", "cali9"]
+        );
         assert!(ContainerInterfaces::Mode("some".into()).validate().is_err());
-        assert!(ContainerInterfaces::Patterns(vec!["".into()]).validate().is_err());
+        assert!(
+            ContainerInterfaces::Patterns(vec!["".into()])
+                .validate()
+                .is_err()
+        );
     }
 
     #[test]
@@ -180,6 +224,10 @@ mod tests {
             let e = ifindex(bad).expect_err(bad).to_string();
             assert!(e.contains("does not exist"), "{e}");
         }
-        assert!(list(Path::new("/sys/class/net")).values().any(|n| n == "lo"));
+        assert!(
+            list(Path::new("/sys/class/net"))
+                .values()
+                .any(|n| n == "lo")
+        );
     }
 }

@@ -14,7 +14,9 @@ mod shaper;
 use std::path::PathBuf;
 
 pub use ifaces::ContainerInterfaces;
-pub use shaper::{NetClassStatus, NetQuota, NetStatus, ProgramStatsOut, Shaper, ShaperSettings, TICK};
+pub use shaper::{
+    NetClassStatus, NetQuota, NetStatus, ProgramStatsOut, Shaper, ShaperSettings, TICK,
+};
 
 /// Everything that can go wrong in the network subsystem.
 #[derive(Debug, thiserror::Error)]
@@ -24,17 +26,30 @@ pub enum NetError {
     #[error("loading the network eBPF object: {source}")]
     Load { source: Box<aya::EbpfError> },
     #[error("eBPF program {program}: {source}")]
-    Program { program: &'static str, source: Box<aya::programs::ProgramError> },
+    Program {
+        program: &'static str,
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("attaching {program} to {target}: {source}")]
-    Attach { program: &'static str, target: String, source: Box<aya::programs::ProgramError> },
+    Attach {
+        program: &'static str,
+        target: String,
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("eBPF map {map}: {source}")]
-    Map { map: &'static str, source: aya::maps::MapError },
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("the eBPF object has no map {0}")]
     MissingMap(&'static str),
     #[error("the eBPF object has no program {0}")]
     MissingProgram(&'static str),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid network quota: {0}")]
     InvalidQuota(String),
     #[error(transparent)]
@@ -47,6 +62,9 @@ pub enum NetError {
 
 impl NetError {
     pub(crate) fn program(program: &'static str, source: aya::programs::ProgramError) -> Self {
-        Self::Program { program, source: Box::new(source) }
+        Self::Program {
+            program,
+            source: Box::new(source),
+        }
     }
 }

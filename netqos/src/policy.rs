@@ -74,12 +74,12 @@ pub fn share_spare(capacity: u64, classes: &[ClassDemand]) -> Vec<u64> {
                 spare -= given;
                 // Rounding leftovers (< number of classes bytes/s) go to the
                 // heaviest class so that nothing is lost.
-                if spare > 0 {
-                    if let Some(&(i, _, room)) = open.iter().max_by_key(|&&(_, w, _)| w) {
-                        let add = spare.min(room.saturating_sub(extra[i]));
-                        extra[i] += add;
-                        spare -= add;
-                    }
+                if spare > 0
+                    && let Some(&(i, _, room)) = open.iter().max_by_key(|&&(_, w, _)| w)
+                {
+                    let add = spare.min(room.saturating_sub(extra[i]));
+                    extra[i] += add;
+                    spare -= add;
                 }
                 break;
             }
@@ -126,7 +126,12 @@ pub fn estimate_demand(o: &Observation) -> Option<u64> {
 /// Demand with hysteresis: a class is taken to want less only once its
 /// estimate said so for `hold_ns` without interruption; it is greedy again
 /// at once. `since` keeps when the current run of "wants less" began.
-pub fn held_demand(estimate: Option<u64>, since: &mut Option<u64>, now_ns: u64, hold_ns: u64) -> Option<u64> {
+pub fn held_demand(
+    estimate: Option<u64>,
+    since: &mut Option<u64>,
+    now_ns: u64,
+    hold_ns: u64,
+) -> Option<u64> {
     match estimate {
         None => {
             *since = None;
@@ -134,7 +139,11 @@ pub fn held_demand(estimate: Option<u64>, since: &mut Option<u64>, now_ns: u64, 
         }
         Some(d) => {
             let start = *since.get_or_insert(now_ns);
-            if now_ns.saturating_sub(start) >= hold_ns { Some(d) } else { None }
+            if now_ns.saturating_sub(start) >= hold_ns {
+                Some(d)
+            } else {
+                None
+            }
         }
     }
 }
@@ -153,7 +162,11 @@ pub fn ewma(prev: f64, sample: f64, dt_ns: u64, tau_ns: u64) -> f64 {
 /// during the last activity epoch (an idle connection does not count), at
 /// most the flows open now, at least one.
 pub fn active_flows(activated_last_epoch: u64, open: u64) -> u64 {
-    let n = if open > 0 { activated_last_epoch.min(open) } else { activated_last_epoch };
+    let n = if open > 0 {
+        activated_last_epoch.min(open)
+    } else {
+        activated_last_epoch
+    };
     n.max(1) * UNIT
 }
 
@@ -297,7 +310,12 @@ mod tests {
     const M: u64 = 125_000; // 1 mbit in bytes/s
 
     fn c(g: u64, prio: u32, demand: Option<u64>) -> ClassDemand {
-        ClassDemand { guarantee: g * M, ceil: 1000 * M, priority: prio, demand: demand.map(|d| d * M) }
+        ClassDemand {
+            guarantee: g * M,
+            ceil: 1000 * M,
+            priority: prio,
+            demand: demand.map(|d| d * M),
+        }
     }
 
     fn mbit(v: &[u64]) -> Vec<u64> {
@@ -346,17 +364,39 @@ mod tests {
 
     #[test]
     fn demand_estimation() {
-        let busy = Observation { rate: 95.0, alloc: 100, bytes: 1000, fill: 1.0, ..Default::default() };
+        let busy = Observation {
+            rate: 95.0,
+            alloc: 100,
+            bytes: 1000,
+            fill: 1.0,
+            ..Default::default()
+        };
         assert_eq!(estimate_demand(&busy), None);
-        let light = Observation { rate: 40.0, alloc: 100, bytes: 1000, fill: 0.9, ..Default::default() };
+        let light = Observation {
+            rate: 40.0,
+            alloc: 100,
+            bytes: 1000,
+            fill: 0.9,
+            ..Default::default()
+        };
         assert_eq!(estimate_demand(&light), Some(51));
         let draining = Observation { fill: 0.2, ..light };
         assert_eq!(estimate_demand(&draining), None);
-        let dropped = Observation { dropped_bytes: 1, ..light };
+        let dropped = Observation {
+            dropped_bytes: 1,
+            ..light
+        };
         assert_eq!(estimate_demand(&dropped), None);
-        let over = Observation { over_bytes: 100, ..light };
+        let over = Observation {
+            over_bytes: 100,
+            ..light
+        };
         assert_eq!(estimate_demand(&over), None);
-        let idle = Observation { alloc: 100, fill: 1.0, ..Default::default() };
+        let idle = Observation {
+            alloc: 100,
+            fill: 1.0,
+            ..Default::default()
+        };
         assert_eq!(estimate_demand(&idle), Some(1));
     }
 
@@ -391,9 +431,15 @@ mod tests {
     fn admission_names_the_numbers() {
         assert!(admit("veth0", 1000, [100, 300], 600).is_ok());
         let e = admit("veth0", 1000, [100, 300], 700).expect_err("over");
-        assert_eq!((e.existing, e.requested, e.total, e.capacity), (400, 700, 1100, 1000));
+        assert_eq!(
+            (e.existing, e.requested, e.total, e.capacity),
+            (400, 700, 1100, 1000)
+        );
         let msg = e.to_string();
-        assert!(msg.contains("1100bit") && msg.contains("veth0") && msg.contains("capacity is 1kbit"), "{msg}");
+        assert!(
+            msg.contains("1100bit") && msg.contains("veth0") && msg.contains("capacity is 1kbit"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -411,17 +457,35 @@ mod tests {
         let g = global_params(1000 * M, 7, &t);
         assert_eq!(g.pool_depth, 1_250_000);
         assert_eq!(g.shaped_ifindex, 7);
-        assert!(worth_update(&p, &ClassConfig { borrow_rate: 52 * M, ..p }));
-        assert!(!worth_update(&p, &ClassConfig { flow_base: 50 * M + 1000, ..p }));
+        assert!(worth_update(
+            &p,
+            &ClassConfig {
+                borrow_rate: 52 * M,
+                ..p
+            }
+        ));
+        assert!(!worth_update(
+            &p,
+            &ClassConfig {
+                flow_base: 50 * M + 1000,
+                ..p
+            }
+        ));
     }
 
     fn arb_class() -> impl Strategy<Value = ClassDemand> {
-        (1u64..500, 0u32..=7, prop::option::of(0u64..2000), 0u64..1000).prop_map(|(g, p, d, extra_ceil)| ClassDemand {
-            guarantee: g * M,
-            ceil: (g + extra_ceil) * M,
-            priority: p,
-            demand: d.map(|d| d * M),
-        })
+        (
+            1u64..500,
+            0u32..=7,
+            prop::option::of(0u64..2000),
+            0u64..1000,
+        )
+            .prop_map(|(g, p, d, extra_ceil)| ClassDemand {
+                guarantee: g * M,
+                ceil: (g + extra_ceil) * M,
+                priority: p,
+                demand: d.map(|d| d * M),
+            })
     }
 
     proptest! {

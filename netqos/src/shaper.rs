@@ -7,9 +7,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use qos_common::{policy::{UNIT, earned}, net::{
-    ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, LOWEST_PRIORITY, MAX_CLASSES, NetGlobal,
-}};
+use qos_common::{
+    net::{
+        ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, GLOBAL_RELEASE,
+        GLOBAL_REPLACE_BBR, LOWEST_PRIORITY, MAX_CLASSES, NetGlobal,
+    },
+    policy::{UNIT, earned},
+};
 use qos_core::{CgroupRef, Rate};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
@@ -159,8 +163,17 @@ pub struct ProgramStatsOut {
 
 impl From<ProgramStats> for ProgramStatsOut {
     fn from(p: ProgramStats) -> Self {
-        let ns = if p.run_count > 0 { p.run_time_ns as f64 / p.run_count as f64 } else { 0.0 };
-        Self { name: p.name, run_count: p.run_count, run_time_ns: p.run_time_ns, ns_per_run: ns }
+        let ns = if p.run_count > 0 {
+            p.run_time_ns as f64 / p.run_count as f64
+        } else {
+            0.0
+        };
+        Self {
+            name: p.name,
+            run_count: p.run_count,
+            run_time_ns: p.run_time_ns,
+            ns_per_run: ns,
+        }
     }
 }
 
@@ -214,7 +227,10 @@ impl Shaper {
     /// Loads and attaches the datapath on `settings.interface` and starts
     /// shaping with only the default class.
     pub fn start(settings: ShaperSettings, cgroup2_root: &Path) -> Result<Self, NetError> {
-        settings.container_interfaces.validate().map_err(NetError::InvalidQuota)?;
+        settings
+            .container_interfaces
+            .validate()
+            .map_err(NetError::InvalidQuota)?;
         if settings.default_priority > LOWEST_PRIORITY {
             return Err(NetError::InvalidQuota(format!(
                 "default priority {} is out of range 0..={LOWEST_PRIORITY}",
@@ -230,7 +246,12 @@ impl Shaper {
         let mut dp = Datapath::load(&settings.interface, cgroup2_root)?;
         let capacity = bytes(settings.capacity);
         let mut global = policy::global_params(capacity, dp.ifindex(), &settings.tuning);
-        global.flags = GLOBAL_ENABLED | if settings.replace_bbr { GLOBAL_REPLACE_BBR } else { 0 };
+        global.flags = GLOBAL_ENABLED
+            | if settings.replace_bbr {
+                GLOBAL_REPLACE_BBR
+            } else {
+                0
+            };
         let default_guarantee = settings.default_rate.map(bytes).unwrap_or(0);
         let default_quota = NetQuota {
             // Only shown; the guarantee below is what counts.
@@ -238,7 +259,14 @@ impl Shaper {
             ceil: None,
             priority: settings.default_priority,
         };
-        let cfg = policy::class_params(default_guarantee, capacity, settings.default_priority, 0, UNIT, &settings.tuning);
+        let cfg = policy::class_params(
+            default_guarantee,
+            capacity,
+            settings.default_priority,
+            0,
+            UNIT,
+            &settings.tuning,
+        );
         dp.reset_state(DEFAULT_SLOT, &cfg)?;
         dp.write_class(DEFAULT_SLOT, &cfg)?;
         dp.write_global(&global)?;
@@ -304,8 +332,15 @@ impl Shaper {
             .values()
             .filter(|c| c.name != name)
             .map(|c| c.quota.rate.bits_per_sec())
-            .chain(std::iter::once(self.settings.default_rate.map_or(0, Rate::bits_per_sec)));
-        policy::admit(&self.settings.interface, self.settings.capacity.bits_per_sec(), others, quota.rate.bits_per_sec())?;
+            .chain(std::iter::once(
+                self.settings.default_rate.map_or(0, Rate::bits_per_sec),
+            ));
+        policy::admit(
+            &self.settings.interface,
+            self.settings.capacity.bits_per_sec(),
+            others,
+            quota.rate.bits_per_sec(),
+        )?;
         Ok(())
     }
 
@@ -317,7 +352,14 @@ impl Shaper {
         let ceil = quota.ceil.map(bytes).unwrap_or(capacity);
         if let Some(c) = self.classes.get_mut(&cg.name) {
             if c.cgroup_id == cg.id {
-                let cfg = policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, c.flows, &self.settings.tuning);
+                let cfg = policy::class_params(
+                    bytes(quota.rate),
+                    ceil,
+                    quota.priority,
+                    0,
+                    c.flows,
+                    &self.settings.tuning,
+                );
                 self.dp.write_class(c.slot, &cfg)?;
                 c.cfg = cfg;
                 c.quota = quota;
@@ -329,7 +371,14 @@ impl Shaper {
             self.remove(&cg.name)?;
         }
         let slot = self.take_slot()?;
-        let cfg = policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, UNIT, &self.settings.tuning);
+        let cfg = policy::class_params(
+            bytes(quota.rate),
+            ceil,
+            quota.priority,
+            0,
+            UNIT,
+            &self.settings.tuning,
+        );
         let applied = (|| {
             self.dp.reset_state(slot, &cfg)?;
             self.dp.write_class(slot, &cfg)?;
@@ -372,7 +421,9 @@ impl Shaper {
 
     /// Removes a cgroup's quota. Its traffic falls back to the default class.
     pub fn remove(&mut self, name: &str) -> Result<bool, NetError> {
-        let Some(c) = self.classes.remove(name) else { return Ok(false) };
+        let Some(c) = self.classes.remove(name) else {
+            return Ok(false);
+        };
         self.dp.unmap_cgroup(c.cgroup_id)?;
         self.dp.write_class(c.slot, &ClassConfig::default())?;
         self.bump_generation()?;
@@ -401,8 +452,10 @@ impl Shaper {
 
     fn take_slot(&mut self) -> Result<u32, NetError> {
         let now = Instant::now();
-        let (ready, waiting): (Vec<_>, Vec<_>) =
-            self.quarantine.drain(..).partition(|(t, _)| now.duration_since(*t) >= SLOT_QUARANTINE);
+        let (ready, waiting): (Vec<_>, Vec<_>) = self
+            .quarantine
+            .drain(..)
+            .partition(|(t, _)| now.duration_since(*t) >= SLOT_QUARANTINE);
         self.quarantine = waiting;
         self.free.extend(ready.into_iter().map(|(_, s)| s));
         if let Some(s) = self.free.pop() {
@@ -443,9 +496,16 @@ impl Shaper {
             // class earned since its last packet.
             let since = now_ns.saturating_sub(st.last_ns);
             let own = (st.own + earned(since, c.cfg.guarantee) as i64).min(c.cfg.depth as i64);
-            let borrow = (st.borrow + earned(since, c.cfg.borrow_rate) as i64).min(c.cfg.borrow_depth as i64);
-            let fill = qos_common::policy::class_fill(own, c.cfg.depth, borrow, c.cfg.borrow_depth, c.cfg.borrow_rate, c.cfg.guarantee)
-                as f64
+            let borrow = (st.borrow + earned(since, c.cfg.borrow_rate) as i64)
+                .min(c.cfg.borrow_depth as i64);
+            let fill = qos_common::policy::class_fill(
+                own,
+                c.cfg.depth,
+                borrow,
+                c.cfg.borrow_depth,
+                c.cfg.borrow_rate,
+                c.cfg.guarantee,
+            ) as f64
                 / UNIT as f64;
             c.fill = policy::ewma(c.fill, fill, dt_ns, RATE_TAU_NS);
             let obs = Observation {
@@ -472,21 +532,40 @@ impl Shaper {
                 ceil,
                 priority: c.quota.priority,
                 demand: {
-                    c.silent_ticks = if d_bytes == 0 { c.silent_ticks.saturating_add(1) } else { 0 };
+                    c.silent_ticks = if d_bytes == 0 {
+                        c.silent_ticks.saturating_add(1)
+                    } else {
+                        0
+                    };
                     if c.silent_ticks >= SILENT_TICKS {
                         // Gone quiet: lend its share out now.
                         c.wants_less_since = Some(now_ns);
                         Some(0)
                     } else {
-                        policy::held_demand(policy::estimate_demand(&obs), &mut c.wants_less_since, now_ns, DEMAND_HOLD_NS)
+                        policy::held_demand(
+                            policy::estimate_demand(&obs),
+                            &mut c.wants_less_since,
+                            now_ns,
+                            DEMAND_HOLD_NS,
+                        )
                     }
                 },
             });
         }
         let shares = policy::share_spare(capacity, &demands);
-        for (c, extra) in std::iter::once(&mut self.default).chain(self.classes.values_mut()).zip(shares) {
+        for (c, extra) in std::iter::once(&mut self.default)
+            .chain(self.classes.values_mut())
+            .zip(shares)
+        {
             let d = &demands_for(c, capacity);
-            let cfg = policy::class_params(d.0, d.1, c.quota.priority, extra, c.flows, &self.settings.tuning);
+            let cfg = policy::class_params(
+                d.0,
+                d.1,
+                c.quota.priority,
+                extra,
+                c.flows,
+                &self.settings.tuning,
+            );
             if policy::worth_update(&c.cfg, &cfg) {
                 self.dp.write_class(c.slot, &cfg)?;
                 c.cfg = cfg;
@@ -507,7 +586,11 @@ impl Shaper {
     pub fn scan_interfaces(&mut self) {
         self.last_scan = Some(Instant::now());
         let all = ifaces::list(Path::new("/sys/class/net"));
-        let wanted = self.settings.container_interfaces.select(&all, &self.settings.interface, ifaces::driver);
+        let wanted = self.settings.container_interfaces.select(
+            &all,
+            &self.settings.interface,
+            ifaces::driver,
+        );
         self.dp.prune_taggers(&wanted);
         for name in wanted.values() {
             if let Err(e) = self.dp.attach_tagger(name) {
@@ -525,7 +608,11 @@ impl Shaper {
                 cgroup: c.name.clone(),
                 cgroup_id: c.cgroup_id,
                 slot: c.slot,
-                rate: if c.guarantee == 0 { "0".into() } else { c.quota.rate.to_string() },
+                rate: if c.guarantee == 0 {
+                    "0".into()
+                } else {
+                    c.quota.rate.to_string()
+                },
                 ceil: c.quota.ceil.unwrap_or(self.settings.capacity).to_string(),
                 priority: c.quota.priority,
                 alloc_bps: c.cfg.alloc * 8,
@@ -552,7 +639,12 @@ impl Shaper {
             classes,
             tagged_interfaces: self.dp.tagged_interfaces(),
             pool_tokens: self.dp.read_pool().map(|p| p.tokens).unwrap_or(0),
-            programs: self.dp.program_stats().into_iter().map(Into::into).collect(),
+            programs: self
+                .dp
+                .program_stats()
+                .into_iter()
+                .map(Into::into)
+                .collect(),
         }
     }
 

@@ -1,6 +1,11 @@
 //! The egress datapath for real: programs load into the running kernel,
 //! traffic crosses network namespaces, shares are measured at the receiver.
 //! Needs root (under CI a missing privilege fails the test).
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failure panics"
+)]
 
 use std::{
     sync::{
@@ -30,7 +35,13 @@ struct Group {
 }
 
 const fn tcp(quota: &'static str) -> Group {
-    Group { quota, ceil: None, priority: 0, udp_bps: None, tos: None }
+    Group {
+        quota,
+        ceil: None,
+        priority: 0,
+        udp_bps: None,
+        tos: None,
+    }
 }
 
 struct Outcome {
@@ -82,32 +93,61 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
     let tmp = tempfile::tempdir()?;
     let parent = CgroupDir::new("qos-test-")?;
     let h = qos_core::Hierarchy::detect()?;
-    let mut shaper = Shaper::start(settings(bed.shaped_if(), containers)?, &testbeds::cgroup2_root()?)?;
+    let mut shaper = Shaper::start(
+        settings(bed.shaped_if(), containers)?,
+        &testbeds::cgroup2_root()?,
+    )?;
     let mut places = Vec::new();
     for (i, g) in groups.iter().enumerate() {
         let dir = parent.child(&format!("g{i}"))?;
         let cg = h.resolve(&format!("{}/g{i}", parent.name()))?;
-        let quota = NetQuota { rate: g.quota.parse()?, ceil: g.ceil.map(str::parse).transpose()?, priority: g.priority };
+        let quota = NetQuota {
+            rate: g.quota.parse()?,
+            ceil: g.ceil.map(str::parse).transpose()?,
+            priority: g.priority,
+        };
         shaper.set(&cg, quota)?;
         let netns = containers.then(|| bed.containers[i].ns.path());
-        places.push(Placement { cgroup: Some(dir), netns });
+        places.push(Placement {
+            cgroup: Some(dir),
+            netns,
+        });
     }
     if containers {
         shaper.scan_interfaces();
     }
     let (stop, handle) = control_loop(shaper);
-    let peer = Placement { cgroup: None, netns: Some(bed.peer.path()) };
+    let peer = Placement {
+        cgroup: None,
+        netns: Some(bed.peer.path()),
+    };
     let mut pairs = Vec::new();
     for (i, (g, p)) in groups.iter().zip(&places).enumerate() {
         let port = 5301 + i as u16;
         let server = Server::start(&peer, bed.peer_ip, port, tmp.path(), 0.1)?;
-        let src = if containers { bed.containers[i].ip } else { bed.sender_ips[i] };
-        let opts = ClientOpts { seconds: secs, parallel: 1, udp_bps: g.udp_bps, bind: Some(src), tos: g.tos };
-        pairs.push((server, Client::start(p, bed.peer_ip, port, &opts, tmp.path())?));
+        let src = if containers {
+            bed.containers[i].ip
+        } else {
+            bed.sender_ips[i]
+        };
+        let opts = ClientOpts {
+            seconds: secs,
+            parallel: 1,
+            udp_bps: g.udp_bps,
+            bind: Some(src),
+            tos: g.tos,
+        };
+        pairs.push((
+            server,
+            Client::start(p, bed.peer_ip, port, &opts, tmp.path())?,
+        ));
     }
     if std::env::var_os("QOS_TEST_SS").is_some() {
         std::thread::sleep(Duration::from_secs_f64(secs / 2.0));
-        eprintln!("{}", testbeds::run("ss", &["-tin", "dst", &bed.peer_ip.to_string()]).unwrap_or_default());
+        eprintln!(
+            "{}",
+            testbeds::run("ss", &["-tin", "dst", &bed.peer_ip.to_string()]).unwrap_or_default()
+        );
     }
     let mut rates = Vec::new();
     for ((server, client), g) in pairs.into_iter().zip(groups) {
@@ -126,12 +166,23 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
     shaper.stop();
     eprintln!("rates (mbit): {rates:?}");
     for c in &status.classes {
-        eprintln!("  {} alloc {} rate {} own {} borrow {} mult {:.2} flows {} over {} borrowed {}", c.cgroup, c.alloc_bps, c.rate_bps, c.own_tokens, c.borrow_tokens, c.pacing_multiplier, c.active_flows, c.over_bytes, c.borrowed_bytes);
+        eprintln!(
+            "  {} alloc {} rate {} own {} borrow {} mult {:.2} flows {} over {} borrowed {}",
+            c.cgroup,
+            c.alloc_bps,
+            c.rate_bps,
+            c.own_tokens,
+            c.borrow_tokens,
+            c.pacing_multiplier,
+            c.active_flows,
+            c.over_bytes,
+            c.borrowed_bytes
+        );
     }
     Ok(Outcome { rates, status })
 }
 
-fn class<'a>(s: &'a netqos::NetStatus, i: usize) -> &'a netqos::NetClassStatus {
+fn class(s: &netqos::NetStatus, i: usize) -> &netqos::NetClassStatus {
     // Class 0 is the default class; groups follow in order of creation.
     &s.classes[i + 1]
 }
@@ -141,9 +192,16 @@ fn busy_classes_get_their_guarantees() -> Result<()> {
     if !require_root("busy_classes_get_their_guarantees") {
         return Ok(());
     }
-    let o = run(&[tcp("100mbit"), tcp("300mbit"), tcp("600mbit")], false, 4.0)?;
+    let o = run(
+        &[tcp("100mbit"), tcp("300mbit"), tcp("600mbit")],
+        false,
+        4.0,
+    )?;
     for (r, q) in o.rates.iter().zip([100.0, 300.0, 600.0]) {
-        assert!(*r >= 0.93 * q && *r <= 1.05 * q, "class with {q} mbit got {r:.1}");
+        assert!(
+            *r >= 0.93 * q && *r <= 1.05 * q,
+            "class with {q} mbit got {r:.1}"
+        );
     }
     // Paced flows need neither marks nor drops.
     for i in 0..3 {
@@ -161,7 +219,11 @@ fn spare_capacity_is_shared_in_proportion_to_guarantees() -> Result<()> {
     let o = run(&[tcp("50mbit"), tcp("150mbit")], false, 4.0)?;
     let ratio = o.rates[1] / o.rates[0];
     assert!((ratio - 3.0).abs() < 0.3, "ratio {ratio:.2}");
-    assert!(o.rates.iter().sum::<f64>() > 930.0, "capacity unused: {:?}", o.rates);
+    assert!(
+        o.rates.iter().sum::<f64>() > 930.0,
+        "capacity unused: {:?}",
+        o.rates
+    );
     Ok(())
 }
 
@@ -170,10 +232,20 @@ fn higher_priority_borrows_first_up_to_its_ceiling() -> Result<()> {
     if !require_root("higher_priority_borrows_first_up_to_its_ceiling") {
         return Ok(());
     }
-    let hi = Group { ceil: Some("600mbit"), ..tcp("100mbit") };
-    let lo = Group { priority: 3, ..tcp("100mbit") };
+    let hi = Group {
+        ceil: Some("600mbit"),
+        ..tcp("100mbit")
+    };
+    let lo = Group {
+        priority: 3,
+        ..tcp("100mbit")
+    };
     let o = run(&[hi, lo], false, 4.0)?;
-    assert!(o.rates[0] > 560.0 && o.rates[0] < 640.0, "high priority got {:.1}", o.rates[0]);
+    assert!(
+        o.rates[0] > 560.0 && o.rates[0] < 640.0,
+        "high priority got {:.1}",
+        o.rates[0]
+    );
     assert!(o.rates[1] > 350.0, "low priority got {:.1}", o.rates[1]);
     Ok(())
 }
@@ -184,9 +256,16 @@ fn container_traffic_is_classified_by_its_cgroup() -> Result<()> {
         return Ok(());
     }
     let o = run(&[tcp("200mbit"), tcp("800mbit")], true, 4.0)?;
-    assert!(o.rates[0] >= 0.93 * 200.0 && o.rates[0] <= 1.07 * 200.0, "{:?}", o.rates);
+    assert!(
+        o.rates[0] >= 0.93 * 200.0 && o.rates[0] <= 1.07 * 200.0,
+        "{:?}",
+        o.rates
+    );
     assert!(o.rates[1] >= 0.93 * 800.0, "{:?}", o.rates);
-    assert!(class(&o.status, 0).bytes > 0 && class(&o.status, 1).bytes > 0, "forwarded bytes not attributed");
+    assert!(
+        class(&o.status, 0).bytes > 0 && class(&o.status, 1).bytes > 0,
+        "forwarded bytes not attributed"
+    );
     assert!(!o.status.tagged_interfaces.is_empty());
     Ok(())
 }
@@ -196,7 +275,10 @@ fn a_non_responsive_sender_is_dropped_down_to_its_share() -> Result<()> {
     if !require_root("a_non_responsive_sender_is_dropped_down_to_its_share") {
         return Ok(());
     }
-    let flood = Group { udp_bps: Some(1_000_000_000), ..tcp("300mbit") };
+    let flood = Group {
+        udp_bps: Some(1_000_000_000),
+        ..tcp("300mbit")
+    };
     let o = run(&[flood, tcp("700mbit")], false, 4.0)?;
     assert!(o.rates[0] < 330.0, "udp got {:.1}", o.rates[0]);
     assert!(o.rates[1] >= 0.93 * 700.0, "tcp got {:.1}", o.rates[1]);
@@ -213,7 +295,11 @@ fn ecn_capable_traffic_is_marked_before_it_is_dropped() -> Result<()> {
     }
     // An ECT(0) sender that ignores the marks: it is marked first, and only
     // the excess beyond the drop threshold is dropped.
-    let ect = Group { udp_bps: Some(600_000_000), tos: Some(2), ..tcp("300mbit") };
+    let ect = Group {
+        udp_bps: Some(600_000_000),
+        tos: Some(2),
+        ..tcp("300mbit")
+    };
     let o = run(&[ect, tcp("700mbit")], false, 3.0)?;
     let c = class(&o.status, 0);
     assert!(c.ce_marks > 0, "no CE marks");
@@ -229,24 +315,58 @@ fn stopping_removes_every_program_and_mapping() -> Result<()> {
     let bed = EgressBed::new(1, 0)?;
     let parent = CgroupDir::new("qos-test-")?;
     let h = qos_core::Hierarchy::detect()?;
-    let mut shaper = Shaper::start(settings(bed.shaped_if(), false)?, &testbeds::cgroup2_root()?)?;
+    let mut shaper = Shaper::start(
+        settings(bed.shaped_if(), false)?,
+        &testbeds::cgroup2_root()?,
+    )?;
     parent.child("a")?;
     let cg = h.resolve(&format!("{}/a", parent.name()))?;
-    shaper.set(&cg, NetQuota { rate: "10mbit".parse()?, ceil: None, priority: 0 })?;
+    shaper.set(
+        &cg,
+        NetQuota {
+            rate: "10mbit".parse()?,
+            ceil: None,
+            priority: 0,
+        },
+    )?;
     assert_eq!(shaper.datapath().cgroup_entries(), 1);
-    let (n, progs) = aya::programs::SchedClassifier::query_tcx(bed.shaped_if(), aya::programs::TcAttachType::Egress)?;
+    let (n, progs) = aya::programs::SchedClassifier::query_tcx(
+        bed.shaped_if(),
+        aya::programs::TcAttachType::Egress,
+    )?;
     assert!(n > 0 && progs.len() == 1, "egress program not attached");
     assert!(shaper.remove(&cg.name)?);
-    assert_eq!(shaper.datapath().cgroup_entries(), 0, "cgroup mapping left behind");
-    assert!(!shaper.remove(&cg.name)?, "second removal must report nothing to remove");
-    let ids: Vec<u32> = shaper.datapath().program_ids().into_iter().map(|(_, id)| id).collect();
+    assert_eq!(
+        shaper.datapath().cgroup_entries(),
+        0,
+        "cgroup mapping left behind"
+    );
+    assert!(
+        !shaper.remove(&cg.name)?,
+        "second removal must report nothing to remove"
+    );
+    let ids: Vec<u32> = shaper
+        .datapath()
+        .program_ids()
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
     assert_eq!(ids.len(), 3);
     shaper.stop();
-    let (_, progs) = aya::programs::SchedClassifier::query_tcx(bed.shaped_if(), aya::programs::TcAttachType::Egress)?;
+    let (_, progs) = aya::programs::SchedClassifier::query_tcx(
+        bed.shaped_if(),
+        aya::programs::TcAttachType::Egress,
+    )?;
     assert!(progs.is_empty(), "egress program still attached");
-    let loaded: Vec<u32> = aya::programs::loaded_programs().filter_map(|p| p.ok()).map(|p| p.id()).collect();
+    let loaded: Vec<u32> = aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .map(|p| p.id())
+        .collect();
     for id in ids {
-        assert!(!loaded.contains(&id), "program {id} still loaded (pacer still on the cgroup root?)");
+        assert!(
+            !loaded.contains(&id),
+            "program {id} still loaded (pacer still on the cgroup root?)"
+        );
     }
     Ok(())
 }
@@ -257,19 +377,30 @@ fn bad_settings_and_quotas_are_refused_without_side_effects() -> Result<()> {
         return Ok(());
     }
     let root = testbeds::cgroup2_root()?;
-    let e = Shaper::start(settings("qos-no-such-if", false)?, &root).expect_err("missing interface");
-    assert!(e.to_string().contains("'qos-no-such-if' does not exist"), "{e}");
+    let e =
+        Shaper::start(settings("qos-no-such-if", false)?, &root).expect_err("missing interface");
+    assert!(
+        e.to_string().contains("'qos-no-such-if' does not exist"),
+        "{e}"
+    );
     let bed = EgressBed::new(1, 0)?;
     let mut shaper = Shaper::start(settings(bed.shaped_if(), false)?, &root)?;
     let parent = CgroupDir::new("qos-test-")?;
     parent.child("a")?;
     let cg = qos_core::Hierarchy::detect()?.resolve(&format!("{}/a", parent.name()))?;
     let q = |rate: &str, ceil: Option<&str>, priority| -> Result<NetQuota> {
-        Ok(NetQuota { rate: rate.parse()?, ceil: ceil.map(str::parse).transpose()?, priority })
+        Ok(NetQuota {
+            rate: rate.parse()?,
+            ceil: ceil.map(str::parse).transpose()?,
+            priority,
+        })
     };
     for (quota, needle) in [
         (q("2gbit", None, 0)?, "exceeds the interface capacity"),
-        (q("100mbit", Some("50mbit"), 0)?, "below the guaranteed rate"),
+        (
+            q("100mbit", Some("50mbit"), 0)?,
+            "below the guaranteed rate",
+        ),
         (q("100mbit", Some("2gbit"), 0)?, "ceil 2gbit exceeds"),
         (q("100mbit", None, 8)?, "priority 8 is out of range"),
     ] {
@@ -279,9 +410,19 @@ fn bad_settings_and_quotas_are_refused_without_side_effects() -> Result<()> {
     shaper.set(&cg, q("900mbit", None, 0)?)?;
     parent.child("b")?;
     let cg2 = qos_core::Hierarchy::detect()?.resolve(&format!("{}/b", parent.name()))?;
-    let e = shaper.set(&cg2, q("200mbit", None, 0)?).expect_err("admission").to_string();
-    assert!(e.contains("would total 1100mbit") && e.contains("capacity is 1gbit"), "{e}");
-    assert_eq!(shaper.datapath().cgroup_entries(), 1, "refused quota left a mapping");
+    let e = shaper
+        .set(&cg2, q("200mbit", None, 0)?)
+        .expect_err("admission")
+        .to_string();
+    assert!(
+        e.contains("would total 1100mbit") && e.contains("capacity is 1gbit"),
+        "{e}"
+    );
+    assert_eq!(
+        shaper.datapath().cgroup_entries(),
+        1,
+        "refused quota left a mapping"
+    );
     assert_eq!(shaper.status().classes.len(), 2);
     shaper.stop();
     Ok(())

@@ -35,7 +35,15 @@ pub struct Scenario {
 }
 
 const fn g(name: &'static str, quota: u64, priority: u32, demand: Demand) -> GroupSpec {
-    GroupSpec { name, quota_permille: quota, ceil_permille: None, priority, demand, flows: 1, udp: false }
+    GroupSpec {
+        name,
+        quota_permille: quota,
+        ceil_permille: None,
+        priority,
+        demand,
+        flows: 1,
+        udp: false,
+    }
 }
 
 /// The eight egress scenarios.
@@ -45,20 +53,31 @@ pub fn scenarios() -> Vec<Scenario> {
         Scenario {
             name: "all-busy",
             about: "quotas 10/30/60 % of capacity, all busy: each gets its quota",
-            groups: vec![g("a", 100, 0, Busy), g("b", 300, 0, Busy), g("c", 600, 0, Busy)],
+            groups: vec![
+                g("a", 100, 0, Busy),
+                g("b", 300, 0, Busy),
+                g("c", 600, 0, Busy),
+            ],
             containers: false,
         },
         Scenario {
             name: "one-idle",
             about: "c idle: a and b share its quota 1:3",
-            groups: vec![g("a", 100, 0, Busy), g("b", 300, 0, Busy), g("c", 600, 0, Idle)],
+            groups: vec![
+                g("a", 100, 0, Busy),
+                g("b", 300, 0, Busy),
+                g("c", 600, 0, Idle),
+            ],
             containers: false,
         },
         Scenario {
             name: "priority",
             about: "c idle: spare goes to a (priority 0) up to its 50 % ceiling, the rest to b (priority 1)",
             groups: vec![
-                GroupSpec { ceil_permille: Some(500), ..g("a", 100, 0, Busy) },
+                GroupSpec {
+                    ceil_permille: Some(500),
+                    ..g("a", 100, 0, Busy)
+                },
                 g("b", 300, 1, Busy),
                 g("c", 600, 0, Idle),
             ],
@@ -67,31 +86,55 @@ pub fn scenarios() -> Vec<Scenario> {
         Scenario {
             name: "proportional",
             about: "quotas 1:2:3 (60 % in all), equal priority, all greedy: spare shared 1:2:3",
-            groups: vec![g("a", 100, 0, Busy), g("b", 200, 0, Busy), g("c", 300, 0, Busy)],
+            groups: vec![
+                g("a", 100, 0, Busy),
+                g("b", 200, 0, Busy),
+                g("c", 300, 0, Busy),
+            ],
             containers: false,
         },
         Scenario {
             name: "on-off",
             about: "c goes idle for a third of the run and comes back: it must regain its quota quickly",
-            groups: vec![g("a", 100, 0, Busy), g("b", 300, 0, Busy), g("c", 600, 0, OnOff)],
+            groups: vec![
+                g("a", 100, 0, Busy),
+                g("b", 300, 0, Busy),
+                g("c", 600, 0, OnOff),
+            ],
             containers: false,
         },
         Scenario {
             name: "many-flows",
             about: "32 flows against 1 flow, equal quotas: equal shares",
-            groups: vec![GroupSpec { flows: 32, ..g("many", 400, 0, Busy) }, g("one", 400, 0, Busy)],
+            groups: vec![
+                GroupSpec {
+                    flows: 32,
+                    ..g("many", 400, 0, Busy)
+                },
+                g("one", 400, 0, Busy),
+            ],
             containers: false,
         },
         Scenario {
             name: "udp",
             about: "a UDP sender offering the whole capacity against a TCP cgroup, equal quotas",
-            groups: vec![GroupSpec { udp: true, ..g("udp", 500, 0, Busy) }, g("tcp", 500, 0, Busy)],
+            groups: vec![
+                GroupSpec {
+                    udp: true,
+                    ..g("udp", 500, 0, Busy)
+                },
+                g("tcp", 500, 0, Busy),
+            ],
             containers: false,
         },
         Scenario {
             name: "containers",
             about: "all-busy with every sender in its own network namespace behind a veth, routed out",
-            groups: vec![g("a", 100, 0, Busy), g("b", 300, 0, Busy), g("c", 600, 0, Busy)],
+            groups: vec![
+                g("a", 100, 0, Busy),
+                g("b", 300, 0, Busy),
+                g("c", 600, 0, Busy),
+            ],
             containers: true,
         },
     ]
@@ -138,13 +181,18 @@ pub fn mean_between(w: &Windows, from: f64, to: f64) -> f64 {
     let (bits, secs) = w
         .iter()
         .filter(|(a, b, _)| *a >= from - 1e-9 && *b <= to + 1e-9)
-        .fold((0.0, 0.0), |(bits, secs), (a, b, r)| (bits + r * (b - a), secs + (b - a)));
+        .fold((0.0, 0.0), |(bits, secs), (a, b, r)| {
+            (bits + r * (b - a), secs + (b - a))
+        });
     if secs > 0.0 { bits / secs } else { 0.0 }
 }
 
 /// Rates of the windows that lie within [from, to].
 pub fn rates_between(w: &Windows, from: f64, to: f64) -> Vec<f64> {
-    w.iter().filter(|(a, b, _)| *a >= from - 1e-9 && *b <= to + 1e-9).map(|w| w.2).collect()
+    w.iter()
+        .filter(|(a, b, _)| *a >= from - 1e-9 && *b <= to + 1e-9)
+        .map(|w| w.2)
+        .collect()
 }
 
 #[cfg(test)]
@@ -156,7 +204,16 @@ mod tests {
         let names: Vec<_> = scenarios().iter().map(|s| s.name).collect();
         assert_eq!(
             names,
-            ["all-busy", "one-idle", "priority", "proportional", "on-off", "many-flows", "udp", "containers"]
+            [
+                "all-busy",
+                "one-idle",
+                "priority",
+                "proportional",
+                "on-off",
+                "many-flows",
+                "udp",
+                "containers"
+            ]
         );
         for s in scenarios() {
             let total: u64 = s.groups.iter().map(|g| g.quota_permille).sum();
@@ -179,7 +236,12 @@ mod tests {
 
     #[test]
     fn windows() {
-        let w: Windows = vec![(0.0, 0.1, 0.0), (0.1, 0.2, 50.0), (0.2, 0.3, 100.0), (0.3, 0.4, 100.0)];
+        let w: Windows = vec![
+            (0.0, 0.1, 0.0),
+            (0.1, 0.2, 50.0),
+            (0.2, 0.3, 100.0),
+            (0.3, 0.4, 100.0),
+        ];
         assert_eq!(recovery_ms(&w, 0.15, 100.0).map(|r| r.round()), Some(150.0));
         assert_eq!(recovery_ms(&w, 0.15, 1000.0), None);
         assert!((mean_between(&w, 0.2, 0.4) - 100.0).abs() < 1e-9);

@@ -24,7 +24,11 @@ pub const UDP_OVERHEAD: u64 = 42;
 
 /// Wire bytes (what tc and HTB charge) of `payload` bytes of bulk traffic.
 pub fn wire_bytes(payload: u64, udp: bool) -> u64 {
-    let (seg, ovh) = if udp { (UDP_PAYLOAD, UDP_OVERHEAD) } else { (TCP_MSS, TCP_OVERHEAD) };
+    let (seg, ovh) = if udp {
+        (UDP_PAYLOAD, UDP_OVERHEAD)
+    } else {
+        (TCP_MSS, TCP_OVERHEAD)
+    };
     payload + payload.div_ceil(seg) * ovh
 }
 
@@ -54,14 +58,31 @@ pub struct Server {
 
 impl Server {
     /// Starts `iperf3 -s -1` on `port` and waits until it listens.
-    pub fn start(place: &Placement, bind: Ipv4Addr, port: u16, out_dir: &Path, interval: f64) -> Result<Self> {
+    pub fn start(
+        place: &Placement,
+        bind: Ipv4Addr,
+        port: u16,
+        out_dir: &Path,
+        interval: f64,
+    ) -> Result<Self> {
         let out = out_dir.join(format!("server-{port}.json"));
-        let file = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+        let file =
+            std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
         let mut cmd = Command::new("iperf3");
-        cmd.args(["-s", "-1", "-J", "-B", &bind.to_string(), "-p", &port.to_string(), "-i", &interval.to_string()])
-            .stdout(file)
-            .stderr(Stdio::null())
-            .stdin(Stdio::null());
+        cmd.args([
+            "-s",
+            "-1",
+            "-J",
+            "-B",
+            &bind.to_string(),
+            "-p",
+            &port.to_string(),
+            "-i",
+            &interval.to_string(),
+        ])
+        .stdout(file)
+        .stderr(Stdio::null())
+        .stdin(Stdio::null());
         let child = KillOnDrop(spawn(place, &mut cmd)?);
         let s = Self { child, out, port };
         // Listening shows in /proc/net/tcp of the server's namespace; the
@@ -70,7 +91,10 @@ impl Server {
         let hex_port = format!(":{:04X} ", port);
         if !wait_for(Duration::from_secs(5), || {
             std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))
-                .map(|t| t.lines().any(|l| l.contains(&hex_port) && l.split_whitespace().nth(3) == Some("0A")))
+                .map(|t| {
+                    t.lines()
+                        .any(|l| l.contains(&hex_port) && l.split_whitespace().nth(3) == Some("0A"))
+                })
                 .unwrap_or(false)
         }) {
             bail!("iperf3 server on port {port} did not start listening");
@@ -101,14 +125,22 @@ pub fn parse_server(text: &str) -> Result<ServerReport> {
     let mut r = ServerReport::default();
     for iv in v["intervals"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         let s = &iv["sum"];
-        let (Some(a), Some(b), Some(bytes)) = (s["start"].as_f64(), s["end"].as_f64(), s["bytes"].as_u64()) else {
+        let (Some(a), Some(b), Some(bytes)) =
+            (s["start"].as_f64(), s["end"].as_f64(), s["bytes"].as_u64())
+        else {
             continue;
         };
         r.intervals.push((a, b, bytes));
     }
     let end = &v["end"];
-    let sum = if end["sum_received"].is_object() { &end["sum_received"] } else { &end["sum"] };
-    r.bytes = sum["bytes"].as_u64().unwrap_or_else(|| r.intervals.iter().map(|i| i.2).sum());
+    let sum = if end["sum_received"].is_object() {
+        &end["sum_received"]
+    } else {
+        &end["sum"]
+    };
+    r.bytes = sum["bytes"]
+        .as_u64()
+        .unwrap_or_else(|| r.intervals.iter().map(|i| i.2).sum());
     r.seconds = sum["seconds"].as_f64().unwrap_or(0.0);
     Ok(r)
 }
@@ -133,15 +165,29 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn start(place: &Placement, server: Ipv4Addr, port: u16, opts: &ClientOpts, out_dir: &Path) -> Result<Self> {
+    pub fn start(
+        place: &Placement,
+        server: Ipv4Addr,
+        port: u16,
+        opts: &ClientOpts,
+        out_dir: &Path,
+    ) -> Result<Self> {
         let out = out_dir.join(format!("client-{port}.json"));
         let file = std::fs::File::create(&out)?;
         let mut cmd = Command::new("iperf3");
-        cmd.args(["-c", &server.to_string(), "-p", &port.to_string(), "-J", "-t", &format!("{}", opts.seconds)])
-            .args(["-P", &opts.parallel.max(1).to_string()])
-            .stdout(file)
-            .stderr(Stdio::null())
-            .stdin(Stdio::null());
+        cmd.args([
+            "-c",
+            &server.to_string(),
+            "-p",
+            &port.to_string(),
+            "-J",
+            "-t",
+            &format!("{}", opts.seconds),
+        ])
+        .args(["-P", &opts.parallel.max(1).to_string()])
+        .stdout(file)
+        .stderr(Stdio::null())
+        .stdin(Stdio::null());
         if let Some(b) = opts.bind {
             cmd.args(["-B", &b.to_string()]);
         }
@@ -161,7 +207,9 @@ impl Client {
             nix::unistd::Pid::from_raw(self.child.0.id() as i32),
             nix::sys::signal::Signal::SIGINT,
         );
-        let _ = wait_for(Duration::from_secs(3), || matches!(self.child.0.try_wait(), Ok(Some(_))));
+        let _ = wait_for(Duration::from_secs(3), || {
+            matches!(self.child.0.try_wait(), Ok(Some(_)))
+        });
     }
 
     pub fn finish(mut self, timeout: Duration) -> Result<ClientReport> {
@@ -184,7 +232,11 @@ pub fn parse_client(text: &str) -> Result<ClientReport> {
         bail!("iperf3 client: {e}");
     }
     let end = &v["end"];
-    let sent = if end["sum_sent"].is_object() { &end["sum_sent"] } else { &end["sum"] };
+    let sent = if end["sum_sent"].is_object() {
+        &end["sum_sent"]
+    } else {
+        &end["sum"]
+    };
     Ok(ClientReport {
         bytes: sent["bytes"].as_u64().unwrap_or(0),
         retransmits: sent["retransmits"].as_u64().unwrap_or(0),

@@ -30,7 +30,10 @@ pub fn unique(prefix: &str) -> String {
 }
 
 fn nanos_now() -> u32 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
 }
 
 /// Whether this process may build testbeds. Without root: under CI this
@@ -55,7 +58,11 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
         .output()
         .with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
-        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -128,8 +135,24 @@ pub struct Veth {
 
 impl Veth {
     pub fn new(host: &str, peer: &str, peer_ns: &Netns) -> Result<Self> {
-        run("ip", &["link", "add", host, "type", "veth", "peer", "name", peer, "netns", peer_ns.name()])?;
-        let v = Self { host: host.to_owned() };
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                host,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                peer,
+                "netns",
+                peer_ns.name(),
+            ],
+        )?;
+        let v = Self {
+            host: host.to_owned(),
+        };
         run("ip", &["link", "set", host, "up"])?;
         peer_ns.ip(&["link", "set", peer, "up"])?;
         Ok(v)
@@ -156,9 +179,13 @@ pub struct Sysctl {
 impl Sysctl {
     pub fn set(key: &str, value: &str) -> Result<Self> {
         let path = Path::new("/proc/sys").join(key.replace('.', "/"));
-        let old = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let old = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         std::fs::write(&path, value).with_context(|| format!("writing {}", path.display()))?;
-        Ok(Self { path, old: old.trim().to_owned() })
+        Ok(Self {
+            path,
+            old: old.trim().to_owned(),
+        })
     }
 }
 
@@ -202,7 +229,10 @@ impl CgroupDir {
 
     /// Name relative to the cgroup2 root.
     pub fn name(&self) -> String {
-        self.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+        self.path
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -216,9 +246,15 @@ fn kill_and_remove(dir: &Path) {
     }
     for _ in 0..100 {
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let pids: Vec<i32> = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
         for p in &pids {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
             return;
@@ -256,12 +292,14 @@ pub fn spawn(place: &Placement, cmd: &mut Command) -> Result<Child> {
             }
             if let Some(ns) = &netns {
                 let f = std::fs::File::open(ns)?;
-                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
             }
             Ok(())
         });
     }
-    cmd.spawn().with_context(|| format!("spawning {:?}", cmd.get_program()))
+    cmd.spawn()
+        .with_context(|| format!("spawning {:?}", cmd.get_program()))
 }
 
 /// A child process killed on drop.

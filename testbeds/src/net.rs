@@ -63,16 +63,29 @@ impl EgressBed {
         let shaped = Veth::new(&host_if, &peer_if, &peer)?;
         let host_ip = Ipv4Addr::new(10, net, 0, 1);
         let peer_ip = Ipv4Addr::new(10, net, 0, 2);
-        run("ip", &["addr", "add", &format!("{host_ip}/24"), "dev", &host_if])?;
+        run(
+            "ip",
+            &["addr", "add", &format!("{host_ip}/24"), "dev", &host_if],
+        )?;
         peer.ip(&["addr", "add", &format!("{peer_ip}/24"), "dev", &peer_if])?;
-        peer.ip(&["route", "add", &format!("10.{net}.0.0/16"), "via", &host_ip.to_string()])?;
+        peer.ip(&[
+            "route",
+            "add",
+            &format!("10.{net}.0.0/16"),
+            "via",
+            &host_ip.to_string(),
+        ])?;
         let mut sender_ips = Vec::new();
         for i in 0..senders {
             let ip = Ipv4Addr::new(10, net, 0, 10 + i as u8);
             run("ip", &["addr", "add", &format!("{ip}/32"), "dev", &host_if])?;
             sender_ips.push(ip);
         }
-        let forward = if containers > 0 { Some(Sysctl::set("net.ipv4.ip_forward", "1")?) } else { None };
+        let forward = if containers > 0 {
+            Some(Sysctl::set("net.ipv4.ip_forward", "1")?)
+        } else {
+            None
+        };
         let mut bed = Self {
             containers: Vec::new(),
             shaped,
@@ -84,7 +97,8 @@ impl EgressBed {
             _forward: forward,
         };
         for i in 0..containers {
-            bed.add_container(i).with_context(|| format!("container {i}"))?;
+            bed.add_container(i)
+                .with_context(|| format!("container {i}"))?;
         }
         // Receivers accept ECN (the kernel default for servers is to accept).
         bed.peer.exec("sysctl", &["-qw", "net.ipv4.tcp_ecn=1"])?;

@@ -5,8 +5,10 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
 
-const FONT_PATHS: [&str; 2] =
-    ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
+const FONT_PATHS: [&str; 2] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+];
 
 fn ensure_font() -> Result<()> {
     static ONCE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
@@ -33,12 +35,19 @@ pub struct Line {
 }
 
 /// One panel per (title, lines), side by side, sharing the y range.
-pub fn rate_panels(path: &Path, title: &str, y_label: &str, panels: &[(String, Vec<Line>)]) -> Result<()> {
+pub fn rate_panels(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    panels: &[(String, Vec<Line>)],
+) -> Result<()> {
     ensure_font()?;
     let width = 620 * panels.len().max(1) as u32;
     let root = BitMapBackend::new(path, (width, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-    let root = root.titled(title, ("sans-serif", 22)).map_err(|e| anyhow!("{e}"))?;
+    let root = root
+        .titled(title, ("sans-serif", 22))
+        .map_err(|e| anyhow!("{e}"))?;
     let areas = root.split_evenly((1, panels.len().max(1)));
     let x_max = panels
         .iter()
@@ -46,10 +55,18 @@ pub fn rate_panels(path: &Path, title: &str, y_label: &str, panels: &[(String, V
         .fold(1.0f64, f64::max);
     let y_max = panels
         .iter()
-        .flat_map(|(_, ls)| ls.iter().flat_map(|l| l.points.iter().map(|p| p.1).chain(l.expected)))
+        .flat_map(|(_, ls)| {
+            ls.iter()
+                .flat_map(|l| l.points.iter().map(|p| p.1).chain(l.expected))
+        })
         .fold(1.0f64, f64::max)
         * 1.1;
-    let palette = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+    ];
     for (area, (name, lines)) in areas.iter().zip(panels) {
         let mut chart = ChartBuilder::on(area)
             .caption(name, ("sans-serif", 18))
@@ -67,14 +84,24 @@ pub fn rate_panels(path: &Path, title: &str, y_label: &str, panels: &[(String, V
         for (i, l) in lines.iter().enumerate() {
             let color = palette[i % palette.len()];
             chart
-                .draw_series(LineSeries::new(l.points.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    l.points.iter().copied(),
+                    color.stroke_width(2),
+                ))
                 .map_err(|e| anyhow!("{e}"))?
                 .label(l.label.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
             if let Some(e) = l.expected {
                 let dashes = (0..(x_max * 4.0) as usize)
                     .filter(|k| k % 2 == 0)
-                    .map(move |k| PathElement::new(vec![(k as f64 / 4.0, e), ((k as f64 + 1.0) / 4.0, e)], color));
+                    .map(move |k| {
+                        PathElement::new(
+                            vec![(k as f64 / 4.0, e), ((k as f64 + 1.0) / 4.0, e)],
+                            color,
+                        )
+                    });
                 chart.draw_series(dashes).map_err(|e| anyhow!("{e}"))?;
             }
         }
@@ -86,6 +113,7 @@ pub fn rate_panels(path: &Path, title: &str, y_label: &str, panels: &[(String, V
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
     }
-    root.present().with_context(|| format!("writing {}", path.display()))?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

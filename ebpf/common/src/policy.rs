@@ -63,14 +63,22 @@ pub const fn underflow_correction(level: i64, floor: u64) -> i64 {
 
 #[inline(always)]
 const fn min_i64_of_u64(v: u64) -> i64 {
-    if v > i64::MAX as u64 { i64::MAX } else { v as i64 }
+    if v > i64::MAX as u64 {
+        i64::MAX
+    } else {
+        v as i64
+    }
 }
 
 /// Bytes a packet occupies on the wire (what tc and HTB charge): a GSO packet
 /// carries its headers once but is sent as `gso_segs` frames.
 #[inline(always)]
 pub const fn wire_len(skb_len: u32, gso_segs: u32, header_len: u32) -> u64 {
-    let extra = if gso_segs > 1 { (gso_segs as u64 - 1) * header_len as u64 } else { 0 };
+    let extra = if gso_segs > 1 {
+        (gso_segs as u64 - 1) * header_len as u64
+    } else {
+        0
+    };
     skb_len as u64 + extra
 }
 
@@ -160,8 +168,7 @@ pub const fn decide(levels: &Levels, limits: &Limits, len: u64) -> Verdict {
         if levels.borrow > 0 && levels.pool > borrow_threshold(limits.priority, limits.prio_step) {
             return Verdict::Borrow;
         }
-        if levels.pool
-            > extra_threshold(limits.priority, limits.prio_step, limits.extra_watermark)
+        if levels.pool > extra_threshold(limits.priority, limits.prio_step, limits.extra_watermark)
         {
             return Verdict::BorrowExtra;
         }
@@ -171,7 +178,10 @@ pub const fn decide(levels: &Levels, limits: &Limits, len: u64) -> Verdict {
     // A paced flow is slowed by its pacing; CE would also cut its window and
     // make it undershoot. It is marked only where others would be dropped.
     let (mark_at, drop_at) = if limits.paced {
-        (limits.drop_debt, limits.drop_debt.saturating_mul(PACED_DROP_FACTOR))
+        (
+            limits.drop_debt,
+            limits.drop_debt.saturating_mul(PACED_DROP_FACTOR),
+        )
     } else {
         (limits.mark_debt, limits.drop_debt)
     };
@@ -206,7 +216,14 @@ pub const fn fill_ratio(level: i64, depth: u64) -> i64 {
 /// zero; whether it uses its borrow allowance shows in the borrow bucket.
 /// Debt in the own bucket (out-of-profile traffic) always means "slow down".
 #[inline(always)]
-pub const fn class_fill(own: i64, depth: u64, borrow: i64, borrow_depth: u64, borrow_rate: u64, guarantee: u64) -> i64 {
+pub const fn class_fill(
+    own: i64,
+    depth: u64,
+    borrow: i64,
+    borrow_depth: u64,
+    borrow_rate: u64,
+    guarantee: u64,
+) -> i64 {
     let debt_margin = (depth / 16) as i64;
     let own_fill = fill_ratio(own, depth);
     // A borrow allowance below 1/16 of the guarantee is noise next to it.
@@ -229,7 +246,11 @@ pub const fn next_multiplier(mult: u64, fill: i64, ki: u64, elapsed_ns: u64) -> 
     let e = fill.unsigned_abs(); // ≤ 1024
     // mult * e / 1024 ≤ 4096; * ki (≤ 2^20) * dt_us (≤ 2^16) < 2^48
     let step = (mult * e / UNIT) * min_u64(ki, 1 << 20) * dt_us / (UNIT * 1_000_000);
-    let next = if fill < 0 { mult.saturating_sub(step) } else { mult + step };
+    let next = if fill < 0 {
+        mult.saturating_sub(step)
+    } else {
+        mult + step
+    };
     max_u64(min_u64(next, MULT_MAX), MULT_MIN)
 }
 
@@ -251,7 +272,11 @@ pub const fn pacing_rate(flow_base: u64, mult: u64, fill: i64, kp: u64, max: u64
     let kp = min_u64(kp, 4 * UNIT) * min_u64(base, KP_FULL_RATE) / KP_FULL_RATE;
     // base ≤ 1.25e10 / 1024 * 4096 = 5e10; /1024 * 1152 * kp(≤ 4096) fits.
     let adj = (base / UNIT) * e / UNIT * kp;
-    let rate = if fill < 0 { base.saturating_sub(adj) } else { base + adj };
+    let rate = if fill < 0 {
+        base.saturating_sub(adj)
+    } else {
+        base + adj
+    };
     let floor = min_u64(flow_base, MAX_RATE) / 4;
     let rate = max_u64(rate, floor);
     if max == 0 { rate } else { min_u64(rate, max) }
@@ -261,7 +286,7 @@ pub const fn pacing_rate(flow_base: u64, mult: u64, fill: i64, kp: u64, max: u64
 /// by more than 1/32, to keep setsockopt calls rare.
 #[inline(always)]
 pub const fn pacing_changed(applied: u64, target: u64) -> bool {
-    let diff = if applied > target { applied - target } else { target - applied };
+    let diff = applied.abs_diff(target);
     diff > target / 32 || applied == 0
 }
 
@@ -324,7 +349,12 @@ mod tests {
 
     #[test]
     fn own_tokens_come_first() {
-        let l = Levels { own: 1, borrow: 0, ceil: 0, pool: -1_000_000 };
+        let l = Levels {
+            own: 1,
+            borrow: 0,
+            ceil: 0,
+            pool: -1_000_000,
+        };
         assert_eq!(decide(&l, &limits(), 65_000), Verdict::Own);
     }
 
@@ -332,7 +362,12 @@ mod tests {
     fn borrowing_needs_allowance_and_pool_above_priority_threshold() {
         let mut lim = limits();
         lim.priority = 3; // needs pool > 3000
-        let mut l = Levels { own: 0, borrow: 10, ceil: 0, pool: 3001 };
+        let mut l = Levels {
+            own: 0,
+            borrow: 10,
+            ceil: 0,
+            pool: 3001,
+        };
         assert_eq!(decide(&l, &lim, 1500), Verdict::Borrow);
         l.pool = 3000;
         assert_eq!(decide(&l, &lim, 1500), Verdict::Over);
@@ -347,14 +382,24 @@ mod tests {
         hi.priority = 0;
         let mut lo = limits();
         lo.priority = 5;
-        let l = Levels { own: 0, borrow: 100, ceil: 0, pool: 2000 };
+        let l = Levels {
+            own: 0,
+            borrow: 100,
+            ceil: 0,
+            pool: 2000,
+        };
         assert_eq!(decide(&l, &hi, 1500), Verdict::Borrow);
         assert_eq!(decide(&l, &lo, 1500), Verdict::Over);
     }
 
     #[test]
     fn unclaimed_capacity_is_borrowed_beyond_allowance() {
-        let l = Levels { own: -5, borrow: 0, ceil: 0, pool: 50_001 };
+        let l = Levels {
+            own: -5,
+            borrow: 0,
+            ceil: 0,
+            pool: 50_001,
+        };
         assert_eq!(decide(&l, &limits(), 1500), Verdict::BorrowExtra);
         let l = Levels { pool: 50_000, ..l };
         assert_eq!(decide(&l, &limits(), 1500), Verdict::Over);
@@ -364,7 +409,12 @@ mod tests {
     fn ceiling_stops_all_borrowing() {
         let mut lim = limits();
         lim.has_ceil = true;
-        let l = Levels { own: 0, borrow: 100, ceil: 0, pool: 1_000_000 };
+        let l = Levels {
+            own: 0,
+            borrow: 100,
+            ceil: 0,
+            pool: 1_000_000,
+        };
         assert_eq!(decide(&l, &lim, 1500), Verdict::Over);
         let l = Levels { ceil: 1, ..l };
         assert_eq!(decide(&l, &lim, 1500), Verdict::Borrow);
@@ -373,7 +423,12 @@ mod tests {
     #[test]
     fn debt_decides_between_pass_mark_and_drop() {
         let lim = limits();
-        let l = Levels { own: -8_000, borrow: 0, ceil: 0, pool: 0 };
+        let l = Levels {
+            own: -8_000,
+            borrow: 0,
+            ceil: 0,
+            pool: 0,
+        };
         assert_eq!(decide(&l, &lim, 1500), Verdict::Over); // 9_500
         assert_eq!(decide(&l, &lim, 2500), Verdict::OverMark); // 10_500
         let l = Levels { own: -99_000, ..l };
@@ -382,7 +437,10 @@ mod tests {
         assert!(!Verdict::Drop.passes());
         let paced = Limits { paced: true, ..lim };
         assert_eq!(decide(&l, &paced, 1001), Verdict::OverMark);
-        assert_eq!(decide(&Levels { own: -50_000, ..l }, &paced, 1000), Verdict::Over);
+        assert_eq!(
+            decide(&Levels { own: -50_000, ..l }, &paced, 1000),
+            Verdict::Over
+        );
         let deep = Levels { own: -399_000, ..l };
         assert_eq!(decide(&deep, &paced, 1000), Verdict::OverMark);
         assert_eq!(decide(&deep, &paced, 1001), Verdict::Drop);
@@ -421,10 +479,16 @@ mod tests {
         assert_eq!(m, UNIT + UNIT / 20);
         let m = next_multiplier(UNIT, -1024 + FILL_TARGET, 5 * UNIT, 10_000_000);
         assert_eq!(m, UNIT - UNIT / 20);
-        assert_eq!(next_multiplier(UNIT, FILL_TARGET, 5 * UNIT, 10_000_000), UNIT);
+        assert_eq!(
+            next_multiplier(UNIT, FILL_TARGET, 5 * UNIT, 10_000_000),
+            UNIT
+        );
         assert!(next_multiplier(UNIT, 0, 5 * UNIT, 10_000_000) < UNIT);
         assert_eq!(next_multiplier(MULT_MAX, 1024, 1 << 20, u64::MAX), MULT_MAX);
-        assert_eq!(next_multiplier(MULT_MIN, -1024, 1 << 20, u64::MAX), MULT_MIN);
+        assert_eq!(
+            next_multiplier(MULT_MIN, -1024, 1 << 20, u64::MAX),
+            MULT_MIN
+        );
         assert_eq!(next_multiplier(0, 0, 0, 0), MULT_MIN);
     }
 
@@ -444,7 +508,10 @@ mod tests {
         let slow = KP_FULL_RATE / 8;
         let up = pacing_rate(slow, UNIT, 1024 + t, 1024, 0) - slow;
         assert!(up.abs_diff(slow / 8) < slow / 50, "{up}");
-        assert_eq!(pacing_rate(base, MULT_MAX, 1024, 4 * UNIT, 3 * base), 3 * base);
+        assert_eq!(
+            pacing_rate(base, MULT_MAX, 1024, 4 * UNIT, 3 * base),
+            3 * base
+        );
     }
 
     #[test]

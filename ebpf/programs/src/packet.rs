@@ -106,8 +106,12 @@ pub fn forward_ifindex(ctx: &TcContext, in_ifindex: u32) -> u32 {
         p.__bindgen_anon_3.ipv4_src = ctx.load::<u32>(l3 + 12).unwrap_or(0);
         p.__bindgen_anon_4.ipv4_dst = ctx.load::<u32>(l3 + 16).unwrap_or(0);
     } else {
-        let Ok(src) = ctx.load::<[u32; 4]>(l3 + 8) else { return 0 };
-        let Ok(dst) = ctx.load::<[u32; 4]>(l3 + 24) else { return 0 };
+        let Ok(src) = ctx.load::<[u32; 4]>(l3 + 8) else {
+            return 0;
+        };
+        let Ok(dst) = ctx.load::<[u32; 4]>(l3 + 24) else {
+            return 0;
+        };
         p.__bindgen_anon_3.ipv6_src = src;
         p.__bindgen_anon_4.ipv6_dst = dst;
     }

@@ -127,7 +127,10 @@ fn main() {
 fn real_main() -> Result<()> {
     let args = Args::parse();
     if args.direction != "egress" {
-        bail!("--direction {}: only egress scenarios exist so far", args.direction);
+        bail!(
+            "--direction {}: only egress scenarios exist so far",
+            args.direction
+        );
     }
     if !testbeds::require_root("net-fairness") {
         bail!("net-fairness needs root");
@@ -148,21 +151,31 @@ fn real_main() -> Result<()> {
             .iter()
             .map(|n| {
                 all.iter().find(|s| s.name == n).cloned().with_context(|| {
-                    format!("unknown scenario '{n}' (have: {})", all.iter().map(|s| s.name).collect::<Vec<_>>().join(", "))
+                    format!(
+                        "unknown scenario '{n}' (have: {})",
+                        all.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+                    )
                 })
             })
             .collect::<Result<_>>()?
     };
     let bin_dir = match &args.bin_dir {
         Some(d) => d.clone(),
-        None => std::env::current_exe()?.parent().context("exe dir")?.to_owned(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("exe dir")?
+            .to_owned(),
     };
     for b in ["qosd", "qosctl"] {
         if !bin_dir.join(b).exists() {
-            bail!("{} not found; build it (cargo build --release) or pass --bin-dir", bin_dir.join(b).display());
+            bail!(
+                "{} not found; build it (cargo build --release) or pass --bin-dir",
+                bin_dir.join(b).display()
+            );
         }
     }
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     // Senders in the host namespace use ECN, as a tenant's stack would be set up.
     let _ecn = Sysctl::set("net.ipv4.tcp_ecn", "1")?;
     let mut summary = Vec::new();
@@ -170,11 +183,18 @@ fn real_main() -> Result<()> {
         let mut runs = Vec::new();
         for mode in &args.modes {
             eprintln!("== {} ({mode})", sc.name);
-            let r = run_scenario(sc, mode, &args, &bin_dir).with_context(|| format!("{} under {mode}", sc.name))?;
+            let r = run_scenario(sc, mode, &args, &bin_dir)
+                .with_context(|| format!("{} under {mode}", sc.name))?;
             runs.push(r);
         }
-        let result = ScenarioResult { scenario: sc.name.into(), about: sc.about.into(), runs };
-        let json = args.out.join(format!("{}-{}.json", args.direction, sc.name));
+        let result = ScenarioResult {
+            scenario: sc.name.into(),
+            about: sc.about.into(),
+            runs,
+        };
+        let json = args
+            .out
+            .join(format!("{}-{}.json", args.direction, sc.name));
         std::fs::write(&json, serde_json::to_vec_pretty(&result)?)?;
         if !args.json_only {
             let png = args.out.join(format!("{}-{}.png", args.direction, sc.name));
@@ -188,13 +208,22 @@ fn real_main() -> Result<()> {
                         .map(|g| Line {
                             label: format!("{} (quota {})", g.name, format_bps(g.quota_bps as f64)),
                             points: g.series.iter().map(|(t, b)| (*t, b / 1e6)).collect(),
-                            expected: (g.demand != Demand::Idle).then_some(g.expected_bps as f64 / 1e6),
+                            expected: (g.demand != Demand::Idle)
+                                .then_some(g.expected_bps as f64 / 1e6),
                         })
                         .collect();
-                    (format!("{} — utilization {:.1} %", r.mode, r.utilization * 100.0), lines)
+                    (
+                        format!("{} — utilization {:.1} %", r.mode, r.utilization * 100.0),
+                        lines,
+                    )
                 })
                 .collect();
-            plot::rate_panels(&png, &format!("{}: {}", sc.name, sc.about), "Mbit/s (wire)", &panels)?;
+            plot::rate_panels(
+                &png,
+                &format!("{}: {}", sc.name, sc.about),
+                "Mbit/s (wire)",
+                &panels,
+            )?;
             print_table(&result);
         }
         summary.push(result);
@@ -212,7 +241,10 @@ fn real_main() -> Result<()> {
             })
         })
         .collect();
-    std::fs::write(args.out.join(format!("{}-summary.json", args.direction)), serde_json::to_vec_pretty(&s)?)?;
+    std::fs::write(
+        args.out.join(format!("{}-summary.json", args.direction)),
+        serde_json::to_vec_pretty(&s)?,
+    )?;
     Ok(())
 }
 
@@ -232,11 +264,17 @@ fn print_table(r: &ScenarioResult) {
                 format_bps(g.expected_bps as f64),
                 format_bps(g.mean_bps),
                 format_bps(g.p5_window_bps),
-                if g.demand == Demand::Idle { "-".into() } else { format!("{:.3}", g.p5_window_bps / g.quota_bps as f64) },
+                if g.demand == Demand::Idle {
+                    "-".into()
+                } else {
+                    format!("{:.3}", g.p5_window_bps / g.quota_bps as f64)
+                },
                 g.retransmits,
                 g.ce_marks,
                 g.drops,
-                g.recovery_ms.map(|r| format!("  recovery {r:.0} ms")).unwrap_or_default()
+                g.recovery_ms
+                    .map(|r| format!("  recovery {r:.0} ms"))
+                    .unwrap_or_default()
             );
         }
         println!(
@@ -260,23 +298,42 @@ fn expected(sc: &Scenario, capacity_bits: u64) -> Vec<u64> {
         .iter()
         .map(|g| ClassDemand {
             guarantee: permille(capacity_bits, g.quota_permille),
-            ceil: g.ceil_permille.map_or(capacity_bits, |c| permille(capacity_bits, c)),
+            ceil: g
+                .ceil_permille
+                .map_or(capacity_bits, |c| permille(capacity_bits, c)),
             priority: g.priority,
-            demand: if g.demand == Demand::Idle { Some(0) } else { None },
+            demand: if g.demand == Demand::Idle {
+                Some(0)
+            } else {
+                None
+            },
         })
         .collect();
     let extra = share_spare(capacity_bits, &cls);
     cls.iter()
         .zip(extra)
         .zip(&sc.groups)
-        .map(|((c, e), g)| if g.demand == Demand::Idle { 0 } else { c.guarantee + e })
+        .map(|((c, e), g)| {
+            if g.demand == Demand::Idle {
+                0
+            } else {
+                c.guarantee + e
+            }
+        })
         .collect()
 }
 
 /// Mode-specific setup that lives for the run.
 enum Shaping {
-    Qosd { daemon: KillOnDrop, qosctl: PathBuf, socket: PathBuf, _dir: tempfile_dir::Dir },
-    Htb { dev: String },
+    Qosd {
+        daemon: KillOnDrop,
+        qosctl: PathBuf,
+        socket: PathBuf,
+        _dir: tempfile_dir::Dir,
+    },
+    Htb {
+        dev: String,
+    },
 }
 
 mod tempfile_dir {
@@ -290,14 +347,28 @@ mod tempfile_dir {
 }
 
 fn qosctl(qosctl: &Path, socket: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(qosctl).arg("--socket").arg(socket).args(args).stdin(Stdio::null()).output()?;
+    let out = Command::new(qosctl)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
     if !out.status.success() {
-        bail!("qosctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "qosctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn start_qosd(bed: &EgressBed, args: &Args, bin_dir: &Path, groups: &[(String, &GroupSpec)]) -> Result<Shaping> {
+fn start_qosd(
+    bed: &EgressBed,
+    args: &Args,
+    bin_dir: &Path,
+    groups: &[(String, &GroupSpec)],
+) -> Result<Shaping> {
     let dir = std::env::temp_dir().join(testbeds::unique("qosfair"));
     std::fs::create_dir_all(&dir)?;
     let dir = tempfile_dir::Dir(dir);
@@ -313,7 +384,11 @@ fn start_qosd(bed: &EgressBed, args: &Args, bin_dir: &Path, groups: &[(String, &
     );
     let cfg_path = dir.0.join("qosd.toml");
     std::fs::write(&cfg_path, config)?;
-    let log_path = if args.trace { args.out.join("qosd.log") } else { dir.0.join("qosd.log") };
+    let log_path = if args.trace {
+        args.out.join("qosd.log")
+    } else {
+        dir.0.join("qosd.log")
+    };
     let log = std::fs::File::create(&log_path)?;
     let daemon = KillOnDrop(
         Command::new(bin_dir.join("qosd"))
@@ -325,7 +400,9 @@ fn start_qosd(bed: &EgressBed, args: &Args, bin_dir: &Path, groups: &[(String, &
             .context("starting qosd")?,
     );
     let qosctl_path = bin_dir.join("qosctl");
-    if !wait_for(Duration::from_secs(10), || qosctl(&qosctl_path, &socket, &["status"]).is_ok()) {
+    if !wait_for(Duration::from_secs(10), || {
+        qosctl(&qosctl_path, &socket, &["status"]).is_ok()
+    }) {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         bail!("qosd did not come up:\n{log}");
     }
@@ -342,18 +419,52 @@ fn start_qosd(bed: &EgressBed, args: &Args, bin_dir: &Path, groups: &[(String, &
         a.extend(["--priority", prio.as_str()]);
         qosctl(&qosctl_path, &socket, &a)?;
     }
-    Ok(Shaping::Qosd { daemon, qosctl: qosctl_path, socket, _dir: dir })
+    Ok(Shaping::Qosd {
+        daemon,
+        qosctl: qosctl_path,
+        socket,
+        _dir: dir,
+    })
 }
 
-fn start_htb(bed: &EgressBed, args: &Args, groups: &[&GroupSpec], sources: &[std::net::Ipv4Addr]) -> Result<Shaping> {
+fn start_htb(
+    bed: &EgressBed,
+    args: &Args,
+    groups: &[&GroupSpec],
+    sources: &[std::net::Ipv4Addr],
+) -> Result<Shaping> {
     let dev = bed.shaped_if().to_owned();
     let cap = args.capacity.bits_per_sec();
     // Quanta proportional to the rates (HTB's default r2q caps large
     // classes at the same quantum, which would skew the sharing).
     let quantum = |bits: u64| (bits / 8 / 500).clamp(3028, 200_000).to_string();
-    run("tc", &["qdisc", "add", "dev", &dev, "root", "handle", "1:", "htb", "default", "99"])?;
+    run(
+        "tc",
+        &[
+            "qdisc", "add", "dev", &dev, "root", "handle", "1:", "htb", "default", "99",
+        ],
+    )?;
     let c = format!("{cap}bit");
-    run("tc", &["class", "add", "dev", &dev, "parent", "1:", "classid", "1:1", "htb", "rate", &c, "ceil", &c, "quantum", &quantum(cap)])?;
+    run(
+        "tc",
+        &[
+            "class",
+            "add",
+            "dev",
+            &dev,
+            "parent",
+            "1:",
+            "classid",
+            "1:1",
+            "htb",
+            "rate",
+            &c,
+            "ceil",
+            &c,
+            "quantum",
+            &quantum(cap),
+        ],
+    )?;
     for (i, g) in groups.iter().enumerate() {
         let rate = permille(cap, g.quota_permille);
         let ceil = g.ceil_permille.map_or(cap, |p| permille(cap, p));
@@ -361,38 +472,92 @@ fn start_htb(bed: &EgressBed, args: &Args, groups: &[&GroupSpec], sources: &[std
         run(
             "tc",
             &[
-                "class", "add", "dev", &dev, "parent", "1:1", "classid", &id, "htb", "rate", &format!("{rate}bit"), "ceil",
-                &format!("{ceil}bit"), "prio", &g.priority.to_string(), "quantum", &quantum(rate),
+                "class",
+                "add",
+                "dev",
+                &dev,
+                "parent",
+                "1:1",
+                "classid",
+                &id,
+                "htb",
+                "rate",
+                &format!("{rate}bit"),
+                "ceil",
+                &format!("{ceil}bit"),
+                "prio",
+                &g.priority.to_string(),
+                "quantum",
+                &quantum(rate),
             ],
         )?;
         run(
             "tc",
             &[
-                "filter", "add", "dev", &dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip", "src",
-                &format!("{}/32", sources[i]), "flowid", &id,
+                "filter",
+                "add",
+                "dev",
+                &dev,
+                "parent",
+                "1:",
+                "protocol",
+                "ip",
+                "prio",
+                "1",
+                "u32",
+                "match",
+                "ip",
+                "src",
+                &format!("{}/32", sources[i]),
+                "flowid",
+                &id,
             ],
         )?;
     }
     run(
         "tc",
-        &["class", "add", "dev", &dev, "parent", "1:1", "classid", "1:99", "htb", "rate", "8kbit", "ceil", &c, "prio", "7", "quantum", "3028"],
+        &[
+            "class", "add", "dev", &dev, "parent", "1:1", "classid", "1:99", "htb", "rate",
+            "8kbit", "ceil", &c, "prio", "7", "quantum", "3028",
+        ],
     )?;
     Ok(Shaping::Htb { dev })
 }
 
+/// Drops and CE marks per group, and ns per run of each program.
+type EndCounters = (Vec<u64>, Vec<u64>, BTreeMap<String, f64>);
+
 /// (drops, CE marks) per group at the end of a run.
-fn counters(shaping: &Shaping, cgroups: &[String]) -> Result<(Vec<u64>, Vec<u64>, BTreeMap<String, f64>)> {
+fn counters(shaping: &Shaping, cgroups: &[String]) -> Result<EndCounters> {
     match shaping {
-        Shaping::Qosd { qosctl: q, socket, .. } => {
-            let v: Value = serde_json::from_str(&qosctl(q, socket, &["net", "show", "-o", "json"])?)?;
+        Shaping::Qosd {
+            qosctl: q, socket, ..
+        } => {
+            let v: Value =
+                serde_json::from_str(&qosctl(q, socket, &["net", "show", "-o", "json"])?)?;
             let classes = v["classes"].as_array().cloned().unwrap_or_default();
-            let find = |cg: &str| classes.iter().find(|c| c["cgroup"].as_str() == Some(cg)).cloned().unwrap_or(Value::Null);
-            let drops = cgroups.iter().map(|c| find(c)["drops"].as_u64().unwrap_or(0)).collect();
-            let ce = cgroups.iter().map(|c| find(c)["ce_marks"].as_u64().unwrap_or(0)).collect();
+            let find = |cg: &str| {
+                classes
+                    .iter()
+                    .find(|c| c["cgroup"].as_str() == Some(cg))
+                    .cloned()
+                    .unwrap_or(Value::Null)
+            };
+            let drops = cgroups
+                .iter()
+                .map(|c| find(c)["drops"].as_u64().unwrap_or(0))
+                .collect();
+            let ce = cgroups
+                .iter()
+                .map(|c| find(c)["ce_marks"].as_u64().unwrap_or(0))
+                .collect();
             let mut ns = BTreeMap::new();
             for p in v["programs"].as_array().cloned().unwrap_or_default() {
                 if p["run_count"].as_u64().unwrap_or(0) > 0 {
-                    ns.insert(p["name"].as_str().unwrap_or("?").to_owned(), p["ns_per_run"].as_f64().unwrap_or(0.0));
+                    ns.insert(
+                        p["name"].as_str().unwrap_or("?").to_owned(),
+                        p["ns_per_run"].as_f64().unwrap_or(0.0),
+                    );
                 }
             }
             Ok((drops, ce, ns))
@@ -401,7 +566,9 @@ fn counters(shaping: &Shaping, cgroups: &[String]) -> Result<(Vec<u64>, Vec<u64>
             // `tc -j` has no JSON for htb classes in iproute2 6.1: parse text.
             let text = run("tc", &["-s", "class", "show", "dev", dev])?;
             let by_class = htb_drops(&text);
-            let drops = (0..cgroups.len()).map(|i| by_class.get(&format!("1:{}", 10 + i)).copied().unwrap_or(0)).collect();
+            let drops = (0..cgroups.len())
+                .map(|i| by_class.get(&format!("1:{}", 10 + i)).copied().unwrap_or(0))
+                .collect();
             Ok((drops, vec![0; cgroups.len()], BTreeMap::new()))
         }
     }
@@ -416,7 +583,10 @@ fn htb_drops(text: &str) -> BTreeMap<String, u64> {
         if line.starts_with("class ") {
             current = words.nth(2).map(str::to_owned);
         } else if let (Some(c), Some(pos)) = (&current, line.find("dropped ")) {
-            let n = line[pos + 8..].split(|ch: char| !ch.is_ascii_digit()).next().and_then(|d| d.parse().ok());
+            let n = line[pos + 8..]
+                .split(|ch: char| !ch.is_ascii_digit())
+                .next()
+                .and_then(|d| d.parse().ok());
             out.insert(c.clone(), n.unwrap_or(0));
             current = None;
         }
@@ -431,7 +601,9 @@ fn stop(shaping: Shaping) {
                 nix::unistd::Pid::from_raw(daemon.0.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
-            let _ = wait_for(Duration::from_secs(5), || matches!(daemon.0.try_wait(), Ok(Some(_))));
+            let _ = wait_for(Duration::from_secs(5), || {
+                matches!(daemon.0.try_wait(), Ok(Some(_)))
+            });
         }
         Shaping::Htb { dev } => {
             let _ = run("tc", &["qdisc", "del", "dev", &dev, "root"]);
@@ -461,7 +633,10 @@ fn run_scenario(sc: &Scenario, mode: &str, args: &Args, bin_dir: &Path) -> Resul
         } else {
             (None, bed.sender_ips[i])
         };
-        places.push(Placement { cgroup: Some(dir), netns });
+        places.push(Placement {
+            cgroup: Some(dir),
+            netns,
+        });
         sources.push(src);
     }
     let groups: Vec<(String, &GroupSpec)> = cgroups.iter().cloned().zip(sc.groups.iter()).collect();
@@ -489,7 +664,10 @@ fn traffic(
     std::fs::create_dir_all(&tmp)?;
     let _cleanup = tempfile_dir::Dir(tmp.clone());
     let cap = args.capacity.bits_per_sec();
-    let peer = Placement { cgroup: None, netns: Some(bed.peer.path()) };
+    let peer = Placement {
+        cgroup: None,
+        netns: Some(bed.peer.path()),
+    };
     let d = args.duration;
     let third = d / 3.0;
     let mut port = 5400u16;
@@ -510,7 +688,11 @@ fn traffic(
         };
         let mut v = Vec::new();
         for (start, secs) in phases {
-            v.push((start, secs, Server::start(&peer, bed.peer_ip, port, &tmp, 0.1)?));
+            v.push((
+                start,
+                secs,
+                Server::start(&peer, bed.peer_ip, port, &tmp, 0.1)?,
+            ));
             port += 1;
         }
         pending.push(v);
@@ -518,7 +700,12 @@ fn traffic(
     let t0 = Instant::now();
     let stop_trace = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tracer = match (args.trace, shaping) {
-        (true, Shaping::Qosd { qosctl: q, socket, .. }) => {
+        (
+            true,
+            Shaping::Qosd {
+                qosctl: q, socket, ..
+            },
+        ) => {
             let (q, socket, stop) = (q.clone(), socket.clone(), stop_trace.clone());
             let path = args.out.join(format!("trace-{}.jsonl", sc.name));
             Some(std::thread::spawn(move || {
@@ -526,7 +713,11 @@ fn traffic(
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     if let Ok(j) = qosctl(&q, &socket, &["net", "show", "-o", "json"]) {
                         let v: Value = serde_json::from_str(&j).unwrap_or(Value::Null);
-                        lines += &format!("{{\"t\":{:.3},\"net\":{}}}\n", t0.elapsed().as_secs_f64(), v);
+                        lines += &format!(
+                            "{{\"t\":{:.3},\"net\":{}}}\n",
+                            t0.elapsed().as_secs_f64(),
+                            v
+                        );
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -540,8 +731,18 @@ fn traffic(
     for (i, v) in pending.into_iter().enumerate() {
         for (start, secs, server) in v {
             if start == 0.0 {
-                let client = Client::start(&places[i], bed.peer_ip, server.port, &client_opts(&sc.groups[i], secs, sources[i]), &tmp)?;
-                phases[i].push(Phase { offset: t0.elapsed().as_secs_f64(), server, client });
+                let client = Client::start(
+                    &places[i],
+                    bed.peer_ip,
+                    server.port,
+                    &client_opts(&sc.groups[i], secs, sources[i]),
+                    &tmp,
+                )?;
+                phases[i].push(Phase {
+                    offset: t0.elapsed().as_secs_f64(),
+                    server,
+                    client,
+                });
             } else {
                 later.push((i, start, secs, server));
             }
@@ -552,8 +753,18 @@ fn traffic(
         if wait > 0.0 {
             std::thread::sleep(Duration::from_secs_f64(wait));
         }
-        let client = Client::start(&places[i], bed.peer_ip, server.port, &client_opts(&sc.groups[i], secs, sources[i]), &tmp)?;
-        phases[i].push(Phase { offset: t0.elapsed().as_secs_f64(), server, client });
+        let client = Client::start(
+            &places[i],
+            bed.peer_ip,
+            server.port,
+            &client_opts(&sc.groups[i], secs, sources[i]),
+            &tmp,
+        )?;
+        phases[i].push(Phase {
+            offset: t0.elapsed().as_secs_f64(),
+            server,
+            client,
+        });
     }
     // Collect.
     let mut per_group: Vec<(Windows, u64, u64, u64)> = Vec::new(); // windows, payload, retx, segments
@@ -611,12 +822,18 @@ fn traffic(
             .map(|(a, b, r)| r * (b - a))
             .sum::<f64>();
         let recovery = if g.demand == Demand::OnOff {
-            starts[i].get(1).and_then(|(on, _)| fairness::recovery_ms(w, *on, 0.95 * permille(cap, g.quota_permille) as f64))
+            starts[i].get(1).and_then(|(on, _)| {
+                fairness::recovery_ms(w, *on, 0.95 * permille(cap, g.quota_permille) as f64)
+            })
         } else {
             None
         };
         let quota = permille(cap, g.quota_permille);
-        let mean = if busy_secs > 0.0 { busy_bits / busy_secs } else { 0.0 };
+        let mean = if busy_secs > 0.0 {
+            busy_bits / busy_secs
+        } else {
+            0.0
+        };
         groups.push(GroupResult {
             name: g.name.into(),
             quota_bps: quota,
@@ -627,11 +844,19 @@ fn traffic(
             protocol: if g.udp { "udp" } else { "tcp" },
             expected_bps: expect[i],
             mean_bps: mean,
-            goodput_bps: if busy_secs > 0.0 { *payload as f64 * 8.0 / starts[i].iter().map(|(a, b)| b - a).sum::<f64>() } else { 0.0 },
+            goodput_bps: if busy_secs > 0.0 {
+                *payload as f64 * 8.0 / starts[i].iter().map(|(a, b)| b - a).sum::<f64>()
+            } else {
+                0.0
+            },
             p5_window_bps: fairness::percentile(&p5_samples, 5.0).unwrap_or(0.0),
             recovery_ms: recovery,
             retransmits: *retx,
-            retransmit_ratio: if *segments > 0 && !g.udp { *retx as f64 / *segments as f64 } else { 0.0 },
+            retransmit_ratio: if *segments > 0 && !g.udp {
+                *retx as f64 / *segments as f64
+            } else {
+                0.0
+            },
             ce_marks: ce[i],
             drops: drops[i],
             series: w.iter().map(|(_, b, r)| (*b, *r)).collect(),
@@ -640,19 +865,35 @@ fn traffic(
     let utilization = util_bits / (end_all - 1.05) / cap as f64;
     let mut by_prio: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
     for g in groups.iter().filter(|g| g.demand == Demand::Busy) {
-        by_prio.entry(g.priority).or_default().push(g.mean_bps / g.quota_bps as f64);
+        by_prio
+            .entry(g.priority)
+            .or_default()
+            .push(g.mean_bps / g.quota_bps as f64);
     }
-    let jain_by_priority: BTreeMap<u32, f64> =
-        by_prio.into_iter().filter(|(_, v)| v.len() >= 2).filter_map(|(p, v)| fairness::jain(&v).map(|j| (p, j))).collect();
+    let jain_by_priority: BTreeMap<u32, f64> = by_prio
+        .into_iter()
+        .filter(|(_, v)| v.len() >= 2)
+        .filter_map(|(p, v)| fairness::jain(&v).map(|j| (p, j)))
+        .collect();
     let busy: Vec<&GroupResult> = groups.iter().filter(|g| g.demand != Demand::Idle).collect();
-    let worst = busy.iter().map(|g| g.p5_window_bps / g.quota_bps as f64).fold(f64::INFINITY, f64::min);
+    let worst = busy
+        .iter()
+        .map(|g| g.p5_window_bps / g.quota_bps as f64)
+        .fold(f64::INFINITY, f64::min);
     let targets = Targets {
         p5_at_least_98pct_of_guarantee: worst >= 0.98,
         worst_p5_over_guarantee: if worst.is_finite() { worst } else { 0.0 },
         utilization_at_least_97pct: utilization >= 0.97,
-        jain_at_least_0_99: if jain_by_priority.is_empty() { None } else { Some(jain_by_priority.values().all(|j| *j >= 0.99)) },
+        jain_at_least_0_99: if jain_by_priority.is_empty() {
+            None
+        } else {
+            Some(jain_by_priority.values().all(|j| *j >= 0.99))
+        },
         retransmits_at_most_0_1pct: groups.iter().all(|g| g.retransmit_ratio <= 0.001),
-        recovery_at_most_300ms: groups.iter().find(|g| g.demand == Demand::OnOff).map(|g| g.recovery_ms.is_some_and(|r| r <= 300.0)),
+        recovery_at_most_300ms: groups
+            .iter()
+            .find(|g| g.demand == Demand::OnOff)
+            .map(|g| g.recovery_ms.is_some_and(|r| r <= 300.0)),
     };
     Ok(RunResult {
         mode: mode.into(),

@@ -26,7 +26,10 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no cgroup hierarchy is mounted (read {0})")]
     NoCgroups(PathBuf),
     #[error("no cgroup2 hierarchy is mounted; it is needed to classify traffic by cgroup")]
@@ -37,9 +40,17 @@ pub enum CgroupError {
     Root { name: String },
     #[error("'{name}' contains '..'; name cgroups below {root}")]
     ParentComponent { name: String, root: PathBuf },
-    #[error("'{name}' is in the cgroup v1 hierarchy {hierarchy}; name a cgroup2 directory under {root}")]
-    V1Path { name: String, hierarchy: PathBuf, root: PathBuf },
-    #[error("'{name}' is outside the cgroup mounts; name a directory under {root} or a path relative to it")]
+    #[error(
+        "'{name}' is in the cgroup v1 hierarchy {hierarchy}; name a cgroup2 directory under {root}"
+    )]
+    V1Path {
+        name: String,
+        hierarchy: PathBuf,
+        root: PathBuf,
+    },
+    #[error(
+        "'{name}' is outside the cgroup mounts; name a directory under {root} or a path relative to it"
+    )]
     Outside { name: String, root: PathBuf },
     #[error("cgroup '{name}' does not exist ({path})")]
     NotFound { name: String, path: PathBuf },
@@ -97,7 +108,10 @@ fn unescape_mount_field(s: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v as char);
             i += 4;
@@ -113,7 +127,10 @@ impl Hierarchy {
     /// Reads the mounts of the running host.
     pub fn detect() -> Result<Self, CgroupError> {
         let path = PathBuf::from("/proc/self/mountinfo");
-        let text = std::fs::read_to_string(&path).map_err(|source| CgroupError::Io { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| CgroupError::Io {
+            path: path.clone(),
+            source,
+        })?;
         let mut h = Self::from_mountinfo(&text).ok_or(CgroupError::NoCgroups(path))?;
         h.verify_fs = true;
         Ok(h)
@@ -126,10 +143,14 @@ impl Hierarchy {
         let mut unified = None;
         let mut v1 = BTreeMap::new();
         for line in text.lines() {
-            let Some((left, right)) = line.split_once(" - ") else { continue };
+            let Some((left, right)) = line.split_once(" - ") else {
+                continue;
+            };
             let left: Vec<&str> = left.split(' ').collect();
             let right: Vec<&str> = right.split(' ').collect();
-            let (Some(mount_point), Some(fstype)) = (left.get(4), right.first()) else { continue };
+            let (Some(mount_point), Some(fstype)) = (left.get(4), right.first()) else {
+                continue;
+            };
             let mount_point = PathBuf::from(unescape_mount_field(mount_point));
             match *fstype {
                 "cgroup2" => {
@@ -140,10 +161,14 @@ impl Hierarchy {
                 "cgroup" => {
                     let opts = right.get(2).copied().unwrap_or("");
                     for opt in opts.split(',') {
-                        if matches!(opt, "rw" | "ro") || opt.starts_with("relatime") || opt.starts_with("noexec") {
+                        if matches!(opt, "rw" | "ro")
+                            || opt.starts_with("relatime")
+                            || opt.starts_with("noexec")
+                        {
                             continue;
                         }
-                        v1.entry(opt.to_owned()).or_insert_with(|| mount_point.clone());
+                        v1.entry(opt.to_owned())
+                            .or_insert_with(|| mount_point.clone());
                     }
                 }
                 _ => {}
@@ -157,13 +182,23 @@ impl Hierarchy {
             (false, false) if !v1.is_empty() => CgroupMode::V1,
             (false, false) => return None,
         };
-        Some(Self { mode, unified, v1, verify_fs: false })
+        Some(Self {
+            mode,
+            unified,
+            v1,
+            verify_fs: false,
+        })
     }
 
     /// A hierarchy description rooted at `unified` (tests and tools that
     /// work on a given tree).
     pub fn with_unified_root(mode: CgroupMode, unified: PathBuf) -> Self {
-        Self { mode, unified: Some(unified), v1: BTreeMap::new(), verify_fs: false }
+        Self {
+            mode,
+            unified: Some(unified),
+            v1: BTreeMap::new(),
+            verify_fs: false,
+        }
     }
 
     pub fn mode(&self) -> CgroupMode {
@@ -188,9 +223,21 @@ impl Hierarchy {
     /// hosts). Needs root.
     pub fn ensure_cgroup2(&mut self, target: &Path) -> Result<&Path, CgroupError> {
         if self.unified.is_none() {
-            std::fs::create_dir_all(target).map_err(|source| CgroupError::Io { path: target.into(), source })?;
-            nix::mount::mount(Some("cgroup2"), target, Some("cgroup2"), nix::mount::MsFlags::empty(), None::<&str>)
-                .map_err(|e| CgroupError::Io { path: target.into(), source: e.into() })?;
+            std::fs::create_dir_all(target).map_err(|source| CgroupError::Io {
+                path: target.into(),
+                source,
+            })?;
+            nix::mount::mount(
+                Some("cgroup2"),
+                target,
+                Some("cgroup2"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| CgroupError::Io {
+                path: target.into(),
+                source: e.into(),
+            })?;
             self.unified = Some(target.to_owned());
         }
         self.unified_root()
@@ -210,9 +257,16 @@ impl Hierarchy {
                 Ok(rel) => rel.to_owned(),
                 Err(_) => {
                     if let Some(h) = self.v1.values().find(|m| candidate.starts_with(m)) {
-                        return Err(CgroupError::V1Path { name: trimmed.into(), hierarchy: h.clone(), root: root.into() });
+                        return Err(CgroupError::V1Path {
+                            name: trimmed.into(),
+                            hierarchy: h.clone(),
+                            root: root.into(),
+                        });
                     }
-                    return Err(CgroupError::Outside { name: trimmed.into(), root: root.into() });
+                    return Err(CgroupError::Outside {
+                        name: trimmed.into(),
+                        root: root.into(),
+                    });
                 }
             }
         } else {
@@ -224,19 +278,27 @@ impl Hierarchy {
                 Component::Normal(p) => clean.push(p),
                 Component::CurDir => {}
                 Component::ParentDir => {
-                    return Err(CgroupError::ParentComponent { name: trimmed.into(), root: root.into() });
+                    return Err(CgroupError::ParentComponent {
+                        name: trimmed.into(),
+                        root: root.into(),
+                    });
                 }
                 Component::RootDir | Component::Prefix(_) => {}
             }
         }
         if clean.as_os_str().is_empty() {
-            return Err(CgroupError::Root { name: trimmed.into() });
+            return Err(CgroupError::Root {
+                name: trimmed.into(),
+            });
         }
         let path = root.join(&clean);
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(CgroupError::NotFound { name: clean.display().to_string(), path });
+                return Err(CgroupError::NotFound {
+                    name: clean.display().to_string(),
+                    path,
+                });
             }
             Err(source) => return Err(CgroupError::Io { path, source }),
         };
@@ -244,23 +306,41 @@ impl Hierarchy {
             return Err(CgroupError::NotADirectory { path });
         }
         // A symlink must not lead out of the tree.
-        let real = std::fs::canonicalize(&path).map_err(|source| CgroupError::Io { path: path.clone(), source })?;
-        let real_root = std::fs::canonicalize(root).map_err(|source| CgroupError::Io { path: root.into(), source })?;
+        let real = std::fs::canonicalize(&path).map_err(|source| CgroupError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let real_root = std::fs::canonicalize(root).map_err(|source| CgroupError::Io {
+            path: root.into(),
+            source,
+        })?;
         if !real.starts_with(&real_root) {
-            return Err(CgroupError::Outside { name: trimmed.into(), root: root.into() });
+            return Err(CgroupError::Outside {
+                name: trimmed.into(),
+                root: root.into(),
+            });
         }
         if self.verify_fs {
-            let st = nix::sys::statfs::statfs(&path).map_err(|e| CgroupError::Io { path: path.clone(), source: e.into() })?;
+            let st = nix::sys::statfs::statfs(&path).map_err(|e| CgroupError::Io {
+                path: path.clone(),
+                source: e.into(),
+            })?;
             if st.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
                 return Err(CgroupError::NotCgroup2 { path });
             }
         }
-        Ok(CgroupRef { name: clean.display().to_string(), path, id: meta.ino() })
+        Ok(CgroupRef {
+            name: clean.display().to_string(),
+            path,
+            id: meta.ino(),
+        })
     }
 
     /// Whether a resolved cgroup still exists with the same id.
     pub fn still_exists(&self, cg: &CgroupRef) -> bool {
-        std::fs::metadata(&cg.path).map(|m| m.ino() == cg.id).unwrap_or(false)
+        std::fs::metadata(&cg.path)
+            .map(|m| m.ino() == cg.id)
+            .unwrap_or(false)
     }
 }
 
@@ -288,8 +368,14 @@ mod tests {
     fn detects_the_three_shapes() {
         let h = Hierarchy::from_mountinfo(HYBRID).expect("hybrid");
         assert_eq!(h.mode(), CgroupMode::Hybrid);
-        assert_eq!(h.unified_root().ok(), Some(Path::new("/sys/fs/cgroup/unified")));
-        assert_eq!(h.v1_mount("memory"), Some(Path::new("/sys/fs/cgroup/memory")));
+        assert_eq!(
+            h.unified_root().ok(),
+            Some(Path::new("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            h.v1_mount("memory"),
+            Some(Path::new("/sys/fs/cgroup/memory"))
+        );
         assert!(h.v1_controllers().any(|c| c == "name=systemd"));
 
         let h = Hierarchy::from_mountinfo(V2).expect("v2");
@@ -299,14 +385,18 @@ mod tests {
         let h = Hierarchy::from_mountinfo(V1).expect("v1");
         assert_eq!(h.mode(), CgroupMode::V1);
         assert!(matches!(h.unified_root(), Err(CgroupError::NoCgroup2)));
-        assert_eq!(h.v1_mount("cpuacct"), Some(Path::new("/sys/fs/cgroup/cpu,cpuacct")));
+        assert_eq!(
+            h.v1_mount("cpuacct"),
+            Some(Path::new("/sys/fs/cgroup/cpu,cpuacct"))
+        );
 
         assert!(Hierarchy::from_mountinfo("1 0 0:1 / / rw - ext4 /dev/vda rw\n").is_none());
     }
 
     #[test]
     fn mount_points_with_spaces_are_unescaped() {
-        let h = Hierarchy::from_mountinfo("41 31 0:38 / /mnt/my\\040cg rw - cgroup2 cgroup2 rw\n").expect("v2");
+        let h = Hierarchy::from_mountinfo("41 31 0:38 / /mnt/my\\040cg rw - cgroup2 cgroup2 rw\n")
+            .expect("v2");
         assert_eq!(h.unified_root().ok(), Some(Path::new("/mnt/my cg")));
     }
 
@@ -332,8 +422,15 @@ mod tests {
         let a = h.resolve("tenants/a").expect("relative");
         assert_eq!(a.name, "tenants/a");
         assert_eq!(a.path, root.join("tenants/a"));
-        assert_eq!(a.id, std::fs::metadata(root.join("tenants/a")).expect("stat").ino());
-        let b = h.resolve(&root.join("tenants/a").display().to_string()).expect("absolute");
+        assert_eq!(
+            a.id,
+            std::fs::metadata(root.join("tenants/a"))
+                .expect("stat")
+                .ino()
+        );
+        let b = h
+            .resolve(&root.join("tenants/a").display().to_string())
+            .expect("absolute");
         assert_eq!(a, b);
         let c = h.resolve("./tenants//a/").expect("messy relative");
         assert_eq!(a, c);
@@ -356,7 +453,10 @@ mod tests {
             ("../etc".into(), "'..'"),
             ("tenants/../../x".into(), "'..'"),
             ("/etc/passwd".into(), "outside the cgroup mounts"),
-            (dir.path().join("memory/x").display().to_string(), "cgroup v1 hierarchy"),
+            (
+                dir.path().join("memory/x").display().to_string(),
+                "cgroup v1 hierarchy",
+            ),
             ("tenants/missing".into(), "does not exist"),
             ("tenants/file".into(), "not a directory"),
         ];

@@ -18,11 +18,19 @@ pub enum UnitError {
     #[error("empty {0}")]
     Empty(&'static str),
     #[error("'{input}' is not a {what}: {reason}")]
-    Invalid { input: String, what: &'static str, reason: String },
+    Invalid {
+        input: String,
+        what: &'static str,
+        reason: String,
+    },
     #[error("'{input}' is zero; a {what} must be positive")]
     Zero { input: String, what: &'static str },
     #[error("'{input}' is too large (the largest {what} is {max})")]
-    TooLarge { input: String, what: &'static str, max: String },
+    TooLarge {
+        input: String,
+        what: &'static str,
+        max: String,
+    },
 }
 
 /// A bandwidth, stored exactly in bits per second.
@@ -51,7 +59,10 @@ impl Rate {
 
 fn check_rate(bits: u64, input: &str) -> Result<Rate, UnitError> {
     if bits == 0 {
-        return Err(UnitError::Zero { input: input.into(), what: "rate" });
+        return Err(UnitError::Zero {
+            input: input.into(),
+            what: "rate",
+        });
     }
     if bits > Rate::MAX_BITS {
         return Err(UnitError::TooLarge {
@@ -65,7 +76,9 @@ fn check_rate(bits: u64, input: &str) -> Result<Rate, UnitError> {
 
 /// Splits "12.5mbit" into ("12.5", "mbit").
 fn split_number(s: &str) -> (&str, &str) {
-    let end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     s.split_at(end)
 }
 
@@ -91,7 +104,9 @@ fn scale(number: &str, multiplier: u64, unit_name: &str) -> Result<Option<u64>, 
     };
     let denom = 10u128.pow(frac.len() as u32);
     let product = mantissa.checked_mul(multiplier as u128);
-    let Some(product) = product else { return Ok(None) };
+    let Some(product) = product else {
+        return Ok(None);
+    };
     if product % denom != 0 {
         return Err(format!("it is not a whole number of {unit_name}"));
     }
@@ -172,8 +187,13 @@ impl fmt::Display for Rate {
 /// any value, zero included.
 pub fn format_bits_exact(b: u64) -> String {
     if b != 0 {
-        for (unit, m) in [("tbit", 1_000_000_000_000u64), ("gbit", 1_000_000_000), ("mbit", 1_000_000), ("kbit", 1000)] {
-            if b % m == 0 {
+        for (unit, m) in [
+            ("tbit", 1_000_000_000_000u64),
+            ("gbit", 1_000_000_000),
+            ("mbit", 1_000_000),
+            ("kbit", 1000),
+        ] {
+            if b.is_multiple_of(m) {
                 return format!("{}{unit}", b / m);
             }
         }
@@ -215,10 +235,17 @@ impl Size {
 
 fn check_size(bytes: u64, input: &str) -> Result<Size, UnitError> {
     if bytes == 0 {
-        return Err(UnitError::Zero { input: input.into(), what: "size" });
+        return Err(UnitError::Zero {
+            input: input.into(),
+            what: "size",
+        });
     }
     if bytes > Size::MAX_BYTES {
-        return Err(UnitError::TooLarge { input: input.into(), what: "size", max: "1PiB".into() });
+        return Err(UnitError::TooLarge {
+            input: input.into(),
+            what: "size",
+            max: "1PiB".into(),
+        });
     }
     Ok(Size { bytes })
 }
@@ -232,7 +259,11 @@ impl FromStr for Size {
             return Err(UnitError::Empty("size"));
         }
         let (number, unit) = split_number(s);
-        let invalid = |reason: String| UnitError::Invalid { input: input.into(), what: "size", reason };
+        let invalid = |reason: String| UnitError::Invalid {
+            input: input.into(),
+            what: "size",
+            reason,
+        };
         if number.is_empty() {
             return Err(invalid("it does not start with a number".into()));
         }
@@ -260,7 +291,11 @@ impl FromStr for Size {
         let bytes = scale(number, multiplier, "bytes").map_err(invalid)?;
         match bytes {
             Some(b) => check_size(b, input),
-            None => Err(UnitError::TooLarge { input: input.into(), what: "size", max: "1PiB".into() }),
+            None => Err(UnitError::TooLarge {
+                input: input.into(),
+                what: "size",
+                max: "1PiB".into(),
+            }),
         }
     }
 }
@@ -268,8 +303,14 @@ impl FromStr for Size {
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.bytes;
-        for (unit, shift) in [("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
-            if b % (1u64 << shift) == 0 {
+        for (unit, shift) in [
+            ("PiB", 50),
+            ("TiB", 40),
+            ("GiB", 30),
+            ("MiB", 20),
+            ("KiB", 10),
+        ] {
+            if b.is_multiple_of(1u64 << shift) {
                 return write!(f, "{}{unit}", b >> shift);
             }
         }
@@ -310,7 +351,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn rate(s: &str) -> u64 {
-        s.parse::<Rate>().unwrap_or_else(|e| panic!("{s}: {e}")).bits_per_sec()
+        s.parse::<Rate>()
+            .unwrap_or_else(|e| panic!("{s}: {e}"))
+            .bits_per_sec()
     }
 
     #[test]
@@ -356,16 +399,25 @@ mod tests {
 
     #[test]
     fn rate_display_round_trips() {
-        for s in ["100mbit", "1gbit", "1500kbit", "12345bit", "80mbit", "1tbit"] {
+        for s in [
+            "100mbit", "1gbit", "1500kbit", "12345bit", "80mbit", "1tbit",
+        ] {
             let r: Rate = s.parse().unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(r.to_string(), s);
         }
-        assert_eq!("10mbps".parse::<Rate>().map(|r| r.to_string()), Ok("80mbit".into()));
+        assert_eq!(
+            "10mbps".parse::<Rate>().map(|r| r.to_string()),
+            Ok("80mbit".into())
+        );
     }
 
     #[test]
     fn sizes() {
-        let size = |s: &str| s.parse::<Size>().unwrap_or_else(|e| panic!("{s}: {e}")).bytes();
+        let size = |s: &str| {
+            s.parse::<Size>()
+                .unwrap_or_else(|e| panic!("{s}: {e}"))
+                .bytes()
+        };
         assert_eq!(size("512M"), 512 << 20);
         assert_eq!(size("512MiB"), 512 << 20);
         assert_eq!(size("2GiB"), 2 << 30);
@@ -373,12 +425,25 @@ mod tests {
         assert_eq!(size("4096"), 4096);
         assert_eq!(size("1.5G"), 3 << 29);
         assert_eq!(size("64KB"), 64 << 10);
-        for (input, needle) in [("0", "zero"), ("2X", "unknown unit"), ("1.2.3G", "malformed"), ("2PiB", "too large"), ("0.3K", "whole number"), ("", "empty")] {
+        for (input, needle) in [
+            ("0", "zero"),
+            ("2X", "unknown unit"),
+            ("1.2.3G", "malformed"),
+            ("2PiB", "too large"),
+            ("0.3K", "whole number"),
+            ("", "empty"),
+        ] {
             let err = input.parse::<Size>().expect_err(input).to_string();
             assert!(err.contains(needle), "{input}: {err}");
         }
-        assert_eq!(Size::from_bytes(512 << 20).map(|s| s.to_string()), Ok("512MiB".into()));
-        assert_eq!(Size::from_bytes(1000).map(|s| s.to_string()), Ok("1000B".into()));
+        assert_eq!(
+            Size::from_bytes(512 << 20).map(|s| s.to_string()),
+            Ok("512MiB".into())
+        );
+        assert_eq!(
+            Size::from_bytes(1000).map(|s| s.to_string()),
+            Ok("1000B".into())
+        );
     }
 
     #[test]
@@ -390,7 +455,10 @@ mod tests {
         }
         let t: T = toml::from_str("r = \"10mbps\"\ns = \"1G\"").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.r.bits_per_sec(), 80_000_000);
-        assert_eq!(toml::to_string(&t).ok(), Some("r = \"80mbit\"\ns = \"1GiB\"\n".into()));
+        assert_eq!(
+            toml::to_string(&t).ok(),
+            Some("r = \"80mbit\"\ns = \"1GiB\"\n".into())
+        );
         let e = toml::from_str::<T>("r = \"0\"\ns = \"1G\"").expect_err("zero rate");
         assert!(e.to_string().contains("zero"), "{e}");
     }

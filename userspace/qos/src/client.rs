@@ -11,12 +11,17 @@ use crate::protocol::{ApiError, ErrorKind, Reply, Request, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("qosd is not running (no daemon listens on {0}); start it with `systemctl start qosd` or `qosd --config FILE`")]
+    #[error(
+        "qosd is not running (no daemon listens on {0}); start it with `systemctl start qosd` or `qosd --config FILE`"
+    )]
     NotRunning(PathBuf),
     #[error("permission denied on {0}: the qosd API is for root only")]
     Denied(PathBuf),
     #[error("talking to qosd on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("qosd sent an unreadable reply: {0}")]
     Protocol(String),
     #[error("{}", .0.message)]
@@ -55,27 +60,48 @@ impl Client {
                 ClientError::NotRunning(path.into())
             }
             std::io::ErrorKind::PermissionDenied => ClientError::Denied(path.into()),
-            _ => ClientError::Io { path: path.into(), source: e },
+            _ => ClientError::Io {
+                path: path.into(),
+                source: e,
+            },
         })?;
-        let io = |source| ClientError::Io { path: path.into(), source };
-        stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
+        let io = |source| ClientError::Io {
+            path: path.into(),
+            source,
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io)?;
         let reader = BufReader::new(stream.try_clone().map_err(io)?);
-        Ok(Self { path: path.into(), stream, reader })
+        Ok(Self {
+            path: path.into(),
+            stream,
+            reader,
+        })
     }
 
     pub fn call(&mut self, req: &Request) -> Result<Reply, ClientError> {
-        let io = |source| ClientError::Io { path: self.path.clone(), source };
+        let io = |source| ClientError::Io {
+            path: self.path.clone(),
+            source,
+        };
         let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
         line.push(b'\n');
         self.stream.write_all(&line).map_err(io)?;
         let mut reply = String::new();
         let n = self.reader.read_line(&mut reply).map_err(io)?;
         if n == 0 {
-            return Err(ClientError::Protocol("connection closed without a reply".into()));
+            return Err(ClientError::Protocol(
+                "connection closed without a reply".into(),
+            ));
         }
-        match serde_json::from_str::<Response>(&reply).map_err(|e| ClientError::Protocol(e.to_string()))? {
+        match serde_json::from_str::<Response>(&reply)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+        {
             Response::Ok { ok } => Ok(ok),
-            Response::Err { error } if error.kind == ErrorKind::Denied => Err(ClientError::Denied(self.path.clone())),
+            Response::Err { error } if error.kind == ErrorKind::Denied => {
+                Err(ClientError::Denied(self.path.clone()))
+            }
             Response::Err { error } => Err(ClientError::Api(error)),
         }
     }

@@ -103,10 +103,20 @@ impl Config {
     pub fn load(path: &Path, explicit: bool) -> Result<Self, QosError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(Self::default()),
-            Err(source) => return Err(QosError::Io { path: path.into(), source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Self::default());
+            }
+            Err(source) => {
+                return Err(QosError::Io {
+                    path: path.into(),
+                    source,
+                });
+            }
         };
-        Self::parse(&text).map_err(|reason| QosError::Config { path: path.into(), reason })
+        Self::parse(&text).map_err(|reason| QosError::Config {
+            path: path.into(),
+            reason,
+        })
     }
 
     /// Parses and validates TOML text.
@@ -120,20 +130,29 @@ impl Config {
         let n = &self.net;
         match (&n.interface, &n.egress_capacity) {
             (Some(_), None) => {
-                return Err("[net] interface is set but egress_capacity is not; give the interface's \
+                return Err(
+                    "[net] interface is set but egress_capacity is not; give the interface's \
                             capacity (e.g. egress_capacity = \"1gbit\")"
-                    .into());
+                        .into(),
+                );
             }
-            (None, Some(_)) => return Err("[net] egress_capacity is set but interface is not".into()),
+            (None, Some(_)) => {
+                return Err("[net] egress_capacity is set but interface is not".into());
+            }
             _ => {}
         }
-        if let Some(cap) = n.egress_capacity {
-            if let Some(r) = n.default_rate.filter(|r| *r > cap) {
-                return Err(format!("[net] default_rate {r} exceeds egress_capacity {cap}"));
-            }
+        if let Some(cap) = n.egress_capacity
+            && let Some(r) = n.default_rate.filter(|r| *r > cap)
+        {
+            return Err(format!(
+                "[net] default_rate {r} exceeds egress_capacity {cap}"
+            ));
         }
         if n.default_priority > 7 {
-            return Err(format!("[net] default_priority {} is out of range 0..=7", n.default_priority));
+            return Err(format!(
+                "[net] default_priority {} is out of range 0..=7",
+                n.default_priority
+            ));
         }
         n.container_interfaces.validate()?;
         if !n.quota.is_empty() && n.interface.is_none() {
@@ -152,7 +171,10 @@ mod tests {
         let c = Config::parse("").expect("empty");
         assert_eq!(c, Config::default());
         assert_eq!(c.daemon.socket, PathBuf::from(DEFAULT_SOCKET));
-        assert_eq!(c.net.default_rate.map(|r| r.to_string()), Some("10mbit".into()));
+        assert_eq!(
+            c.net.default_rate.map(|r| r.to_string()),
+            Some("10mbit".into())
+        );
         let best_effort = Config::parse("[net]\ndefault_rate = \"0\"").expect("zero default");
         assert_eq!(best_effort.net.default_rate, None);
         assert!(c.net.interface.is_none());
@@ -178,8 +200,14 @@ mod tests {
         )
         .expect("full");
         assert_eq!(c.net.quota.len(), 1);
-        assert_eq!(c.net.quota[0].ceil.map(|r| r.to_string()), Some("2gbit".into()));
-        assert_eq!(c.net.container_interfaces, ContainerInterfaces::Patterns(vec!["veth*".into(), "cali*".into()]));
+        assert_eq!(
+            c.net.quota[0].ceil.map(|r| r.to_string()),
+            Some("2gbit".into())
+        );
+        assert_eq!(
+            c.net.container_interfaces,
+            ContainerInterfaces::Patterns(vec!["veth*".into(), "cali*".into()])
+        );
     }
 
     #[test]
@@ -188,12 +216,24 @@ mod tests {
             ("[net]\ninterfce = \"eth0\"", "unknown field `interfce`"),
             ("[net]\ninterface = \"eth0\"", "egress_capacity is not"),
             ("[net]\negress_capacity = \"1gbit\"", "interface is not"),
-            ("[net]\ninterface = \"eth0\"\negress_capacity = \"fast\"", "not a rate"),
-            ("[net]\ninterface = \"eth0\"\negress_capacity = \"0\"", "zero"),
-            ("[net]\ninterface = \"e\"\negress_capacity = \"1mbit\"\ndefault_rate = \"2mbit\"", "exceeds"),
+            (
+                "[net]\ninterface = \"eth0\"\negress_capacity = \"fast\"",
+                "not a rate",
+            ),
+            (
+                "[net]\ninterface = \"eth0\"\negress_capacity = \"0\"",
+                "zero",
+            ),
+            (
+                "[net]\ninterface = \"e\"\negress_capacity = \"1mbit\"\ndefault_rate = \"2mbit\"",
+                "exceeds",
+            ),
             ("[net]\ndefault_priority = 9", "out of range"),
             ("[net]\ncontainer_interfaces = \"maybe\"", "use \"auto\""),
-            ("[[net.quota]]\ncgroup = \"a\"\nrate = \"1mbit\"", "need [net] interface"),
+            (
+                "[[net.quota]]\ncgroup = \"a\"\nrate = \"1mbit\"",
+                "need [net] interface",
+            ),
             ("[daemon]\nsocket = 5", "invalid type"),
         ] {
             let e = Config::parse(text).expect_err(text);

@@ -43,7 +43,10 @@ const CGROUP_CHECK: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum QosError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config {path}: {reason}")]
     Config { path: PathBuf, reason: String },
     #[error("state file {path}: {reason}")]
@@ -52,7 +55,9 @@ pub enum QosError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Net(#[from] NetError),
-    #[error("network shaping is not configured on this host: set [net] interface and egress_capacity in the qosd config")]
+    #[error(
+        "network shaping is not configured on this host: set [net] interface and egress_capacity in the qosd config"
+    )]
     NetNotConfigured,
 }
 
@@ -96,7 +101,10 @@ impl Qos {
     /// config's quotas, then the persisted state (state wins). Quotas whose
     /// cgroup does not exist yet wait for it.
     pub fn start(config: Config) -> Result<Self, QosError> {
-        Self::start_with_store(config.clone(), Some(StateStore::new(&config.daemon.state_dir)))
+        Self::start_with_store(
+            config.clone(),
+            Some(StateStore::new(&config.daemon.state_dir)),
+        )
     }
 
     /// As [`Qos::start`], without persistence (embedding schedulers that keep
@@ -106,7 +114,10 @@ impl Qos {
     }
 
     fn start_with_store(config: Config, store: Option<StateStore>) -> Result<Self, QosError> {
-        config.validate().map_err(|reason| QosError::Config { path: "(in memory)".into(), reason })?;
+        config.validate().map_err(|reason| QosError::Config {
+            path: "(in memory)".into(),
+            reason,
+        })?;
         let mut hierarchy = Hierarchy::detect()?;
         if hierarchy.mode() == CgroupMode::V1 {
             hierarchy.ensure_cgroup2(&config.daemon.cgroup2_fallback)?;
@@ -133,10 +144,16 @@ impl Qos {
         };
         let persisted = match &store {
             Some(s) => s.load()?,
-            None => DesiredState { version: state::STATE_VERSION, ..Default::default() },
+            None => DesiredState {
+                version: state::STATE_VERSION,
+                ..Default::default()
+            },
         };
         let mut qos = Self {
-            state: DesiredState { version: state::STATE_VERSION, ..Default::default() },
+            state: DesiredState {
+                version: state::STATE_VERSION,
+                ..Default::default()
+            },
             config,
             hierarchy,
             store,
@@ -149,7 +166,16 @@ impl Qos {
             .net
             .quota
             .iter()
-            .map(|q| (q.cgroup.clone(), NetQuota { rate: q.rate, ceil: q.ceil, priority: q.priority }))
+            .map(|q| {
+                (
+                    q.cgroup.clone(),
+                    NetQuota {
+                        rate: q.rate,
+                        ceil: q.ceil,
+                        priority: q.priority,
+                    },
+                )
+            })
             .collect();
         wanted.extend(persisted.net);
         for (name, quota) in wanted {
@@ -223,7 +249,12 @@ impl Qos {
         } else {
             // An absolute path of a vanished cgroup.
             let root = self.hierarchy.unified_root()?.display().to_string();
-            let rel = cgroup.trim().strip_prefix(&root).unwrap_or(cgroup).trim_matches('/').to_owned();
+            let rel = cgroup
+                .trim()
+                .strip_prefix(&root)
+                .unwrap_or(cgroup)
+                .trim_matches('/')
+                .to_owned();
             if !self.state.net.contains_key(&rel) {
                 return Err(NetError::NotConfigured(cgroup.trim().to_owned()).into());
             }
@@ -246,7 +277,12 @@ impl Qos {
     pub fn status(&self) -> Status {
         let net = self.net.as_ref().map(|n| {
             let s = n.settings();
-            let guaranteed: u64 = self.state.net.values().map(|q| q.rate.bits_per_sec()).sum::<u64>()
+            let guaranteed: u64 = self
+                .state
+                .net
+                .values()
+                .map(|q| q.rate.bits_per_sec())
+                .sum::<u64>()
                 + s.default_rate.map_or(0, qos_core::Rate::bits_per_sec);
             NetSummary {
                 interface: s.interface.clone(),
@@ -268,7 +304,11 @@ impl Qos {
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs(),
             cgroup_mode: self.hierarchy.mode().to_string(),
-            cgroup2_root: self.hierarchy.unified_root().map(|p| p.display().to_string()).unwrap_or_default(),
+            cgroup2_root: self
+                .hierarchy
+                .unified_root()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             net,
             waiting,
             state_file: self.store.as_ref().map(|s| s.path().display().to_string()),
@@ -293,12 +333,19 @@ impl Qos {
         let Some(net) = self.net.as_mut() else { return };
         for name in net.vanished() {
             match net.remove(&name) {
-                Ok(_) => info!(cgroup = %name, "cgroup vanished; its quota waits for it to reappear"),
+                Ok(_) => {
+                    info!(cgroup = %name, "cgroup vanished; its quota waits for it to reappear")
+                }
                 Err(e) => warn!(cgroup = %name, error = %e, "removing a vanished cgroup"),
             }
         }
-        let waiting: Vec<(String, NetQuota)> =
-            self.state.net.iter().filter(|(k, _)| net.quota(k).is_none()).map(|(k, q)| (k.clone(), *q)).collect();
+        let waiting: Vec<(String, NetQuota)> = self
+            .state
+            .net
+            .iter()
+            .filter(|(k, _)| net.quota(k).is_none())
+            .map(|(k, q)| (k.clone(), *q))
+            .collect();
         for (name, quota) in waiting {
             if let Ok(cg) = self.hierarchy.resolve(&name) {
                 match net.set(&cg, quota) {

@@ -58,7 +58,10 @@ pub enum Reply {
     Status(Box<Status>),
     Net(Box<NetStatus>),
     /// The quota as applied (cgroup name canonicalised).
-    NetApplied { cgroup: String, quota: NetQuota },
+    NetApplied {
+        cgroup: String,
+        quota: NetQuota,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -74,11 +77,18 @@ mod tests {
 
     #[test]
     fn request_wire_format() {
-        let r: Request =
-            serde_json::from_str(r#"{"op":"net_set","cgroup":"a/b","rate":"100mbit","priority":1}"#).expect("parse");
+        let r: Request = serde_json::from_str(
+            r#"{"op":"net_set","cgroup":"a/b","rate":"100mbit","priority":1}"#,
+        )
+        .expect("parse");
         assert_eq!(
             r,
-            Request::NetSet { cgroup: "a/b".into(), rate: "100mbit".parse().expect("rate"), ceil: None, priority: 1 }
+            Request::NetSet {
+                cgroup: "a/b".into(),
+                rate: "100mbit".parse().expect("rate"),
+                ceil: None,
+                priority: 1
+            }
         );
         let e = serde_json::from_str::<Request>(r#"{"op":"net_set","cgroup":"a","rate":"lots"}"#)
             .expect_err("bad rate")
@@ -93,7 +103,12 @@ mod tests {
     fn response_wire_format() {
         let ok = serde_json::to_string(&Response::Ok { ok: Reply::Ok }).expect("ser");
         assert_eq!(ok, r#"{"ok":"ok"}"#);
-        let err = Response::Err { error: ApiError { kind: ErrorKind::Admission, message: "m".into() } };
+        let err = Response::Err {
+            error: ApiError {
+                kind: ErrorKind::Admission,
+                message: "m".into(),
+            },
+        };
         let s = serde_json::to_string(&err).expect("ser");
         assert_eq!(serde_json::from_str::<Response>(&s).expect("de"), err);
     }

@@ -35,7 +35,10 @@ impl ApiSocket {
     /// Binds the socket (mode 0600). A stale socket file of a dead daemon is
     /// replaced; a live one is an error.
     pub fn bind(path: &Path) -> Result<Self, QosError> {
-        let io = |source| QosError::Io { path: path.into(), source };
+        let io = |source| QosError::Io {
+            path: path.into(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
@@ -43,7 +46,10 @@ impl ApiSocket {
             if UnixStream::connect(path).is_ok() {
                 return Err(QosError::Io {
                     path: path.into(),
-                    source: std::io::Error::new(std::io::ErrorKind::AddrInUse, "another qosd is listening here"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "another qosd is listening here",
+                    ),
                 });
             }
             std::fs::remove_file(path).map_err(io)?;
@@ -51,7 +57,10 @@ impl ApiSocket {
         let listener = UnixListener::bind(path).map_err(io)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
         listener.set_nonblocking(true).map_err(io)?;
-        Ok(Self { listener, path: path.into() })
+        Ok(Self {
+            listener,
+            path: path.into(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -85,7 +94,9 @@ impl Drop for ApiSocket {
 }
 
 fn peer_uid(stream: &UnixStream) -> Option<u32> {
-    nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials).ok().map(|c| c.uid())
+    nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|c| c.uid())
 }
 
 fn send(stream: &mut UnixStream, r: &Response) -> std::io::Result<()> {
@@ -95,7 +106,12 @@ fn send(stream: &mut UnixStream, r: &Response) -> std::io::Result<()> {
 }
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
-    Response::Err { error: ApiError { kind, message: message.into() } }
+    Response::Err {
+        error: ApiError {
+            kind,
+            message: message.into(),
+        },
+    }
 }
 
 fn handle(mut stream: UnixStream, qos: &Mutex<Qos>) {
@@ -103,14 +119,22 @@ fn handle(mut stream: UnixStream, qos: &Mutex<Qos>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
     if peer_uid(&stream) != Some(0) {
-        let _ = send(&mut stream, &error(ErrorKind::Denied, "only root may use the qosd API"));
+        let _ = send(
+            &mut stream,
+            &error(ErrorKind::Denied, "only root may use the qosd API"),
+        );
         return;
     }
-    let Ok(read_half) = stream.try_clone() else { return };
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(read_half);
     loop {
         let mut line = Vec::new();
-        let n = match (&mut reader).take(MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line) {
+        let n = match (&mut reader)
+            .take(MAX_REQUEST as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
             Ok(n) => n,
             Err(e) => {
                 debug!(error = %e, "reading a request");
@@ -121,7 +145,13 @@ fn handle(mut stream: UnixStream, qos: &Mutex<Qos>) {
             return;
         }
         if line.len() > MAX_REQUEST {
-            let _ = send(&mut stream, &error(ErrorKind::Invalid, format!("request larger than {MAX_REQUEST} bytes")));
+            let _ = send(
+                &mut stream,
+                &error(
+                    ErrorKind::Invalid,
+                    format!("request larger than {MAX_REQUEST} bytes"),
+                ),
+            );
             return;
         }
         let response = match serde_json::from_slice::<Request>(&line) {
@@ -145,9 +175,19 @@ pub fn dispatch(qos: &mut Qos, req: Request) -> Response {
     let result = match req {
         Request::Status => Ok(Reply::Status(Box::new(qos.status()))),
         Request::NetShow => qos.net_status().map(|s| Reply::Net(Box::new(s))),
-        Request::NetSet { cgroup, rate, ceil, priority } => {
-            let quota = NetQuota { rate, ceil, priority };
-            qos.set_net_quota(&cgroup, quota).map(|cgroup| Reply::NetApplied { cgroup, quota })
+        Request::NetSet {
+            cgroup,
+            rate,
+            ceil,
+            priority,
+        } => {
+            let quota = NetQuota {
+                rate,
+                ceil,
+                priority,
+            };
+            qos.set_net_quota(&cgroup, quota)
+                .map(|cgroup| Reply::NetApplied { cgroup, quota })
         }
         Request::NetUnset { cgroup } => qos.unset_net_quota(&cgroup).map(|_| Reply::Ok),
     };
@@ -160,10 +200,12 @@ pub fn dispatch(qos: &mut Qos, req: Request) -> Response {
 /// The category a client sees for an error.
 pub fn kind_of(e: &QosError) -> ErrorKind {
     match e {
-        QosError::Cgroup(CgroupError::NotFound { .. } | CgroupError::NotADirectory { .. }) => ErrorKind::NotFound,
-        QosError::Cgroup(CgroupError::Io { .. } | CgroupError::NoCgroups(_) | CgroupError::NoCgroup2) => {
-            ErrorKind::Internal
+        QosError::Cgroup(CgroupError::NotFound { .. } | CgroupError::NotADirectory { .. }) => {
+            ErrorKind::NotFound
         }
+        QosError::Cgroup(
+            CgroupError::Io { .. } | CgroupError::NoCgroups(_) | CgroupError::NoCgroup2,
+        ) => ErrorKind::Internal,
         QosError::Cgroup(_) => ErrorKind::Invalid,
         QosError::Net(NetError::InvalidQuota(_)) => ErrorKind::Invalid,
         QosError::Net(NetError::Admission(_)) => ErrorKind::Admission,

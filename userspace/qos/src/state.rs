@@ -32,7 +32,9 @@ pub struct StateStore {
 
 impl StateStore {
     pub fn new(dir: &Path) -> Self {
-        Self { path: dir.join("state.json") }
+        Self {
+            path: dir.join("state.json"),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -44,9 +46,17 @@ impl StateStore {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(DesiredState { version: STATE_VERSION, ..Default::default() });
+                return Ok(DesiredState {
+                    version: STATE_VERSION,
+                    ..Default::default()
+                });
             }
-            Err(source) => return Err(QosError::Io { path: self.path.clone(), source }),
+            Err(source) => {
+                return Err(QosError::Io {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
         };
         let st: DesiredState = serde_json::from_str(&text).map_err(|e| QosError::State {
             path: self.path.clone(),
@@ -55,7 +65,10 @@ impl StateStore {
         if st.version != STATE_VERSION {
             return Err(QosError::State {
                 path: self.path.clone(),
-                reason: format!("version {} is not the supported {STATE_VERSION}", st.version),
+                reason: format!(
+                    "version {} is not the supported {STATE_VERSION}",
+                    st.version
+                ),
             });
         }
         Ok(st)
@@ -64,7 +77,10 @@ impl StateStore {
     /// Writes to a temporary file, fsyncs it and renames it over the old
     /// one: a crash leaves either the old or the new state, never a mix.
     pub fn save(&self, st: &DesiredState) -> Result<(), QosError> {
-        let io = |source| QosError::Io { path: self.path.clone(), source };
+        let io = |source| QosError::Io {
+            path: self.path.clone(),
+            source,
+        };
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io)?;
         let tmp = self.path.with_extension("json.tmp");
@@ -90,10 +106,17 @@ mod tests {
         let store = StateStore::new(&dir.path().join("sub"));
         let empty = store.load().expect("missing file is empty state");
         assert!(empty.net.is_empty());
-        let mut st = DesiredState { version: STATE_VERSION, ..Default::default() };
+        let mut st = DesiredState {
+            version: STATE_VERSION,
+            ..Default::default()
+        };
         st.net.insert(
             "tenants/a".into(),
-            NetQuota { rate: "100mbit".parse().expect("rate"), ceil: None, priority: 2 },
+            NetQuota {
+                rate: "100mbit".parse().expect("rate"),
+                ceil: None,
+                priority: 2,
+            },
         );
         store.save(&st).expect("save");
         assert_eq!(store.load().expect("load"), st);

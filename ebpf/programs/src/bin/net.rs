@@ -19,14 +19,14 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        __sk_buff, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, SO_MAX_PACING_RATE, SOL_SOCKET, TC_ACT_SHOT,
-        TC_ACT_UNSPEC, __sk_buff,
+        TC_ACT_UNSPEC,
     },
     helpers::generated::{
-        bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt, bpf_skb_ancestor_cgroup_id,
-        bpf_skb_cgroup_id, bpf_skb_ecn_set_ce,
+        bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_ecn_set_ce,
     },
     macros::{classifier, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -34,14 +34,14 @@ use aya_ebpf::{
 };
 use qos_common::{
     net::{
-        CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, MAX_CGROUP_DEPTH,
-        MAX_CLASSES, NetGlobal, PoolState, SOCK_CACHE_ENTRIES, SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED,
-        SockClass, TAG_OFFSET, TAG_PACED,
+        CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED,
+        GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, MAX_CGROUP_DEPTH, MAX_CLASSES, NetGlobal, PoolState,
+        SOCK_CACHE_ENTRIES, SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_OFFSET, TAG_PACED,
     },
     policy::{
-        self, CONTROL_INTERVAL_NS, Levels, Limits, UNIT, Verdict, decide, earned,
-        next_multiplier, overflow_correction, pacing_changed, pacing_rate, underflow_correction,
-        wire_len, wire_to_tcp_rate,
+        self, CONTROL_INTERVAL_NS, Levels, Limits, UNIT, Verdict, decide, earned, next_multiplier,
+        overflow_correction, pacing_changed, pacing_rate, underflow_correction, wire_len,
+        wire_to_tcp_rate,
     },
 };
 use qos_ebpf::{
@@ -58,7 +58,8 @@ static NET_CLASS_CFG: Array<ClassConfig> = Array::with_max_entries(MAX_CLASSES, 
 #[map]
 static NET_CLASS_STATE: Array<ClassState> = Array::with_max_entries(MAX_CLASSES, 0);
 #[map]
-static NET_CLASS_COUNTERS: PerCpuArray<ClassCounters> = PerCpuArray::with_max_entries(MAX_CLASSES, 0);
+static NET_CLASS_COUNTERS: PerCpuArray<ClassCounters> =
+    PerCpuArray::with_max_entries(MAX_CLASSES, 0);
 #[map]
 static NET_CGROUP_CLASS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUP_MAP_ENTRIES, 0);
 #[map]
@@ -66,7 +67,7 @@ static NET_SOCK_CLASS: LruHashMap<u64, SockClass> =
     LruHashMap::with_max_entries(SOCK_CACHE_ENTRIES, 0);
 
 const PASS: i32 = TC_ACT_UNSPEC; // let the next tcx program (or the stack) decide
-const DROP: i32 = TC_ACT_SHOT as i32;
+const DROP: i32 = TC_ACT_SHOT;
 /// A class idle this long restarts with a neutral pacing multiplier.
 const IDLE_RESET_NS: u64 = 200_000_000;
 /// Flows younger than this are paced at most at an even share of the class.
@@ -75,7 +76,11 @@ const YOUNG_FLOW_NS: u64 = 300_000_000;
 #[inline(always)]
 fn global() -> Option<&'static NetGlobal> {
     let g = NET_GLOBAL.get(0)?;
-    if g.flags & GLOBAL_ENABLED == 0 { None } else { Some(g) }
+    if g.flags & GLOBAL_ENABLED == 0 {
+        None
+    } else {
+        Some(g)
+    }
 }
 
 /// Deepest configured ancestor of the packet's socket cgroup (the nearest
@@ -91,7 +96,7 @@ fn resolve_cgroup(skb: *mut __sk_buff) -> u32 {
             break;
         }
         // SAFETY: read-only lookup of a plain u32.
-        if let Some(slot) = unsafe { NET_CGROUP_CLASS.get(&id) } {
+        if let Some(slot) = unsafe { NET_CGROUP_CLASS.get(id) } {
             found = *slot;
         }
         level += 1;
@@ -117,14 +122,18 @@ fn socket_view(skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) ->
     // SAFETY: helper on the program's own skb.
     let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
     let mut old = SockClass::default();
-    if let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(&cookie) {
+    if let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(cookie) {
         // SAFETY: pointer into the map value, valid for this program run.
         unsafe {
             if read(&(*sc).generation) == g.generation {
                 if route.is_none() && (*sc).flags & SOCK_SHAPED == 0 {
                     (*sc).flags = ((*sc).flags | SOCK_SHAPED) & !SOCK_ROUTED_ELSEWHERE;
                 }
-                return SockView { slot: (*sc).slot, shaped: (*sc).flags & SOCK_SHAPED != 0, paced: (*sc).pacing != 0 };
+                return SockView {
+                    slot: (*sc).slot,
+                    shaped: (*sc).flags & SOCK_SHAPED != 0,
+                    paced: (*sc).pacing != 0,
+                };
             }
             // Re-classified: keep its bookkeeping.
             old = *sc;
@@ -143,9 +152,18 @@ fn socket_view(skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) ->
             }
         }
     };
-    let entry = SockClass { slot, flags, generation: g.generation, ..old };
-    let _ = NET_SOCK_CLASS.insert(&cookie, &entry, 0);
-    SockView { slot, shaped: flags & SOCK_SHAPED != 0, paced: old.pacing != 0 }
+    let entry = SockClass {
+        slot,
+        flags,
+        generation: g.generation,
+        ..old
+    };
+    let _ = NET_SOCK_CLASS.insert(cookie, entry, 0);
+    SockView {
+        slot,
+        shaped: flags & SOCK_SHAPED != 0,
+        paced: old.pacing != 0,
+    }
 }
 
 /// Refills the class's own, borrow and ceiling buckets (one CPU wins the
@@ -222,7 +240,14 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
 fn class_fill(st: *const ClassState, cfg: &ClassConfig) -> i64 {
     // SAFETY: `st` points into NET_CLASS_STATE.
     let (own, borrow) = unsafe { (read(&(*st).own), read(&(*st).borrow)) };
-    policy::class_fill(own, cfg.depth, borrow, cfg.borrow_depth, cfg.borrow_rate, cfg.guarantee)
+    policy::class_fill(
+        own,
+        cfg.depth,
+        borrow,
+        cfg.borrow_depth,
+        cfg.borrow_rate,
+        cfg.guarantee,
+    )
 }
 
 #[classifier]
@@ -243,7 +268,7 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
     let (slot, paced) = if cgroup != 0 {
         let v = socket_view(skb, g, None);
         (v.slot, v.paced)
-    } else if ingress_if != 0 && class_tag >= TAG_OFFSET && class_tag < MAX_CLASSES + TAG_OFFSET {
+    } else if ingress_if != 0 && (TAG_OFFSET..MAX_CLASSES + TAG_OFFSET).contains(&class_tag) {
         (class_tag - TAG_OFFSET, tag & TAG_PACED != 0)
     } else {
         (DEFAULT_SLOT, false)
@@ -252,12 +277,24 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
         Some(c) if c.active != 0 => slot,
         _ => DEFAULT_SLOT,
     };
-    let Some(cfg) = NET_CLASS_CFG.get(slot) else { return PASS };
-    let Some(st) = NET_CLASS_STATE.get_ptr_mut(slot) else { return PASS };
-    let Some(ct) = NET_CLASS_COUNTERS.get_ptr_mut(slot) else { return PASS };
-    let Some(pool) = NET_POOL.get_ptr_mut(0) else { return PASS };
+    let Some(cfg) = NET_CLASS_CFG.get(slot) else {
+        return PASS;
+    };
+    let Some(st) = NET_CLASS_STATE.get_ptr_mut(slot) else {
+        return PASS;
+    };
+    let Some(ct) = NET_CLASS_COUNTERS.get_ptr_mut(slot) else {
+        return PASS;
+    };
+    let Some(pool) = NET_POOL.get_ptr_mut(0) else {
+        return PASS;
+    };
 
-    let hdr = if segs > 1 { packet::gso_header_len(&ctx) } else { 0 };
+    let hdr = if segs > 1 {
+        packet::gso_header_len(&ctx)
+    } else {
+        0
+    };
     let wire = wire_len(len, segs, hdr);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -367,7 +404,11 @@ fn cookie_of(ctx: &SockOpsContext) -> u64 {
 fn set_pacing(ctx: &SockOpsContext, wire_rate: u64) {
     let tcp = wire_to_tcp_rate(wire_rate);
     // ~0U means "unlimited" to the kernel; stay one below.
-    let mut v: u32 = if tcp >= u32::MAX as u64 { u32::MAX - 1 } else { tcp as u32 };
+    let mut v: u32 = if tcp >= u32::MAX as u64 {
+        u32::MAX - 1
+    } else {
+        tcp as u32
+    };
     // SAFETY: setsockopt on the program's own socket with a 4-byte option.
     unsafe {
         bpf_setsockopt(
@@ -383,19 +424,28 @@ fn set_pacing(ctx: &SockOpsContext, wire_rate: u64) {
 #[inline(always)]
 fn on_ack(ctx: &SockOpsContext) {
     let cookie = cookie_of(ctx);
-    if NET_GLOBAL.get(0).is_some_and(|g| g.flags & GLOBAL_RELEASE != 0) {
+    if NET_GLOBAL
+        .get(0)
+        .is_some_and(|g| g.flags & GLOBAL_RELEASE != 0)
+    {
         release(ctx, cookie);
         return;
     }
     let Some(g) = global() else { return };
-    let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(&cookie) else { return };
+    let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(cookie) else {
+        return;
+    };
     // SAFETY: `sc` points into the LRU map value for this run.
     let (slot, flags) = unsafe { ((*sc).slot, (*sc).flags) };
     if flags & SOCK_SHAPED == 0 {
         return;
     }
-    let Some(cfg) = NET_CLASS_CFG.get(slot) else { return };
-    let Some(st) = NET_CLASS_STATE.get_ptr_mut(slot) else { return };
+    let Some(cfg) = NET_CLASS_CFG.get(slot) else {
+        return;
+    };
+    let Some(st) = NET_CLASS_STATE.get_ptr_mut(slot) else {
+        return;
+    };
     if cfg.active == 0 {
         return;
     }
@@ -403,10 +453,10 @@ fn on_ack(ctx: &SockOpsContext) {
     unsafe {
         let counted = (*sc).counted;
         if counted != slot + 1 {
-            if counted != 0 {
-                if let Some(old) = NET_CLASS_STATE.get_ptr_mut(counted - 1) {
-                    add(&mut (*old).flows_open, u64::MAX);
-                }
+            if counted != 0
+                && let Some(old) = NET_CLASS_STATE.get_ptr_mut(counted - 1)
+            {
+                add(&mut (*old).flows_open, u64::MAX);
             }
             add(&mut (*st).flows_open, 1);
             (*sc).counted = slot + 1;
@@ -428,8 +478,14 @@ fn on_ack(ctx: &SockOpsContext) {
     }
     control(st, cfg, g, now);
     // SAFETY: pointers into map values.
-    let (mult, open, applied, born) =
-        unsafe { (read(&(*st).mult), read(&(*st).flows_open), (*sc).pacing, (*sc).born_ns) };
+    let (mult, open, applied, born) = unsafe {
+        (
+            read(&(*st).mult),
+            read(&(*st).flows_open),
+            (*sc).pacing,
+            (*sc).born_ns,
+        )
+    };
     let mut base = cfg.flow_base;
     // SAFETY: pointer into NET_CLASS_STATE.
     let own = unsafe { read(&(*st).own) };
@@ -437,7 +493,9 @@ fn on_ack(ctx: &SockOpsContext) {
         // In debt while borrowing: the spare it was pacing for is gone (its
         // owner came back). Fall back to the guaranteed share at once rather
         // than wait for the allocator.
-        let ratio = (cfg.guarantee * UNIT).checked_div(cfg.alloc).unwrap_or(UNIT);
+        let ratio = (cfg.guarantee * UNIT)
+            .checked_div(cfg.alloc)
+            .unwrap_or(UNIT);
         base = base / UNIT * ratio;
     }
     let mut mult = mult;
@@ -453,7 +511,11 @@ fn on_ack(ctx: &SockOpsContext) {
     }
     // Headroom above the ceiling: the ceiling bucket enforces it exactly,
     // the pacing only has to get there despite its own rounding.
-    let max = if cfg.ceil != 0 { cfg.ceil + cfg.ceil / 8 } else { g.capacity };
+    let max = if cfg.ceil != 0 {
+        cfg.ceil + cfg.ceil / 8
+    } else {
+        g.capacity
+    };
     let rate = pacing_rate(base, mult, class_fill(st, cfg), g.pacing_kp, max);
     if pacing_changed(applied, rate) {
         set_pacing(ctx, rate);
@@ -479,19 +541,32 @@ fn replace_bbr(ctx: &SockOpsContext) {
     }
     let cookie = cookie_of(ctx);
     // SAFETY: read-only lookup.
-    if !unsafe { NET_SOCK_CLASS.get(&cookie) }.is_some_and(|sc| sc.flags & SOCK_SHAPED != 0) {
+    if unsafe { NET_SOCK_CLASS.get(cookie) }.is_none_or(|sc| sc.flags & SOCK_SHAPED == 0) {
         return;
     }
     let mut name = [0u8; 16];
     // SAFETY: getsockopt/setsockopt on the program's own socket with
     // buffers of the given sizes.
     unsafe {
-        if bpf_getsockopt(ctx.ops.cast(), SOL_TCP, TCP_CONGESTION, name.as_mut_ptr().cast(), 16) != 0 {
+        if bpf_getsockopt(
+            ctx.ops.cast(),
+            SOL_TCP,
+            TCP_CONGESTION,
+            name.as_mut_ptr().cast(),
+            16,
+        ) != 0
+        {
             return;
         }
         if name[0] == b'b' && name[1] == b'b' && name[2] == b'r' && name[3] == 0 {
             let mut cubic = *b"cubic\0\0\0";
-            bpf_setsockopt(ctx.ops.cast(), SOL_TCP, TCP_CONGESTION, cubic.as_mut_ptr().cast(), 8);
+            bpf_setsockopt(
+                ctx.ops.cast(),
+                SOL_TCP,
+                TCP_CONGESTION,
+                cubic.as_mut_ptr().cast(),
+                8,
+            );
         }
     }
 }
@@ -499,7 +574,7 @@ fn replace_bbr(ctx: &SockOpsContext) {
 /// Shutdown: give a paced socket back its unlimited pacing.
 #[inline(always)]
 fn release(ctx: &SockOpsContext, cookie: u64) {
-    if let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(&cookie) {
+    if let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(cookie) {
         // SAFETY: pointer into the map value.
         unsafe {
             if (*sc).pacing != 0 {
@@ -520,17 +595,17 @@ fn release(ctx: &SockOpsContext, cookie: u64) {
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
     let cookie = cookie_of(ctx);
-    if let Some(sc) = NET_SOCK_CLASS.get_ptr(&cookie) {
+    if let Some(sc) = NET_SOCK_CLASS.get_ptr(cookie) {
         // SAFETY: pointer into the map value.
         let counted = unsafe { (*sc).counted };
-        if counted != 0 {
-            if let Some(st) = NET_CLASS_STATE.get_ptr_mut(counted - 1) {
-                // SAFETY: pointer into NET_CLASS_STATE.
-                unsafe { add(&mut (*st).flows_open, u64::MAX) };
-            }
+        if counted != 0
+            && let Some(st) = NET_CLASS_STATE.get_ptr_mut(counted - 1)
+        {
+            // SAFETY: pointer into NET_CLASS_STATE.
+            unsafe { add(&mut (*st).flows_open, u64::MAX) };
         }
     }
-    let _ = NET_SOCK_CLASS.remove(&cookie);
+    let _ = NET_SOCK_CLASS.remove(cookie);
 }
 
 #[cfg(target_arch = "bpf")]

@@ -94,27 +94,46 @@ fn run(args: Args) -> Result<(), ClientError> {
     let mut client = Client::connect(&args.socket)?;
     match args.command {
         Command::Status { output } => {
-            let Reply::Status(s) = client.call(&Request::Status)? else { return Err(unexpected()) };
+            let Reply::Status(s) = client.call(&Request::Status)? else {
+                return Err(unexpected());
+            };
             print(output, &*s, status_table);
         }
         Command::Net { command } => match command {
-            NetCommand::Set { cgroup, rate, ceil, priority } => {
-                let reply = client.call(&Request::NetSet { cgroup, rate, ceil, priority });
+            NetCommand::Set {
+                cgroup,
+                rate,
+                ceil,
+                priority,
+            } => {
+                let reply = client.call(&Request::NetSet {
+                    cgroup,
+                    rate,
+                    ceil,
+                    priority,
+                });
                 match reply {
                     Ok(Reply::NetApplied { cgroup, quota }) => {
                         let ceil = quota.ceil.map(|c| format!(" ceil {c}")).unwrap_or_default();
-                        println!("{cgroup}: rate {}{ceil} priority {}", quota.rate, quota.priority);
+                        println!(
+                            "{cgroup}: rate {}{ceil} priority {}",
+                            quota.rate, quota.priority
+                        );
                     }
                     Ok(_) => return Err(unexpected()),
                     Err(e) => return Err(e),
                 }
             }
             NetCommand::Unset { cgroup } => {
-                client.call(&Request::NetUnset { cgroup: cgroup.clone() })?;
+                client.call(&Request::NetUnset {
+                    cgroup: cgroup.clone(),
+                })?;
                 println!("{cgroup}: quota removed");
             }
             NetCommand::Show { output, watch } => loop {
-                let Reply::Net(s) = client.call(&Request::NetShow)? else { return Err(unexpected()) };
+                let Reply::Net(s) = client.call(&Request::NetShow)? else {
+                    return Err(unexpected());
+                };
                 if watch.is_some() && output == Output::Table {
                     print!("\x1b[2J\x1b[H");
                 }
@@ -146,14 +165,20 @@ fn status_table(s: &Status) -> String {
         s.version, s.pid, s.uptime_secs, s.cgroup_mode, s.cgroup2_root
     );
     match &s.net {
-        Some(n) => out += &format!(
-            "net: {} egress {} — {} quota(s), {} guaranteed incl. default class; tagger on {}\n",
-            n.interface,
-            n.capacity,
-            n.classes,
-            n.guaranteed,
-            if n.tagged_interfaces.is_empty() { "no interface".to_string() } else { n.tagged_interfaces.join(", ") }
-        ),
+        Some(n) => {
+            out += &format!(
+                "net: {} egress {} — {} quota(s), {} guaranteed incl. default class; tagger on {}\n",
+                n.interface,
+                n.capacity,
+                n.classes,
+                n.guaranteed,
+                if n.tagged_interfaces.is_empty() {
+                    "no interface".to_string()
+                } else {
+                    n.tagged_interfaces.join(", ")
+                }
+            )
+        }
         None => out += "net: not configured\n",
     }
     if !s.waiting.is_empty() {
@@ -168,10 +193,21 @@ fn status_table(s: &Status) -> String {
 /// Renders rows as aligned columns.
 fn columns(rows: &[Vec<String>]) -> String {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..n).map(|i| rows.iter().map(|r| r.get(i).map_or(0, |c| c.chars().count())).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     let mut out = String::new();
     for r in rows {
-        let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         out += line.join("  ").trim_end();
         out.push('\n');
     }
@@ -193,9 +229,12 @@ fn bytes(b: u64) -> String {
 
 fn net_table(s: &NetStatus) -> String {
     let mut rows = vec![
-        ["CGROUP", "RATE", "CEIL", "PRIO", "ALLOC", "NOW", "FLOWS", "BYTES", "BORROWED", "CE", "DROPS"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "CGROUP", "RATE", "CEIL", "PRIO", "ALLOC", "NOW", "FLOWS", "BYTES", "BORROWED", "CE",
+            "DROPS",
+        ]
+        .map(String::from)
+        .to_vec(),
     ];
     for c in &s.classes {
         rows.push(vec![

@@ -42,7 +42,7 @@ fn main() {
 
 fn run() -> Result<()> {
     let args = Args::parse();
-    let explicit = args.config != PathBuf::from(DEFAULT_CONFIG);
+    let explicit = args.config.as_path() != std::path::Path::new(DEFAULT_CONFIG);
     let mut config = Config::load(&args.config, explicit)?;
     if let Some(s) = args.socket {
         config.daemon.socket = s;
@@ -57,14 +57,18 @@ fn run() -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.daemon.log))
         .context("log filter")?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
     if !nix::unistd::geteuid().is_root() {
         bail!("qosd must run as root (it loads eBPF programs and owns cgroup settings)");
     }
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handlers")?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing signal handlers")?;
     }
 
     let socket_path = config.daemon.socket.clone();
@@ -75,24 +79,26 @@ fn run() -> Result<()> {
     let ticker = {
         let qos = Arc::clone(&qos);
         let stop = Arc::clone(&stop);
-        std::thread::Builder::new().name("control".into()).spawn(move || {
-            let mut next = Instant::now();
-            while !stop.load(Ordering::Relaxed) {
-                {
-                    let mut q = qos.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = q.tick() {
-                        warn!(error = %e, "control step");
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    {
+                        let mut q = qos.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Err(e) = q.tick() {
+                            warn!(error = %e, "control step");
+                        }
+                    }
+                    next += netqos::TICK;
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    } else {
+                        next = now;
                     }
                 }
-                next += netqos::TICK;
-                let now = Instant::now();
-                if next > now {
-                    std::thread::sleep(next - now);
-                } else {
-                    next = now;
-                }
-            }
-        })?
+            })?
     };
     socket.serve(&qos, &stop);
     info!("stopping");

@@ -1,0 +1,403 @@
+//! qosd and qosctl as an operator uses them: a real daemon on a throwaway
+//! veth, its socket API, persistence, and the error for each bad input.
+//! Needs root (under CI a missing privilege fails the test).
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failure panics"
+)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use testbeds::{CgroupDir, KillOnDrop, Netns, Veth, require_root, unique, wait_for};
+
+const QOSD: &str = env!("CARGO_BIN_EXE_qosd");
+const QOSCTL: &str = env!("CARGO_BIN_EXE_qosctl");
+
+/// A qosd on its own veth with its own socket and state directory.
+struct Daemon {
+    child: Option<KillOnDrop>,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    config: PathBuf,
+    _veth: Veth,
+    _ns: Netns,
+}
+
+impl Daemon {
+    fn new(capacity: &str) -> Result<Self> {
+        let ns = Netns::new("qdmn")?;
+        let veth = Veth::new(&unique("qdv"), "p0", &ns)?;
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("qosd.sock");
+        let config = dir.path().join("qosd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\nsocket = \"{}\"\nstate_dir = \"{}\"\nlog = \"info\"\n[net]\ninterface = \"{}\"\n\
+                 egress_capacity = \"{capacity}\"\ndefault_rate = \"10mbit\"\ncontainer_interfaces = \"none\"\n",
+                socket.display(),
+                dir.path().join("state").display(),
+                veth.host()
+            ),
+        )?;
+        let mut d = Self {
+            child: None,
+            dir,
+            socket,
+            config,
+            _veth: veth,
+            _ns: ns,
+        };
+        d.start()?;
+        Ok(d)
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let log = std::fs::File::create(self.dir.path().join("qosd.log"))?;
+        let child = Command::new(QOSD)
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning qosd")?;
+        self.child = Some(KillOnDrop(child));
+        let ok = wait_for(Duration::from_secs(10), || {
+            self.ctl(&["status"])
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        });
+        anyhow::ensure!(ok, "qosd did not come up: {}", self.log());
+        Ok(())
+    }
+
+    /// SIGTERM and wait: a clean stop.
+    fn stop(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.0.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )?;
+            let exited = wait_for(Duration::from_secs(10), || {
+                matches!(c.0.try_wait(), Ok(Some(_)))
+            });
+            anyhow::ensure!(exited, "qosd did not stop on SIGTERM");
+            let status = c.0.try_wait()?.context("status")?;
+            anyhow::ensure!(
+                status.success(),
+                "qosd exited with {status}: {}",
+                self.log()
+            );
+        }
+        Ok(())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("qosd.log")).unwrap_or_default()
+    }
+
+    fn ctl(&self, args: &[&str]) -> Result<Output> {
+        ctl(&self.socket, args)
+    }
+
+    /// qosctl that must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> Result<String> {
+        let o = self.ctl(args)?;
+        anyhow::ensure!(
+            o.status.success(),
+            "qosctl {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// qosctl that must fail with `code`, saying `needle`.
+    fn fails(&self, args: &[&str], code: i32, needle: &str) -> Result<()> {
+        let o = self.ctl(args)?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        anyhow::ensure!(
+            o.status.code() == Some(code),
+            "qosctl {args:?}: exit {:?} (want {code}): {err}",
+            o.status.code()
+        );
+        anyhow::ensure!(
+            err.contains(needle),
+            "qosctl {args:?}: {err:?} does not say {needle:?}"
+        );
+        Ok(())
+    }
+
+    fn show(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(
+            &self.ok(&["net", "show", "-o", "json"])?,
+        )?)
+    }
+}
+
+fn ctl(socket: &Path, args: &[&str]) -> Result<Output> {
+    Command::new(QOSCTL)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running qosctl")
+}
+
+fn classes(v: &serde_json::Value) -> Vec<String> {
+    v["classes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["cgroup"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn qosctl_without_a_daemon_says_so() -> Result<()> {
+    let o = ctl(Path::new("/nonexistent/qosd.sock"), &["status"])?;
+    assert_eq!(o.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("qosd is not running"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn quotas_set_show_unset_and_every_bad_input() -> Result<()> {
+    if !require_root("quotas_set_show_unset_and_every_bad_input") {
+        return Ok(());
+    }
+    let d = Daemon::new("1gbit")?;
+    let cg = CgroupDir::new("qos-test-")?;
+    cg.child("a")?;
+    cg.child("b")?;
+    let a = format!("{}/a", cg.name());
+    let b_abs = cg.path().join("b").display().to_string();
+
+    let out = d.ok(&[
+        "net",
+        "set",
+        &a,
+        "--rate",
+        "100mbit",
+        "--ceil",
+        "500mbit",
+        "--priority",
+        "2",
+    ])?;
+    assert!(
+        out.contains("rate 100mbit ceil 500mbit priority 2"),
+        "{out}"
+    );
+    // Absolute paths name the same tree; bytes-per-second units are tc's.
+    let out = d.ok(&["net", "set", &b_abs, "--rate", "10mbps"])?;
+    assert!(
+        out.contains(&format!("{}/b: rate 80mbit", cg.name())),
+        "{out}"
+    );
+
+    let v = d.show()?;
+    let names = classes(&v);
+    assert!(
+        names.contains(&a) && names.contains(&format!("{}/b", cg.name())),
+        "{names:?}"
+    );
+    let table = d.ok(&["net", "show"])?;
+    assert!(table.contains("CGROUP") && table.contains(&a), "{table}");
+    let status = d.ok(&["status", "-o", "json"])?;
+    let s: serde_json::Value = serde_json::from_str(&status)?;
+    assert_eq!(s["net"]["classes"], 2);
+    assert_eq!(
+        s["cgroup_mode"],
+        qos_core::Hierarchy::detect()?.mode().to_string()
+    );
+
+    // Bad input: each gets its own message and exit status.
+    d.fails(&["net", "set", &a, "--rate", "fast"], 2, "not a rate")?;
+    d.fails(&["net", "set", &a, "--rate", "0"], 2, "zero")?;
+    d.fails(
+        &["net", "set", &a, "--rate", "10mbit", "--priority", "9"],
+        2,
+        "9 is not in 0..=7",
+    )?;
+    d.fails(
+        &["net", "set", &a, "--rate", "100mbit", "--ceil", "10mbit"],
+        2,
+        "below the guaranteed rate",
+    )?;
+    d.fails(
+        &["net", "set", &a, "--rate", "2gbit"],
+        2,
+        "exceeds the interface capacity",
+    )?;
+    d.fails(
+        &[
+            "net",
+            "set",
+            &format!("{}/missing", cg.name()),
+            "--rate",
+            "1mbit",
+        ],
+        3,
+        "does not exist",
+    )?;
+    d.fails(
+        &["net", "set", "/etc", "--rate", "1mbit"],
+        2,
+        "outside the cgroup mounts",
+    )?;
+    d.fails(&["net", "set", "../x", "--rate", "1mbit"], 2, "'..'")?;
+    d.fails(
+        &["net", "set", &b_abs, "--rate", "900mbit"],
+        4,
+        "admission refused: guarantees would total 1010mbit",
+    )?;
+    d.fails(
+        &["net", "unset", &format!("{}/missing", cg.name())],
+        3,
+        "has no network quota",
+    )?;
+    // A refused change left the quota as it was.
+    let v = d.show()?;
+    let bq = v["classes"].as_array().and_then(|a| {
+        a.iter()
+            .find(|c| c["cgroup"] == format!("{}/b", cg.name()))
+            .cloned()
+    });
+    assert_eq!(
+        bq.map(|c| c["rate"].clone()),
+        Some(serde_json::json!("80mbit"))
+    );
+
+    d.ok(&["net", "unset", &a])?;
+    assert!(!classes(&d.show()?).contains(&a));
+    Ok(())
+}
+
+#[test]
+fn oversized_and_malformed_requests_are_refused() -> Result<()> {
+    if !require_root("oversized_and_malformed_requests_are_refused") {
+        return Ok(());
+    }
+    use std::io::{BufRead, BufReader, Write};
+    let d = Daemon::new("1gbit")?;
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"{\"op\":\"reboot\"}\n")?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    assert!(
+        line.contains("\"invalid\"") && line.contains("malformed request"),
+        "{line}"
+    );
+    let big = vec![b'x'; qos::protocol::MAX_REQUEST + 10];
+    let _ = s.write_all(&big);
+    line.clear();
+    r.read_line(&mut line)?;
+    assert!(line.contains("larger than"), "{line}");
+    // The daemon still serves others.
+    d.ok(&["status"])?;
+    Ok(())
+}
+
+#[test]
+fn only_root_may_use_the_api() -> Result<()> {
+    if !require_root("only_root_may_use_the_api") {
+        return Ok(());
+    }
+    use std::os::unix::process::CommandExt;
+    let d = Daemon::new("1gbit")?;
+    // The socket's directory is the test's temp dir: let others traverse it.
+    std::fs::set_permissions(
+        d.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let o = Command::new(QOSCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("status")
+        .uid(65534)
+        .gid(65534)
+        .output()?;
+    assert_eq!(o.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("permission denied") && err.contains("root only"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn state_survives_a_restart_and_follows_cgroups() -> Result<()> {
+    if !require_root("state_survives_a_restart_and_follows_cgroups") {
+        return Ok(());
+    }
+    let mut d = Daemon::new("1gbit")?;
+    let cg = CgroupDir::new("qos-test-")?;
+    cg.child("a")?;
+    let a = format!("{}/a", cg.name());
+    d.ok(&["net", "set", &a, "--rate", "123mbit", "--priority", "3"])?;
+    d.stop()?;
+    assert!(
+        d.log().contains("egress shaping off"),
+        "no clean stop:\n{}",
+        d.log()
+    );
+    d.start()?;
+    let v = d.show()?;
+    let c = v["classes"]
+        .as_array()
+        .and_then(|x| x.iter().find(|c| c["cgroup"] == a.as_str()).cloned())
+        .context("quota lost")?;
+    assert_eq!(
+        (c["rate"].as_str(), c["priority"].as_u64()),
+        (Some("123mbit"), Some(3))
+    );
+
+    // The cgroup goes away: its class leaves the datapath within a second
+    // or two, and the quota waits for it.
+    std::fs::remove_dir(cg.path().join("a"))?;
+    assert!(
+        wait_for(Duration::from_secs(3), || d
+            .show()
+            .map(|v| !classes(&v).contains(&a))
+            .unwrap_or(false)),
+        "class of a vanished cgroup still shown"
+    );
+    let s: serde_json::Value = serde_json::from_str(&d.ok(&["status", "-o", "json"])?)?;
+    assert!(
+        s["waiting"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|x| x == a.as_str())),
+        "{s}"
+    );
+    // ... and is applied again when it comes back.
+    cg.child("a")?;
+    assert!(
+        wait_for(Duration::from_secs(3), || d
+            .show()
+            .map(|v| classes(&v).contains(&a))
+            .unwrap_or(false)),
+        "quota not re-applied to the re-created cgroup"
+    );
+    // unset works on a waiting quota too, and is persisted.
+    std::fs::remove_dir(cg.path().join("a"))?;
+    wait_for(Duration::from_secs(3), || {
+        d.show().map(|v| !classes(&v).contains(&a)).unwrap_or(false)
+    });
+    d.ok(&["net", "unset", &a])?;
+    d.stop()?;
+    let state = std::fs::read_to_string(d.dir.path().join("state/state.json"))?;
+    assert!(!state.contains(&a), "{state}");
+    Ok(())
+}
