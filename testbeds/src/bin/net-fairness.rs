@@ -53,6 +53,10 @@ struct Args {
     /// Record `qosctl net show` every 100 ms into <out>/trace-<scenario>.jsonl (qosd mode).
     #[arg(long)]
     trace: bool,
+    /// Fail (exit 2) when a busy group's mean is further than this fraction
+    /// from what it should get, in any mode (a smoke test of the pipeline).
+    #[arg(long, value_name = "FRACTION")]
+    assert_shares: Option<f64>,
     /// Modes to run (qosd, htb).
     #[arg(long = "mode", default_values_t = ["qosd".to_string(), "htb".to_string()])]
     modes: Vec<String>,
