@@ -279,7 +279,8 @@ pub fn class_params(
         alloc,
         depth,
         borrow_depth: bytes_in(borrow_rate, t.pool_ns).max(t.min_depth / 2),
-        ceil_depth: bytes_in(ceil, t.pool_ns).max(t.min_depth),
+        // Deep enough to absorb pacing noise of a class held at its ceiling.
+        ceil_depth: bytes_in(ceil, 5 * t.pool_ns).max(t.min_depth),
         mark_debt: depth / 4,
         drop_debt: (2 * depth).max(2 * t.min_depth),
         priority,

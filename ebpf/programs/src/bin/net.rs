@@ -509,13 +509,10 @@ fn on_ack(ctx: &SockOpsContext) {
             base = share;
         }
     }
-    // Headroom above the ceiling: the ceiling bucket enforces it exactly,
-    // the pacing only has to get there despite its own rounding.
-    let max = if cfg.ceil != 0 {
-        cfg.ceil + cfg.ceil / 8
-    } else {
-        g.capacity
-    };
+    // The allocator keeps the feed-forward below the ceiling and the ceiling
+    // bucket enforces it; clamping the pacing at the ceiling as well would
+    // keep the multiplier from correcting the wire/TCP byte conversion.
+    let max = g.capacity;
     let rate = pacing_rate(base, mult, class_fill(st, cfg), g.pacing_kp, max);
     if pacing_changed(applied, rate) {
         set_pacing(ctx, rate);
