@@ -269,8 +269,11 @@ pub fn class_params(
     flows: u64,
     t: &Tuning,
 ) -> ClassConfig {
-    let depth = bytes_in(guarantee, t.depth_ns).max(t.min_depth);
     let alloc = guarantee.saturating_add(borrow_rate);
+    // Sized by what the class sends, not only by its guarantee: a class that
+    // borrows five times its guarantee must not see one out-of-profile GSO
+    // packet as a deep debt.
+    let depth = bytes_in(alloc, t.depth_ns).max(t.min_depth);
     ClassConfig {
         guarantee,
         ceil,
@@ -449,7 +452,7 @@ mod tests {
         let p = class_params(100 * M, 1000 * M, 2, 50 * M, 3 * UNIT, &t);
         assert_eq!(p.alloc, 150 * M);
         assert_eq!(p.flow_base, 50 * M);
-        assert_eq!(p.depth, 250_000); // 20 ms at 100 mbit
+        assert_eq!(p.depth, 375_000); // 20 ms at 150 mbit (guarantee + share)
         assert_eq!(p.mark_debt, p.depth / 4);
         assert!(p.drop_debt > p.mark_debt);
         let small = class_params(M, M, 0, 0, 0, &t);
