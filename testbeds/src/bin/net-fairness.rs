@@ -245,11 +245,54 @@ fn real_main() -> Result<()> {
             })
         })
         .collect();
-    std::fs::write(
-        args.out.join(format!("{}-summary.json", args.direction)),
-        serde_json::to_vec_pretty(&s)?,
-    )?;
+    // Merge with earlier runs of other scenarios.
+    let summary_path = args.out.join(format!("{}-summary.json", args.direction));
+    let mut merged: Vec<Value> = std::fs::read(&summary_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    merged.retain(|old| !s.iter().any(|new| new["scenario"] == old["scenario"]));
+    merged.extend(s);
+    std::fs::write(&summary_path, serde_json::to_vec_pretty(&merged)?)?;
+    if let Some(tol) = args.assert_shares {
+        check_shares(&summary, tol);
+    }
     Ok(())
+}
+
+/// `--assert-shares`: exit 2 when a busy group's mean is further than `tol`
+/// (a fraction) from what it should get, in any mode.
+fn check_shares(summary: &[ScenarioResult], tol: f64) {
+    let mut bad = Vec::new();
+    for r in summary {
+        for run in &r.runs {
+            for g in run.groups.iter().filter(|g| g.demand == Demand::Busy) {
+                let share = g.mean_bps / g.expected_bps as f64;
+                if (share - 1.0).abs() > tol {
+                    bad.push(format!(
+                        "{} {} {}: {} instead of {}",
+                        r.scenario,
+                        run.mode,
+                        g.name,
+                        format_bps(g.mean_bps),
+                        format_bps(g.expected_bps as f64)
+                    ));
+                }
+            }
+        }
+    }
+    if !bad.is_empty() {
+        eprintln!(
+            "net-fairness: shares off by more than {:.0} %:\n  {}",
+            tol * 100.0,
+            bad.join("\n  ")
+        );
+        std::process::exit(2);
+    }
+    eprintln!(
+        "net-fairness: every busy group within {:.0} % of its expected share",
+        tol * 100.0
+    );
 }
 
 fn print_table(r: &ScenarioResult) {
@@ -526,6 +569,24 @@ fn start_htb(
         ],
     )?;
     Ok(Shaping::Htb { dev })
+}
+
+/// (window end, rate) points; an idle gap between phases is drawn at zero
+/// instead of a line across it.
+fn with_gaps(w: &Windows) -> Vec<(f64, f64)> {
+    let mut out: Vec<(f64, f64)> = Vec::with_capacity(w.len() + 4);
+    let mut last_end: Option<f64> = None;
+    for (a, b, r) in w {
+        if let Some(end) = last_end {
+            if a - end > 0.15 {
+                out.push((end + 0.05, 0.0));
+                out.push((*a, 0.0));
+            }
+        }
+        out.push((*b, *r));
+        last_end = Some(*b);
+    }
+    out
 }
 
 /// Drops and CE marks per group, and ns per run of each program.
@@ -863,7 +924,7 @@ fn traffic(
             },
             ce_marks: ce[i],
             drops: drops[i],
-            series: w.iter().map(|(_, b, r)| (*b, *r)).collect(),
+            series: with_gaps(w),
         });
     }
     let utilization = util_bits / (end_all - 1.05) / cap as f64;
