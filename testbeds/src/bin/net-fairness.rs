@@ -577,11 +577,11 @@ fn with_gaps(w: &Windows) -> Vec<(f64, f64)> {
     let mut out: Vec<(f64, f64)> = Vec::with_capacity(w.len() + 4);
     let mut last_end: Option<f64> = None;
     for (a, b, r) in w {
-        if let Some(end) = last_end {
-            if a - end > 0.15 {
-                out.push((end + 0.05, 0.0));
-                out.push((*a, 0.0));
-            }
+        if let Some(end) = last_end
+            && a - end > 0.15
+        {
+            out.push((end + 0.05, 0.0));
+            out.push((*a, 0.0));
         }
         out.push((*b, *r));
         last_end = Some(*b);
