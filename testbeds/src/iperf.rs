@@ -104,16 +104,26 @@ impl Server {
 
     /// Waits for the server to finish its one test and parses the report.
     pub fn finish(mut self, timeout: Duration) -> Result<ServerReport> {
-        let end = Instant::now() + timeout;
-        while self.child.0.try_wait()?.is_none() {
-            if Instant::now() > end {
-                bail!("iperf3 server on port {} did not finish", self.port);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let text = std::fs::read_to_string(&self.out)?;
+        let text = wait_for_report(&mut self.child, &self.out, timeout, "server")?;
         parse_server(&text).with_context(|| format!("parsing {}", self.out.display()))
     }
+}
+
+/// Waits for an iperf3 process to exit and returns its JSON report.
+fn wait_for_report(
+    child: &mut KillOnDrop,
+    out: &Path,
+    timeout: Duration,
+    what: &str,
+) -> Result<String> {
+    let end = Instant::now() + timeout;
+    while child.0.try_wait()?.is_none() {
+        if Instant::now() > end {
+            bail!("iperf3 {what} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))
 }
 
 /// Parses a receiver's JSON report.
@@ -213,14 +223,7 @@ impl Client {
     }
 
     pub fn finish(mut self, timeout: Duration) -> Result<ClientReport> {
-        let end = Instant::now() + timeout;
-        while self.child.0.try_wait()?.is_none() {
-            if Instant::now() > end {
-                bail!("iperf3 client did not finish");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let text = std::fs::read_to_string(&self.out)?;
+        let text = wait_for_report(&mut self.child, &self.out, timeout, "client")?;
         parse_client(&text).with_context(|| format!("parsing {}", self.out.display()))
     }
 }

@@ -484,90 +484,29 @@ fn start_htb(
     let cap = args.capacity.bits_per_sec();
     // Quanta proportional to the rates (HTB's default r2q caps large
     // classes at the same quantum, which would skew the sharing).
-    let quantum = |bits: u64| (bits / 8 / 500).clamp(3028, 200_000).to_string();
-    run(
-        "tc",
-        &[
-            "qdisc", "add", "dev", &dev, "root", "handle", "1:", "htb", "default", "99",
-        ],
-    )?;
-    let c = format!("{cap}bit");
-    run(
-        "tc",
-        &[
-            "class",
-            "add",
-            "dev",
-            &dev,
-            "parent",
-            "1:",
-            "classid",
-            "1:1",
-            "htb",
-            "rate",
-            &c,
-            "ceil",
-            &c,
-            "quantum",
-            &quantum(cap),
-        ],
-    )?;
+    let quantum = |bits: u64| (bits / 8 / 500).clamp(3028, 200_000);
+    let tc =
+        |cmd: String| -> Result<String> { run("tc", &cmd.split_whitespace().collect::<Vec<_>>()) };
+    let class = |parent: &str, id: &str, rate: u64, ceil: u64, prio: u32| {
+        tc(format!(
+            "class add dev {dev} parent {parent} classid {id} htb rate {rate}bit ceil {ceil}bit prio {prio} quantum {}",
+            quantum(rate)
+        ))
+    };
+    tc(format!("qdisc add dev {dev} root handle 1: htb default 99"))?;
+    class("1:", "1:1", cap, cap, 0)?;
     for (i, g) in groups.iter().enumerate() {
         let rate = permille(cap, g.quota_permille);
         let ceil = g.ceil_permille.map_or(cap, |p| permille(cap, p));
         let id = format!("1:{}", 10 + i);
-        run(
-            "tc",
-            &[
-                "class",
-                "add",
-                "dev",
-                &dev,
-                "parent",
-                "1:1",
-                "classid",
-                &id,
-                "htb",
-                "rate",
-                &format!("{rate}bit"),
-                "ceil",
-                &format!("{ceil}bit"),
-                "prio",
-                &g.priority.to_string(),
-                "quantum",
-                &quantum(rate),
-            ],
-        )?;
-        run(
-            "tc",
-            &[
-                "filter",
-                "add",
-                "dev",
-                &dev,
-                "parent",
-                "1:",
-                "protocol",
-                "ip",
-                "prio",
-                "1",
-                "u32",
-                "match",
-                "ip",
-                "src",
-                &format!("{}/32", sources[i]),
-                "flowid",
-                &id,
-            ],
-        )?;
+        class("1:1", &id, rate, ceil, g.priority)?;
+        tc(format!(
+            "filter add dev {dev} parent 1: protocol ip prio 1 u32 match ip src {}/32 flowid {id}",
+            sources[i]
+        ))?;
     }
-    run(
-        "tc",
-        &[
-            "class", "add", "dev", &dev, "parent", "1:1", "classid", "1:99", "htb", "rate",
-            "8kbit", "ceil", &c, "prio", "7", "quantum", "3028",
-        ],
-    )?;
+    // Unclassified traffic: the smallest rate HTB takes, lowest priority.
+    class("1:1", "1:99", 8000, cap, 7)?;
     Ok(Shaping::Htb { dev })
 }
 
@@ -792,39 +731,22 @@ fn traffic(
         _ => None,
     };
     let mut phases: Vec<Vec<Phase>> = (0..sc.groups.len()).map(|_| Vec::new()).collect();
-    let mut later: Vec<(usize, f64, f64, Server)> = Vec::new();
-    for (i, v) in pending.into_iter().enumerate() {
-        for (start, secs, server) in v {
-            if start == 0.0 {
-                let client = Client::start(
-                    &places[i],
-                    bed.peer_ip,
-                    server.port,
-                    &client_opts(&sc.groups[i], secs, sources[i]),
-                    &tmp,
-                )?;
-                phases[i].push(Phase {
-                    offset: t0.elapsed().as_secs_f64(),
-                    server,
-                    client,
-                });
-            } else {
-                later.push((i, start, secs, server));
-            }
-        }
-    }
-    for (i, start, secs, server) in later {
+    let mut schedule: Vec<(usize, f64, f64, Server)> = pending
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, v)| {
+            v.into_iter()
+                .map(move |(start, secs, server)| (i, start, secs, server))
+        })
+        .collect();
+    schedule.sort_by(|a, b| a.1.total_cmp(&b.1));
+    for (i, start, secs, server) in schedule {
         let wait = start - t0.elapsed().as_secs_f64();
         if wait > 0.0 {
             std::thread::sleep(Duration::from_secs_f64(wait));
         }
-        let client = Client::start(
-            &places[i],
-            bed.peer_ip,
-            server.port,
-            &client_opts(&sc.groups[i], secs, sources[i]),
-            &tmp,
-        )?;
+        let opts = client_opts(&sc.groups[i], secs, sources[i]);
+        let client = Client::start(&places[i], bed.peer_ip, server.port, &opts, &tmp)?;
         phases[i].push(Phase {
             offset: t0.elapsed().as_secs_f64(),
             server,
