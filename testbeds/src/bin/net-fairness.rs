@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Command, ExitCode, Stdio},
     time::{Duration, Instant},
 };
 
@@ -121,14 +121,17 @@ struct ScenarioResult {
     runs: Vec<RunResult>,
 }
 
-fn main() {
-    if let Err(e) = real_main() {
-        eprintln!("net-fairness: {e:#}");
-        std::process::exit(1);
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("net-fairness: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
-fn real_main() -> Result<()> {
+fn real_main() -> Result<ExitCode> {
     let args = Args::parse();
     if args.direction != "egress" {
         bail!(
@@ -255,14 +258,17 @@ fn real_main() -> Result<()> {
     merged.extend(s);
     std::fs::write(&summary_path, serde_json::to_vec_pretty(&merged)?)?;
     if let Some(tol) = args.assert_shares {
-        check_shares(&summary, tol);
+        if !check_shares(&summary, tol) {
+            // Exit after the guards (sysctls) above have been restored.
+            return Ok(ExitCode::from(2));
+        }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-/// `--assert-shares`: exit 2 when a busy group's mean is further than `tol`
+/// `--assert-shares`: false (exit 2) when a busy group's mean is further than `tol`
 /// (a fraction) from what it should get, in any mode.
-fn check_shares(summary: &[ScenarioResult], tol: f64) {
+fn check_shares(summary: &[ScenarioResult], tol: f64) -> bool {
     let mut bad = Vec::new();
     for r in summary {
         for run in &r.runs {
@@ -287,12 +293,13 @@ fn check_shares(summary: &[ScenarioResult], tol: f64) {
             tol * 100.0,
             bad.join("\n  ")
         );
-        std::process::exit(2);
+        return false;
     }
     eprintln!(
         "net-fairness: every busy group within {:.0} % of its expected share",
         tol * 100.0
     );
+    true
 }
 
 fn print_table(r: &ScenarioResult) {
