@@ -257,11 +257,11 @@ fn real_main() -> Result<ExitCode> {
     merged.retain(|old| !s.iter().any(|new| new["scenario"] == old["scenario"]));
     merged.extend(s);
     std::fs::write(&summary_path, serde_json::to_vec_pretty(&merged)?)?;
-    if let Some(tol) = args.assert_shares {
-        if !check_shares(&summary, tol) {
-            // Exit after the guards (sysctls) above have been restored.
-            return Ok(ExitCode::from(2));
-        }
+    if let Some(tol) = args.assert_shares
+        && !check_shares(&summary, tol)
+    {
+        // Exit after the guards (sysctls) above have been restored.
+        return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)
 }
