@@ -145,13 +145,6 @@ pub enum Verdict {
     Drop,
 }
 
-impl Verdict {
-    #[inline(always)]
-    pub const fn passes(self) -> bool {
-        !matches!(self, Verdict::Drop)
-    }
-}
-
 /// Decides one packet of `len` wire bytes.
 ///
 /// Order: own tokens; borrowing within the allowance (pool above the
@@ -434,7 +427,6 @@ mod tests {
         let l = Levels { own: -99_000, ..l };
         assert_eq!(decide(&l, &lim, 1000), Verdict::OverMark); // exactly 100_000
         assert_eq!(decide(&l, &lim, 1001), Verdict::Drop);
-        assert!(!Verdict::Drop.passes());
         let paced = Limits { paced: true, ..lim };
         assert_eq!(decide(&l, &paced, 1001), Verdict::OverMark);
         assert_eq!(
@@ -444,7 +436,6 @@ mod tests {
         let deep = Levels { own: -399_000, ..l };
         assert_eq!(decide(&deep, &paced, 1000), Verdict::OverMark);
         assert_eq!(decide(&deep, &paced, 1001), Verdict::Drop);
-        assert!(Verdict::OverMark.passes());
     }
 
     #[test]

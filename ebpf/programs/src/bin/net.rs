@@ -70,7 +70,8 @@ const PASS: i32 = TC_ACT_UNSPEC; // let the next tcx program (or the stack) deci
 const DROP: i32 = TC_ACT_SHOT;
 /// A class idle this long restarts with a neutral pacing multiplier.
 const IDLE_RESET_NS: u64 = 200_000_000;
-/// Flows younger than this are paced at most at an even share of the class.
+/// Flows younger than this fall back to an even share of the class when it
+/// is in debt (a burst of new connections before the epochs counted them).
 const YOUNG_FLOW_NS: u64 = 300_000_000;
 
 #[inline(always)]
@@ -166,6 +167,22 @@ fn socket_view(skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) ->
     }
 }
 
+/// Adds `earned` tokens to a bucket and clips it at `depth`.
+///
+/// # Safety
+/// `bucket` points into a map value.
+#[inline(always)]
+unsafe fn refill(bucket: *mut i64, earned_tokens: u64, depth: u64) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        let level = add_fetch_i64(bucket, earned_tokens as i64);
+        let fix = overflow_correction(level, depth);
+        if fix != 0 {
+            add_fetch_i64(bucket, fix);
+        }
+    }
+}
+
 /// Refills the class's own, borrow and ceiling buckets (one CPU wins the
 /// refill of an interval; the others see the result).
 #[inline(always)]
@@ -180,22 +197,14 @@ fn refill_class(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64)
         if el > IDLE_RESET_NS {
             (*st).mult = UNIT;
         }
-        let own = add_fetch_i64(&mut (*st).own, earned(el, cfg.guarantee) as i64);
-        let fix = overflow_correction(own, cfg.depth);
-        if fix != 0 {
-            add_fetch_i64(&mut (*st).own, fix);
-        }
-        let b = add_fetch_i64(&mut (*st).borrow, earned(el, cfg.borrow_rate) as i64);
-        let fix = overflow_correction(b, cfg.borrow_depth);
-        if fix != 0 {
-            add_fetch_i64(&mut (*st).borrow, fix);
-        }
+        refill(&mut (*st).own, earned(el, cfg.guarantee), cfg.depth);
+        refill(
+            &mut (*st).borrow,
+            earned(el, cfg.borrow_rate),
+            cfg.borrow_depth,
+        );
         if has_ceil(cfg, g) {
-            let c = add_fetch_i64(&mut (*st).ceil, earned(el, cfg.ceil) as i64);
-            let fix = overflow_correction(c, cfg.ceil_depth);
-            if fix != 0 {
-                add_fetch_i64(&mut (*st).ceil, fix);
-            }
+            refill(&mut (*st).ceil, earned(el, cfg.ceil), cfg.ceil_depth);
         }
     }
 }
@@ -213,11 +222,11 @@ fn refill_pool(pool: *mut PoolState, g: &NetGlobal, now: u64) {
         if now <= last || !cas(&mut (*pool).last_ns, last, now) {
             return;
         }
-        let p = add_fetch_i64(&mut (*pool).tokens, earned(now - last, g.capacity) as i64);
-        let fix = overflow_correction(p, g.pool_depth);
-        if fix != 0 {
-            add_fetch_i64(&mut (*pool).tokens, fix);
-        }
+        refill(
+            &mut (*pool).tokens,
+            earned(now - last, g.capacity),
+            g.pool_depth,
+        );
     }
 }
 
@@ -273,12 +282,13 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
     } else {
         (DEFAULT_SLOT, false)
     };
-    let slot = match NET_CLASS_CFG.get(slot) {
-        Some(c) if c.active != 0 => slot,
-        _ => DEFAULT_SLOT,
-    };
-    let Some(cfg) = NET_CLASS_CFG.get(slot) else {
-        return PASS;
+    // A slot whose quota was just removed counts as the default class.
+    let (slot, cfg) = match NET_CLASS_CFG.get(slot) {
+        Some(c) if c.active != 0 => (slot, c),
+        _ => match NET_CLASS_CFG.get(DEFAULT_SLOT) {
+            Some(c) => (DEFAULT_SLOT, c),
+            None => return PASS,
+        },
     };
     let Some(st) = NET_CLASS_STATE.get_ptr_mut(slot) else {
         return PASS;
@@ -300,7 +310,6 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     refill_class(st, cfg, g, now);
     refill_pool(pool, g, now);
-    control(st, cfg, g, now);
 
     let ceil_on = has_ceil(cfg, g);
     // SAFETY: pointers into map values.
@@ -400,38 +409,47 @@ fn cookie_of(ctx: &SockOpsContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
 }
 
+/// Sets SO_MAX_PACING_RATE (bytes/s of TCP payload; `u32::MAX` = no limit).
 #[inline(always)]
-fn set_pacing(ctx: &SockOpsContext, wire_rate: u64) {
-    let tcp = wire_to_tcp_rate(wire_rate);
-    // ~0U means "unlimited" to the kernel; stay one below.
-    let mut v: u32 = if tcp >= u32::MAX as u64 {
-        u32::MAX - 1
-    } else {
-        tcp as u32
-    };
+fn set_max_pacing_rate(ctx: &SockOpsContext, mut rate: u32) {
     // SAFETY: setsockopt on the program's own socket with a 4-byte option.
     unsafe {
         bpf_setsockopt(
             ctx.ops.cast(),
             SOL_SOCKET as i32,
             SO_MAX_PACING_RATE as i32,
-            (&mut v as *mut u32).cast(),
+            (&mut rate as *mut u32).cast(),
             4,
         );
     }
 }
 
+/// Paces a socket at `wire_rate` (bytes/s on the wire).
+#[inline(always)]
+fn set_pacing(ctx: &SockOpsContext, wire_rate: u64) {
+    let tcp = wire_to_tcp_rate(wire_rate);
+    // u32::MAX means "unlimited" to the kernel; stay one below.
+    set_max_pacing_rate(
+        ctx,
+        if tcp >= u32::MAX as u64 {
+            u32::MAX - 1
+        } else {
+            tcp as u32
+        },
+    );
+}
+
 #[inline(always)]
 fn on_ack(ctx: &SockOpsContext) {
     let cookie = cookie_of(ctx);
-    if NET_GLOBAL
-        .get(0)
-        .is_some_and(|g| g.flags & GLOBAL_RELEASE != 0)
-    {
+    let Some(g) = NET_GLOBAL.get(0) else { return };
+    if g.flags & GLOBAL_RELEASE != 0 {
         release(ctx, cookie);
         return;
     }
-    let Some(g) = global() else { return };
+    if g.flags & GLOBAL_ENABLED == 0 {
+        return;
+    }
     let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(cookie) else {
         return;
     };
@@ -499,7 +517,7 @@ fn on_ack(ctx: &SockOpsContext) {
         base = base / UNIT * ratio;
     }
     let mut mult = mult;
-    if (applied == 0 || born == 0 || now - born < YOUNG_FLOW_NS) && own < 0 {
+    if (applied == 0 || now - born < YOUNG_FLOW_NS) && own < 0 {
         // A burst of new connections overshoots until the epochs have
         // counted them: once it drives the class into debt, young flows
         // fall back to an even share of the class.
@@ -575,14 +593,7 @@ fn release(ctx: &SockOpsContext, cookie: u64) {
         // SAFETY: pointer into the map value.
         unsafe {
             if (*sc).pacing != 0 {
-                let mut v: u32 = u32::MAX; // ~0U: no limit
-                bpf_setsockopt(
-                    ctx.ops.cast(),
-                    SOL_SOCKET as i32,
-                    SO_MAX_PACING_RATE as i32,
-                    (&mut v as *mut u32).cast(),
-                    4,
-                );
+                set_max_pacing_rate(ctx, u32::MAX);
                 (*sc).pacing = 0;
             }
         }
