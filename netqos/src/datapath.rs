@@ -19,9 +19,7 @@ use aya::{
     },
 };
 use qos_common::{
-    net::{
-        ClassConfig, ClassCounters, ClassState, NetGlobal, PoolState, SockClass, maps, programs,
-    },
+    net::{ClassConfig, ClassCounters, ClassState, NetGlobal, PoolState, maps, programs},
     policy::UNIT,
 };
 use tracing::{debug, warn};
@@ -35,7 +33,6 @@ type Maps = (
     Array<MapData, ClassState>,
     PerCpuArray<MapData, ClassCounters>,
     HashMap<MapData, u64, u32>,
-    HashMap<MapData, u64, SockClass>,
 );
 
 /// Run-time statistics of one program (needs `kernel.bpf_stats_enabled`).
@@ -55,8 +52,6 @@ pub struct Datapath {
     class_state: Array<MapData, ClassState>,
     class_counters: PerCpuArray<MapData, ClassCounters>,
     cgroup_class: HashMap<MapData, u64, u32>,
-    /// LRU hash in the kernel; aya's HashMap handles both kinds.
-    sock_class: HashMap<MapData, u64, SockClass>,
     iface: String,
     ifindex: u32,
     egress: Option<SchedClassifierLinkId>,
@@ -92,7 +87,7 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         let maps = take_maps(&mut ebpf)?;
-        let (global, pool, class_cfg, class_state, class_counters, cgroup_class, sock_class) = maps;
+        let (global, pool, class_cfg, class_state, class_counters, cgroup_class) = maps;
         let mut dp = Self {
             ebpf,
             global,
@@ -101,7 +96,6 @@ impl Datapath {
             class_state,
             class_counters,
             cgroup_class,
-            sock_class,
             iface: iface.to_owned(),
             ifindex,
             egress: None,
@@ -141,10 +135,6 @@ impl Datapath {
         Ok(dp)
     }
 
-    pub fn iface(&self) -> &str {
-        &self.iface
-    }
-
     pub fn ifindex(&self) -> u32 {
         self.ifindex
     }
@@ -156,12 +146,6 @@ impl Datapath {
     pub fn write_class(&mut self, slot: u32, cfg: &ClassConfig) -> Result<(), NetError> {
         self.class_cfg
             .set(slot, cfg, 0)
-            .map_err(map_err(maps::CLASS_CONFIG))
-    }
-
-    pub fn read_class(&self, slot: u32) -> Result<ClassConfig, NetError> {
-        self.class_cfg
-            .get(&slot, 0)
             .map_err(map_err(maps::CLASS_CONFIG))
     }
 
@@ -236,11 +220,6 @@ impl Datapath {
     /// Number of entries in the cgroup map (leak checks).
     pub fn cgroup_entries(&self) -> usize {
         self.cgroup_class.keys().count()
-    }
-
-    /// Number of cached socket classifications.
-    pub fn socket_entries(&self) -> usize {
-        self.sock_class.keys().count()
     }
 
     /// Attaches the tagger to a container-facing interface (tc ingress).
@@ -395,6 +374,5 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, NetError> {
         take(ebpf, maps::CLASS_STATE)?,
         take(ebpf, maps::CLASS_COUNTERS)?,
         take(ebpf, maps::CGROUP_CLASS)?,
-        take(ebpf, maps::SOCK_CLASS)?,
     ))
 }

@@ -104,7 +104,7 @@ pub struct Observation {
     pub over_bytes: u64,
     pub dropped_bytes: u64,
     pub bytes: u64,
-    /// Smoothed fill of the class's own + borrow buckets (-1 ..= 1).
+    /// Smoothed `qos_common::policy::class_fill` of the class (-1 ..= 1).
     pub fill: f64,
 }
 

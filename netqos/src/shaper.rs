@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -12,7 +12,7 @@ use qos_common::{
         ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, GLOBAL_RELEASE,
         GLOBAL_REPLACE_BBR, LOWEST_PRIORITY, MAX_CLASSES, NetGlobal,
     },
-    policy::{UNIT, earned},
+    policy::{UNIT, class_fill, earned},
 };
 use qos_core::{CgroupRef, Rate};
 use serde::{Deserialize, Serialize};
@@ -179,9 +179,8 @@ impl From<ProgramStats> for ProgramStatsOut {
 
 #[derive(Debug)]
 struct Class {
-    name: String,
-    cgroup_id: u64,
-    path: PathBuf,
+    /// None for the default class.
+    cgroup: Option<CgroupRef>,
     quota: NetQuota,
     /// Guaranteed bytes/s (0 for a best-effort default class).
     guarantee: u64,
@@ -201,6 +200,122 @@ struct Class {
     /// Flows acknowledged in the last three activity epochs (a flow stalled
     /// for an epoch still counts).
     recent_flows: [u64; 3],
+}
+
+impl Class {
+    fn new(
+        cgroup: Option<CgroupRef>,
+        quota: NetQuota,
+        guarantee: u64,
+        slot: u32,
+        cfg: ClassConfig,
+        dp: &Datapath,
+    ) -> Result<Self, NetError> {
+        let counters = dp.read_counters(slot)?;
+        Ok(Self {
+            cgroup,
+            quota,
+            guarantee,
+            slot,
+            cfg,
+            prev: dp.read_state(slot)?,
+            counters,
+            rate: 0.0,
+            fill: 1.0,
+            flows: UNIT,
+            activations_mark: counters.flow_activations,
+            wants_less_since: None,
+            silent_ticks: 0,
+            recent_flows: [0; 3],
+        })
+    }
+
+    fn name(&self) -> &str {
+        self.cgroup
+            .as_ref()
+            .map_or("(default)", |c| c.name.as_str())
+    }
+
+    fn ceil(&self, capacity: u64) -> u64 {
+        self.quota.ceil.map(bytes).unwrap_or(capacity)
+    }
+
+    /// Takes in one control interval's state and counters and says what the
+    /// class wants next.
+    fn observe(
+        &mut self,
+        st: ClassState,
+        ct: ClassCounters,
+        dt_ns: u64,
+        now_ns: u64,
+        epoch_due: bool,
+        capacity: u64,
+    ) -> ClassDemand {
+        let d_bytes = ct.bytes.wrapping_sub(self.counters.bytes);
+        self.rate = policy::ewma(
+            self.rate,
+            d_bytes as f64 * 1e9 / dt_ns as f64,
+            dt_ns,
+            RATE_TAU_NS,
+        );
+        // The datapath refills lazily, on packets: add what an idle class
+        // earned since its last packet.
+        let since = now_ns.saturating_sub(st.last_ns);
+        let cfg = &self.cfg;
+        let own = (st.own + earned(since, cfg.guarantee) as i64).min(cfg.depth as i64);
+        let borrow =
+            (st.borrow + earned(since, cfg.borrow_rate) as i64).min(cfg.borrow_depth as i64);
+        let fill = class_fill(
+            own,
+            cfg.depth,
+            borrow,
+            cfg.borrow_depth,
+            cfg.borrow_rate,
+            cfg.guarantee,
+        );
+        self.fill = policy::ewma(self.fill, fill as f64 / UNIT as f64, dt_ns, RATE_TAU_NS);
+        if epoch_due {
+            let act = ct.flow_activations.wrapping_sub(self.activations_mark);
+            self.activations_mark = ct.flow_activations;
+            self.recent_flows.rotate_right(1);
+            self.recent_flows[0] = act;
+            let act = self.recent_flows.iter().copied().max().unwrap_or(act);
+            self.flows = policy::active_flows(act, st.flows_open);
+        }
+        self.silent_ticks = if d_bytes == 0 {
+            self.silent_ticks.saturating_add(1)
+        } else {
+            0
+        };
+        let demand = if self.silent_ticks >= SILENT_TICKS {
+            // Gone quiet: lend its share out now.
+            self.wants_less_since = Some(now_ns);
+            Some(0)
+        } else {
+            let obs = Observation {
+                fill: self.fill,
+                rate: self.rate,
+                alloc: cfg.alloc,
+                over_bytes: ct.over_bytes.wrapping_sub(self.counters.over_bytes),
+                dropped_bytes: ct.drop_bytes.wrapping_sub(self.counters.drop_bytes),
+                bytes: d_bytes,
+            };
+            policy::held_demand(
+                policy::estimate_demand(&obs),
+                &mut self.wants_less_since,
+                now_ns,
+                DEMAND_HOLD_NS,
+            )
+        };
+        self.prev = st;
+        self.counters = ct;
+        ClassDemand {
+            guarantee: self.guarantee,
+            ceil: self.ceil(capacity),
+            priority: self.quota.priority,
+            demand,
+        }
+    }
 }
 
 /// The egress shaper of one interface.
@@ -271,24 +386,14 @@ impl Shaper {
         dp.write_class(DEFAULT_SLOT, &cfg)?;
         dp.write_global(&global)?;
         let now = Instant::now();
-        let default = Class {
-            name: "(default)".into(),
-            cgroup_id: 0,
-            path: PathBuf::new(),
-            quota: default_quota,
-            guarantee: default_guarantee,
-            slot: DEFAULT_SLOT,
+        let default = Class::new(
+            None,
+            default_quota,
+            default_guarantee,
+            DEFAULT_SLOT,
             cfg,
-            prev: dp.read_state(DEFAULT_SLOT)?,
-            counters: dp.read_counters(DEFAULT_SLOT)?,
-            rate: 0.0,
-            fill: 1.0,
-            flows: UNIT,
-            activations_mark: 0,
-            wants_less_since: None,
-            silent_ticks: 0,
-            recent_flows: [0; 3],
-        };
+            &dp,
+        )?;
         let mut shaper = Self {
             settings,
             dp,
@@ -330,7 +435,7 @@ impl Shaper {
         let others = self
             .classes
             .values()
-            .filter(|c| c.name != name)
+            .filter(|c| c.name() != name)
             .map(|c| c.quota.rate.bits_per_sec())
             .chain(std::iter::once(
                 self.settings.default_rate.map_or(0, Rate::bits_per_sec),
@@ -351,7 +456,7 @@ impl Shaper {
         let capacity = bytes(self.settings.capacity);
         let ceil = quota.ceil.map(bytes).unwrap_or(capacity);
         if let Some(c) = self.classes.get_mut(&cg.name) {
-            if c.cgroup_id == cg.id {
+            if c.cgroup.as_ref().is_some_and(|old| old.id == cg.id) {
                 let cfg = policy::class_params(
                     bytes(quota.rate),
                     ceil,
@@ -392,29 +497,15 @@ impl Shaper {
             self.free.push(slot);
             return Err(e);
         }
-        let prev = self.dp.read_state(slot)?;
-        let counters = self.dp.read_counters(slot)?;
-        self.classes.insert(
-            cg.name.clone(),
-            Class {
-                name: cg.name.clone(),
-                cgroup_id: cg.id,
-                path: cg.path.clone(),
-                quota,
-                guarantee: bytes(quota.rate),
-                slot,
-                cfg,
-                prev,
-                counters,
-                rate: 0.0,
-                fill: 1.0,
-                flows: UNIT,
-                activations_mark: counters.flow_activations,
-                wants_less_since: None,
-                silent_ticks: 0,
-                recent_flows: [0; 3],
-            },
-        );
+        let class = Class::new(
+            Some(cg.clone()),
+            quota,
+            bytes(quota.rate),
+            slot,
+            cfg,
+            &self.dp,
+        )?;
+        self.classes.insert(cg.name.clone(), class);
         info!(cgroup = %cg.name, id = cg.id, slot, rate = %quota.rate, "net quota set");
         Ok(())
     }
@@ -424,7 +515,9 @@ impl Shaper {
         let Some(c) = self.classes.remove(name) else {
             return Ok(false);
         };
-        self.dp.unmap_cgroup(c.cgroup_id)?;
+        if let Some(cg) = &c.cgroup {
+            self.dp.unmap_cgroup(cg.id)?;
+        }
         self.dp.write_class(c.slot, &ClassConfig::default())?;
         self.bump_generation()?;
         self.quarantine.push((Instant::now(), c.slot));
@@ -435,14 +528,28 @@ impl Shaper {
     /// Configured cgroups whose directory is gone (or was replaced).
     pub fn vanished(&self) -> Vec<String> {
         self.classes
-            .values()
-            .filter(|c| {
-                std::fs::metadata(&c.path)
-                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m) != c.cgroup_id)
-                    .unwrap_or(true)
-            })
-            .map(|c| c.name.clone())
+            .iter()
+            .filter(|(_, c)| c.cgroup.as_ref().is_some_and(|cg| !cg.exists()))
+            .map(|(name, _)| name.clone())
             .collect()
+    }
+
+    /// Number of configured cgroups (the default class not counted).
+    pub fn configured(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// Guaranteed bits per second, default class included.
+    pub fn guaranteed_bits(&self) -> u64 {
+        self.classes
+            .values()
+            .map(|c| c.quota.rate.bits_per_sec())
+            .sum::<u64>()
+            + self.settings.default_rate.map_or(0, Rate::bits_per_sec)
+    }
+
+    pub fn tagged_interfaces(&self) -> Vec<String> {
+        self.dp.tagged_interfaces()
     }
 
     fn bump_generation(&mut self) -> Result<(), NetError> {
@@ -489,78 +596,16 @@ impl Shaper {
         for c in std::iter::once(&mut self.default).chain(self.classes.values_mut()) {
             let st = self.dp.read_state(c.slot)?;
             let ct = self.dp.read_counters(c.slot)?;
-            let d_bytes = ct.bytes.wrapping_sub(c.counters.bytes);
-            let sample = d_bytes as f64 * 1e9 / dt_ns as f64;
-            c.rate = policy::ewma(c.rate, sample, dt_ns, RATE_TAU_NS);
-            // The datapath refills lazily, on packets: add what an idle
-            // class earned since its last packet.
-            let since = now_ns.saturating_sub(st.last_ns);
-            let own = (st.own + earned(since, c.cfg.guarantee) as i64).min(c.cfg.depth as i64);
-            let borrow = (st.borrow + earned(since, c.cfg.borrow_rate) as i64)
-                .min(c.cfg.borrow_depth as i64);
-            let fill = qos_common::policy::class_fill(
-                own,
-                c.cfg.depth,
-                borrow,
-                c.cfg.borrow_depth,
-                c.cfg.borrow_rate,
-                c.cfg.guarantee,
-            ) as f64
-                / UNIT as f64;
-            c.fill = policy::ewma(c.fill, fill, dt_ns, RATE_TAU_NS);
-            let obs = Observation {
-                fill: c.fill,
-                rate: c.rate,
-                alloc: c.cfg.alloc,
-                over_bytes: ct.over_bytes.wrapping_sub(c.counters.over_bytes),
-                dropped_bytes: ct.drop_bytes.wrapping_sub(c.counters.drop_bytes),
-                bytes: d_bytes,
-            };
-            if epoch_due {
-                let act = ct.flow_activations.wrapping_sub(c.activations_mark);
-                c.activations_mark = ct.flow_activations;
-                c.recent_flows.rotate_right(1);
-                c.recent_flows[0] = act;
-                let act = c.recent_flows.iter().copied().max().unwrap_or(act);
-                c.flows = policy::active_flows(act, st.flows_open);
-            }
-            c.prev = st;
-            c.counters = ct;
-            let ceil = c.quota.ceil.map(bytes).unwrap_or(capacity);
-            demands.push(ClassDemand {
-                guarantee: c.guarantee,
-                ceil,
-                priority: c.quota.priority,
-                demand: {
-                    c.silent_ticks = if d_bytes == 0 {
-                        c.silent_ticks.saturating_add(1)
-                    } else {
-                        0
-                    };
-                    if c.silent_ticks >= SILENT_TICKS {
-                        // Gone quiet: lend its share out now.
-                        c.wants_less_since = Some(now_ns);
-                        Some(0)
-                    } else {
-                        policy::held_demand(
-                            policy::estimate_demand(&obs),
-                            &mut c.wants_less_since,
-                            now_ns,
-                            DEMAND_HOLD_NS,
-                        )
-                    }
-                },
-            });
+            demands.push(c.observe(st, ct, dt_ns, now_ns, epoch_due, capacity));
         }
         let shares = policy::share_spare(capacity, &demands);
         for (c, extra) in std::iter::once(&mut self.default)
             .chain(self.classes.values_mut())
             .zip(shares)
         {
-            let d = &demands_for(c, capacity);
             let cfg = policy::class_params(
-                d.0,
-                d.1,
+                c.guarantee,
+                c.ceil(capacity),
                 c.quota.priority,
                 extra,
                 c.flows,
@@ -605,8 +650,8 @@ impl Shaper {
         let classes = std::iter::once(&self.default)
             .chain(self.classes.values())
             .map(|c| NetClassStatus {
-                cgroup: c.name.clone(),
-                cgroup_id: c.cgroup_id,
+                cgroup: c.name().to_owned(),
+                cgroup_id: c.cgroup.as_ref().map_or(0, |cg| cg.id),
                 slot: c.slot,
                 rate: if c.guarantee == 0 {
                     "0".into()
@@ -668,8 +713,4 @@ fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
-}
-
-fn demands_for(c: &Class, capacity: u64) -> (u64, u64) {
-    (c.guarantee, c.quota.ceil.map(bytes).unwrap_or(capacity))
 }

@@ -190,17 +190,6 @@ impl Hierarchy {
         })
     }
 
-    /// A hierarchy description rooted at `unified` (tests and tools that
-    /// work on a given tree).
-    pub fn with_unified_root(mode: CgroupMode, unified: PathBuf) -> Self {
-        Self {
-            mode,
-            unified: Some(unified),
-            v1: BTreeMap::new(),
-            verify_fs: false,
-        }
-    }
-
     pub fn mode(&self) -> CgroupMode {
         self.mode
     }
@@ -243,9 +232,16 @@ impl Hierarchy {
         self.unified_root()
     }
 
-    /// Resolves a cgroup2 name: an absolute path under the cgroup2 mount, or
-    /// a path relative to it ("tenants/a", "/sys/fs/cgroup/unified/tenants/a").
-    pub fn resolve(&self, name: &str) -> Result<CgroupRef, CgroupError> {
+    /// The canonical name (relative to the cgroup2 mount) a cgroup2 path
+    /// stands for, whether or not the directory exists: the name a quota is
+    /// stored under. Refuses paths outside the tree.
+    pub fn canonical_name(&self, name: &str) -> Result<String, CgroupError> {
+        self.clean_name(name)
+            .map(|(clean, _)| clean.display().to_string())
+    }
+
+    /// (path relative to the mount, trimmed input) of a cgroup2 name.
+    fn clean_name<'a>(&self, name: &'a str) -> Result<(PathBuf, &'a str), CgroupError> {
         let root = self.unified_root()?;
         let trimmed = name.trim();
         if trimmed.is_empty() {
@@ -291,6 +287,14 @@ impl Hierarchy {
                 name: trimmed.into(),
             });
         }
+        Ok((clean, trimmed))
+    }
+
+    /// Resolves a cgroup2 name: an absolute path under the cgroup2 mount, or
+    /// a path relative to it ("tenants/a", "/sys/fs/cgroup/unified/tenants/a").
+    pub fn resolve(&self, name: &str) -> Result<CgroupRef, CgroupError> {
+        let root = self.unified_root()?;
+        let (clean, trimmed) = self.clean_name(name)?;
         let path = root.join(&clean);
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
@@ -335,11 +339,13 @@ impl Hierarchy {
             id: meta.ino(),
         })
     }
+}
 
-    /// Whether a resolved cgroup still exists with the same id.
-    pub fn still_exists(&self, cg: &CgroupRef) -> bool {
-        std::fs::metadata(&cg.path)
-            .map(|m| m.ino() == cg.id)
+impl CgroupRef {
+    /// Whether the cgroup still exists as the same directory (same id).
+    pub fn exists(&self) -> bool {
+        std::fs::metadata(&self.path)
+            .map(|m| m.ino() == self.id)
             .unwrap_or(false)
     }
 }
@@ -434,10 +440,18 @@ mod tests {
         assert_eq!(a, b);
         let c = h.resolve("./tenants//a/").expect("messy relative");
         assert_eq!(a, c);
-        assert!(h.still_exists(&a));
+        assert!(a.exists());
+        assert_eq!(
+            h.canonical_name("./tenants//a/").ok(),
+            Some("tenants/a".into())
+        );
         std::fs::remove_dir(root.join("tenants/a/sub")).expect("rmdir");
         std::fs::remove_dir(root.join("tenants/a")).expect("rmdir");
-        assert!(!h.still_exists(&a));
+        assert!(!a.exists());
+        // A vanished cgroup still has its canonical name.
+        let abs = root.join("tenants/a").display().to_string();
+        assert_eq!(h.canonical_name(&abs).ok(), Some("tenants/a".into()));
+        assert!(h.canonical_name("/etc").is_err());
     }
 
     #[test]

@@ -239,27 +239,11 @@ impl Qos {
     /// Removes a cgroup's network quota (also one waiting for its cgroup).
     pub fn unset_net_quota(&mut self, cgroup: &str) -> Result<String, QosError> {
         self.net()?;
-        // The cgroup may be gone already; find the quota by name.
-        let name = match self.hierarchy.resolve(cgroup) {
-            Ok(cg) => cg.name,
-            Err(_) => cgroup.trim().trim_start_matches('/').to_owned(),
-        };
-        let name = if self.state.net.contains_key(&name) {
-            name
-        } else {
-            // An absolute path of a vanished cgroup.
-            let root = self.hierarchy.unified_root()?.display().to_string();
-            let rel = cgroup
-                .trim()
-                .strip_prefix(&root)
-                .unwrap_or(cgroup)
-                .trim_matches('/')
-                .to_owned();
-            if !self.state.net.contains_key(&rel) {
-                return Err(NetError::NotConfigured(cgroup.trim().to_owned()).into());
-            }
-            rel
-        };
+        // The cgroup may be gone already: find the quota by its name.
+        let name = self.hierarchy.canonical_name(cgroup)?;
+        if !self.state.net.contains_key(&name) {
+            return Err(NetError::NotConfigured(name).into());
+        }
         let mut next = self.state.clone();
         next.net.remove(&name);
         self.save(&next)?;
@@ -277,28 +261,15 @@ impl Qos {
     pub fn status(&self) -> Status {
         let net = self.net.as_ref().map(|n| {
             let s = n.settings();
-            let guaranteed: u64 = self
-                .state
-                .net
-                .values()
-                .map(|q| q.rate.bits_per_sec())
-                .sum::<u64>()
-                + s.default_rate.map_or(0, qos_core::Rate::bits_per_sec);
             NetSummary {
                 interface: s.interface.clone(),
                 capacity: s.capacity.to_string(),
-                classes: n.status().classes.len() - 1,
-                guaranteed: qos_core::units::format_bps(guaranteed as f64),
-                tagged_interfaces: n.status().tagged_interfaces,
+                classes: n.configured(),
+                guaranteed: qos_core::units::format_bps(n.guaranteed_bits() as f64),
+                tagged_interfaces: n.tagged_interfaces(),
             }
         });
-        let waiting = self
-            .state
-            .net
-            .keys()
-            .filter(|k| self.net.as_ref().is_some_and(|n| n.quota(k).is_none()))
-            .cloned()
-            .collect();
+        let waiting = self.waiting().into_iter().map(|(name, _)| name).collect();
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
@@ -329,6 +300,19 @@ impl Qos {
 
     /// Drops datapath entries of cgroups that vanished and applies quotas
     /// whose cgroup (re)appeared.
+    /// Quotas whose cgroup does not exist (yet, or any more).
+    fn waiting(&self) -> Vec<(String, NetQuota)> {
+        let Some(net) = &self.net else {
+            return Vec::new();
+        };
+        self.state
+            .net
+            .iter()
+            .filter(|(k, _)| net.quota(k).is_none())
+            .map(|(k, q)| (k.clone(), *q))
+            .collect()
+    }
+
     fn reconcile_cgroups(&mut self) {
         let Some(net) = self.net.as_mut() else { return };
         for name in net.vanished() {
@@ -339,13 +323,10 @@ impl Qos {
                 Err(e) => warn!(cgroup = %name, error = %e, "removing a vanished cgroup"),
             }
         }
-        let waiting: Vec<(String, NetQuota)> = self
-            .state
-            .net
-            .iter()
-            .filter(|(k, _)| net.quota(k).is_none())
-            .map(|(k, q)| (k.clone(), *q))
-            .collect();
+        // Includes those just removed: a cgroup re-created under the same
+        // name gets its quota back in the same step.
+        let waiting = self.waiting();
+        let Some(net) = self.net.as_mut() else { return };
         for (name, quota) in waiting {
             if let Ok(cg) = self.hierarchy.resolve(&name) {
                 match net.set(&cg, quota) {
