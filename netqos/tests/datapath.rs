@@ -142,13 +142,6 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
             Client::start(p, bed.peer_ip, port, &opts, tmp.path())?,
         ));
     }
-    if std::env::var_os("QOS_TEST_SS").is_some() {
-        std::thread::sleep(Duration::from_secs_f64(secs / 2.0));
-        eprintln!(
-            "{}",
-            testbeds::run("ss", &["-tin", "dst", &bed.peer_ip.to_string()]).unwrap_or_default()
-        );
-    }
     let mut rates = Vec::new();
     for ((server, client), g) in pairs.into_iter().zip(groups) {
         client.finish(Duration::from_secs_f64(secs + 20.0))?;

@@ -51,15 +51,17 @@ pub fn require_root(test: &str) -> bool {
 }
 
 /// Runs a command, failing with its stderr.
-pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
+pub fn run(cmd: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Result<String> {
+    let cmd = cmd.as_ref();
     let out = Command::new(cmd)
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("running {cmd}"))?;
+        .with_context(|| format!("running {}", cmd.display()))?;
     if !out.status.success() {
         bail!(
-            "{cmd} {} failed: {}",
+            "{} {} failed: {}",
+            cmd.display(),
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );

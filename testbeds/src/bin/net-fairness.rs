@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::{Command, ExitCode, Stdio},
+    process::{Command, ExitCode},
     time::{Duration, Instant},
 };
 
@@ -383,38 +383,16 @@ enum Shaping {
         daemon: KillOnDrop,
         qosctl: PathBuf,
         socket: PathBuf,
-        _dir: tempfile_dir::Dir,
+        _dir: tempfile::TempDir,
     },
     Htb {
         dev: String,
     },
 }
 
-mod tempfile_dir {
-    /// A temp dir removed on drop (no extra dependency for one use).
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 fn qosctl(qosctl: &Path, socket: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(qosctl)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "qosctl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let socket = socket.display().to_string();
+    run(qosctl, &[&["--socket", socket.as_str()], args].concat())
 }
 
 fn start_qosd(
@@ -423,25 +401,23 @@ fn start_qosd(
     bin_dir: &Path,
     groups: &[(String, &GroupSpec)],
 ) -> Result<Shaping> {
-    let dir = std::env::temp_dir().join(testbeds::unique("qosfair"));
-    std::fs::create_dir_all(&dir)?;
-    let dir = tempfile_dir::Dir(dir);
-    let socket = dir.0.join("qosd.sock");
+    let dir = tempfile::Builder::new().prefix("qosfair").tempdir()?;
+    let socket = dir.path().join("qosd.sock");
     let config = format!(
         "[daemon]\nsocket = \"{}\"\nstate_dir = \"{}\"\nlog = \"{}\"\n[net]\ninterface = \"{}\"\n\
          egress_capacity = \"{}\"\ndefault_rate = \"0\"\ncontainer_interfaces = \"auto\"\nbpf_stats = true\n",
         socket.display(),
-        dir.0.join("state").display(),
+        dir.path().join("state").display(),
         if args.trace { "debug" } else { "warn" },
         bed.shaped_if(),
         args.capacity
     );
-    let cfg_path = dir.0.join("qosd.toml");
+    let cfg_path = dir.path().join("qosd.toml");
     std::fs::write(&cfg_path, config)?;
     let log_path = if args.trace {
         args.out.join("qosd.log")
     } else {
-        dir.0.join("qosd.log")
+        dir.path().join("qosd.log")
     };
     let log = std::fs::File::create(&log_path)?;
     let daemon = KillOnDrop(
@@ -671,9 +647,8 @@ fn traffic(
     cgroups: &[String],
     shaping: &Shaping,
 ) -> Result<RunResult> {
-    let tmp = std::env::temp_dir().join(testbeds::unique("qosiperf"));
-    std::fs::create_dir_all(&tmp)?;
-    let _cleanup = tempfile_dir::Dir(tmp.clone());
+    let tmp_dir = tempfile::Builder::new().prefix("qosiperf").tempdir()?;
+    let tmp = tmp_dir.path();
     let cap = args.capacity.bits_per_sec();
     let peer = Placement {
         cgroup: None,
@@ -702,7 +677,7 @@ fn traffic(
             v.push((
                 start,
                 secs,
-                Server::start(&peer, bed.peer_ip, port, &tmp, 0.1)?,
+                Server::start(&peer, bed.peer_ip, port, tmp, 0.1)?,
             ));
             port += 1;
         }
@@ -753,7 +728,7 @@ fn traffic(
             std::thread::sleep(Duration::from_secs_f64(wait));
         }
         let opts = client_opts(&sc.groups[i], secs, sources[i]);
-        let client = Client::start(&places[i], bed.peer_ip, server.port, &opts, &tmp)?;
+        let client = Client::start(&places[i], bed.peer_ip, server.port, &opts, tmp)?;
         phases[i].push(Phase {
             offset: t0.elapsed().as_secs_f64(),
             server,

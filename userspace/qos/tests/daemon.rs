@@ -392,10 +392,15 @@ fn state_survives_a_restart_and_follows_cgroups() -> Result<()> {
     );
     // unset works on a waiting quota too, and is persisted.
     std::fs::remove_dir(cg.path().join("a"))?;
-    wait_for(Duration::from_secs(3), || {
-        d.show().map(|v| !classes(&v).contains(&a)).unwrap_or(false)
-    });
-    d.ok(&["net", "unset", &a])?;
+    assert!(
+        wait_for(Duration::from_secs(3), || {
+            d.show().map(|v| !classes(&v).contains(&a)).unwrap_or(false)
+        }),
+        "class of a vanished cgroup still shown"
+    );
+    // By absolute path: the cgroup is gone, the name still resolves.
+    let abs = cg.path().join("a").display().to_string();
+    d.ok(&["net", "unset", &abs])?;
     d.stop()?;
     let state = std::fs::read_to_string(d.dir.path().join("state/state.json"))?;
     assert!(!state.contains(&a), "{state}");
