@@ -265,14 +265,7 @@ impl Class {
         let own = (st.own + earned(since, cfg.guarantee) as i64).min(cfg.depth as i64);
         let borrow =
             (st.borrow + earned(since, cfg.borrow_rate) as i64).min(cfg.borrow_depth as i64);
-        let fill = class_fill(
-            own,
-            cfg.depth,
-            borrow,
-            cfg.borrow_depth,
-            cfg.borrow_rate,
-            cfg.guarantee,
-        );
+        let fill = class_fill(own, borrow, cfg);
         self.fill = policy::ewma(self.fill, fill as f64 / UNIT as f64, dt_ns, RATE_TAU_NS);
         if epoch_due {
             let act = ct.flow_activations.wrapping_sub(self.activations_mark);

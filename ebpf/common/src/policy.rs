@@ -7,6 +7,8 @@
 //! - products are bounded so that they fit in u64 (rates are capped at
 //!   `MAX_RATE` bytes/s and refill intervals at `MAX_REFILL_NS`).
 
+use crate::net::ClassConfig;
+
 pub const NS_PER_SEC: u64 = 1_000_000_000;
 /// A bucket earns at most one second of tokens per refill.
 pub const MAX_REFILL_NS: u64 = NS_PER_SEC;
@@ -209,14 +211,9 @@ pub const fn fill_ratio(level: i64, depth: u64) -> i64 {
 /// zero; whether it uses its borrow allowance shows in the borrow bucket.
 /// Debt in the own bucket (out-of-profile traffic) always means "slow down".
 #[inline(always)]
-pub const fn class_fill(
-    own: i64,
-    depth: u64,
-    borrow: i64,
-    borrow_depth: u64,
-    borrow_rate: u64,
-    guarantee: u64,
-) -> i64 {
+pub const fn class_fill(own: i64, borrow: i64, cfg: &ClassConfig) -> i64 {
+    let (depth, borrow_depth) = (cfg.depth, cfg.borrow_depth);
+    let (borrow_rate, guarantee) = (cfg.borrow_rate, cfg.guarantee);
     let debt_margin = (depth / 16) as i64;
     let own_fill = fill_ratio(own, depth);
     // A borrow allowance below 1/16 of the guarantee is noise next to it.
@@ -447,20 +444,30 @@ mod tests {
         assert_eq!(fill_ratio(7, 0), 0);
     }
 
+    fn fill_cfg(depth: u64, borrow_depth: u64, borrow_rate: u64, guarantee: u64) -> ClassConfig {
+        ClassConfig {
+            depth,
+            borrow_depth,
+            borrow_rate,
+            guarantee,
+            ..ClassConfig::default()
+        }
+    }
+
     #[test]
     fn class_fill_reads_the_bucket_that_matters() {
         // No borrowing: the own bucket.
-        assert_eq!(class_fill(500, 1000, 999, 100, 0, 50), 512);
+        assert_eq!(class_fill(500, 999, &fill_cfg(1000, 100, 0, 50)), 512);
         // Borrowing, own spent: the borrow bucket says whether the
         // allowance is used.
-        assert_eq!(class_fill(-10, 1000, 100, 100, 5, 50), 1024);
-        assert_eq!(class_fill(0, 1000, 0, 100, 5, 50), 0);
+        assert_eq!(class_fill(-10, 100, &fill_cfg(1000, 100, 5, 50)), 1024);
+        assert_eq!(class_fill(0, 0, &fill_cfg(1000, 100, 5, 50)), 0);
         // Own tokens left over count too.
-        assert_eq!(class_fill(500, 1000, 0, 100, 5, 50), 512);
+        assert_eq!(class_fill(500, 0, &fill_cfg(1000, 100, 5, 50)), 512);
         // Debt wins.
-        assert_eq!(class_fill(-500, 1000, 100, 100, 5, 50), -512);
+        assert_eq!(class_fill(-500, 100, &fill_cfg(1000, 100, 5, 50)), -512);
         // A negligible allowance is ignored.
-        assert_eq!(class_fill(0, 1000, -100, 100, 1, 50), 0);
+        assert_eq!(class_fill(0, -100, &fill_cfg(1000, 100, 1, 50)), 0);
     }
 
     #[test]

@@ -249,14 +249,7 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
 fn class_fill(st: *const ClassState, cfg: &ClassConfig) -> i64 {
     // SAFETY: `st` points into NET_CLASS_STATE.
     let (own, borrow) = unsafe { (read(&(*st).own), read(&(*st).borrow)) };
-    policy::class_fill(
-        own,
-        cfg.depth,
-        borrow,
-        cfg.borrow_depth,
-        cfg.borrow_rate,
-        cfg.guarantee,
-    )
+    policy::class_fill(own, borrow, cfg)
 }
 
 #[classifier]
