@@ -272,6 +272,43 @@ pub const fn pacing_rate(flow_base: u64, mult: u64, fill: i64, kp: u64, max: u64
     if max == 0 { rate } else { min_u64(rate, max) }
 }
 
+/// Feed-forward share and multiplier one flow of a class is paced with:
+/// the allocator's per-flow share and the class multiplier, cut back at
+/// once (without waiting for the allocator) when the class is in debt.
+///
+/// - In debt while borrowing: the spare it was pacing for is gone (its owner
+///   came back), so the share falls back to the guaranteed part.
+/// - A burst of new connections overshoots until the epochs have counted
+///   them: once it drives the class into debt, `young` flows get at most an
+///   even share of the class and no multiplier above 1.
+#[inline(always)]
+pub const fn flow_share(
+    cfg: &ClassConfig,
+    own: i64,
+    mult: u64,
+    flows_open: u64,
+    young: bool,
+) -> (u64, u64) {
+    let mut base = cfg.flow_base;
+    if own < -(cfg.mark_debt as i64) && cfg.alloc > cfg.guarantee {
+        let ratio = match (cfg.guarantee * UNIT).checked_div(cfg.alloc) {
+            Some(r) => r,
+            None => UNIT,
+        };
+        base = base / UNIT * ratio;
+    }
+    let mut mult = mult;
+    if young && own < 0 {
+        mult = min_u64(mult, UNIT);
+        let even = match cfg.alloc.checked_div(flows_open) {
+            Some(s) => s,
+            None => cfg.alloc,
+        };
+        base = min_u64(base, even);
+    }
+    (base, mult)
+}
+
 /// Whether a socket's pacing should be rewritten: only when the target moved
 /// by more than 1/32, to keep setsockopt calls rare.
 #[inline(always)]
@@ -488,6 +525,40 @@ mod tests {
             MULT_MIN
         );
         assert_eq!(next_multiplier(0, 0, 0, 0), MULT_MIN);
+    }
+
+    #[test]
+    fn flow_share_cuts_back_only_in_debt() {
+        let cfg = ClassConfig {
+            guarantee: 100,
+            alloc: 400,
+            flow_base: 102_400,
+            mark_debt: 1000,
+            ..Default::default()
+        };
+        // Not in debt: the allocator's share and the multiplier as they are.
+        assert_eq!(flow_share(&cfg, 0, 2 * UNIT, 4, true), (102_400, 2 * UNIT));
+        // Shallow debt, old flow: nothing changes yet.
+        assert_eq!(
+            flow_share(&cfg, -1000, 2 * UNIT, 4, false),
+            (102_400, 2 * UNIT)
+        );
+        // Deep debt while borrowing: back to the guaranteed quarter.
+        assert_eq!(
+            flow_share(&cfg, -1001, 2 * UNIT, 4, false),
+            (25_600, 2 * UNIT)
+        );
+        // Not borrowing: debt alone does not cut the share.
+        let owner = ClassConfig { alloc: 100, ..cfg };
+        assert_eq!(flow_share(&owner, -5000, UNIT, 1, false), (102_400, UNIT));
+        // Young flow in debt: an even share of the class, multiplier ≤ 1.
+        assert_eq!(flow_share(&cfg, -1, 2 * UNIT, 4, true), (100, UNIT));
+        assert_eq!(flow_share(&cfg, -1, UNIT / 2, 0, true), (400, UNIT / 2));
+        // An empty config divides by nothing.
+        assert_eq!(
+            flow_share(&ClassConfig::default(), -1, UNIT, 0, true),
+            (0, UNIT)
+        );
     }
 
     #[test]

@@ -39,9 +39,9 @@ use qos_common::{
         SOCK_CACHE_ENTRIES, SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_OFFSET, TAG_PACED,
     },
     policy::{
-        self, CONTROL_INTERVAL_NS, Levels, Limits, UNIT, Verdict, decide, earned, next_multiplier,
-        overflow_correction, pacing_changed, pacing_rate, underflow_correction, wire_len,
-        wire_to_tcp_rate,
+        self, CONTROL_INTERVAL_NS, Levels, Limits, UNIT, Verdict, decide, earned, flow_share,
+        next_multiplier, overflow_correction, pacing_changed, pacing_rate, underflow_correction,
+        wire_len, wire_to_tcp_rate,
     },
 };
 use qos_ebpf::{
@@ -497,29 +497,10 @@ fn on_ack(ctx: &SockOpsContext) {
             (*sc).born_ns,
         )
     };
-    let mut base = cfg.flow_base;
     // SAFETY: pointer into NET_CLASS_STATE.
     let own = unsafe { read(&(*st).own) };
-    if own < -(cfg.mark_debt as i64) && cfg.alloc > cfg.guarantee {
-        // In debt while borrowing: the spare it was pacing for is gone (its
-        // owner came back). Fall back to the guaranteed share at once rather
-        // than wait for the allocator.
-        let ratio = (cfg.guarantee * UNIT)
-            .checked_div(cfg.alloc)
-            .unwrap_or(UNIT);
-        base = base / UNIT * ratio;
-    }
-    let mut mult = mult;
-    if (applied == 0 || now - born < YOUNG_FLOW_NS) && own < 0 {
-        // A burst of new connections overshoots until the epochs have
-        // counted them: once it drives the class into debt, young flows
-        // fall back to an even share of the class.
-        mult = if mult > UNIT { UNIT } else { mult };
-        let share = cfg.alloc.checked_div(open).unwrap_or(cfg.alloc);
-        if share < base {
-            base = share;
-        }
-    }
+    let young = applied == 0 || now - born < YOUNG_FLOW_NS;
+    let (base, mult) = flow_share(cfg, own, mult, open, young);
     // The allocator keeps the feed-forward below the ceiling and the ceiling
     // bucket enforces it; clamping the pacing at the ceiling as well would
     // keep the multiplier from correcting the wire/TCP byte conversion.
