@@ -99,8 +99,9 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
     )?;
     let mut places = Vec::new();
     for (i, g) in groups.iter().enumerate() {
-        let dir = parent.child(&format!("g{i}"))?;
-        let cg = h.resolve(&format!("{}/g{i}", parent.name()))?;
+        let name = format!("g{i}");
+        let dir = parent.child(&name)?;
+        let cg = h.resolve(&parent.child_name(&name))?;
         let quota = NetQuota {
             rate: g.quota.parse()?,
             ceil: g.ceil.map(str::parse).transpose()?,
@@ -324,7 +325,7 @@ fn stopping_removes_every_program_and_mapping() -> Result<()> {
         &testbeds::cgroup2_root()?,
     )?;
     parent.child("a")?;
-    let cg = h.resolve(&format!("{}/a", parent.name()))?;
+    let cg = h.resolve(&parent.child_name("a"))?;
     shaper.set(
         &cg,
         NetQuota {
@@ -391,7 +392,7 @@ fn bad_settings_and_quotas_are_refused_without_side_effects() -> Result<()> {
     let mut shaper = Shaper::start(settings(bed.shaped_if(), false)?, &root)?;
     let parent = CgroupDir::new("qos-test-")?;
     parent.child("a")?;
-    let cg = qos_core::Hierarchy::detect()?.resolve(&format!("{}/a", parent.name()))?;
+    let cg = qos_core::Hierarchy::detect()?.resolve(&parent.child_name("a"))?;
     let q = |rate: &str, ceil: Option<&str>, priority| -> Result<NetQuota> {
         Ok(NetQuota {
             rate: rate.parse()?,
@@ -413,7 +414,7 @@ fn bad_settings_and_quotas_are_refused_without_side_effects() -> Result<()> {
     }
     shaper.set(&cg, q("900mbit", None, 0)?)?;
     parent.child("b")?;
-    let cg2 = qos_core::Hierarchy::detect()?.resolve(&format!("{}/b", parent.name()))?;
+    let cg2 = qos_core::Hierarchy::detect()?.resolve(&parent.child_name("b"))?;
     let e = shaper
         .set(&cg2, q("200mbit", None, 0)?)
         .expect_err("admission")

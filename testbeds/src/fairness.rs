@@ -176,23 +176,23 @@ pub fn recovery_ms(w: &Windows, t_on: f64, target: f64) -> Option<f64> {
         .map(|(_, b, _)| ((b - t_on) * 1000.0).max(0.0))
 }
 
+/// The windows that lie within [from, to].
+fn within(w: &Windows, from: f64, to: f64) -> impl Iterator<Item = &(f64, f64, f64)> {
+    w.iter()
+        .filter(move |(a, b, _)| *a >= from - 1e-9 && *b <= to + 1e-9)
+}
+
 /// Mean bits per second over the windows that lie within [from, to].
 pub fn mean_between(w: &Windows, from: f64, to: f64) -> f64 {
-    let (bits, secs) = w
-        .iter()
-        .filter(|(a, b, _)| *a >= from - 1e-9 && *b <= to + 1e-9)
-        .fold((0.0, 0.0), |(bits, secs), (a, b, r)| {
-            (bits + r * (b - a), secs + (b - a))
-        });
+    let (bits, secs) = within(w, from, to).fold((0.0, 0.0), |(bits, secs), (a, b, r)| {
+        (bits + r * (b - a), secs + (b - a))
+    });
     if secs > 0.0 { bits / secs } else { 0.0 }
 }
 
 /// Rates of the windows that lie within [from, to].
 pub fn rates_between(w: &Windows, from: f64, to: f64) -> Vec<f64> {
-    w.iter()
-        .filter(|(a, b, _)| *a >= from - 1e-9 && *b <= to + 1e-9)
-        .map(|w| w.2)
-        .collect()
+    within(w, from, to).map(|w| w.2).collect()
 }
 
 #[cfg(test)]

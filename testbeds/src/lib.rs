@@ -236,6 +236,11 @@ impl CgroupDir {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default()
     }
+
+    /// Name of the child `child` relative to the cgroup2 root.
+    pub fn child_name(&self, child: &str) -> String {
+        format!("{}/{child}", self.name())
+    }
 }
 
 fn kill_and_remove(dir: &Path) {

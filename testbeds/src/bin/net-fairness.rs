@@ -614,7 +614,7 @@ fn run_scenario(sc: &Scenario, mode: &str, args: &Args, bin_dir: &Path) -> Resul
     let mut sources = Vec::new();
     for (i, g) in sc.groups.iter().enumerate() {
         let dir = parent.child(g.name)?;
-        cgroups.push(format!("{}/{}", parent.name(), g.name));
+        cgroups.push(parent.child_name(g.name));
         let (netns, src) = if sc.containers {
             (Some(bed.containers[i].ns.path()), bed.containers[i].ip)
         } else {

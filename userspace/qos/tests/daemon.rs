@@ -179,7 +179,7 @@ fn quotas_set_show_unset_and_every_bad_input() -> Result<()> {
     let cg = CgroupDir::new("qos-test-")?;
     cg.child("a")?;
     cg.child("b")?;
-    let a = format!("{}/a", cg.name());
+    let a = cg.child_name("a");
     let b_abs = cg.path().join("b").display().to_string();
 
     let out = d.ok(&[
@@ -200,14 +200,14 @@ fn quotas_set_show_unset_and_every_bad_input() -> Result<()> {
     // Absolute paths name the same tree; bytes-per-second units are tc's.
     let out = d.ok(&["net", "set", &b_abs, "--rate", "10mbps"])?;
     assert!(
-        out.contains(&format!("{}/b: rate 80mbit", cg.name())),
+        out.contains(&format!("{}: rate 80mbit", cg.child_name("b"))),
         "{out}"
     );
 
     let v = d.show()?;
     let names = classes(&v);
     assert!(
-        names.contains(&a) && names.contains(&format!("{}/b", cg.name())),
+        names.contains(&a) && names.contains(&cg.child_name("b")),
         "{names:?}"
     );
     let table = d.ok(&["net", "show"])?;
@@ -239,13 +239,7 @@ fn quotas_set_show_unset_and_every_bad_input() -> Result<()> {
         "exceeds the interface capacity",
     )?;
     d.fails(
-        &[
-            "net",
-            "set",
-            &format!("{}/missing", cg.name()),
-            "--rate",
-            "1mbit",
-        ],
+        &["net", "set", &cg.child_name("missing"), "--rate", "1mbit"],
         3,
         "does not exist",
     )?;
@@ -261,7 +255,7 @@ fn quotas_set_show_unset_and_every_bad_input() -> Result<()> {
         "admission refused: guarantees would total 1010mbit",
     )?;
     d.fails(
-        &["net", "unset", &format!("{}/missing", cg.name())],
+        &["net", "unset", &cg.child_name("missing")],
         3,
         "has no network quota",
     )?;
@@ -269,7 +263,7 @@ fn quotas_set_show_unset_and_every_bad_input() -> Result<()> {
     let v = d.show()?;
     let bq = v["classes"].as_array().and_then(|a| {
         a.iter()
-            .find(|c| c["cgroup"] == format!("{}/b", cg.name()))
+            .find(|c| c["cgroup"] == cg.child_name("b"))
             .cloned()
     });
     assert_eq!(
@@ -345,7 +339,7 @@ fn state_survives_a_restart_and_follows_cgroups() -> Result<()> {
     let mut d = Daemon::new("1gbit")?;
     let cg = CgroupDir::new("qos-test-")?;
     cg.child("a")?;
-    let a = format!("{}/a", cg.name());
+    let a = cg.child_name("a");
     d.ok(&["net", "set", &a, "--rate", "123mbit", "--priority", "3"])?;
     d.stop()?;
     assert!(
