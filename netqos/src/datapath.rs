@@ -12,28 +12,172 @@ use aya::{
     Ebpf, EbpfLoader, VerifierLogLevel,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{
-        CgroupAttachMode, SchedClassifier, SockOps, TcAttachType,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, SockOps, TcAttachType,
+        cgroup_skb::CgroupSkbLinkId,
         links::LinkOrder,
         sock_ops::SockOpsLinkId,
         tc::{SchedClassifierLinkId, TcAttachOptions},
     },
 };
 use qos_common::{
-    net::{ClassConfig, ClassCounters, ClassState, NetGlobal, PoolState, maps, programs},
+    net::{ClassConfig, ClassCounters, ClassState, DirMaps, NetGlobal, PoolState, maps, programs},
     policy::UNIT,
 };
+use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::{NetError, ifaces};
 
-type Maps = (
-    Array<MapData, NetGlobal>,
-    Array<MapData, PoolState>,
-    Array<MapData, ClassConfig>,
-    Array<MapData, ClassState>,
-    PerCpuArray<MapData, ClassCounters>,
-    HashMap<MapData, u64, u32>,
-);
+/// Direction of traffic through the shaped interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Egress,
+    Ingress,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Egress, Direction::Ingress];
+
+    pub fn maps(self) -> DirMaps {
+        match self {
+            Direction::Egress => maps::EGRESS,
+            Direction::Ingress => maps::INGRESS,
+        }
+    }
+}
+
+impl std::fmt::Display for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        })
+    }
+}
+
+/// The class maps of one direction.
+pub struct ClassMaps {
+    names: DirMaps,
+    global: Array<MapData, NetGlobal>,
+    pool: Array<MapData, PoolState>,
+    class_cfg: Array<MapData, ClassConfig>,
+    class_state: Array<MapData, ClassState>,
+    class_counters: PerCpuArray<MapData, ClassCounters>,
+    cgroup_class: HashMap<MapData, u64, u32>,
+}
+
+impl std::fmt::Debug for ClassMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClassMaps")
+            .field("global", &self.names.global)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClassMaps {
+    fn take(ebpf: &mut Ebpf, names: DirMaps) -> Result<Self, NetError> {
+        fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<T, NetError> {
+            let m = ebpf.take_map(name).ok_or(NetError::MissingMap(name))?;
+            T::try_from(m).map_err(|source| NetError::Map { map: name, source })
+        }
+        Ok(Self {
+            names,
+            global: take(ebpf, names.global)?,
+            pool: take(ebpf, names.pool)?,
+            class_cfg: take(ebpf, names.class_config)?,
+            class_state: take(ebpf, names.class_state)?,
+            class_counters: take(ebpf, names.class_counters)?,
+            cgroup_class: take(ebpf, names.cgroup_class)?,
+        })
+    }
+
+    pub fn write_global(&mut self, g: &NetGlobal) -> Result<(), NetError> {
+        self.global.set(0, g, 0).map_err(map_err(self.names.global))
+    }
+
+    pub fn write_class(&mut self, slot: u32, cfg: &ClassConfig) -> Result<(), NetError> {
+        self.class_cfg
+            .set(slot, cfg, 0)
+            .map_err(map_err(self.names.class_config))
+    }
+
+    /// Starts a slot afresh: full buckets, neutral multiplier, zero counters.
+    /// Only for slots the datapath does not use (inactive config).
+    pub fn reset_state(&mut self, slot: u32, cfg: &ClassConfig) -> Result<(), NetError> {
+        let st = ClassState {
+            own: cfg.depth as i64,
+            borrow: 0,
+            ceil: cfg.ceil_depth as i64,
+            mult: UNIT,
+            ..Default::default()
+        };
+        self.class_state
+            .set(slot, st, 0)
+            .map_err(map_err(self.names.class_state))?;
+        let cpus = aya::util::nr_cpus().map_err(|(path, source)| NetError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let zeros =
+            PerCpuValues::try_from(vec![ClassCounters::default(); cpus]).map_err(|source| {
+                NetError::Io {
+                    path: "per-CPU values".into(),
+                    source,
+                }
+            })?;
+        self.class_counters
+            .set(slot, zeros, 0)
+            .map_err(map_err(self.names.class_counters))
+    }
+
+    /// Counters of a slot, summed over the CPUs.
+    pub fn read_counters(&self, slot: u32) -> Result<ClassCounters, NetError> {
+        let per_cpu = self
+            .class_counters
+            .get(&slot, 0)
+            .map_err(map_err(self.names.class_counters))?;
+        let mut sum = ClassCounters::default();
+        for c in per_cpu.iter() {
+            sum.add(c);
+        }
+        Ok(sum)
+    }
+
+    pub fn read_state(&self, slot: u32) -> Result<ClassState, NetError> {
+        self.class_state
+            .get(&slot, 0)
+            .map_err(map_err(self.names.class_state))
+    }
+
+    pub fn read_pool(&self) -> Result<PoolState, NetError> {
+        self.pool.get(&0, 0).map_err(map_err(self.names.pool))
+    }
+
+    pub fn map_cgroup(&mut self, cgroup_id: u64, slot: u32) -> Result<(), NetError> {
+        self.cgroup_class
+            .insert(cgroup_id, slot, 0)
+            .map_err(map_err(self.names.cgroup_class))
+    }
+
+    pub fn unmap_cgroup(&mut self, cgroup_id: u64) -> Result<(), NetError> {
+        match self.cgroup_class.remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(NetError::Map {
+                map: self.names.cgroup_class,
+                source,
+            }),
+        }
+    }
+
+    /// Number of entries in the cgroup map (leak checks).
+    pub fn cgroup_entries(&self) -> usize {
+        self.cgroup_class.keys().count()
+    }
+}
 
 /// Run-time statistics of one program (needs `kernel.bpf_stats_enabled`).
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -46,16 +190,14 @@ pub struct ProgramStats {
 /// The loaded network datapath.
 pub struct Datapath {
     ebpf: Ebpf,
-    global: Array<MapData, NetGlobal>,
-    pool: Array<MapData, PoolState>,
-    class_cfg: Array<MapData, ClassConfig>,
-    class_state: Array<MapData, ClassState>,
-    class_counters: PerCpuArray<MapData, ClassCounters>,
-    cgroup_class: HashMap<MapData, u64, u32>,
+    egress_maps: ClassMaps,
+    ingress_maps: ClassMaps,
     iface: String,
     ifindex: u32,
+    cgroup2_root: PathBuf,
     egress: Option<SchedClassifierLinkId>,
     pacer: Option<SockOpsLinkId>,
+    ingress: Option<(SchedClassifierLinkId, CgroupSkbLinkId)>,
     taggers: BTreeMap<u32, (String, SchedClassifierLinkId)>,
     stats_fd: Option<OwnedFd>,
 }
@@ -86,39 +228,43 @@ impl Datapath {
             .map_err(|source| NetError::Load {
                 source: Box::new(source),
             })?;
-        let maps = take_maps(&mut ebpf)?;
-        let (global, pool, class_cfg, class_state, class_counters, cgroup_class) = maps;
+        let egress_maps = ClassMaps::take(&mut ebpf, maps::EGRESS)?;
+        let ingress_maps = ClassMaps::take(&mut ebpf, maps::INGRESS)?;
         let mut dp = Self {
             ebpf,
-            global,
-            pool,
-            class_cfg,
-            class_state,
-            class_counters,
-            cgroup_class,
+            egress_maps,
+            ingress_maps,
             iface: iface.to_owned(),
             ifindex,
+            cgroup2_root: cgroup2_root.to_owned(),
             egress: None,
             pacer: None,
+            ingress: None,
             taggers: BTreeMap::new(),
             stats_fd: None,
         };
-        for name in [programs::EGRESS, programs::TAGGER] {
+        for name in [programs::EGRESS, programs::TAGGER, programs::INGRESS_TAGGER] {
             let prog: &mut SchedClassifier = program(&mut dp.ebpf, name)?;
             prog.load().map_err(|e| NetError::program(name, e))?;
         }
+        let ingress: &mut CgroupSkb = program(&mut dp.ebpf, programs::INGRESS)?;
+        ingress
+            .load()
+            .map_err(|e| NetError::program(programs::INGRESS, e))?;
         let pacer: &mut SockOps = program(&mut dp.ebpf, programs::PACER)?;
         pacer
             .load()
             .map_err(|e| NetError::program(programs::PACER, e))?;
 
         let egress: &mut SchedClassifier = program(&mut dp.ebpf, programs::EGRESS)?;
-        dp.egress = Some(attach_tc(egress, iface, TcAttachType::Egress)?);
+        dp.egress = Some(attach_tc(
+            egress,
+            programs::EGRESS,
+            iface,
+            TcAttachType::Egress,
+        )?);
 
-        let root = File::open(cgroup2_root).map_err(|source| NetError::Io {
-            path: cgroup2_root.into(),
-            source,
-        })?;
+        let root = open_dir(cgroup2_root)?;
         let pacer: &mut SockOps = program(&mut dp.ebpf, programs::PACER)?;
         // A link attach coexists with other programs on the cgroup
         // (multi-attach is implied for links).
@@ -139,87 +285,66 @@ impl Datapath {
         self.ifindex
     }
 
-    pub fn write_global(&mut self, g: &NetGlobal) -> Result<(), NetError> {
-        self.global.set(0, g, 0).map_err(map_err(maps::GLOBAL))
+    /// The class maps of one direction.
+    pub fn maps(&mut self, dir: Direction) -> &mut ClassMaps {
+        match dir {
+            Direction::Egress => &mut self.egress_maps,
+            Direction::Ingress => &mut self.ingress_maps,
+        }
     }
 
-    pub fn write_class(&mut self, slot: u32, cfg: &ClassConfig) -> Result<(), NetError> {
-        self.class_cfg
-            .set(slot, cfg, 0)
-            .map_err(map_err(maps::CLASS_CONFIG))
+    pub fn maps_ref(&self, dir: Direction) -> &ClassMaps {
+        match dir {
+            Direction::Egress => &self.egress_maps,
+            Direction::Ingress => &self.ingress_maps,
+        }
     }
 
-    /// Starts a slot afresh: full buckets, neutral multiplier, zero counters.
-    /// Only for slots the datapath does not use (inactive config).
-    pub fn reset_state(&mut self, slot: u32, cfg: &ClassConfig) -> Result<(), NetError> {
-        let st = ClassState {
-            own: cfg.depth as i64,
-            borrow: 0,
-            ceil: cfg.ceil_depth as i64,
-            mult: UNIT,
-            ..Default::default()
-        };
-        self.class_state
-            .set(slot, st, 0)
-            .map_err(map_err(maps::CLASS_STATE))?;
-        let cpus = aya::util::nr_cpus().map_err(|(path, source)| NetError::Io {
-            path: path.into(),
-            source,
-        })?;
-        let zeros =
-            PerCpuValues::try_from(vec![ClassCounters::default(); cpus]).map_err(|source| {
-                NetError::Io {
-                    path: "per-CPU values".into(),
-                    source,
+    /// Attaches the ingress half: the tag on the shaped interface's tc
+    /// ingress and the accounting program on the cgroup2 root (it sees every
+    /// socket's received packets, in any network namespace).
+    pub fn attach_ingress(&mut self) -> Result<(), NetError> {
+        if self.ingress.is_some() {
+            return Ok(());
+        }
+        let iface = self.iface.clone();
+        let tagger: &mut SchedClassifier = program(&mut self.ebpf, programs::INGRESS_TAGGER)?;
+        let tag_link = attach_tc(
+            tagger,
+            programs::INGRESS_TAGGER,
+            &iface,
+            TcAttachType::Ingress,
+        )?;
+        let root = open_dir(&self.cgroup2_root)?;
+        let prog: &mut CgroupSkb = program(&mut self.ebpf, programs::INGRESS)?;
+        let attached = prog.attach(
+            &root,
+            CgroupSkbAttachType::Ingress,
+            CgroupAttachMode::Single,
+        );
+        match attached {
+            Ok(link) => {
+                self.ingress = Some((tag_link, link));
+                debug!(iface, "ingress datapath attached");
+                Ok(())
+            }
+            Err(source) => {
+                if let Ok(t) = program::<SchedClassifier>(&mut self.ebpf, programs::INGRESS_TAGGER)
+                {
+                    let _ = t.detach(tag_link);
                 }
-            })?;
-        self.class_counters
-            .set(slot, zeros, 0)
-            .map_err(map_err(maps::CLASS_COUNTERS))
-    }
-
-    /// Counters of a slot, summed over the CPUs.
-    pub fn read_counters(&self, slot: u32) -> Result<ClassCounters, NetError> {
-        let per_cpu = self
-            .class_counters
-            .get(&slot, 0)
-            .map_err(map_err(maps::CLASS_COUNTERS))?;
-        let mut sum = ClassCounters::default();
-        for c in per_cpu.iter() {
-            sum.add(c);
-        }
-        Ok(sum)
-    }
-
-    pub fn read_state(&self, slot: u32) -> Result<ClassState, NetError> {
-        self.class_state
-            .get(&slot, 0)
-            .map_err(map_err(maps::CLASS_STATE))
-    }
-
-    pub fn read_pool(&self) -> Result<PoolState, NetError> {
-        self.pool.get(&0, 0).map_err(map_err(maps::POOL))
-    }
-
-    pub fn map_cgroup(&mut self, cgroup_id: u64, slot: u32) -> Result<(), NetError> {
-        self.cgroup_class
-            .insert(cgroup_id, slot, 0)
-            .map_err(map_err(maps::CGROUP_CLASS))
-    }
-
-    pub fn unmap_cgroup(&mut self, cgroup_id: u64) -> Result<(), NetError> {
-        match self.cgroup_class.remove(&cgroup_id) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(NetError::Map {
-                map: maps::CGROUP_CLASS,
-                source,
-            }),
+                Err(NetError::Attach {
+                    program: programs::INGRESS,
+                    target: self.cgroup2_root.display().to_string(),
+                    source: Box::new(source),
+                })
+            }
         }
     }
 
-    /// Number of entries in the cgroup map (leak checks).
-    pub fn cgroup_entries(&self) -> usize {
-        self.cgroup_class.keys().count()
+    /// Whether the ingress programs are attached.
+    pub fn ingress_attached(&self) -> bool {
+        self.ingress.is_some()
     }
 
     /// Attaches the tagger to a container-facing interface (tc ingress).
@@ -229,7 +354,7 @@ impl Datapath {
             return Ok(());
         }
         let prog: &mut SchedClassifier = program(&mut self.ebpf, programs::TAGGER)?;
-        let link = attach_tc(prog, ifname, TcAttachType::Ingress)?;
+        let link = attach_tc(prog, programs::TAGGER, ifname, TcAttachType::Ingress)?;
         self.taggers.insert(ifindex, (ifname.to_owned(), link));
         debug!(ifname, ifindex, "tagger attached");
         Ok(())
@@ -275,7 +400,7 @@ impl Datapath {
 
     /// Kernel ids of the loaded programs.
     pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
-        [programs::EGRESS, programs::TAGGER, programs::PACER]
+        ALL_PROGRAMS
             .into_iter()
             .filter_map(|n| {
                 self.ebpf
@@ -288,7 +413,7 @@ impl Datapath {
 
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         let mut out = Vec::new();
-        for name in [programs::EGRESS, programs::TAGGER, programs::PACER] {
+        for name in ALL_PROGRAMS {
             let Some(p) = self.ebpf.program(name) else {
                 continue;
             };
@@ -312,6 +437,14 @@ impl Datapath {
         {
             let _ = prog.detach(link);
         }
+        if let Some((tag, link)) = self.ingress.take() {
+            if let Ok(prog) = program::<CgroupSkb>(&mut self.ebpf, programs::INGRESS) {
+                let _ = prog.detach(link);
+            }
+            if let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, programs::INGRESS_TAGGER) {
+                let _ = prog.detach(tag);
+            }
+        }
         let keep = BTreeMap::new();
         self.prune_taggers(&keep);
         if let Some(link) = self.pacer.take()
@@ -332,15 +465,27 @@ where
     p.try_into().map_err(|e| NetError::program(name, e))
 }
 
+const ALL_PROGRAMS: [&str; 5] = [
+    programs::EGRESS,
+    programs::TAGGER,
+    programs::PACER,
+    programs::INGRESS_TAGGER,
+    programs::INGRESS,
+];
+
+fn open_dir(path: &Path) -> Result<File, NetError> {
+    File::open(path).map_err(|source| NetError::Io {
+        path: path.into(),
+        source,
+    })
+}
+
 fn attach_tc(
     prog: &mut SchedClassifier,
+    name: &'static str,
     iface: &str,
     kind: TcAttachType,
 ) -> Result<SchedClassifierLinkId, NetError> {
-    let name = match kind {
-        TcAttachType::Egress => programs::EGRESS,
-        _ => programs::TAGGER,
-    };
     let tcx = aya::util::KernelVersion::current()
         .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
         .unwrap_or(false);
@@ -357,22 +502,4 @@ fn attach_tc(
             target: iface.to_owned(),
             source: Box::new(source),
         })
-}
-
-fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, NetError> {
-    fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-        ebpf: &mut Ebpf,
-        name: &'static str,
-    ) -> Result<T, NetError> {
-        let m = ebpf.take_map(name).ok_or(NetError::MissingMap(name))?;
-        T::try_from(m).map_err(|source| NetError::Map { map: name, source })
-    }
-    Ok((
-        take(ebpf, maps::GLOBAL)?,
-        take(ebpf, maps::POOL)?,
-        take(ebpf, maps::CLASS_CONFIG)?,
-        take(ebpf, maps::CLASS_STATE)?,
-        take(ebpf, maps::CLASS_COUNTERS)?,
-        take(ebpf, maps::CGROUP_CLASS)?,
-    ))
 }

@@ -13,9 +13,11 @@ mod shaper;
 
 use std::path::PathBuf;
 
+pub use datapath::Direction;
 pub use ifaces::ContainerInterfaces;
 pub use shaper::{
-    NetClassStatus, NetQuota, NetStatus, ProgramStatsOut, Shaper, ShaperSettings, TICK,
+    DirQuota, IngressStatus, NetClassStatus, NetQuota, NetStatus, ProgramStatsOut, Shaper,
+    ShaperSettings, TICK,
 };
 
 /// Everything that can go wrong in the network subsystem.
@@ -54,6 +56,10 @@ pub enum NetError {
     InvalidQuota(String),
     #[error(transparent)]
     Admission(#[from] policy::AdmissionError),
+    #[error(
+        "ingress shaping is not configured on this host: set [net] ingress_capacity in the qosd config"
+    )]
+    IngressNotConfigured,
     #[error("cgroup '{0}' has no network quota")]
     NotConfigured(String),
     #[error("all {0} class slots are in use")]

@@ -173,7 +173,7 @@ pub fn active_flows(activated_last_epoch: u64, open: u64) -> u64 {
 /// Refusal of a guarantee that does not fit.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "admission refused: guarantees would total {} on {iface} but its egress capacity is {} ({} \
+    "admission refused: guarantees would total {} on {iface} but its capacity is {} ({} \
      already guaranteed, default class included, + {} requested)",
     fmt(*total), fmt(*capacity), fmt(*existing), fmt(*requested)
 )]
@@ -190,7 +190,8 @@ fn fmt(bits: u64) -> String {
 }
 
 /// Admission control: the guarantees (including the default class's) may not
-/// exceed the capacity. `others` excludes the class being (re)configured.
+/// exceed the capacity. `others` excludes the class being (re)configured;
+/// `iface` names the interface and direction in the error.
 pub fn admit(
     iface: &str,
     capacity_bits: u64,

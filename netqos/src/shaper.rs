@@ -1,5 +1,6 @@
-//! The egress shaper: class bookkeeping around the datapath and the control
-//! loop that shares the spare capacity.
+//! The shaper: class bookkeeping around the datapath and the control loop
+//! that shares the spare capacity, for each direction (egress, and ingress
+//! when configured) of the shaped interface.
 
 use std::{
     collections::BTreeMap,
@@ -9,8 +10,8 @@ use std::{
 
 use qos_common::{
     net::{
-        ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED, GLOBAL_RELEASE,
-        GLOBAL_REPLACE_BBR, LOWEST_PRIORITY, MAX_CLASSES, NetGlobal,
+        ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_CLAMP_ECN, GLOBAL_ENABLED,
+        GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, LOWEST_PRIORITY, MAX_CLASSES, NetGlobal,
     },
     policy::{UNIT, class_fill, earned},
 };
@@ -20,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     NetError,
-    datapath::{Datapath, ProgramStats},
+    datapath::{ClassMaps, Datapath, Direction, ProgramStats},
     ifaces::{self, ContainerInterfaces},
     policy::{self, ClassDemand, Observation, Tuning},
 };
@@ -43,14 +44,21 @@ const RELEASE_GRACE: Duration = Duration::from_millis(200);
 /// A freed slot is not reused before sockets cached on it were reclassified.
 const SLOT_QUARANTINE: Duration = Duration::from_secs(2);
 
-/// Host configuration of the egress shaper.
+/// Host configuration of the shaper.
 #[derive(Clone, Debug)]
 pub struct ShaperSettings {
     pub interface: String,
+    /// Egress capacity.
     pub capacity: Rate,
     /// Guarantee of the default class (traffic of cgroups without a quota);
     /// None: best effort, it only gets capacity the others leave.
     pub default_rate: Option<Rate>,
+    /// Ingress capacity; None: received traffic is not shaped.
+    pub ingress_capacity: Option<Rate>,
+    /// Ingress guarantee of the default class.
+    pub ingress_default_rate: Option<Rate>,
+    /// Clamp the receive window of ECN flows too (see `GLOBAL_CLAMP_ECN`).
+    pub ingress_clamp_ecn: bool,
     pub default_priority: u32,
     pub container_interfaces: ContainerInterfaces,
     /// Switch shaped BBR flows to CUBIC (see `GLOBAL_REPLACE_BBR`).
@@ -58,45 +66,117 @@ pub struct ShaperSettings {
     pub tuning: Tuning,
 }
 
-/// A cgroup's network quota.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A cgroup's network quota, per direction. A direction without a rate is
+/// not shaped for this cgroup (its traffic counts as the default class).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetQuota {
-    /// Guaranteed rate.
-    pub rate: Rate,
-    /// Most it may use when others leave capacity idle; the interface
-    /// capacity when absent.
+    /// Guaranteed egress rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    /// Most it may send when others leave capacity idle; the capacity when
+    /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ceil: Option<Rate>,
-    /// 0 (highest) ..= 7.
+    /// 0 (highest) ..= 7, both directions.
     #[serde(default)]
+    pub priority: u32,
+    /// Guaranteed ingress rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_rate: Option<Rate>,
+    /// Most it may receive when others leave capacity idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_ceil: Option<Rate>,
+}
+
+/// One direction of a quota.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirQuota {
+    pub rate: Rate,
+    pub ceil: Option<Rate>,
     pub priority: u32,
 }
 
 impl NetQuota {
-    /// Checks the quota against the shaped interface's capacity.
-    pub fn validate(&self, capacity: Rate) -> Result<(), NetError> {
+    /// An egress-only quota.
+    pub fn egress(rate: Rate, ceil: Option<Rate>, priority: u32) -> Self {
+        Self {
+            rate: Some(rate),
+            ceil,
+            priority,
+            ..Default::default()
+        }
+    }
+
+    /// An ingress-only quota.
+    pub fn ingress(rate: Rate, ceil: Option<Rate>, priority: u32) -> Self {
+        Self {
+            ingress_rate: Some(rate),
+            ingress_ceil: ceil,
+            priority,
+            ..Default::default()
+        }
+    }
+
+    /// The quota of one direction, if it has one.
+    pub fn dir(&self, dir: Direction) -> Option<DirQuota> {
+        let (rate, ceil) = match dir {
+            Direction::Egress => (self.rate, self.ceil),
+            Direction::Ingress => (self.ingress_rate, self.ingress_ceil),
+        };
+        rate.map(|rate| DirQuota {
+            rate,
+            ceil,
+            priority: self.priority,
+        })
+    }
+
+    /// Checks the quota's form (capacity checks are per direction, in
+    /// [`DirQuota::validate`]).
+    pub fn validate_form(&self) -> Result<(), NetError> {
+        if self.rate.is_none() && self.ingress_rate.is_none() {
+            return Err(NetError::InvalidQuota(
+                "give an egress rate, an ingress rate, or both".into(),
+            ));
+        }
+        if self.ceil.is_some() && self.rate.is_none() {
+            return Err(NetError::InvalidQuota(
+                "an egress ceil needs an egress rate".into(),
+            ));
+        }
+        if self.ingress_ceil.is_some() && self.ingress_rate.is_none() {
+            return Err(NetError::InvalidQuota(
+                "an ingress ceil needs an ingress rate".into(),
+            ));
+        }
         if self.priority > LOWEST_PRIORITY {
             return Err(NetError::InvalidQuota(format!(
                 "priority {} is out of range; use 0 (highest) to {LOWEST_PRIORITY}",
                 self.priority
             )));
         }
+        Ok(())
+    }
+}
+
+impl DirQuota {
+    /// Checks the quota against the direction's capacity.
+    pub fn validate(&self, dir: Direction, capacity: Rate) -> Result<(), NetError> {
         if self.rate > capacity {
             return Err(NetError::InvalidQuota(format!(
-                "rate {} exceeds the interface capacity {capacity}",
+                "{dir} rate {} exceeds the {dir} capacity {capacity}",
                 self.rate
             )));
         }
         if let Some(ceil) = self.ceil {
             if ceil < self.rate {
                 return Err(NetError::InvalidQuota(format!(
-                    "ceil {ceil} is below the guaranteed rate {}",
+                    "{dir} ceil {ceil} is below the guaranteed {dir} rate {}",
                     self.rate
                 )));
             }
             if ceil > capacity {
                 return Err(NetError::InvalidQuota(format!(
-                    "ceil {ceil} exceeds the interface capacity {capacity}"
+                    "{dir} ceil {ceil} exceeds the {dir} capacity {capacity}"
                 )));
             }
         }
@@ -136,6 +216,18 @@ pub struct NetClassStatus {
     /// Flows the allocation is split over (app-limited flows count partly).
     pub active_flows: f64,
     pub pacing_updates: u64,
+    /// Receive-window clamps written (ingress flows without ECN).
+    #[serde(default)]
+    pub window_clamps: u64,
+}
+
+/// What `net show` reports for the ingress direction.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct IngressStatus {
+    pub capacity: String,
+    pub capacity_bps: u64,
+    pub classes: Vec<NetClassStatus>,
+    pub pool_tokens: i64,
 }
 
 /// What `net show` reports.
@@ -148,6 +240,9 @@ pub struct NetStatus {
     pub tagged_interfaces: Vec<String>,
     /// Shared pool level, bytes.
     pub pool_tokens: i64,
+    /// Received traffic, when ingress shaping is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<IngressStatus>,
     #[serde(default)]
     pub programs: Vec<ProgramStatsOut>,
 }
@@ -181,7 +276,7 @@ impl From<ProgramStats> for ProgramStatsOut {
 struct Class {
     /// None for the default class.
     cgroup: Option<CgroupRef>,
-    quota: NetQuota,
+    quota: DirQuota,
     /// Guaranteed bytes/s (0 for a best-effort default class).
     guarantee: u64,
     slot: u32,
@@ -205,11 +300,11 @@ struct Class {
 impl Class {
     fn new(
         cgroup: Option<CgroupRef>,
-        quota: NetQuota,
+        quota: DirQuota,
         guarantee: u64,
         slot: u32,
         cfg: ClassConfig,
-        dp: &Datapath,
+        dp: &ClassMaps,
     ) -> Result<Self, NetError> {
         let counters = dp.read_counters(slot)?;
         Ok(Self {
@@ -311,143 +406,115 @@ impl Class {
     }
 }
 
-/// The egress shaper of one interface.
+/// The classes of one direction: slots, the default class, the allocator.
 #[derive(Debug)]
-pub struct Shaper {
-    settings: ShaperSettings,
-    dp: Datapath,
+struct ClassTable {
+    dir: Direction,
+    /// "eth0 egress": what admission errors name.
+    label: String,
+    capacity: Rate,
+    default_rate: Option<Rate>,
     global: NetGlobal,
     default: Class,
     classes: BTreeMap<String, Class>,
     free: Vec<u32>,
     quarantine: Vec<(Instant, u32)>,
     next_slot: u32,
-    last_tick: Instant,
-    last_epoch: Instant,
-    last_scan: Option<Instant>,
 }
 
 fn bytes(rate: Rate) -> u64 {
     rate.bytes_per_sec()
 }
 
-impl Shaper {
-    /// Loads and attaches the datapath on `settings.interface` and starts
-    /// shaping with only the default class.
-    pub fn start(settings: ShaperSettings, cgroup2_root: &Path) -> Result<Self, NetError> {
-        settings
-            .container_interfaces
-            .validate()
-            .map_err(NetError::InvalidQuota)?;
-        if settings.default_priority > LOWEST_PRIORITY {
+impl ClassTable {
+    fn start(
+        dir: Direction,
+        capacity: Rate,
+        default_rate: Option<Rate>,
+        flags: u32,
+        settings: &ShaperSettings,
+        dp: &mut Datapath,
+    ) -> Result<Self, NetError> {
+        if let Some(r) = default_rate.filter(|r| *r > capacity) {
             return Err(NetError::InvalidQuota(format!(
-                "default priority {} is out of range 0..={LOWEST_PRIORITY}",
-                settings.default_priority
+                "{dir} default rate {r} exceeds the {dir} capacity {capacity}"
             )));
         }
-        if let Some(r) = settings.default_rate.filter(|r| *r > settings.capacity) {
-            return Err(NetError::InvalidQuota(format!(
-                "default rate {r} exceeds the capacity {}",
-                settings.capacity
-            )));
-        }
-        let mut dp = Datapath::load(&settings.interface, cgroup2_root)?;
-        let capacity = bytes(settings.capacity);
-        let mut global = policy::global_params(capacity, dp.ifindex(), &settings.tuning);
-        global.flags = GLOBAL_ENABLED
-            | if settings.replace_bbr {
-                GLOBAL_REPLACE_BBR
-            } else {
-                0
-            };
-        let default_guarantee = settings.default_rate.map(bytes).unwrap_or(0);
-        let default_quota = NetQuota {
+        let cap = bytes(capacity);
+        let mut global = policy::global_params(cap, dp.ifindex(), &settings.tuning);
+        global.flags = flags;
+        let default_guarantee = default_rate.map(bytes).unwrap_or(0);
+        let default_quota = DirQuota {
             // Only shown; the guarantee below is what counts.
-            rate: settings.default_rate.unwrap_or(settings.capacity),
+            rate: default_rate.unwrap_or(capacity),
             ceil: None,
             priority: settings.default_priority,
         };
         let cfg = policy::class_params(
             default_guarantee,
-            capacity,
+            cap,
             settings.default_priority,
             0,
             UNIT,
             &settings.tuning,
         );
-        dp.reset_state(DEFAULT_SLOT, &cfg)?;
-        dp.write_class(DEFAULT_SLOT, &cfg)?;
-        dp.write_global(&global)?;
-        let now = Instant::now();
+        let maps = dp.maps(dir);
+        maps.reset_state(DEFAULT_SLOT, &cfg)?;
+        maps.write_class(DEFAULT_SLOT, &cfg)?;
+        maps.write_global(&global)?;
         let default = Class::new(
             None,
             default_quota,
             default_guarantee,
             DEFAULT_SLOT,
             cfg,
-            &dp,
+            maps,
         )?;
-        let mut shaper = Self {
-            settings,
-            dp,
+        Ok(Self {
+            dir,
+            label: format!("{} {dir}", settings.interface),
+            capacity,
+            default_rate,
             global,
             default,
             classes: BTreeMap::new(),
             free: Vec::new(),
             quarantine: Vec::new(),
             next_slot: DEFAULT_SLOT + 1,
-            last_tick: now,
-            last_epoch: now,
-            last_scan: None,
-        };
-        shaper.scan_interfaces();
-        info!(
-            iface = %shaper.settings.interface,
-            capacity = %shaper.settings.capacity,
-            "egress shaping on"
-        );
-        Ok(shaper)
-    }
-
-    pub fn settings(&self) -> &ShaperSettings {
-        &self.settings
-    }
-
-    pub fn datapath(&mut self) -> &mut Datapath {
-        &mut self.dp
-    }
-
-    /// The quota of a configured cgroup.
-    pub fn quota(&self, name: &str) -> Option<NetQuota> {
-        self.classes.get(name).map(|c| c.quota)
+        })
     }
 
     /// Validates and admits a quota without applying it.
-    pub fn check(&self, name: &str, quota: &NetQuota) -> Result<(), NetError> {
-        quota.validate(self.settings.capacity)?;
+    fn check(&self, name: &str, quota: &DirQuota) -> Result<(), NetError> {
+        quota.validate(self.dir, self.capacity)?;
         let others = self
             .classes
             .values()
             .filter(|c| c.name() != name)
             .map(|c| c.quota.rate.bits_per_sec())
             .chain(std::iter::once(
-                self.settings.default_rate.map_or(0, Rate::bits_per_sec),
+                self.default_rate.map_or(0, Rate::bits_per_sec),
             ));
         policy::admit(
-            &self.settings.interface,
-            self.settings.capacity.bits_per_sec(),
+            &self.label,
+            self.capacity.bits_per_sec(),
             others,
             quota.rate.bits_per_sec(),
         )?;
         Ok(())
     }
 
-    /// Applies (or changes) the quota of a cgroup. Nothing changes when it is
-    /// refused.
-    pub fn set(&mut self, cg: &CgroupRef, quota: NetQuota) -> Result<(), NetError> {
+    fn set(
+        &mut self,
+        dp: &mut Datapath,
+        tuning: &Tuning,
+        cg: &CgroupRef,
+        quota: DirQuota,
+    ) -> Result<(), NetError> {
         self.check(&cg.name, &quota)?;
-        let capacity = bytes(self.settings.capacity);
+        let capacity = bytes(self.capacity);
         let ceil = quota.ceil.map(bytes).unwrap_or(capacity);
+        let dir = self.dir;
         if let Some(c) = self.classes.get_mut(&cg.name) {
             if c.cgroup.as_ref().is_some_and(|old| old.id == cg.id) {
                 let cfg = policy::class_params(
@@ -456,98 +523,64 @@ impl Shaper {
                     quota.priority,
                     0,
                     c.flows,
-                    &self.settings.tuning,
+                    tuning,
                 );
-                self.dp.write_class(c.slot, &cfg)?;
+                dp.maps(dir).write_class(c.slot, &cfg)?;
                 c.cfg = cfg;
                 c.quota = quota;
                 c.guarantee = bytes(quota.rate);
-                debug!(cgroup = %cg.name, slot = c.slot, "net quota changed");
+                debug!(cgroup = %cg.name, %dir, slot = c.slot, "net quota changed");
                 return Ok(());
             }
             // Same name, new directory: start over.
-            self.remove(&cg.name)?;
+            self.remove(dp, &cg.name)?;
         }
         let slot = self.take_slot()?;
-        let cfg = policy::class_params(
-            bytes(quota.rate),
-            ceil,
-            quota.priority,
-            0,
-            UNIT,
-            &self.settings.tuning,
-        );
+        let cfg = policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, UNIT, tuning);
+        let maps = dp.maps(dir);
         let applied = (|| {
-            self.dp.reset_state(slot, &cfg)?;
-            self.dp.write_class(slot, &cfg)?;
-            self.dp.map_cgroup(cg.id, slot)?;
-            self.bump_generation()
+            maps.reset_state(slot, &cfg)?;
+            maps.write_class(slot, &cfg)?;
+            maps.map_cgroup(cg.id, slot)?;
+            self.global.generation += 1;
+            maps.write_global(&self.global)
         })();
         if let Err(e) = applied {
             // Leave nothing half-applied.
-            let _ = self.dp.unmap_cgroup(cg.id);
-            let _ = self.dp.write_class(slot, &ClassConfig::default());
+            let _ = maps.unmap_cgroup(cg.id);
+            let _ = maps.write_class(slot, &ClassConfig::default());
             self.free.push(slot);
             return Err(e);
         }
-        let class = Class::new(
-            Some(cg.clone()),
-            quota,
-            bytes(quota.rate),
-            slot,
-            cfg,
-            &self.dp,
-        )?;
+        let class = Class::new(Some(cg.clone()), quota, bytes(quota.rate), slot, cfg, maps)?;
         self.classes.insert(cg.name.clone(), class);
-        info!(cgroup = %cg.name, id = cg.id, slot, rate = %quota.rate, "net quota set");
+        info!(cgroup = %cg.name, id = cg.id, %dir, slot, rate = %quota.rate, "net quota set");
         Ok(())
     }
 
-    /// Removes a cgroup's quota. Its traffic falls back to the default class.
-    pub fn remove(&mut self, name: &str) -> Result<bool, NetError> {
+    /// Removes a cgroup's class. Its traffic falls back to the default class.
+    fn remove(&mut self, dp: &mut Datapath, name: &str) -> Result<bool, NetError> {
         let Some(c) = self.classes.remove(name) else {
             return Ok(false);
         };
+        let maps = dp.maps(self.dir);
         if let Some(cg) = &c.cgroup {
-            self.dp.unmap_cgroup(cg.id)?;
+            maps.unmap_cgroup(cg.id)?;
         }
-        self.dp.write_class(c.slot, &ClassConfig::default())?;
-        self.bump_generation()?;
+        maps.write_class(c.slot, &ClassConfig::default())?;
+        self.global.generation += 1;
+        maps.write_global(&self.global)?;
         self.quarantine.push((Instant::now(), c.slot));
-        info!(cgroup = name, slot = c.slot, "net quota removed");
+        info!(cgroup = name, dir = %self.dir, slot = c.slot, "net quota removed");
         Ok(true)
     }
 
-    /// Configured cgroups whose directory is gone (or was replaced).
-    pub fn vanished(&self) -> Vec<String> {
-        self.classes
-            .iter()
-            .filter(|(_, c)| c.cgroup.as_ref().is_some_and(|cg| !cg.exists()))
-            .map(|(name, _)| name.clone())
-            .collect()
-    }
-
-    /// Number of configured cgroups (the default class not counted).
-    pub fn configured(&self) -> usize {
-        self.classes.len()
-    }
-
-    /// Guaranteed bits per second, default class included.
-    pub fn guaranteed_bits(&self) -> u64 {
+    fn guaranteed_bits(&self) -> u64 {
         self.classes
             .values()
             .map(|c| c.quota.rate.bits_per_sec())
             .sum::<u64>()
-            + self.settings.default_rate.map_or(0, Rate::bits_per_sec)
-    }
-
-    pub fn tagged_interfaces(&self) -> Vec<String> {
-        self.dp.tagged_interfaces()
-    }
-
-    fn bump_generation(&mut self) -> Result<(), NetError> {
-        self.global.generation += 1;
-        self.dp.write_global(&self.global)
+            + self.default_rate.map_or(0, Rate::bits_per_sec)
     }
 
     fn take_slot(&mut self) -> Result<u32, NetError> {
@@ -569,26 +602,21 @@ impl Shaper {
     }
 
     /// One control step: measure every class, share the spare capacity,
-    /// update the datapath where it moved. Call every [`TICK`].
-    pub fn tick(&mut self) -> Result<(), NetError> {
-        let now = Instant::now();
-        let dt = now.duration_since(self.last_tick);
-        if dt.is_zero() {
-            return Ok(());
-        }
-        self.last_tick = now;
-        let dt_ns = dt.as_nanos() as u64;
-        let epoch_due = now.duration_since(self.last_epoch) >= EPOCH;
-        if epoch_due {
-            self.last_epoch = now;
-        }
-        let capacity = bytes(self.settings.capacity);
-        let now_ns = monotonic_ns();
-
+    /// update the datapath where it moved.
+    fn tick(
+        &mut self,
+        dp: &mut Datapath,
+        tuning: &Tuning,
+        dt_ns: u64,
+        now_ns: u64,
+        epoch_due: bool,
+    ) -> Result<(), NetError> {
+        let capacity = bytes(self.capacity);
+        let maps = dp.maps(self.dir);
         let mut demands = Vec::with_capacity(self.classes.len() + 1);
         for c in std::iter::once(&mut self.default).chain(self.classes.values_mut()) {
-            let st = self.dp.read_state(c.slot)?;
-            let ct = self.dp.read_counters(c.slot)?;
+            let st = maps.read_state(c.slot)?;
+            let ct = maps.read_counters(c.slot)?;
             demands.push(c.observe(st, ct, dt_ns, now_ns, epoch_due, capacity));
         }
         let shares = policy::share_spare(capacity, &demands);
@@ -602,16 +630,289 @@ impl Shaper {
                 c.quota.priority,
                 extra,
                 c.flows,
-                &self.settings.tuning,
+                tuning,
             );
             if policy::worth_update(&c.cfg, &cfg) {
-                self.dp.write_class(c.slot, &cfg)?;
+                maps.write_class(c.slot, &cfg)?;
                 c.cfg = cfg;
             }
         }
         if epoch_due {
             self.global.epoch += 1;
-            self.dp.write_global(&self.global)?;
+            maps.write_global(&self.global)?;
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> Vec<NetClassStatus> {
+        std::iter::once(&self.default)
+            .chain(self.classes.values())
+            .map(|c| NetClassStatus {
+                cgroup: c.name().to_owned(),
+                cgroup_id: c.cgroup.as_ref().map_or(0, |cg| cg.id),
+                slot: c.slot,
+                rate: if c.guarantee == 0 {
+                    "0".into()
+                } else {
+                    c.quota.rate.to_string()
+                },
+                ceil: c.quota.ceil.unwrap_or(self.capacity).to_string(),
+                priority: c.quota.priority,
+                alloc_bps: c.cfg.alloc * 8,
+                rate_bps: (c.rate * 8.0) as u64,
+                bytes: c.counters.bytes,
+                packets: c.counters.packets,
+                borrowed_bytes: c.counters.borrowed_bytes,
+                over_bytes: c.counters.over_bytes,
+                ce_marks: c.counters.ce_marks,
+                drops: c.counters.drops,
+                drop_bytes: c.counters.drop_bytes,
+                own_tokens: c.prev.own,
+                borrow_tokens: c.prev.borrow,
+                pacing_multiplier: c.prev.mult as f64 / UNIT as f64,
+                flows: c.prev.flows_open,
+                active_flows: c.flows as f64 / UNIT as f64,
+                pacing_updates: c.counters.pacing_updates,
+                window_clamps: c.counters.window_clamps,
+            })
+            .collect()
+    }
+
+    fn set_flags(&mut self, dp: &mut Datapath, flags: u32) -> Result<(), NetError> {
+        self.global.flags = flags;
+        dp.maps(self.dir).write_global(&self.global)
+    }
+}
+
+/// Flags of a direction's `NetGlobal` while shaping.
+fn running_flags(settings: &ShaperSettings) -> u32 {
+    GLOBAL_ENABLED
+        | if settings.replace_bbr {
+            GLOBAL_REPLACE_BBR
+        } else {
+            0
+        }
+}
+
+/// The shaper of one interface: egress, and ingress when configured.
+#[derive(Debug)]
+pub struct Shaper {
+    settings: ShaperSettings,
+    dp: Datapath,
+    egress: ClassTable,
+    ingress: Option<ClassTable>,
+    /// Applied quotas, by cgroup name.
+    quotas: BTreeMap<String, (CgroupRef, NetQuota)>,
+    last_tick: Instant,
+    last_epoch: Instant,
+    last_scan: Option<Instant>,
+}
+
+impl Shaper {
+    /// Loads and attaches the datapath on `settings.interface` and starts
+    /// shaping with only the default classes.
+    pub fn start(settings: ShaperSettings, cgroup2_root: &Path) -> Result<Self, NetError> {
+        settings
+            .container_interfaces
+            .validate()
+            .map_err(NetError::InvalidQuota)?;
+        if settings.default_priority > LOWEST_PRIORITY {
+            return Err(NetError::InvalidQuota(format!(
+                "default priority {} is out of range 0..={LOWEST_PRIORITY}",
+                settings.default_priority
+            )));
+        }
+        if settings.ingress_capacity.is_none() && settings.ingress_default_rate.is_some() {
+            return Err(NetError::InvalidQuota(
+                "an ingress default rate needs an ingress capacity".into(),
+            ));
+        }
+        let mut dp = Datapath::load(&settings.interface, cgroup2_root)?;
+        let flags = running_flags(&settings);
+        let egress = ClassTable::start(
+            Direction::Egress,
+            settings.capacity,
+            settings.default_rate,
+            flags,
+            &settings,
+            &mut dp,
+        )?;
+        let ingress = match settings.ingress_capacity {
+            Some(cap) => {
+                let t = ClassTable::start(
+                    Direction::Ingress,
+                    cap,
+                    settings.ingress_default_rate,
+                    if settings.ingress_clamp_ecn {
+                        flags | GLOBAL_CLAMP_ECN
+                    } else {
+                        flags
+                    },
+                    &settings,
+                    &mut dp,
+                )?;
+                dp.attach_ingress()?;
+                Some(t)
+            }
+            None => None,
+        };
+        let now = Instant::now();
+        let mut shaper = Self {
+            settings,
+            dp,
+            egress,
+            ingress,
+            quotas: BTreeMap::new(),
+            last_tick: now,
+            last_epoch: now,
+            last_scan: None,
+        };
+        shaper.scan_interfaces();
+        info!(
+            iface = %shaper.settings.interface,
+            egress = %shaper.settings.capacity,
+            ingress = %shaper.settings.ingress_capacity.map_or("off".into(), |r| r.to_string()),
+            "shaping on"
+        );
+        Ok(shaper)
+    }
+
+    pub fn settings(&self) -> &ShaperSettings {
+        &self.settings
+    }
+
+    pub fn datapath(&mut self) -> &mut Datapath {
+        &mut self.dp
+    }
+
+    fn table(&self, dir: Direction) -> Option<&ClassTable> {
+        match dir {
+            Direction::Egress => Some(&self.egress),
+            Direction::Ingress => self.ingress.as_ref(),
+        }
+    }
+
+    /// The quota of a configured cgroup.
+    pub fn quota(&self, name: &str) -> Option<NetQuota> {
+        self.quotas.get(name).map(|(_, q)| *q)
+    }
+
+    /// Validates and admits a quota without applying it.
+    pub fn check(&self, name: &str, quota: &NetQuota) -> Result<(), NetError> {
+        quota.validate_form()?;
+        for dir in Direction::ALL {
+            let Some(q) = quota.dir(dir) else { continue };
+            match self.table(dir) {
+                Some(t) => t.check(name, &q)?,
+                None => return Err(NetError::IngressNotConfigured),
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies (or changes) the quota of a cgroup, in both directions: a
+    /// direction the quota has no rate for is not shaped for it. Nothing
+    /// changes when it is refused.
+    pub fn set(&mut self, cg: &CgroupRef, quota: NetQuota) -> Result<(), NetError> {
+        self.check(&cg.name, &quota)?;
+        let old = self.quota(&cg.name);
+        let mut done: Vec<Direction> = Vec::new();
+        for dir in Direction::ALL {
+            let result = self.set_dir(dir, cg, quota.dir(dir));
+            if let Err(e) = result {
+                // Put back what this call changed.
+                for d in done {
+                    let _ = self.set_dir(d, cg, old.and_then(|q| q.dir(d)));
+                }
+                return Err(e);
+            }
+            done.push(dir);
+        }
+        self.quotas.insert(cg.name.clone(), (cg.clone(), quota));
+        Ok(())
+    }
+
+    fn set_dir(
+        &mut self,
+        dir: Direction,
+        cg: &CgroupRef,
+        quota: Option<DirQuota>,
+    ) -> Result<(), NetError> {
+        let tuning = self.settings.tuning;
+        let table = match dir {
+            Direction::Egress => &mut self.egress,
+            Direction::Ingress => match self.ingress.as_mut() {
+                Some(t) => t,
+                None if quota.is_none() => return Ok(()),
+                None => return Err(NetError::IngressNotConfigured),
+            },
+        };
+        match quota {
+            Some(q) => table.set(&mut self.dp, &tuning, cg, q),
+            None => table.remove(&mut self.dp, &cg.name).map(|_| ()),
+        }
+    }
+
+    /// Removes a cgroup's quota. Its traffic falls back to the default
+    /// classes.
+    pub fn remove(&mut self, name: &str) -> Result<bool, NetError> {
+        if self.quotas.remove(name).is_none() {
+            return Ok(false);
+        }
+        self.egress.remove(&mut self.dp, name)?;
+        if let Some(t) = self.ingress.as_mut() {
+            t.remove(&mut self.dp, name)?;
+        }
+        Ok(true)
+    }
+
+    /// Configured cgroups whose directory is gone (or was replaced).
+    pub fn vanished(&self) -> Vec<String> {
+        self.quotas
+            .iter()
+            .filter(|(_, (cg, _))| !cg.exists())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Number of configured cgroups (the default classes not counted).
+    pub fn configured(&self) -> usize {
+        self.quotas.len()
+    }
+
+    /// Guaranteed egress bits per second, default class included.
+    pub fn guaranteed_bits(&self) -> u64 {
+        self.egress.guaranteed_bits()
+    }
+
+    /// Guaranteed ingress bits per second, when ingress is shaped.
+    pub fn ingress_guaranteed_bits(&self) -> Option<u64> {
+        self.ingress.as_ref().map(ClassTable::guaranteed_bits)
+    }
+
+    pub fn tagged_interfaces(&self) -> Vec<String> {
+        self.dp.tagged_interfaces()
+    }
+
+    /// One control step of both directions. Call every [`TICK`].
+    pub fn tick(&mut self) -> Result<(), NetError> {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last_tick);
+        if dt.is_zero() {
+            return Ok(());
+        }
+        self.last_tick = now;
+        let dt_ns = dt.as_nanos() as u64;
+        let epoch_due = now.duration_since(self.last_epoch) >= EPOCH;
+        if epoch_due {
+            self.last_epoch = now;
+        }
+        let now_ns = monotonic_ns();
+        let tuning = self.settings.tuning;
+        self.egress
+            .tick(&mut self.dp, &tuning, dt_ns, now_ns, epoch_due)?;
+        if let Some(t) = self.ingress.as_mut() {
+            t.tick(&mut self.dp, &tuning, dt_ns, now_ns, epoch_due)?;
         }
         if self.last_scan.is_none_or(|t| now.duration_since(t) >= SCAN) {
             self.scan_interfaces();
@@ -639,44 +940,24 @@ impl Shaper {
     }
 
     pub fn status(&self) -> NetStatus {
-        let capacity = bytes(self.settings.capacity);
-        let classes = std::iter::once(&self.default)
-            .chain(self.classes.values())
-            .map(|c| NetClassStatus {
-                cgroup: c.name().to_owned(),
-                cgroup_id: c.cgroup.as_ref().map_or(0, |cg| cg.id),
-                slot: c.slot,
-                rate: if c.guarantee == 0 {
-                    "0".into()
-                } else {
-                    c.quota.rate.to_string()
-                },
-                ceil: c.quota.ceil.unwrap_or(self.settings.capacity).to_string(),
-                priority: c.quota.priority,
-                alloc_bps: c.cfg.alloc * 8,
-                rate_bps: (c.rate * 8.0) as u64,
-                bytes: c.counters.bytes,
-                packets: c.counters.packets,
-                borrowed_bytes: c.counters.borrowed_bytes,
-                over_bytes: c.counters.over_bytes,
-                ce_marks: c.counters.ce_marks,
-                drops: c.counters.drops,
-                drop_bytes: c.counters.drop_bytes,
-                own_tokens: c.prev.own,
-                borrow_tokens: c.prev.borrow,
-                pacing_multiplier: c.prev.mult as f64 / UNIT as f64,
-                flows: c.prev.flows_open,
-                active_flows: c.flows as f64 / UNIT as f64,
-                pacing_updates: c.counters.pacing_updates,
-            })
-            .collect();
+        let egress_maps = self.dp.maps_ref(Direction::Egress);
+        let ingress = self.ingress.as_ref().map(|t| {
+            let maps = self.dp.maps_ref(Direction::Ingress);
+            IngressStatus {
+                capacity: t.capacity.to_string(),
+                capacity_bps: t.capacity.bits_per_sec(),
+                classes: t.status(),
+                pool_tokens: maps.read_pool().map(|p| p.tokens).unwrap_or(0),
+            }
+        });
         NetStatus {
             interface: self.settings.interface.clone(),
             capacity: self.settings.capacity.to_string(),
-            capacity_bps: capacity * 8,
-            classes,
+            capacity_bps: bytes(self.settings.capacity) * 8,
+            classes: self.egress.status(),
             tagged_interfaces: self.dp.tagged_interfaces(),
-            pool_tokens: self.dp.read_pool().map(|p| p.tokens).unwrap_or(0),
+            pool_tokens: egress_maps.read_pool().map(|p| p.tokens).unwrap_or(0),
+            ingress,
             programs: self
                 .dp
                 .program_stats()
@@ -687,17 +968,22 @@ impl Shaper {
     }
 
     /// Stops shaping: the datapath lets everything pass and the pacer lifts
-    /// the pacing of flows as their acks arrive; then it detaches. Flows
-    /// that stay silent through the grace period keep their last pacing
-    /// rate until they close.
+    /// the pacing and window clamps of flows as they send; then it
+    /// detaches. Flows that stay silent through the grace period keep their
+    /// last pacing rate until they close.
     pub fn stop(mut self) {
-        self.global.flags = GLOBAL_RELEASE;
-        if let Err(e) = self.dp.write_global(&self.global) {
-            warn!(error = %e, "disabling the datapath");
+        let mut tables: Vec<&mut ClassTable> = vec![&mut self.egress];
+        if let Some(t) = self.ingress.as_mut() {
+            tables.push(t);
+        }
+        for t in tables {
+            if let Err(e) = t.set_flags(&mut self.dp, GLOBAL_RELEASE) {
+                warn!(error = %e, dir = %t.dir, "disabling the datapath");
+            }
         }
         std::thread::sleep(RELEASE_GRACE);
         self.dp.detach();
-        info!("egress shaping off");
+        info!("shaping off");
     }
 }
 

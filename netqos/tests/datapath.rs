@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::Result;
-use netqos::{ContainerInterfaces, NetQuota, Shaper, ShaperSettings, policy::Tuning};
+use netqos::{ContainerInterfaces, Direction, NetQuota, Shaper, ShaperSettings, policy::Tuning};
 use testbeds::{
     CgroupDir, Placement, Sysctl,
     iperf::{Client, ClientOpts, Server, wire_bytes},
@@ -55,6 +55,9 @@ fn settings(iface: &str, containers: bool) -> Result<ShaperSettings> {
         interface: iface.to_owned(),
         capacity: "1gbit".parse()?,
         default_rate: None,
+        ingress_capacity: None,
+        ingress_default_rate: None,
+        ingress_clamp_ecn: false,
         default_priority: 7,
         container_interfaces: if containers {
             ContainerInterfaces::Patterns(vec!["qch*".into()])
@@ -102,11 +105,11 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
         let name = format!("g{i}");
         let dir = parent.child(&name)?;
         let cg = h.resolve(&parent.child_name(&name))?;
-        let quota = NetQuota {
-            rate: g.quota.parse()?,
-            ceil: g.ceil.map(str::parse).transpose()?,
-            priority: g.priority,
-        };
+        let quota = NetQuota::egress(
+            g.quota.parse()?,
+            g.ceil.map(str::parse).transpose()?,
+            g.priority,
+        );
         shaper.set(&cg, quota)?;
         let netns = containers.then(|| bed.containers[i].ns.path());
         places.push(Placement {
@@ -174,6 +177,10 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
         );
     }
     Ok(Outcome { rates, status })
+}
+
+fn egress_entries(shaper: &mut Shaper) -> usize {
+    shaper.datapath().maps(Direction::Egress).cgroup_entries()
 }
 
 fn class(s: &netqos::NetStatus, i: usize) -> &netqos::NetClassStatus {
@@ -326,26 +333,15 @@ fn stopping_removes_every_program_and_mapping() -> Result<()> {
     )?;
     parent.child("a")?;
     let cg = h.resolve(&parent.child_name("a"))?;
-    shaper.set(
-        &cg,
-        NetQuota {
-            rate: "10mbit".parse()?,
-            ceil: None,
-            priority: 0,
-        },
-    )?;
-    assert_eq!(shaper.datapath().cgroup_entries(), 1);
+    shaper.set(&cg, NetQuota::egress("10mbit".parse()?, None, 0))?;
+    assert_eq!(egress_entries(&mut shaper), 1);
     let (n, progs) = aya::programs::SchedClassifier::query_tcx(
         bed.shaped_if(),
         aya::programs::TcAttachType::Egress,
     )?;
     assert!(n > 0 && progs.len() == 1, "egress program not attached");
     assert!(shaper.remove(&cg.name)?);
-    assert_eq!(
-        shaper.datapath().cgroup_entries(),
-        0,
-        "cgroup mapping left behind"
-    );
+    assert_eq!(egress_entries(&mut shaper), 0, "cgroup mapping left behind");
     assert!(
         !shaper.remove(&cg.name)?,
         "second removal must report nothing to remove"
@@ -356,7 +352,7 @@ fn stopping_removes_every_program_and_mapping() -> Result<()> {
         .into_iter()
         .map(|(_, id)| id)
         .collect();
-    assert_eq!(ids.len(), 3);
+    assert_eq!(ids.len(), 5, "every program of the object is loaded");
     shaper.stop();
     let (_, progs) = aya::programs::SchedClassifier::query_tcx(
         bed.shaped_if(),
@@ -394,17 +390,17 @@ fn bad_settings_and_quotas_are_refused_without_side_effects() -> Result<()> {
     parent.child("a")?;
     let cg = qos_core::Hierarchy::detect()?.resolve(&parent.child_name("a"))?;
     let q = |rate: &str, ceil: Option<&str>, priority| -> Result<NetQuota> {
-        Ok(NetQuota {
-            rate: rate.parse()?,
-            ceil: ceil.map(str::parse).transpose()?,
+        Ok(NetQuota::egress(
+            rate.parse()?,
+            ceil.map(str::parse).transpose()?,
             priority,
-        })
+        ))
     };
     for (quota, needle) in [
-        (q("2gbit", None, 0)?, "exceeds the interface capacity"),
+        (q("2gbit", None, 0)?, "exceeds the egress capacity"),
         (
             q("100mbit", Some("50mbit"), 0)?,
-            "below the guaranteed rate",
+            "below the guaranteed egress rate",
         ),
         (q("100mbit", Some("2gbit"), 0)?, "ceil 2gbit exceeds"),
         (q("100mbit", None, 8)?, "priority 8 is out of range"),
@@ -424,7 +420,7 @@ fn bad_settings_and_quotas_are_refused_without_side_effects() -> Result<()> {
         "{e}"
     );
     assert_eq!(
-        shaper.datapath().cgroup_entries(),
+        egress_entries(&mut shaper),
         1,
         "refused quota left a mapping"
     );

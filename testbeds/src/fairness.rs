@@ -23,6 +23,8 @@ pub struct GroupSpec {
     pub demand: Demand,
     pub flows: u32,
     pub udp: bool,
+    /// TCP senders negotiate ECN (ingress scenarios: the peer's senders).
+    pub ecn: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,7 +45,40 @@ const fn g(name: &'static str, quota: u64, priority: u32, demand: Demand) -> Gro
         demand,
         flows: 1,
         udp: false,
+        ecn: true,
     }
+}
+
+/// The ingress scenarios: the eight egress ones with the receivers in the
+/// cgroups, plus an incast and a sender without ECN.
+pub fn ingress_scenarios() -> Vec<Scenario> {
+    use Demand::*;
+    let mut v = scenarios();
+    v.push(Scenario {
+        name: "incast",
+        about: "16 senders into one cgroup next to a guaranteed one, equal quotas",
+        groups: vec![
+            GroupSpec {
+                flows: 16,
+                ..g("incast", 500, 0, Busy)
+            },
+            g("guaranteed", 500, 0, Busy),
+        ],
+        containers: false,
+    });
+    v.push(Scenario {
+        name: "no-ecn",
+        about: "a sender without ECN (window clamp, then drops) next to an ECN sender, 30/70 %",
+        groups: vec![
+            GroupSpec {
+                ecn: false,
+                ..g("plain", 300, 0, Busy)
+            },
+            g("ecn", 700, 0, Busy),
+        ],
+        containers: false,
+    });
+    v
 }
 
 /// The eight egress scenarios.

@@ -133,6 +133,7 @@ impl Drop for Netns {
 #[derive(Debug)]
 pub struct Veth {
     host: String,
+    peer: String,
 }
 
 impl Veth {
@@ -154,6 +155,7 @@ impl Veth {
         )?;
         let v = Self {
             host: host.to_owned(),
+            peer: peer.to_owned(),
         };
         run("ip", &["link", "set", host, "up"])?;
         peer_ns.ip(&["link", "set", peer, "up"])?;
@@ -162,6 +164,11 @@ impl Veth {
 
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// Name of the end in the peer namespace.
+    pub fn peer(&self) -> &str {
+        &self.peer
     }
 }
 

@@ -1,7 +1,8 @@
-//! The egress testbed: a shaped veth from the host to a peer namespace
-//! (where the receivers run), optional per-container namespaces routed out
-//! through it, and extra host addresses so every sender group has its own
-//! source address.
+//! The network testbed: a shaped veth from the host to a peer namespace,
+//! optional per-container namespaces routed through it, and extra host
+//! addresses so every group has its own address. Egress tests send from the
+//! host (cgroups, containers) to receivers in the peer; ingress tests send
+//! from the peer to receivers in cgroups on the host or in containers.
 //!
 //! ```text
 //!  host netns                                  peer netns
@@ -122,5 +123,59 @@ impl EgressBed {
 
     pub fn shaped_if(&self) -> &str {
         self.shaped.host()
+    }
+
+    /// Makes the peer the sending side of ingress tests: CUBIC (the host
+    /// default may be BBR, which ignores CE marks), and ECN per destination:
+    /// the peer no longer asks for ECN by itself; a route with the `ecn`
+    /// feature asks for it towards one receiver address.
+    pub fn peer_senders(&self) -> Result<()> {
+        self.peer.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.tcp_ecn=0",
+                "net.ipv4.tcp_congestion_control=cubic",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Gives the peer's side of the shaped veth the rate of a physical link
+    /// with a switch-like buffer (tbf): what ingress traffic crosses before
+    /// it reaches a real host. Without it a veth delivers at tens of Gbit/s
+    /// with microsecond round trips.
+    pub fn peer_link(&self, rate: &str, buffer: &str) -> Result<()> {
+        self.peer.exec(
+            "tc",
+            &[
+                "qdisc",
+                "replace",
+                "dev",
+                self.shaped.peer(),
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "16kb",
+                "limit",
+                buffer,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Whether the peer's TCP senders towards `dst` negotiate ECN (see
+    /// [`EgressBed::peer_senders`]).
+    pub fn sender_ecn(&self, dst: Ipv4Addr, ecn: bool) -> Result<()> {
+        let dst = format!("{dst}/32");
+        let gw = self.host_ip.to_string();
+        let mut args = vec!["route", "replace", &dst, "via", &gw];
+        if ecn {
+            args.extend(["features", "ecn"]);
+        }
+        self.peer.ip(&args)?;
+        Ok(())
     }
 }

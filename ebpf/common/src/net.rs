@@ -23,15 +23,44 @@ pub const CGROUP_MAP_ENTRIES: u32 = 16_384;
 pub const TAG_OFFSET: u32 = 1;
 /// `tc_index` bit set by the tagger when the packet's socket is paced.
 pub const TAG_PACED: u32 = 0x8000;
+/// `tc_index` bit set on packets received through the shaped interface
+/// (tc ingress there); the ingress program only charges packets carrying it,
+/// also after they were forwarded into a container's network namespace.
+pub const TAG_INGRESS: u32 = 0x4000;
+
+/// Names of one direction's maps: the egress and the ingress datapath have
+/// the same maps, under different names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirMaps {
+    pub global: &'static str,
+    pub pool: &'static str,
+    pub class_config: &'static str,
+    pub class_state: &'static str,
+    pub class_counters: &'static str,
+    pub cgroup_class: &'static str,
+    pub sock_class: &'static str,
+}
 
 pub mod maps {
-    pub const GLOBAL: &str = "NET_GLOBAL";
-    pub const POOL: &str = "NET_POOL";
-    pub const CLASS_CONFIG: &str = "NET_CLASS_CFG";
-    pub const CLASS_STATE: &str = "NET_CLASS_STATE";
-    pub const CLASS_COUNTERS: &str = "NET_CLASS_COUNTERS";
-    pub const CGROUP_CLASS: &str = "NET_CGROUP_CLASS";
-    pub const SOCK_CLASS: &str = "NET_SOCK_CLASS";
+    use super::DirMaps;
+    pub const EGRESS: DirMaps = DirMaps {
+        global: "NET_GLOBAL",
+        pool: "NET_POOL",
+        class_config: "NET_CLASS_CFG",
+        class_state: "NET_CLASS_STATE",
+        class_counters: "NET_CLASS_COUNTERS",
+        cgroup_class: "NET_CGROUP_CLASS",
+        sock_class: "NET_SOCK_CLASS",
+    };
+    pub const INGRESS: DirMaps = DirMaps {
+        global: "ING_GLOBAL",
+        pool: "ING_POOL",
+        class_config: "ING_CLASS_CFG",
+        class_state: "ING_CLASS_STATE",
+        class_counters: "ING_CLASS_COUNTERS",
+        cgroup_class: "ING_CGROUP_CLASS",
+        sock_class: "ING_SOCK_CLASS",
+    };
 }
 
 pub mod programs {
@@ -39,8 +68,14 @@ pub mod programs {
     pub const EGRESS: &str = "qos_egress";
     /// tc ingress on container-facing veths: tag forwarded packets with their class.
     pub const TAGGER: &str = "qos_tag";
-    /// sockops on the cgroup2 root: per-flow pacing of TCP sockets.
+    /// sockops on the cgroup2 root: per-flow pacing of TCP sockets (egress)
+    /// and the receive-window clamp of non-ECN flows (ingress).
     pub const PACER: &str = "qos_pacer";
+    /// tc ingress on the shaped interface: marks what arrived through it.
+    pub const INGRESS_TAGGER: &str = "qos_ingress_tag";
+    /// cgroup_skb ingress on the cgroup2 root: classify by the receiving
+    /// socket's cgroup, account, mark, drop.
+    pub const INGRESS: &str = "qos_ingress";
 }
 
 /// `NetGlobal::flags` bit: shaping enabled.
@@ -53,6 +88,10 @@ pub const GLOBAL_RELEASE: u32 = 2;
 /// at (a probing multiple of) it, so a pacing cap that later rises is never
 /// followed: the flow stays at the first rate it was held to.
 pub const GLOBAL_REPLACE_BBR: u32 = 4;
+/// `NetGlobal::flags` bit (ingress): clamp the receive window of flows that
+/// negotiated ECN as well. On microsecond round trips CE marks alone cannot
+/// hold a flow below what two segments per round trip make; the clamp can.
+pub const GLOBAL_CLAMP_ECN: u32 = 8;
 
 /// Host-wide settings of the egress shaper (array map, one entry).
 #[repr(C)]
@@ -146,8 +185,11 @@ pub struct ClassCounters {
     pub drops: u64,
     pub drop_bytes: u64,
     pub pacing_updates: u64,
-    /// One per flow per activity epoch in which it was acknowledged.
+    /// One per flow per activity epoch in which it was acknowledged
+    /// (egress) or acknowledged received data (ingress).
     pub flow_activations: u64,
+    /// Receive-window clamps written (ingress, flows without ECN).
+    pub window_clamps: u64,
 }
 
 impl ClassCounters {
@@ -163,6 +205,7 @@ impl ClassCounters {
         self.drop_bytes = self.drop_bytes.wrapping_add(o.drop_bytes);
         self.pacing_updates = self.pacing_updates.wrapping_add(o.pacing_updates);
         self.flow_activations = self.flow_activations.wrapping_add(o.flow_activations);
+        self.window_clamps = self.window_clamps.wrapping_add(o.window_clamps);
     }
 }
 
@@ -193,11 +236,15 @@ pub struct SockClass {
     pub generation: u64,
     /// Last activity epoch the flow was counted in.
     pub epoch: u64,
-    /// Pacing rate last applied to the socket, bytes per second (wire).
+    /// Pacing rate last applied to the socket, bytes per second (wire);
+    /// ingress: the receive-window clamp last applied, bytes.
     pub pacing: u64,
     /// When the flow was first paced (young flows are capped at an even
     /// share until the epochs have counted them).
     pub born_ns: u64,
+    /// Ingress: bytes received and time at the last window-clamp step.
+    pub step_bytes: u64,
+    pub step_ns: u64,
 }
 
 #[cfg(feature = "user")]

@@ -325,9 +325,116 @@ pub const fn wire_to_tcp_rate(wire: u64) -> u64 {
     min_u64(wire, MAX_RATE) / 1514 * 1480
 }
 
+/// Receive-window clamp (bytes) that holds a flow at `wire_rate` bytes/s when
+/// its round trip takes `rtt_us`: rate × RTT of TCP payload, at least two
+/// segments (below that the sender stalls on delayed ACKs).
+#[inline(always)]
+pub const fn window_clamp(wire_rate: u64, rtt_us: u64, mss: u64) -> u64 {
+    let tcp = wire_to_tcp_rate(wire_rate);
+    // tcp ≤ 1.25e10, rtt capped at 10 s: the product fits.
+    let w = tcp * min_u64(rtt_us, 10_000_000) / 1_000_000;
+    let floor = 2 * min_u64(max_u64(mss, 536), 65_535);
+    min_u64(max_u64(w, floor), u32::MAX as u64 / 2)
+}
+
+/// How often a receive flow's window clamp is corrected.
+pub const CLAMP_STEP_NS: u64 = 20_000_000;
+
+/// Next receive-window clamp of a flow held at `target` (wire bytes/s) that
+/// received at `measured` over the last step: the window that gave
+/// `measured` scaled to `target` (rate = window / RTT, so this is target ×
+/// the flow's effective RTT), by at most a factor 2 per step, never below
+/// two segments nor above `target` × 10 ms (a flow that cannot reach its
+/// target is not window-limited; a huge clamp would take many steps to bite
+/// when it becomes so). `clamp` 0 starts from `initial`.
+#[inline(always)]
+pub const fn next_window_clamp(
+    clamp: u64,
+    measured: u64,
+    target: u64,
+    mss: u64,
+    initial: u64,
+) -> u64 {
+    let floor = window_clamp(0, 0, mss);
+    let ceiling = max_u64(window_clamp(target, 10_000, mss), floor);
+    if clamp == 0 {
+        return min_u64(max_u64(initial, floor), ceiling);
+    }
+    let clamp = min_u64(clamp, ceiling);
+    let next = if measured == 0 {
+        clamp
+    } else {
+        // clamp ≤ 2^31, target ≤ 1.25e10: the product fits in u64 after
+        // the ratio is bounded.
+        let lo = clamp / 2;
+        let hi = clamp * 2;
+        let t = min_u64(target, MAX_RATE);
+        let scaled = (clamp as u128 * t as u128 / measured as u128) as u64;
+        min_u64(max_u64(scaled, lo), hi)
+    };
+    min_u64(max_u64(next, floor), ceiling)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn window_clamp_steps_towards_the_target_rate() {
+        let mss = 1448;
+        let floor = 2 * mss;
+        let start = next_window_clamp(0, 0, 12_500_000, mss, 50_000);
+        assert_eq!(start, 50_000);
+        // Twice too fast: halved. Four times too fast: halved (bounded step).
+        assert_eq!(
+            next_window_clamp(40_000, 25_000_000, 12_500_000, mss, 0),
+            20_000
+        );
+        assert_eq!(
+            next_window_clamp(40_000, 50_000_000, 12_500_000, mss, 0),
+            20_000
+        );
+        // Slightly slow: opened in proportion.
+        assert_eq!(
+            next_window_clamp(40_000, 10_000_000, 12_500_000, mss, 0),
+            50_000
+        );
+        // Nothing received: unchanged.
+        assert_eq!(next_window_clamp(40_000, 0, 12_500_000, mss, 0), 40_000);
+        // Bounds: two segments, target × 10 ms.
+        assert_eq!(
+            next_window_clamp(floor, 1_000_000_000, 12_500_000, mss, 0),
+            floor
+        );
+        let ceiling = window_clamp(12_500_000, 10_000, mss);
+        assert_eq!(next_window_clamp(ceiling, 1, 12_500_000, mss, 0), ceiling);
+        assert_eq!(next_window_clamp(0, 0, 12_500_000, mss, u64::MAX), ceiling);
+        // Converges from anywhere within a few steps.
+        let mut c = ceiling;
+        for _ in 0..12 {
+            // A flow whose rate is clamp / 1 ms.
+            let measured = c * 1_000;
+            c = next_window_clamp(c, measured, 12_500_000, mss, 0);
+        }
+        assert!(c.abs_diff(12_500) < 200, "{c}");
+    }
+
+    #[test]
+    fn window_clamp_is_rate_times_rtt_with_a_two_segment_floor() {
+        // 100 Mbit/s wire over 1 ms: 12.5 MB/s × 1 ms of payload.
+        let c = window_clamp(12_500_000, 1_000, 1448);
+        assert_eq!(c, wire_to_tcp_rate(12_500_000) / 1_000);
+        // Microsecond RTTs: two segments.
+        assert_eq!(window_clamp(12_500_000, 20, 1448), 2 * 1448);
+        // Unknown MSS: the IPv4 minimum.
+        assert_eq!(window_clamp(1, 1, 0), 2 * 536);
+        // Absurd inputs stay finite and positive.
+        let huge = window_clamp(u64::MAX, u64::MAX, u64::MAX);
+        assert!(huge > 0 && huge <= u32::MAX as u64 / 2);
+        // Monotone in rate and RTT.
+        assert!(window_clamp(25_000_000, 1_000, 1448) > c);
+        assert!(window_clamp(12_500_000, 2_000, 1448) > c);
+    }
     use proptest::prelude::*;
 
     fn limits() -> Limits {

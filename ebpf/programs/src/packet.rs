@@ -1,13 +1,13 @@
-//! Bounded packet parsing for tc programs (Ethernet, optional VLAN, IPv4/IPv6,
-//! TCP/UDP).
+//! Bounded packet parsing for tc and cgroup_skb programs (Ethernet, optional
+//! VLAN, IPv4/IPv6, TCP/UDP).
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
     helpers::generated::bpf_fib_lookup as fib_lookup_helper,
-    programs::TcContext,
+    programs::{TcContext, sk_buff::SkBuff},
 };
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -32,35 +32,41 @@ pub struct Headers {
 }
 
 #[inline(always)]
-fn load_u8(ctx: &TcContext, off: usize) -> Option<u8> {
-    ctx.load::<u8>(off).ok()
+fn load_u8(skb: &SkBuff, off: usize) -> Option<u8> {
+    skb.load::<u8>(off).ok()
 }
 
 #[inline(always)]
-fn load_be16(ctx: &TcContext, off: usize) -> Option<u16> {
-    ctx.load::<u16>(off).ok().map(u16::from_be)
+fn load_be16(skb: &SkBuff, off: usize) -> Option<u16> {
+    skb.load::<u16>(off).ok().map(u16::from_be)
 }
 
 /// Parses the headers of an Ethernet frame as seen by a tc program.
 #[inline(always)]
 pub fn headers(ctx: &TcContext) -> Option<Headers> {
     let mut l3 = ETH_HLEN;
-    let mut proto = load_be16(ctx, 12)?;
+    let mut proto = load_be16(&ctx.skb, 12)?;
     if proto == ETH_P_8021Q {
-        proto = load_be16(ctx, 16)?;
+        proto = load_be16(&ctx.skb, 16)?;
         l3 += 4;
     }
-    let (family, protocol, l3_len) = if proto == ETH_P_IP {
-        let ihl = (load_u8(ctx, l3)? & 0x0f) as usize * 4;
-        (AF_INET, load_u8(ctx, l3 + 9)?, ihl)
-    } else if proto == ETH_P_IPV6 {
-        (AF_INET6, load_u8(ctx, l3 + 6)?, 40)
+    headers_from(&ctx.skb, l3, proto)
+}
+
+/// Parses the L3/L4 headers starting at `l3` (`ethertype` host order).
+#[inline(always)]
+fn headers_from(skb: &SkBuff, l3: usize, ethertype: u16) -> Option<Headers> {
+    let (family, protocol, l3_len) = if ethertype == ETH_P_IP {
+        let ihl = (load_u8(skb, l3)? & 0x0f) as usize * 4;
+        (AF_INET, load_u8(skb, l3 + 9)?, ihl)
+    } else if ethertype == ETH_P_IPV6 {
+        (AF_INET6, load_u8(skb, l3 + 6)?, 40)
     } else {
         return None;
     };
     let l4 = l3 + l3_len;
     let l4_len = if protocol == IPPROTO_TCP {
-        ((load_u8(ctx, l4 + 12)? >> 4) as usize) * 4
+        ((load_u8(skb, l4 + 12)? >> 4) as usize) * 4
     } else if protocol == IPPROTO_UDP {
         8
     } else {
@@ -73,6 +79,33 @@ pub fn headers(ctx: &TcContext) -> Option<Headers> {
         l3_offset: l3 as u32,
         l4_offset: l4 as u32,
     })
+}
+
+/// Whether a packet whose data starts at the network header is ECN-capable
+/// (ECT(0), ECT(1) or already CE). `ethertype_be` as in
+/// [`l3_frame_header_len`].
+#[inline(always)]
+pub fn l3_ecn_capable(skb: &SkBuff, ethertype_be: u32) -> bool {
+    let ethertype = u16::from_be(ethertype_be as u16);
+    let ecn = if ethertype == ETH_P_IP {
+        load_u8(skb, 1).unwrap_or(0) & 3
+    } else if ethertype == ETH_P_IPV6 {
+        (load_u8(skb, 1).unwrap_or(0) >> 4) & 3
+    } else {
+        0
+    };
+    ecn != 0
+}
+
+/// Per-frame header bytes on the wire (Ethernet included) of a packet whose
+/// data starts at the network header, as cgroup_skb programs see it.
+/// `ethertype` is `__sk_buff::protocol` (network order).
+#[inline(always)]
+pub fn l3_frame_header_len(skb: &SkBuff, ethertype_be: u32) -> u32 {
+    match headers_from(skb, 0, u16::from_be(ethertype_be as u16)) {
+        Some(h) if h.len > 0 => h.len + ETH_HLEN as u32,
+        _ => FALLBACK_HEADER_LEN,
+    }
 }
 
 /// Header length of a GSO packet, for wire accounting.
@@ -102,7 +135,7 @@ pub fn forward_ifindex(ctx: &TcContext, in_ifindex: u32) -> u32 {
         p.dport = ctx.load::<u16>(l4 + 2).unwrap_or(0);
     }
     if h.family == AF_INET {
-        p.__bindgen_anon_2.tos = load_u8(ctx, l3 + 1).unwrap_or(0);
+        p.__bindgen_anon_2.tos = load_u8(&ctx.skb, l3 + 1).unwrap_or(0);
         p.__bindgen_anon_3.ipv4_src = ctx.load::<u32>(l3 + 12).unwrap_or(0);
         p.__bindgen_anon_4.ipv4_dst = ctx.load::<u32>(l3 + 16).unwrap_or(0);
     } else {

@@ -38,7 +38,9 @@ struct Args {
     /// Capacity of the shaped link.
     #[arg(long, default_value = "1gbit")]
     capacity: Rate,
-    /// Only egress exists so far.
+    /// egress: senders in cgroups, receivers in a peer namespace; ingress:
+    /// senders in the peer (behind a link of 1/0.95 × the capacity with a
+    /// 256 KB buffer), receivers in cgroups.
     #[arg(long, default_value = "egress")]
     direction: String,
     /// Write the JSON files only (no PNG, no table).
@@ -57,7 +59,8 @@ struct Args {
     /// from what it should get, in any mode (a smoke test of the pipeline).
     #[arg(long, value_name = "FRACTION")]
     assert_shares: Option<f64>,
-    /// Modes to run (qosd, htb).
+    /// Modes to run: qosd and htb (egress) or htb-ifb (ingress); "htb"
+    /// means htb-ifb with --direction ingress.
     #[arg(long = "mode", default_values_t = ["qosd".to_string(), "htb".to_string()])]
     modes: Vec<String>,
 }
@@ -132,12 +135,18 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> Result<ExitCode> {
-    let args = Args::parse();
-    if args.direction != "egress" {
-        bail!(
-            "--direction {}: only egress scenarios exist so far",
-            args.direction
-        );
+    let mut args = Args::parse();
+    let ingress = match args.direction.as_str() {
+        "egress" => false,
+        "ingress" => true,
+        d => bail!("--direction {d}: use egress or ingress"),
+    };
+    if ingress {
+        for m in &mut args.modes {
+            if m == "htb" {
+                *m = "htb-ifb".into();
+            }
+        }
     }
     if !testbeds::require_root("net-fairness") {
         bail!("net-fairness needs root");
@@ -146,11 +155,24 @@ fn real_main() -> Result<ExitCode> {
         bail!("--duration must be at least 4 s (1 s warm-up plus an on/off cycle)");
     }
     for m in &args.modes {
-        if m != "qosd" && m != "htb" {
-            bail!("--mode {m}: use qosd or htb");
+        let known = if ingress {
+            ["qosd", "htb-ifb"]
+        } else {
+            ["qosd", "htb"]
+        };
+        if !known.contains(&m.as_str()) {
+            bail!(
+                "--mode {m}: use {} with --direction {}",
+                known.join(" or "),
+                args.direction
+            );
         }
     }
-    let all = fairness::scenarios();
+    let all = if ingress {
+        fairness::ingress_scenarios()
+    } else {
+        fairness::scenarios()
+    };
     let chosen: Vec<Scenario> = if args.scenarios.is_empty() {
         all
     } else {
@@ -388,6 +410,16 @@ enum Shaping {
     Htb {
         dev: String,
     },
+    /// HTB on an IFB device that the shaped interface's ingress is
+    /// redirected to.
+    HtbIfb {
+        shaped: String,
+        ifb: String,
+    },
+}
+
+fn is_ingress(args: &Args) -> bool {
+    args.direction == "ingress"
 }
 
 fn qosctl(qosctl: &Path, socket: &Path, args: &[&str]) -> Result<String> {
@@ -403,7 +435,7 @@ fn start_qosd(
 ) -> Result<Shaping> {
     let dir = tempfile::Builder::new().prefix("qosfair").tempdir()?;
     let socket = dir.path().join("qosd.sock");
-    let config = format!(
+    let mut config = format!(
         "[daemon]\nsocket = \"{}\"\nstate_dir = \"{}\"\nlog = \"{}\"\n[net]\ninterface = \"{}\"\n\
          egress_capacity = \"{}\"\ndefault_rate = \"0\"\ncontainer_interfaces = \"auto\"\nbpf_stats = true\n",
         socket.display(),
@@ -412,6 +444,17 @@ fn start_qosd(
         bed.shaped_if(),
         args.capacity
     );
+    if is_ingress(args) {
+        config += &format!(
+            "ingress_capacity = \"{}\"\ningress_default_rate = \"0\"\n",
+            args.capacity
+        );
+    }
+    let (rate_flag, ceil_flag) = if is_ingress(args) {
+        ("--ingress-rate", "--ingress-ceil")
+    } else {
+        ("--rate", "--ceil")
+    };
     let cfg_path = dir.path().join("qosd.toml");
     std::fs::write(&cfg_path, config)?;
     let log_path = if args.trace {
@@ -439,11 +482,11 @@ fn start_qosd(
     let cap = args.capacity.bits_per_sec();
     for (cg, g) in groups {
         let rate = Rate::from_bits_per_sec(permille(cap, g.quota_permille))?.to_string();
-        let mut a = vec!["net", "set", cg.as_str(), "--rate", rate.as_str()];
+        let mut a = vec!["net", "set", cg.as_str(), rate_flag, rate.as_str()];
         let ceil;
         if let Some(c) = g.ceil_permille {
             ceil = Rate::from_bits_per_sec(permille(cap, c))?.to_string();
-            a.extend(["--ceil", ceil.as_str()]);
+            a.extend([ceil_flag, ceil.as_str()]);
         }
         let prio = g.priority.to_string();
         a.extend(["--priority", prio.as_str()]);
@@ -463,7 +506,33 @@ fn start_htb(
     groups: &[&GroupSpec],
     sources: &[std::net::Ipv4Addr],
 ) -> Result<Shaping> {
-    let dev = bed.shaped_if().to_owned();
+    let (dev, shaping, addr) = if is_ingress(args) {
+        // The anchor for ingress: redirect everything the interface receives
+        // to an IFB device and shape that device's egress.
+        let shaped = bed.shaped_if().to_owned();
+        let ifb = testbeds::unique("qifb");
+        run("ip", &["link", "add", &ifb, "type", "ifb"])?;
+        let shaping = Shaping::HtbIfb {
+            shaped: shaped.clone(),
+            ifb: ifb.clone(),
+        };
+        run("ip", &["link", "set", &ifb, "up"])?;
+        run(
+            "tc",
+            &["qdisc", "add", "dev", &shaped, "handle", "ffff:", "ingress"],
+        )?;
+        run(
+            "tc",
+            &[
+                "filter", "add", "dev", &shaped, "parent", "ffff:", "protocol", "all", "u32",
+                "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", &ifb,
+            ],
+        )?;
+        (ifb, shaping, "dst")
+    } else {
+        let dev = bed.shaped_if().to_owned();
+        (dev.clone(), Shaping::Htb { dev }, "src")
+    };
     let cap = args.capacity.bits_per_sec();
     // Quanta proportional to the rates (HTB's default r2q caps large
     // classes at the same quantum, which would skew the sharing).
@@ -484,13 +553,13 @@ fn start_htb(
         let id = format!("1:{}", 10 + i);
         class("1:1", &id, rate, ceil, g.priority)?;
         tc(format!(
-            "filter add dev {dev} parent 1: protocol ip prio 1 u32 match ip src {}/32 flowid {id}",
+            "filter add dev {dev} parent 1: protocol ip prio 1 u32 match ip {addr} {}/32 flowid {id}",
             sources[i]
         ))?;
     }
     // Unclassified traffic: the smallest rate HTB takes, lowest priority.
     class("1:1", "1:99", 8000, cap, 7)?;
-    Ok(Shaping::Htb { dev })
+    Ok(shaping)
 }
 
 /// (window end, rate) points; an idle gap between phases is drawn at zero
@@ -522,7 +591,14 @@ fn counters(shaping: &Shaping, cgroups: &[String]) -> Result<EndCounters> {
         } => {
             let v: Value =
                 serde_json::from_str(&qosctl(q, socket, &["net", "show", "-o", "json"])?)?;
-            let classes = v["classes"].as_array().cloned().unwrap_or_default();
+            let classes = if v["ingress"].is_object() {
+                v["ingress"]["classes"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            } else {
+                v["classes"].as_array().cloned().unwrap_or_default()
+            };
             let find = |cg: &str| {
                 classes
                     .iter()
@@ -549,7 +625,7 @@ fn counters(shaping: &Shaping, cgroups: &[String]) -> Result<EndCounters> {
             }
             Ok((drops, ce, ns))
         }
-        Shaping::Htb { dev } => {
+        Shaping::Htb { dev } | Shaping::HtbIfb { ifb: dev, .. } => {
             // `tc -j` has no JSON for htb classes in iproute2 6.1: parse text.
             let text = run("tc", &["-s", "class", "show", "dev", dev])?;
             let by_class = htb_drops(&text);
@@ -595,6 +671,10 @@ fn stop(shaping: Shaping) {
         Shaping::Htb { dev } => {
             let _ = run("tc", &["qdisc", "del", "dev", &dev, "root"]);
         }
+        Shaping::HtbIfb { shaped, ifb } => {
+            let _ = run("tc", &["qdisc", "del", "dev", &shaped, "ingress"]);
+            let _ = run("ip", &["link", "del", &ifb]);
+        }
     }
 }
 
@@ -625,6 +705,17 @@ fn run_scenario(sc: &Scenario, mode: &str, args: &Args, bin_dir: &Path) -> Resul
             netns,
         });
         sources.push(src);
+    }
+    if is_ingress(args) {
+        bed.peer_senders()?;
+        // The link is the receive side's physical limit; the capacity being
+        // shared is 95 % of it, so that the shaper, not the upstream buffer,
+        // decides the shares (the usual setting for ingress shaping).
+        let link = Rate::from_bits_per_sec(args.capacity.bits_per_sec() * 100 / 95)?;
+        bed.peer_link(&link.to_string(), "256kb")?;
+        for (g, ip) in sc.groups.iter().zip(&sources) {
+            bed.sender_ecn(*ip, g.ecn)?;
+        }
     }
     let groups: Vec<(String, &GroupSpec)> = cgroups.iter().cloned().zip(sc.groups.iter()).collect();
     let shaping = match mode {
@@ -666,7 +757,8 @@ fn traffic(
     };
     // Servers first (all listening), then clients as close together as possible.
     let mut pending: Vec<Vec<(f64, f64, Server)>> = Vec::new(); // per group: (start offset, secs, server)
-    for g in &sc.groups {
+    let ingress = is_ingress(args);
+    for (v_group, g) in sc.groups.iter().enumerate() {
         let phases: Vec<(f64, f64)> = match g.demand {
             Demand::Busy => vec![(0.0, d)],
             Demand::Idle => vec![],
@@ -674,11 +766,13 @@ fn traffic(
         };
         let mut v = Vec::new();
         for (start, secs) in phases {
-            v.push((
-                start,
-                secs,
-                Server::start(&peer, bed.peer_ip, port, tmp, 0.1)?,
-            ));
+            // Egress: receivers in the peer; ingress: in the groups.
+            let server = if ingress {
+                Server::start(&places[v_group], sources[v_group], port, tmp, 0.1)?
+            } else {
+                Server::start(&peer, bed.peer_ip, port, tmp, 0.1)?
+            };
+            v.push((start, secs, server));
             port += 1;
         }
         pending.push(v);
@@ -727,8 +821,16 @@ fn traffic(
         if wait > 0.0 {
             std::thread::sleep(Duration::from_secs_f64(wait));
         }
-        let opts = client_opts(&sc.groups[i], secs, sources[i]);
-        let client = Client::start(&places[i], bed.peer_ip, server.port, &opts, tmp)?;
+        let client = if ingress {
+            let opts = ClientOpts {
+                bind: None,
+                ..client_opts(&sc.groups[i], secs, sources[i])
+            };
+            Client::start(&peer, sources[i], server.port, &opts, tmp)?
+        } else {
+            let opts = client_opts(&sc.groups[i], secs, sources[i]);
+            Client::start(&places[i], bed.peer_ip, server.port, &opts, tmp)?
+        };
         phases[i].push(Phase {
             offset: t0.elapsed().as_secs_f64(),
             server,

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use netqos::ContainerInterfaces;
+use netqos::{ContainerInterfaces, NetQuota};
 use qos_core::Rate;
 use serde::{Deserialize, Serialize};
 
@@ -56,8 +56,18 @@ pub struct NetConfig {
     /// "0" makes it best effort (only capacity others leave unused).
     #[serde(with = "qos_core::units::rate_or_zero")]
     pub default_rate: Option<Rate>,
-    /// Priority of that class (0 highest ..= 7).
+    /// Priority of that class (0 highest ..= 7), both directions.
     pub default_priority: u32,
+    /// Capacity of the interface for received traffic; ingress shaping is
+    /// off when unset.
+    pub ingress_capacity: Option<Rate>,
+    /// Ingress guarantee of the default class; "0" makes it best effort.
+    #[serde(with = "qos_core::units::rate_or_zero")]
+    pub ingress_default_rate: Option<Rate>,
+    /// Clamp the receive window of ECN-capable flows too, not only of flows
+    /// without ECN (for senders on microsecond round trips, where CE marks
+    /// cannot slow a flow below two segments per round trip).
+    pub ingress_clamp_ecn: bool,
     /// Interfaces where container traffic enters the host: "auto" (every
     /// veth), "none", or a list of name patterns (`*` wildcard).
     pub container_interfaces: ContainerInterfaces,
@@ -77,6 +87,9 @@ impl Default for NetConfig {
             egress_capacity: None,
             default_rate: Rate::from_bits_per_sec(10_000_000).ok(),
             default_priority: 7,
+            ingress_capacity: None,
+            ingress_default_rate: Rate::from_bits_per_sec(10_000_000).ok(),
+            ingress_clamp_ecn: false,
             container_interfaces: ContainerInterfaces::default(),
             bpf_stats: false,
             replace_bbr: true,
@@ -90,11 +103,30 @@ impl Default for NetConfig {
 #[serde(deny_unknown_fields)]
 pub struct QuotaEntry {
     pub cgroup: String,
-    pub rate: Rate,
+    /// Egress guarantee.
+    #[serde(default)]
+    pub rate: Option<Rate>,
     #[serde(default)]
     pub ceil: Option<Rate>,
     #[serde(default)]
     pub priority: u32,
+    /// Ingress guarantee.
+    #[serde(default)]
+    pub ingress_rate: Option<Rate>,
+    #[serde(default)]
+    pub ingress_ceil: Option<Rate>,
+}
+
+impl QuotaEntry {
+    pub fn quota(&self) -> NetQuota {
+        NetQuota {
+            rate: self.rate,
+            ceil: self.ceil,
+            priority: self.priority,
+            ingress_rate: self.ingress_rate,
+            ingress_ceil: self.ingress_ceil,
+        }
+    }
 }
 
 impl Config {
@@ -153,6 +185,27 @@ impl Config {
                 "[net] default_priority {} is out of range 0..=7",
                 n.default_priority
             ));
+        }
+        if n.ingress_capacity.is_some() && n.interface.is_none() {
+            return Err("[net] ingress_capacity is set but interface is not".into());
+        }
+        if let Some(cap) = n.ingress_capacity
+            && let Some(r) = n.ingress_default_rate.filter(|r| *r > cap)
+        {
+            return Err(format!(
+                "[net] ingress_default_rate {r} exceeds ingress_capacity {cap}"
+            ));
+        }
+        for q in &n.quota {
+            q.quota()
+                .validate_form()
+                .map_err(|e| format!("[[net.quota]] cgroup \"{}\": {e}", q.cgroup))?;
+            if q.ingress_rate.is_some() && n.ingress_capacity.is_none() {
+                return Err(format!(
+                    "[[net.quota]] cgroup \"{}\" has an ingress_rate but [net] ingress_capacity is not set",
+                    q.cgroup
+                ));
+            }
         }
         n.container_interfaces.validate()?;
         if !n.quota.is_empty() && n.interface.is_none() {
@@ -235,6 +288,26 @@ mod tests {
                 "need [net] interface",
             ),
             ("[daemon]\nsocket = 5", "invalid type"),
+            (
+                "[net]\ningress_capacity = \"1gbit\"",
+                "ingress_capacity is set but interface is not",
+            ),
+            (
+                "[net]\ninterface = \"e\"\negress_capacity = \"1gbit\"\ningress_capacity = \"1mbit\"",
+                "ingress_default_rate 10mbit exceeds ingress_capacity 1mbit",
+            ),
+            (
+                "[net]\ninterface = \"e\"\negress_capacity = \"1gbit\"\n[[net.quota]]\ncgroup = \"a\"\ningress_rate = \"1mbit\"",
+                "has an ingress_rate but [net] ingress_capacity is not set",
+            ),
+            (
+                "[net]\ninterface = \"e\"\negress_capacity = \"1gbit\"\n[[net.quota]]\ncgroup = \"a\"",
+                "give an egress rate, an ingress rate, or both",
+            ),
+            (
+                "[net]\ninterface = \"e\"\negress_capacity = \"1gbit\"\n[[net.quota]]\ncgroup = \"a\"\nrate = \"1mbit\"\ningress_ceil = \"2mbit\"",
+                "an ingress ceil needs an ingress rate",
+            ),
         ] {
             let e = Config::parse(text).expect_err(text);
             assert!(e.contains(needle), "{text}: {e}");

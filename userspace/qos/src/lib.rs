@@ -7,8 +7,14 @@
 //! let mut config = Config::default();
 //! config.net.interface = Some("eth0".into());
 //! config.net.egress_capacity = Some("10gbit".parse()?);
+//! config.net.ingress_capacity = Some("10gbit".parse()?);
 //! let mut qos = Qos::start(config)?;
-//! qos.set_net_quota("tenants/a", NetQuota { rate: "1gbit".parse()?, ceil: None, priority: 0 })?;
+//! let quota = NetQuota {
+//!     rate: Some("1gbit".parse()?),
+//!     ingress_rate: Some("2gbit".parse()?),
+//!     ..Default::default()
+//! };
+//! qos.set_net_quota("tenants/a", quota)?;
 //! loop {
 //!     qos.tick()?; // every netqos::TICK
 //!     # break;
@@ -81,6 +87,11 @@ pub struct NetSummary {
     pub capacity: String,
     pub classes: usize,
     pub guaranteed: String,
+    /// Ingress capacity and guarantees; absent when ingress is not shaped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_capacity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_guaranteed: Option<String>,
     pub tagged_interfaces: Vec<String>,
 }
 
@@ -129,6 +140,12 @@ impl Qos {
                     interface: iface.clone(),
                     capacity,
                     default_rate: config.net.default_rate,
+                    ingress_capacity: config.net.ingress_capacity,
+                    ingress_default_rate: config
+                        .net
+                        .ingress_capacity
+                        .and(config.net.ingress_default_rate),
+                    ingress_clamp_ecn: config.net.ingress_clamp_ecn,
                     default_priority: config.net.default_priority,
                     container_interfaces: config.net.container_interfaces.clone(),
                     replace_bbr: config.net.replace_bbr,
@@ -166,16 +183,7 @@ impl Qos {
             .net
             .quota
             .iter()
-            .map(|q| {
-                (
-                    q.cgroup.clone(),
-                    NetQuota {
-                        rate: q.rate,
-                        ceil: q.ceil,
-                        priority: q.priority,
-                    },
-                )
-            })
+            .map(|q| (q.cgroup.clone(), q.quota()))
             .collect();
         wanted.extend(persisted.net);
         for (name, quota) in wanted {
@@ -266,6 +274,10 @@ impl Qos {
                 capacity: s.capacity.to_string(),
                 classes: n.configured(),
                 guaranteed: qos_core::units::format_bps(n.guaranteed_bits() as f64),
+                ingress_capacity: s.ingress_capacity.map(|r| r.to_string()),
+                ingress_guaranteed: n
+                    .ingress_guaranteed_bits()
+                    .map(|b| qos_core::units::format_bps(b as f64)),
                 tagged_interfaces: n.tagged_interfaces(),
             }
         });

@@ -13,13 +13,19 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
+    /// Replaces the cgroup's quota in both directions.
     NetSet {
         cgroup: String,
-        rate: Rate,
+        #[serde(default)]
+        rate: Option<Rate>,
         #[serde(default)]
         ceil: Option<Rate>,
         #[serde(default)]
         priority: u32,
+        #[serde(default)]
+        ingress_rate: Option<Rate>,
+        #[serde(default)]
+        ingress_ceil: Option<Rate>,
     },
     NetUnset {
         cgroup: String,
@@ -85,11 +91,25 @@ mod tests {
             r,
             Request::NetSet {
                 cgroup: "a/b".into(),
-                rate: "100mbit".parse().expect("rate"),
+                rate: Some("100mbit".parse().expect("rate")),
                 ceil: None,
-                priority: 1
+                priority: 1,
+                ingress_rate: None,
+                ingress_ceil: None,
             }
         );
+        let r: Request = serde_json::from_str(
+            r#"{"op":"net_set","cgroup":"c","ingress_rate":"1gbit","ingress_ceil":"2gbit"}"#,
+        )
+        .expect("parse ingress");
+        let Request::NetSet {
+            rate, ingress_rate, ..
+        } = r
+        else {
+            panic!("not net_set: {r:?}");
+        };
+        assert_eq!(rate, None);
+        assert_eq!(ingress_rate.map(|r| r.to_string()), Some("1gbit".into()));
         let e = serde_json::from_str::<Request>(r#"{"op":"net_set","cgroup":"a","rate":"lots"}"#)
             .expect_err("bad rate")
             .to_string();

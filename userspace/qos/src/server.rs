@@ -180,11 +180,15 @@ pub fn dispatch(qos: &mut Qos, req: Request) -> Response {
             rate,
             ceil,
             priority,
+            ingress_rate,
+            ingress_ceil,
         } => {
             let quota = NetQuota {
                 rate,
                 ceil,
                 priority,
+                ingress_rate,
+                ingress_ceil,
             };
             qos.set_net_quota(&cgroup, quota)
                 .map(|cgroup| Reply::NetApplied { cgroup, quota })

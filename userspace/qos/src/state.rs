@@ -113,10 +113,15 @@ mod tests {
         st.net.insert(
             "tenants/a".into(),
             NetQuota {
-                rate: "100mbit".parse().expect("rate"),
-                ceil: None,
+                rate: Some("100mbit".parse().expect("rate")),
                 priority: 2,
+                ingress_rate: Some("300mbit".parse().expect("rate")),
+                ..Default::default()
             },
+        );
+        st.net.insert(
+            "tenants/b".into(),
+            NetQuota::ingress("5mbit".parse().expect("rate"), None, 0),
         );
         store.save(&st).expect("save");
         assert_eq!(store.load().expect("load"), st);

@@ -194,13 +194,13 @@ fn quotas_set_show_unset_and_every_bad_input() -> Result<()> {
         "2",
     ])?;
     assert!(
-        out.contains("rate 100mbit ceil 500mbit priority 2"),
+        out.contains("egress 100mbit ceil 500mbit priority 2"),
         "{out}"
     );
     // Absolute paths name the same tree; bytes-per-second units are tc's.
     let out = d.ok(&["net", "set", &b_abs, "--rate", "10mbps"])?;
     assert!(
-        out.contains(&format!("{}: rate 80mbit", cg.child_name("b"))),
+        out.contains(&format!("{}: egress 80mbit", cg.child_name("b"))),
         "{out}"
     );
 
@@ -231,12 +231,12 @@ fn quotas_set_show_unset_and_every_bad_input() -> Result<()> {
     d.fails(
         &["net", "set", &a, "--rate", "100mbit", "--ceil", "10mbit"],
         2,
-        "below the guaranteed rate",
+        "below the guaranteed egress rate",
     )?;
     d.fails(
         &["net", "set", &a, "--rate", "2gbit"],
         2,
-        "exceeds the interface capacity",
+        "exceeds the egress capacity",
     )?;
     d.fails(
         &["net", "set", &cg.child_name("missing"), "--rate", "1mbit"],
@@ -343,7 +343,7 @@ fn state_survives_a_restart_and_follows_cgroups() -> Result<()> {
     d.ok(&["net", "set", &a, "--rate", "123mbit", "--priority", "3"])?;
     d.stop()?;
     assert!(
-        d.log().contains("egress shaping off"),
+        d.log().contains("shaping off"),
         "no clean stop:\n{}",
         d.log()
     );

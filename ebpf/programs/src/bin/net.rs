@@ -8,7 +8,15 @@
 //!   interface with their class in `tc_index`.
 //! - `qos_pacer` (sockops on the cgroup2 root) paces each shaped TCP flow at
 //!   its class's per-flow rate: with microsecond RTTs a policer alone cannot
-//!   slow TCP down (cwnd cannot go below 2 segments), pacing can.
+//!   slow TCP down (cwnd cannot go below 2 segments), pacing can. For flows
+//!   received through the shaped interface without ECN it clamps the
+//!   receive window to the class's per-flow rate × the flow's RTT.
+//! - `qos_ingress_tag` (tc ingress on the shaped interface) marks packets
+//!   that arrived through it (`TAG_INGRESS` in `tc_index`).
+//! - `qos_ingress` (cgroup_skb ingress on the cgroup2 root) runs the same
+//!   buckets for received traffic, classified by the receiving socket's
+//!   cgroup (host and container sockets alike): CE-marks ECN-capable packets
+//!   out of profile, drops only past the drop threshold.
 //!
 //! Slow decisions (who deserves how much of the spare capacity, how many
 //! flows are active) are made in user space and arrive through the maps.
@@ -19,29 +27,30 @@
 
 use aya_ebpf::{
     bindings::{
-        __sk_buff, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, SO_MAX_PACING_RATE, SOL_SOCKET, TC_ACT_SHOT,
-        TC_ACT_UNSPEC,
+        __sk_buff, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+        BPF_TCP_CLOSE, SO_MAX_PACING_RATE, SOL_SOCKET, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     helpers::generated::{
         bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt,
         bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_ecn_set_ce,
     },
-    macros::{classifier, map, sock_ops},
+    macros::{cgroup_skb, classifier, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockOpsContext, TcContext},
+    programs::{SkBuffContext, SockOpsContext, TcContext},
 };
 use qos_common::{
     net::{
-        CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ENABLED,
-        GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, MAX_CGROUP_DEPTH, MAX_CLASSES, NetGlobal, PoolState,
-        SOCK_CACHE_ENTRIES, SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_OFFSET, TAG_PACED,
+        CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_CLAMP_ECN,
+        GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, MAX_CGROUP_DEPTH, MAX_CLASSES,
+        NetGlobal, PoolState, SOCK_CACHE_ENTRIES, SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass,
+        TAG_INGRESS, TAG_OFFSET, TAG_PACED,
     },
     policy::{
-        self, CONTROL_INTERVAL_NS, Levels, Limits, UNIT, Verdict, decide, earned, flow_share,
-        next_multiplier, overflow_correction, pacing_changed, pacing_rate, underflow_correction,
-        wire_len, wire_to_tcp_rate,
+        self, CLAMP_STEP_NS, CONTROL_INTERVAL_NS, Levels, Limits, UNIT, Verdict, decide, earned,
+        flow_share, next_multiplier, next_window_clamp, overflow_correction, pacing_changed,
+        pacing_rate, underflow_correction, window_clamp, wire_len, wire_to_tcp_rate,
     },
 };
 use qos_ebpf::{
@@ -66,6 +75,62 @@ static NET_CGROUP_CLASS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUP_MA
 static NET_SOCK_CLASS: LruHashMap<u64, SockClass> =
     LruHashMap::with_max_entries(SOCK_CACHE_ENTRIES, 0);
 
+// The same maps for received traffic.
+#[map]
+static ING_GLOBAL: Array<NetGlobal> = Array::with_max_entries(1, 0);
+#[map]
+static ING_POOL: Array<PoolState> = Array::with_max_entries(1, 0);
+#[map]
+static ING_CLASS_CFG: Array<ClassConfig> = Array::with_max_entries(MAX_CLASSES, 0);
+#[map]
+static ING_CLASS_STATE: Array<ClassState> = Array::with_max_entries(MAX_CLASSES, 0);
+#[map]
+static ING_CLASS_COUNTERS: PerCpuArray<ClassCounters> =
+    PerCpuArray::with_max_entries(MAX_CLASSES, 0);
+#[map]
+static ING_CGROUP_CLASS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUP_MAP_ENTRIES, 0);
+#[map]
+static ING_SOCK_CLASS: LruHashMap<u64, SockClass> =
+    LruHashMap::with_max_entries(SOCK_CACHE_ENTRIES, 0);
+
+/// One direction's maps. Built inline (never stored), so every map
+/// reference folds into a direct map load.
+struct Dir {
+    global: &'static Array<NetGlobal>,
+    pool: &'static Array<PoolState>,
+    cfg: &'static Array<ClassConfig>,
+    state: &'static Array<ClassState>,
+    counters: &'static PerCpuArray<ClassCounters>,
+    cgroups: &'static HashMap<u64, u32>,
+    socks: &'static LruHashMap<u64, SockClass>,
+}
+
+#[inline(always)]
+fn egress() -> Dir {
+    Dir {
+        global: &NET_GLOBAL,
+        pool: &NET_POOL,
+        cfg: &NET_CLASS_CFG,
+        state: &NET_CLASS_STATE,
+        counters: &NET_CLASS_COUNTERS,
+        cgroups: &NET_CGROUP_CLASS,
+        socks: &NET_SOCK_CLASS,
+    }
+}
+
+#[inline(always)]
+fn ingress() -> Dir {
+    Dir {
+        global: &ING_GLOBAL,
+        pool: &ING_POOL,
+        cfg: &ING_CLASS_CFG,
+        state: &ING_CLASS_STATE,
+        counters: &ING_CLASS_COUNTERS,
+        cgroups: &ING_CGROUP_CLASS,
+        socks: &ING_SOCK_CLASS,
+    }
+}
+
 const PASS: i32 = TC_ACT_UNSPEC; // let the next tcx program (or the stack) decide
 const DROP: i32 = TC_ACT_SHOT;
 /// A class idle this long restarts with a neutral pacing multiplier.
@@ -75,8 +140,8 @@ const IDLE_RESET_NS: u64 = 200_000_000;
 const YOUNG_FLOW_NS: u64 = 300_000_000;
 
 #[inline(always)]
-fn global() -> Option<&'static NetGlobal> {
-    let g = NET_GLOBAL.get(0)?;
+fn global(d: &Dir) -> Option<&'static NetGlobal> {
+    let g = d.global.get(0)?;
     if g.flags & GLOBAL_ENABLED == 0 {
         None
     } else {
@@ -87,7 +152,7 @@ fn global() -> Option<&'static NetGlobal> {
 /// Deepest configured ancestor of the packet's socket cgroup (the nearest
 /// configured ancestor owns the traffic of all its descendants).
 #[inline(always)]
-fn resolve_cgroup(skb: *mut __sk_buff) -> u32 {
+fn resolve_cgroup(d: &Dir, skb: *mut __sk_buff) -> u32 {
     let mut found = DEFAULT_SLOT;
     let mut level = 0;
     while level < MAX_CGROUP_DEPTH {
@@ -97,7 +162,7 @@ fn resolve_cgroup(skb: *mut __sk_buff) -> u32 {
             break;
         }
         // SAFETY: read-only lookup of a plain u32.
-        if let Some(slot) = unsafe { NET_CGROUP_CLASS.get(id) } {
+        if let Some(slot) = unsafe { d.cgroups.get(id) } {
             found = *slot;
         }
         level += 1;
@@ -119,11 +184,11 @@ struct SockView {
 /// lookup per packet). At the egress hook (`route` None) the flow is shaped
 /// by definition; the tagger decides it with a route lookup, once per socket.
 #[inline(always)]
-fn socket_view(skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) -> SockView {
+fn socket_view(d: &Dir, skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) -> SockView {
     // SAFETY: helper on the program's own skb.
     let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
     let mut old = SockClass::default();
-    if let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(cookie) {
+    if let Some(sc) = d.socks.get_ptr_mut(cookie) {
         // SAFETY: pointer into the map value, valid for this program run.
         unsafe {
             if read(&(*sc).generation) == g.generation {
@@ -140,7 +205,7 @@ fn socket_view(skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) ->
             old = *sc;
         }
     }
-    let slot = resolve_cgroup(skb);
+    let slot = resolve_cgroup(d, skb);
     let flags = match route {
         None => SOCK_SHAPED,
         Some(ctx) => {
@@ -159,7 +224,7 @@ fn socket_view(skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcContext>) ->
         generation: g.generation,
         ..old
     };
-    let _ = NET_SOCK_CLASS.insert(cookie, entry, 0);
+    let _ = d.socks.insert(cookie, entry, 0);
     SockView {
         slot,
         shaped: flags & SOCK_SHAPED != 0,
@@ -187,7 +252,7 @@ unsafe fn refill(bucket: *mut i64, earned_tokens: u64, depth: u64) {
 /// refill of an interval; the others see the result).
 #[inline(always)]
 fn refill_class(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
-    // SAFETY: `st` points into NET_CLASS_STATE.
+    // SAFETY: `st` points into a class state map.
     unsafe {
         let last = read(&(*st).last_ns);
         if now <= last || !cas(&mut (*st).last_ns, last, now) {
@@ -216,7 +281,7 @@ fn has_ceil(cfg: &ClassConfig, g: &NetGlobal) -> bool {
 
 #[inline(always)]
 fn refill_pool(pool: *mut PoolState, g: &NetGlobal, now: u64) {
-    // SAFETY: `pool` points into NET_POOL.
+    // SAFETY: `pool` points into a pool map.
     unsafe {
         let last = read(&(*pool).last_ns);
         if now <= last || !cas(&mut (*pool).last_ns, last, now) {
@@ -234,7 +299,7 @@ fn refill_pool(pool: *mut PoolState, g: &NetGlobal, now: u64) {
 /// `CONTROL_INTERVAL_NS`.
 #[inline(always)]
 fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
-    // SAFETY: `st` points into NET_CLASS_STATE.
+    // SAFETY: `st` points into a class state map.
     unsafe {
         let last = read(&(*st).ctl_ns);
         if now < last + CONTROL_INTERVAL_NS || !cas(&mut (*st).ctl_ns, last, now) {
@@ -247,58 +312,33 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
 
 #[inline(always)]
 fn class_fill(st: *const ClassState, cfg: &ClassConfig) -> i64 {
-    // SAFETY: `st` points into NET_CLASS_STATE.
+    // SAFETY: `st` points into a class state map.
     let (own, borrow) = unsafe { (read(&(*st).own), read(&(*st).borrow)) };
     policy::class_fill(own, borrow, cfg)
 }
 
-#[classifier]
-pub fn qos_egress(ctx: TcContext) -> i32 {
-    let Some(g) = global() else { return PASS };
-    let skb = ctx.skb.skb;
-    // SAFETY: helpers and field reads on the program's own skb.
-    let (cgroup, ingress_if, tag, len, segs) = unsafe {
-        (
-            bpf_skb_cgroup_id(skb),
-            (*skb).ingress_ifindex,
-            (*skb).tc_index,
-            (*skb).len,
-            (*skb).gso_segs,
-        )
-    };
-    let class_tag = tag & !TAG_PACED;
-    let (slot, paced) = if cgroup != 0 {
-        let v = socket_view(skb, g, None);
-        (v.slot, v.paced)
-    } else if ingress_if != 0 && (TAG_OFFSET..MAX_CLASSES + TAG_OFFSET).contains(&class_tag) {
-        (class_tag - TAG_OFFSET, tag & TAG_PACED != 0)
-    } else {
-        (DEFAULT_SLOT, false)
-    };
+/// Charges one packet of `wire` bytes to class `slot` of direction `d` and
+/// says whether it passes (CE-marked when out of profile past the mark
+/// threshold and ECN-capable).
+#[inline(always)]
+fn account(d: &Dir, g: &NetGlobal, skb: *mut __sk_buff, slot: u32, wire: u64, paced: bool) -> bool {
     // A slot whose quota was just removed counts as the default class.
-    let (slot, cfg) = match NET_CLASS_CFG.get(slot) {
+    let (slot, cfg) = match d.cfg.get(slot) {
         Some(c) if c.active != 0 => (slot, c),
-        _ => match NET_CLASS_CFG.get(DEFAULT_SLOT) {
+        _ => match d.cfg.get(DEFAULT_SLOT) {
             Some(c) => (DEFAULT_SLOT, c),
-            None => return PASS,
+            None => return true,
         },
     };
-    let Some(st) = NET_CLASS_STATE.get_ptr_mut(slot) else {
-        return PASS;
+    let Some(st) = d.state.get_ptr_mut(slot) else {
+        return true;
     };
-    let Some(ct) = NET_CLASS_COUNTERS.get_ptr_mut(slot) else {
-        return PASS;
+    let Some(ct) = d.counters.get_ptr_mut(slot) else {
+        return true;
     };
-    let Some(pool) = NET_POOL.get_ptr_mut(0) else {
-        return PASS;
+    let Some(pool) = d.pool.get_ptr_mut(0) else {
+        return true;
     };
-
-    let hdr = if segs > 1 {
-        packet::gso_header_len(&ctx)
-    } else {
-        0
-    };
-    let wire = wire_len(len, segs, hdr);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     refill_class(st, cfg, g, now);
@@ -347,7 +387,7 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
             Verdict::Drop => {
                 (*ct).drops += 1;
                 (*ct).drop_bytes += wire;
-                return DROP;
+                return false;
             }
         }
         let p = add_fetch_i64(&mut (*pool).tokens, -w);
@@ -361,18 +401,104 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
         (*ct).packets += 1;
         (*ct).bytes += wire;
     }
+    true
+}
+
+#[classifier]
+pub fn qos_egress(ctx: TcContext) -> i32 {
+    let d = egress();
+    let Some(g) = global(&d) else { return PASS };
+    let skb = ctx.skb.skb;
+    // SAFETY: helpers and field reads on the program's own skb.
+    let (cgroup, ingress_if, tag, len, segs) = unsafe {
+        (
+            bpf_skb_cgroup_id(skb),
+            (*skb).ingress_ifindex,
+            (*skb).tc_index,
+            (*skb).len,
+            (*skb).gso_segs,
+        )
+    };
+    let class_tag = tag & !(TAG_PACED | TAG_INGRESS);
+    let (slot, paced) = if cgroup != 0 {
+        let v = socket_view(&d, skb, g, None);
+        (v.slot, v.paced)
+    } else if ingress_if != 0 && (TAG_OFFSET..MAX_CLASSES + TAG_OFFSET).contains(&class_tag) {
+        (class_tag - TAG_OFFSET, tag & TAG_PACED != 0)
+    } else {
+        (DEFAULT_SLOT, false)
+    };
+    let hdr = if segs > 1 {
+        packet::gso_header_len(&ctx)
+    } else {
+        0
+    };
+    if account(&d, g, skb, slot, wire_len(len, segs, hdr), paced) {
+        PASS
+    } else {
+        DROP
+    }
+}
+
+#[classifier]
+pub fn qos_ingress_tag(ctx: TcContext) -> i32 {
+    if global(&ingress()).is_some() {
+        // SAFETY: tc programs may write tc_index.
+        unsafe { (*ctx.skb.skb).tc_index |= TAG_INGRESS };
+    }
     PASS
+}
+
+/// cgroup_skb verdicts.
+const SKB_PASS: i32 = 1;
+const SKB_DROP: i32 = 0;
+
+#[cgroup_skb]
+pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
+    let d = ingress();
+    let Some(g) = global(&d) else {
+        return SKB_PASS;
+    };
+    let skb = ctx.skb.skb;
+    // SAFETY: field reads on the program's own skb.
+    let (tag, len, segs, proto) = unsafe {
+        (
+            (*skb).tc_index,
+            (*skb).len,
+            (*skb).gso_segs,
+            (*skb).protocol,
+        )
+    };
+    if tag & TAG_INGRESS == 0 {
+        // Not received through the shaped interface (loopback, bridges).
+        return SKB_PASS;
+    }
+    let v = socket_view(&d, skb, g, None);
+    // The data starts at the network header here: add the Ethernet header
+    // the frame carried on the wire.
+    let hdr = packet::l3_frame_header_len(&ctx.skb, proto);
+    let wire = wire_len(len, segs, hdr) + packet::ETH_HLEN as u64;
+    // A flow that answers CE marks (or whose window is clamped) slows down by
+    // itself: it is dropped only far past the drop threshold, because every
+    // drop stalls a receive flow for at least a loss-probe timeout.
+    let responsive = v.paced || packet::l3_ecn_capable(&ctx.skb, proto);
+    if account(&d, g, skb, v.slot, wire, responsive) {
+        SKB_PASS
+    } else {
+        SKB_DROP
+    }
 }
 
 #[classifier]
 pub fn qos_tag(ctx: TcContext) -> i32 {
-    let Some(g) = global() else { return PASS };
+    let d = egress();
+    let Some(g) = global(&d) else { return PASS };
     let skb = ctx.skb.skb;
     // SAFETY: helper on the program's own skb.
     if unsafe { bpf_skb_cgroup_id(skb) } == 0 {
         return PASS;
     }
-    let v = socket_view(skb, g, Some(&ctx));
+    let v = socket_view(&d, skb, g, Some(&ctx));
     if v.shaped {
         let paced = if v.paced { TAG_PACED } else { 0 };
         // SAFETY: tc programs may write tc_index.
@@ -385,11 +511,19 @@ pub fn qos_tag(ctx: TcContext) -> i32 {
 pub fn qos_pacer(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        let _ = ctx.set_cb_flags((BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        let mut flags = BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG;
+        if global(&ingress()).is_some() {
+            // Called for every segment the socket sends, ACKs included: where
+            // a receiver's window clamp is kept up to date.
+            flags |= BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+        }
+        let _ = ctx.set_cb_flags(flags as i32);
         replace_bbr(&ctx);
         on_ack(&ctx);
     } else if op == BPF_SOCK_OPS_RTT_CB {
         on_ack(&ctx);
+    } else if op == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
+        on_send(&ctx);
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
         on_close(&ctx);
     }
@@ -402,19 +536,25 @@ fn cookie_of(ctx: &SockOpsContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
 }
 
-/// Sets SO_MAX_PACING_RATE (bytes/s of TCP payload; `u32::MAX` = no limit).
+/// Sets an integer socket option on the program's own socket.
 #[inline(always)]
-fn set_max_pacing_rate(ctx: &SockOpsContext, mut rate: u32) {
+fn set_int_option(ctx: &SockOpsContext, level: i32, name: i32, mut value: u32) {
     // SAFETY: setsockopt on the program's own socket with a 4-byte option.
     unsafe {
         bpf_setsockopt(
             ctx.ops.cast(),
-            SOL_SOCKET as i32,
-            SO_MAX_PACING_RATE as i32,
-            (&mut rate as *mut u32).cast(),
+            level,
+            name,
+            (&mut value as *mut u32).cast(),
             4,
         );
     }
+}
+
+/// Sets SO_MAX_PACING_RATE (bytes/s of TCP payload; `u32::MAX` = no limit).
+#[inline(always)]
+fn set_max_pacing_rate(ctx: &SockOpsContext, rate: u32) {
+    set_int_option(ctx, SOL_SOCKET as i32, SO_MAX_PACING_RATE as i32, rate);
 }
 
 /// Paces a socket at `wire_rate` (bytes/s on the wire).
@@ -432,40 +572,27 @@ fn set_pacing(ctx: &SockOpsContext, wire_rate: u64) {
     );
 }
 
+/// Per-flow rate (wire bytes/s) of a shaped flow of direction `d`, with the
+/// flow counted in its class and the class multiplier stepped. None when
+/// the flow is not shaped in this direction.
 #[inline(always)]
-fn on_ack(ctx: &SockOpsContext) {
-    let cookie = cookie_of(ctx);
-    let Some(g) = NET_GLOBAL.get(0) else { return };
-    if g.flags & GLOBAL_RELEASE != 0 {
-        release(ctx, cookie);
-        return;
-    }
-    if g.flags & GLOBAL_ENABLED == 0 {
-        return;
-    }
-    let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(cookie) else {
-        return;
-    };
-    // SAFETY: `sc` points into the LRU map value for this run.
+fn flow_rate(d: &Dir, g: &NetGlobal, sc: *mut SockClass) -> Option<(u32, u64)> {
+    // SAFETY: `sc` points into the direction's socket map for this run.
     let (slot, flags) = unsafe { ((*sc).slot, (*sc).flags) };
     if flags & SOCK_SHAPED == 0 {
-        return;
+        return None;
     }
-    let Some(cfg) = NET_CLASS_CFG.get(slot) else {
-        return;
-    };
-    let Some(st) = NET_CLASS_STATE.get_ptr_mut(slot) else {
-        return;
-    };
+    let cfg = d.cfg.get(slot)?;
+    let st = d.state.get_ptr_mut(slot)?;
     if cfg.active == 0 {
-        return;
+        return None;
     }
     // SAFETY: pointers into map values.
     unsafe {
         let counted = (*sc).counted;
         if counted != slot + 1 {
             if counted != 0
-                && let Some(old) = NET_CLASS_STATE.get_ptr_mut(counted - 1)
+                && let Some(old) = d.state.get_ptr_mut(counted - 1)
             {
                 add(&mut (*old).flows_open, u64::MAX);
             }
@@ -475,45 +602,152 @@ fn on_ack(ctx: &SockOpsContext) {
     }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: pointers into map values and the sock_ops context.
+    // SAFETY: pointers into map values.
     unsafe {
         if (*sc).born_ns == 0 {
             (*sc).born_ns = now;
         }
         if (*sc).epoch != g.epoch {
             (*sc).epoch = g.epoch;
-            if let Some(ct) = NET_CLASS_COUNTERS.get_ptr_mut(slot) {
+            if let Some(ct) = d.counters.get_ptr_mut(slot) {
                 (*ct).flow_activations += 1;
             }
         }
     }
     control(st, cfg, g, now);
     // SAFETY: pointers into map values.
-    let (mult, open, applied, born) = unsafe {
+    let (mult, open, applied, born, own) = unsafe {
         (
             read(&(*st).mult),
             read(&(*st).flows_open),
             (*sc).pacing,
             (*sc).born_ns,
+            read(&(*st).own),
         )
     };
-    // SAFETY: pointer into NET_CLASS_STATE.
-    let own = unsafe { read(&(*st).own) };
     let young = applied == 0 || now - born < YOUNG_FLOW_NS;
     let (base, mult) = flow_share(cfg, own, mult, open, young);
     // The allocator keeps the feed-forward below the ceiling and the ceiling
-    // bucket enforces it; clamping the pacing at the ceiling as well would
+    // bucket enforces it; clamping the rate at the ceiling as well would
     // keep the multiplier from correcting the wire/TCP byte conversion.
-    let max = g.capacity;
-    let rate = pacing_rate(base, mult, class_fill(st, cfg), g.pacing_kp, max);
+    Some((
+        slot,
+        pacing_rate(base, mult, class_fill(st, cfg), g.pacing_kp, g.capacity),
+    ))
+}
+
+#[inline(always)]
+fn on_ack(ctx: &SockOpsContext) {
+    let d = egress();
+    let cookie = cookie_of(ctx);
+    let Some(g) = d.global.get(0) else { return };
+    if g.flags & GLOBAL_RELEASE != 0 {
+        release(ctx, cookie);
+        return;
+    }
+    if g.flags & GLOBAL_ENABLED == 0 {
+        return;
+    }
+    let Some(sc) = d.socks.get_ptr_mut(cookie) else {
+        return;
+    };
+    let Some((slot, rate)) = flow_rate(&d, g, sc) else {
+        return;
+    };
+    // SAFETY: pointer into the socket map value.
+    let applied = unsafe { (*sc).pacing };
     if pacing_changed(applied, rate) {
         set_pacing(ctx, rate);
         // SAFETY: as above.
         unsafe {
             (*sc).pacing = rate;
-            if let Some(ct) = NET_CLASS_COUNTERS.get_ptr_mut(slot) {
+            if let Some(ct) = d.counters.get_ptr_mut(slot) {
                 (*ct).pacing_updates += 1;
             }
+        }
+    }
+}
+
+/// `tcp_sock::ecn_flags` bit: ECN was negotiated.
+const TCP_ECN_OK: u32 = 1;
+const TCP_WINDOW_CLAMP: i32 = 10;
+/// Clamp that gives a socket back its own window sizing at shutdown (the
+/// kernel bounds it by the receive buffer).
+const UNCLAMPED: u32 = 1 << 30;
+
+/// A segment (usually an ACK) is about to leave a receiving socket: keep the
+/// window clamp of a shaped flow without ECN at its class's per-flow rate ×
+/// RTT. ECN flows are slowed by CE marks instead.
+#[inline(always)]
+fn on_send(ctx: &SockOpsContext) {
+    let d = ingress();
+    let cookie = cookie_of(ctx);
+    let Some(g) = d.global.get(0) else { return };
+    let Some(sc) = d.socks.get_ptr_mut(cookie) else {
+        // SAFETY: field read of the program's own context.
+        if unsafe { (*ctx.ops).data_segs_in } > 1 {
+            // Receives, but not through the shaped interface: stop calling.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+        }
+        return;
+    };
+    // SAFETY: pointer into the socket map value.
+    let applied = unsafe { (*sc).pacing };
+    if g.flags & GLOBAL_RELEASE != 0 {
+        if applied != 0 {
+            set_int_option(ctx, SOL_TCP, TCP_WINDOW_CLAMP, UNCLAMPED);
+            // SAFETY: as above.
+            unsafe { (*sc).pacing = 0 };
+        }
+        return;
+    }
+    // SAFETY: field reads of the program's own context.
+    let (ecn, srtt, mss, received) = unsafe {
+        (
+            (*ctx.ops).ecn_flags,
+            (*ctx.ops).srtt_us,
+            (*ctx.ops).mss_cache,
+            (*ctx.ops).bytes_received,
+        )
+    };
+    if g.flags & GLOBAL_ENABLED == 0 || (ecn & TCP_ECN_OK != 0 && g.flags & GLOBAL_CLAMP_ECN == 0) {
+        return;
+    }
+    let Some((slot, rate)) = flow_rate(&d, g, sc) else {
+        return;
+    };
+    // SAFETY: helper without arguments; pointer into the socket map value.
+    let (now, step_ns, step_bytes) =
+        unsafe { (bpf_ktime_get_ns(), (*sc).step_ns, (*sc).step_bytes) };
+    if applied != 0 && now < step_ns + CLAMP_STEP_NS {
+        return;
+    }
+    // Payload bytes/s received over the step, against the payload rate of
+    // the flow's share.
+    let measured = if applied == 0 || now <= step_ns {
+        0
+    } else {
+        received.wrapping_sub(step_bytes) * 1_000_000 / ((now - step_ns) / 1000).max(1)
+    };
+    // First clamp: the share × the handshake RTT (srtt_us is kept ×8); later
+    // ones follow the measured rate, which sees the RTT under load.
+    let initial = window_clamp(rate, (srtt >> 3) as u64, mss as u64);
+    let clamp = next_window_clamp(
+        applied,
+        measured,
+        wire_to_tcp_rate(rate),
+        mss as u64,
+        initial,
+    );
+    // Rewritten every step: receive-buffer autotuning may have replaced it.
+    set_int_option(ctx, SOL_TCP, TCP_WINDOW_CLAMP, clamp as u32);
+    // SAFETY: as above.
+    unsafe {
+        (*sc).pacing = clamp;
+        (*sc).step_ns = now;
+        (*sc).step_bytes = received;
+        if let Some(ct) = d.counters.get_ptr_mut(slot) {
+            (*ct).window_clamps += 1;
         }
     }
 }
@@ -524,13 +758,13 @@ const TCP_CONGESTION: i32 = 13;
 /// See `GLOBAL_REPLACE_BBR`.
 #[inline(always)]
 fn replace_bbr(ctx: &SockOpsContext) {
-    let Some(g) = global() else { return };
+    let Some(g) = global(&egress()) else { return };
     if g.flags & GLOBAL_REPLACE_BBR == 0 {
         return;
     }
     let cookie = cookie_of(ctx);
     // SAFETY: read-only lookup.
-    if unsafe { NET_SOCK_CLASS.get(cookie) }.is_none_or(|sc| sc.flags & SOCK_SHAPED == 0) {
+    if unsafe { egress().socks.get(cookie) }.is_none_or(|sc| sc.flags & SOCK_SHAPED == 0) {
         return;
     }
     let mut name = [0u8; 16];
@@ -563,7 +797,7 @@ fn replace_bbr(ctx: &SockOpsContext) {
 /// Shutdown: give a paced socket back its unlimited pacing.
 #[inline(always)]
 fn release(ctx: &SockOpsContext, cookie: u64) {
-    if let Some(sc) = NET_SOCK_CLASS.get_ptr_mut(cookie) {
+    if let Some(sc) = egress().socks.get_ptr_mut(cookie) {
         // SAFETY: pointer into the map value.
         unsafe {
             if (*sc).pacing != 0 {
@@ -574,20 +808,27 @@ fn release(ctx: &SockOpsContext, cookie: u64) {
     }
 }
 
+/// Forgets a closed socket in both directions.
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
     let cookie = cookie_of(ctx);
-    if let Some(sc) = NET_SOCK_CLASS.get_ptr(cookie) {
+    forget(&egress(), cookie);
+    forget(&ingress(), cookie);
+}
+
+#[inline(always)]
+fn forget(d: &Dir, cookie: u64) {
+    if let Some(sc) = d.socks.get_ptr(cookie) {
         // SAFETY: pointer into the map value.
         let counted = unsafe { (*sc).counted };
         if counted != 0
-            && let Some(st) = NET_CLASS_STATE.get_ptr_mut(counted - 1)
+            && let Some(st) = d.state.get_ptr_mut(counted - 1)
         {
-            // SAFETY: pointer into NET_CLASS_STATE.
+            // SAFETY: pointer into the class state map.
             unsafe { add(&mut (*st).flows_open, u64::MAX) };
         }
+        let _ = d.socks.remove(cookie);
     }
-    let _ = NET_SOCK_CLASS.remove(cookie);
 }
 
 #[cfg(target_arch = "bpf")]

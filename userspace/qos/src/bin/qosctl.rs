@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use netqos::NetStatus;
+use netqos::{NetClassStatus, NetStatus};
 use qos::{
     Status,
     client::{Client, ClientError},
@@ -34,7 +34,7 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Network bandwidth quotas (egress).
+    /// Network bandwidth quotas (egress and ingress).
     Net {
         #[command(subcommand)]
         command: NetCommand,
@@ -43,19 +43,30 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum NetCommand {
-    /// Give a cgroup a guaranteed rate, optionally a ceiling and a priority.
+    /// Give a cgroup guaranteed rates (egress, ingress or both), optionally
+    /// ceilings and a priority. Replaces the cgroup's quota in both
+    /// directions: a direction without a rate is no longer shaped for it.
     #[command(after_help = RATE_HELP)]
     Set {
         /// cgroup2 directory: a path relative to the cgroup2 mount
         /// ("tenants/a") or an absolute path under it.
         cgroup: String,
-        /// Guaranteed rate (always available to the cgroup when it is busy).
-        #[arg(long, value_parser = parse_rate)]
-        rate: Rate,
-        /// Most the cgroup may use by borrowing idle capacity (default: the
-        /// interface capacity).
-        #[arg(long, value_parser = parse_rate)]
+        /// Guaranteed egress rate (always available to the cgroup when it is
+        /// busy sending).
+        #[arg(long, value_parser = parse_rate, required_unless_present = "ingress_rate")]
+        rate: Option<Rate>,
+        /// Most the cgroup may send by borrowing idle capacity (default: the
+        /// egress capacity).
+        #[arg(long, value_parser = parse_rate, requires = "rate")]
         ceil: Option<Rate>,
+        /// Guaranteed ingress rate (always available to the cgroup's sockets
+        /// when they are busy receiving).
+        #[arg(long, value_parser = parse_rate)]
+        ingress_rate: Option<Rate>,
+        /// Most the cgroup may receive by borrowing idle capacity (default:
+        /// the ingress capacity).
+        #[arg(long, value_parser = parse_rate, requires = "ingress_rate")]
+        ingress_ceil: Option<Rate>,
         /// Who borrows idle capacity first: 0 (highest) to 7 (lowest).
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=7))]
         priority: u32,
@@ -105,19 +116,31 @@ fn run(args: Args) -> Result<(), ClientError> {
                 rate,
                 ceil,
                 priority,
+                ingress_rate,
+                ingress_ceil,
             } => {
                 let reply = client.call(&Request::NetSet {
                     cgroup,
                     rate,
                     ceil,
                     priority,
+                    ingress_rate,
+                    ingress_ceil,
                 });
                 match reply {
                     Ok(Reply::NetApplied { cgroup, quota }) => {
-                        let ceil = quota.ceil.map(|c| format!(" ceil {c}")).unwrap_or_default();
+                        let dir = |name: &str, rate: Option<Rate>, ceil: Option<Rate>| {
+                            rate.map(|r| {
+                                let ceil = ceil.map(|c| format!(" ceil {c}")).unwrap_or_default();
+                                format!(" {name} {r}{ceil}")
+                            })
+                            .unwrap_or_default()
+                        };
                         println!(
-                            "{cgroup}: rate {}{ceil} priority {}",
-                            quota.rate, quota.priority
+                            "{cgroup}:{}{} priority {}",
+                            dir("egress", quota.rate, quota.ceil),
+                            dir("ingress", quota.ingress_rate, quota.ingress_ceil),
+                            quota.priority
                         );
                     }
                     Ok(_) => return Err(unexpected()),
@@ -177,7 +200,13 @@ fn status_table(s: &Status) -> String {
                 } else {
                     n.tagged_interfaces.join(", ")
                 }
-            )
+            );
+            out += &match (&n.ingress_capacity, &n.ingress_guaranteed) {
+                (Some(cap), Some(g)) => {
+                    format!("net: ingress {cap} — {g} guaranteed incl. default class\n")
+                }
+                _ => "net: ingress not shaped\n".to_string(),
+            };
         }
         None => out += "net: not configured\n",
     }
@@ -228,15 +257,37 @@ fn bytes(b: u64) -> String {
 }
 
 fn net_table(s: &NetStatus) -> String {
+    let mut out = format!("{} egress {}\n", s.interface, s.capacity);
+    out += &class_table(&s.classes, "PACED");
+    if let Some(i) = &s.ingress {
+        out += &format!("\n{} ingress {}\n", s.interface, i.capacity);
+        out += &class_table(&i.classes, "CLAMPS");
+    }
+    out
+}
+
+/// One direction's classes. The last column counts the flow-level actions:
+/// pacing updates (egress) or receive-window clamps (ingress).
+fn class_table(classes: &[NetClassStatus], flow_action: &str) -> String {
     let mut rows = vec![
         [
-            "CGROUP", "RATE", "CEIL", "PRIO", "ALLOC", "NOW", "FLOWS", "BYTES", "BORROWED", "CE",
+            "CGROUP",
+            "RATE",
+            "CEIL",
+            "PRIO",
+            "ALLOC",
+            "NOW",
+            "FLOWS",
+            "BYTES",
+            "BORROWED",
+            "CE",
             "DROPS",
+            flow_action,
         ]
         .map(String::from)
         .to_vec(),
     ];
-    for c in &s.classes {
+    for c in classes {
         rows.push(vec![
             c.cgroup.clone(),
             c.rate.clone(),
@@ -249,9 +300,13 @@ fn net_table(s: &NetStatus) -> String {
             bytes(c.borrowed_bytes),
             c.ce_marks.to_string(),
             c.drops.to_string(),
+            if flow_action == "CLAMPS" {
+                c.window_clamps
+            } else {
+                c.pacing_updates
+            }
+            .to_string(),
         ]);
     }
-    let mut out = format!("{} egress {}\n", s.interface, s.capacity);
-    out += &columns(&rows);
-    out
+    columns(&rows)
 }
