@@ -38,13 +38,6 @@ pub enum Direction {
 
 impl Direction {
     pub const ALL: [Direction; 2] = [Direction::Egress, Direction::Ingress];
-
-    pub fn maps(self) -> DirMaps {
-        match self {
-            Direction::Egress => maps::EGRESS,
-            Direction::Ingress => maps::INGRESS,
-        }
-    }
 }
 
 impl std::fmt::Display for Direction {
@@ -340,11 +333,6 @@ impl Datapath {
                 })
             }
         }
-    }
-
-    /// Whether the ingress programs are attached.
-    pub fn ingress_attached(&self) -> bool {
-        self.ingress.is_some()
     }
 
     /// Attaches the tagger to a container-facing interface (tc ingress).

@@ -475,8 +475,12 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
     }
     let v = socket_view(&d, skb, g, None);
     // The data starts at the network header here: add the Ethernet header
-    // the frame carried on the wire.
-    let hdr = packet::l3_frame_header_len(&ctx.skb, proto);
+    // the frame carried on the wire. Headers are parsed only for GSO packets.
+    let hdr = if segs > 1 {
+        packet::l3_frame_header_len(&ctx.skb, proto)
+    } else {
+        0
+    };
     let wire = wire_len(len, segs, hdr) + packet::ETH_HLEN as u64;
     // A flow that answers CE marks (or whose window is clamped) slows down by
     // itself: it is dropped only far past the drop threshold, because every
@@ -713,15 +717,18 @@ fn on_send(ctx: &SockOpsContext) {
     if g.flags & GLOBAL_ENABLED == 0 || (ecn & TCP_ECN_OK != 0 && g.flags & GLOBAL_CLAMP_ECN == 0) {
         return;
     }
-    let Some((slot, rate)) = flow_rate(&d, g, sc) else {
-        return;
-    };
     // SAFETY: helper without arguments; pointer into the socket map value.
     let (now, step_ns, step_bytes) =
         unsafe { (bpf_ktime_get_ns(), (*sc).step_ns, (*sc).step_bytes) };
+    // Most ACKs fall between two steps: leave before the class lookups.
+    // Steps (20 ms) are shorter than an activity epoch, so the flow is
+    // still counted in every epoch it receives in.
     if applied != 0 && now < step_ns + CLAMP_STEP_NS {
         return;
     }
+    let Some((slot, rate)) = flow_rate(&d, g, sc) else {
+        return;
+    };
     // Payload bytes/s received over the step, against the payload rate of
     // the flow's share.
     let measured = if applied == 0 || now <= step_ns {
