@@ -7,13 +7,11 @@
     reason = "test code: a failure panics"
 )]
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+mod common;
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use common::control_loop;
 
 use anyhow::Result;
 use netqos::{ContainerInterfaces, Direction, NetQuota, Shaper, ShaperSettings, policy::Tuning};
@@ -67,21 +65,6 @@ fn settings(iface: &str, containers: bool) -> Result<ShaperSettings> {
         replace_bbr: true,
         tuning: Tuning::default(),
     })
-}
-
-/// Runs the shaper's control loop on a thread until the returned flag is set.
-fn control_loop(shaper: Shaper) -> (Arc<AtomicBool>, std::thread::JoinHandle<Shaper>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let h = std::thread::spawn(move || {
-        let mut shaper = shaper;
-        while !flag.load(Ordering::Relaxed) {
-            shaper.tick().expect("control step");
-            std::thread::sleep(netqos::TICK);
-        }
-        shaper
-    });
-    (stop, h)
 }
 
 /// Traffic tests share two CPUs; running them one at a time keeps the

@@ -7,13 +7,11 @@
     reason = "test code: a failure panics"
 )]
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+mod common;
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use common::control_loop;
 
 use anyhow::Result;
 use netqos::{
@@ -67,20 +65,6 @@ fn settings(iface: &str) -> Result<ShaperSettings> {
         replace_bbr: true,
         tuning: Tuning::default(),
     })
-}
-
-fn control_loop(shaper: Shaper) -> (Arc<AtomicBool>, std::thread::JoinHandle<Shaper>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let h = std::thread::spawn(move || {
-        let mut shaper = shaper;
-        while !flag.load(Ordering::Relaxed) {
-            shaper.tick().expect("control step");
-            std::thread::sleep(netqos::TICK);
-        }
-        shaper
-    });
-    (stop, h)
 }
 
 /// The link ingress traffic arrives over, and its upstream buffer.
