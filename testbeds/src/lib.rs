@@ -7,6 +7,8 @@
 
 pub mod fairness;
 pub mod iperf;
+pub mod mem;
+pub mod memload;
 pub mod net;
 pub mod plot;
 
@@ -250,7 +252,7 @@ impl CgroupDir {
     }
 }
 
-fn kill_and_remove(dir: &Path) {
+pub(crate) fn kill_and_remove(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
@@ -294,14 +296,29 @@ pub struct Placement {
 
 /// Spawns `cmd` placed in a cgroup and/or network namespace.
 pub fn spawn(place: &Placement, cmd: &mut Command) -> Result<Child> {
+    let procs: Vec<PathBuf> = place
+        .cgroup
+        .iter()
+        .map(|c| c.join("cgroup.procs"))
+        .collect();
+    spawn_in(&procs, place.netns.as_deref(), cmd)
+}
+
+/// Spawns `cmd` after writing its pid to each `cgroup.procs` file and
+/// entering the network namespace, if any.
+pub fn spawn_in(
+    cgroup_procs: &[PathBuf],
+    netns: Option<&Path>,
+    cmd: &mut Command,
+) -> Result<Child> {
     use std::os::unix::process::CommandExt;
-    let cgroup_procs = place.cgroup.as_ref().map(|c| c.join("cgroup.procs"));
-    let netns = place.netns.clone();
+    let cgroup_procs = cgroup_procs.to_vec();
+    let netns = netns.map(Path::to_owned);
     // SAFETY: the closure runs between fork and exec; it only opens files,
-    // writes to one and calls setns.
+    // writes to them and calls setns.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(p) = &cgroup_procs {
+            for p in &cgroup_procs {
                 std::fs::write(p, b"0")?;
             }
             if let Some(ns) = &netns {

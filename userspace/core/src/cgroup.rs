@@ -268,26 +268,53 @@ impl Hierarchy {
         } else {
             candidate.to_owned()
         };
-        let mut clean = PathBuf::new();
-        for c in relative.components() {
-            match c {
-                Component::Normal(p) => clean.push(p),
-                Component::CurDir => {}
-                Component::ParentDir => {
-                    return Err(CgroupError::ParentComponent {
+        Ok((clean_components(&relative, trimmed, root)?, trimmed))
+    }
+
+    /// Root of the hierarchy that holds `controller`: its v1 mount on v1 and
+    /// hybrid hosts, the cgroup2 tree otherwise.
+    pub fn controller_root(&self, controller: &str) -> Result<&Path, CgroupError> {
+        match self.v1.get(controller) {
+            Some(m) => Ok(m),
+            None => self.unified_root(),
+        }
+    }
+
+    /// Canonical name and directory of a cgroup in the hierarchy of
+    /// `controller`. Names are the relative paths every hierarchy shares
+    /// (`tenants/a`); absolute paths under that hierarchy or under the
+    /// cgroup2 mount are accepted too. The directory need not exist.
+    pub fn controller_path(
+        &self,
+        controller: &str,
+        name: &str,
+    ) -> Result<(String, PathBuf), CgroupError> {
+        let root = self.controller_root(controller)?;
+        let trimmed = name.trim();
+        if trimmed.is_empty() {
+            return Err(CgroupError::Empty);
+        }
+        let candidate = Path::new(trimmed);
+        let relative = if candidate.is_absolute() {
+            let unified = self.unified.as_deref();
+            match candidate
+                .strip_prefix(root)
+                .ok()
+                .or_else(|| unified.and_then(|u| candidate.strip_prefix(u).ok()))
+            {
+                Some(rel) => rel.to_owned(),
+                None => {
+                    return Err(CgroupError::Outside {
                         name: trimmed.into(),
                         root: root.into(),
                     });
                 }
-                Component::RootDir | Component::Prefix(_) => {}
             }
-        }
-        if clean.as_os_str().is_empty() {
-            return Err(CgroupError::Root {
-                name: trimmed.into(),
-            });
-        }
-        Ok((clean, trimmed))
+        } else {
+            candidate.to_owned()
+        };
+        let clean = clean_components(&relative, trimmed, root)?;
+        Ok((clean.display().to_string(), root.join(&clean)))
     }
 
     /// Resolves a cgroup2 name: an absolute path under the cgroup2 mount, or
@@ -339,6 +366,31 @@ impl Hierarchy {
             id: meta.ino(),
         })
     }
+}
+
+/// The normal components of a relative cgroup path; refuses `..` and the
+/// hierarchy's root itself.
+fn clean_components(relative: &Path, trimmed: &str, root: &Path) -> Result<PathBuf, CgroupError> {
+    let mut clean = PathBuf::new();
+    for c in relative.components() {
+        match c {
+            Component::Normal(p) => clean.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(CgroupError::ParentComponent {
+                    name: trimmed.into(),
+                    root: root.into(),
+                });
+            }
+            Component::RootDir | Component::Prefix(_) => {}
+        }
+    }
+    if clean.as_os_str().is_empty() {
+        return Err(CgroupError::Root {
+            name: trimmed.into(),
+        });
+    }
+    Ok(clean)
 }
 
 impl CgroupRef {
@@ -477,6 +529,37 @@ mod tests {
         for (name, needle) in cases {
             let err = h.resolve(&name).expect_err(&name).to_string();
             assert!(err.contains(needle), "{name:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn controller_paths_use_the_v1_hierarchy_when_there_is_one() {
+        let (dir, h) = fixture();
+        let mem = dir.path().join("memory");
+        let unified = dir.path().join("unified");
+        let (name, path) = h.controller_path("memory", "tenants/a").expect("relative");
+        assert_eq!(name, "tenants/a");
+        assert_eq!(path, mem.join("tenants/a"));
+        let abs_v1 = mem.join("x").display().to_string();
+        assert_eq!(h.controller_path("memory", &abs_v1).expect("v1 abs").0, "x");
+        let abs_v2 = unified.join("tenants/a").display().to_string();
+        assert_eq!(
+            h.controller_path("memory", &abs_v2).expect("v2 abs").1,
+            mem.join("tenants/a")
+        );
+        // No v1 blkio hierarchy in the fixture: the cgroup2 tree holds it.
+        assert_eq!(
+            h.controller_path("blkio", "q").expect("v2").1,
+            unified.join("q")
+        );
+        for (bad, needle) in [
+            ("", "empty"),
+            ("../x", "'..'"),
+            ("/etc", "outside"),
+            (".", "root"),
+        ] {
+            let e = h.controller_path("memory", bad).expect_err(bad).to_string();
+            assert!(e.contains(needle), "{bad:?}: {e}");
         }
     }
 

@@ -228,6 +228,19 @@ impl Size {
         check_size(bytes, &bytes.to_string())
     }
 
+    /// `bytes` clamped into the accepted range (1 byte ..= 1 PiB): for
+    /// defaults and computed sizes that cannot be refused.
+    pub const fn clamped(bytes: u64) -> Self {
+        let bytes = if bytes == 0 {
+            1
+        } else if bytes > Self::MAX_BYTES {
+            Self::MAX_BYTES
+        } else {
+            bytes
+        };
+        Self { bytes }
+    }
+
     pub const fn bytes(self) -> u64 {
         self.bytes
     }
