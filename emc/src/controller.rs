@@ -368,6 +368,38 @@ impl Emc {
         Ok(())
     }
 
+    /// Registers a quota whose cgroup may not exist yet (a restart, a
+    /// container not started): applied when the cgroup appears, checked
+    /// every step. Admission applies all the same.
+    pub fn adopt(&mut self, name: &str, quota: MemQuota) -> Result<(), EmcError> {
+        if self.backend.exists(name) {
+            return self.set(name, quota);
+        }
+        self.check(name, &quota)?;
+        self.managed.insert(
+            name.into(),
+            Managed {
+                quota,
+                cap: None,
+                blocked_until_ms: 0,
+                last: None,
+                counters: Counters::default(),
+                throttled: false,
+                present: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Quotas whose cgroup does not exist (yet, or any more).
+    pub fn waiting(&self) -> Vec<String> {
+        self.managed
+            .iter()
+            .filter(|(_, m)| !m.present)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     fn apply(&self, name: &str, quota: &MemQuota) -> Result<(), EmcError> {
         self.backend
             .set_guarantee(name, Some(quota.guarantee.bytes()))?;

@@ -4,8 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use emc::{MemQuota, Tuning};
 use netqos::{ContainerInterfaces, NetQuota};
-use qos_core::Rate;
+use qos_core::{Rate, Size};
 use serde::{Deserialize, Serialize};
 
 use crate::QosError;
@@ -19,6 +20,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/qosd";
 pub struct Config {
     pub daemon: DaemonConfig,
     pub net: NetConfig,
+    pub mem: MemConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -129,6 +131,65 @@ impl QuotaEntry {
     }
 }
 
+/// `[mem]`: elastic memory control.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemConfig {
+    /// Turn elastic memory control on.
+    pub enabled: bool,
+    /// A cgroup whose memory limit stands for the host (e.g. the parent of
+    /// all containers); unset: the whole host.
+    pub scope: Option<String>,
+    /// Memory that guarantees may not claim (system, daemons).
+    pub reserve: Size,
+    /// Milliseconds between control steps (pressure notifications wake the
+    /// loop earlier).
+    pub interval_ms: u64,
+    /// v1 hosts with a scope: hold back the kernel OOM killer in the scope
+    /// so that its tasks wait while qosd picks the victim.
+    pub hold_scope_oom: bool,
+    /// Thresholds and steps (see `emc::Tuning`).
+    pub tuning: Tuning,
+    /// Quotas applied at start, before the persisted state.
+    pub quota: Vec<MemQuotaEntry>,
+}
+
+impl Default for MemConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            scope: None,
+            reserve: Size::clamped(512 << 20),
+            interval_ms: 200,
+            hold_scope_oom: true,
+            tuning: Tuning::default(),
+            quota: Vec::new(),
+        }
+    }
+}
+
+/// `[[mem.quota]]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemQuotaEntry {
+    pub cgroup: String,
+    pub guarantee: Size,
+    #[serde(default)]
+    pub limit: Option<Size>,
+    #[serde(default)]
+    pub priority: u32,
+}
+
+impl MemQuotaEntry {
+    pub fn quota(&self) -> MemQuota {
+        MemQuota {
+            guarantee: self.guarantee,
+            limit: self.limit,
+            priority: self.priority,
+        }
+    }
+}
+
 impl Config {
     /// Reads a config file. A missing file at the default path means "all
     /// defaults"; a missing file named explicitly is an error.
@@ -210,6 +271,24 @@ impl Config {
         n.container_interfaces.validate()?;
         if !n.quota.is_empty() && n.interface.is_none() {
             return Err("[[net.quota]] entries need [net] interface and egress_capacity".into());
+        }
+        let m = &self.mem;
+        if !(20..=10_000).contains(&m.interval_ms) {
+            return Err(format!(
+                "[mem] interval_ms = {} is out of range 20..=10000",
+                m.interval_ms
+            ));
+        }
+        m.tuning
+            .validate()
+            .map_err(|e| format!("[mem.tuning] {e}"))?;
+        for q in &m.quota {
+            q.quota()
+                .validate()
+                .map_err(|e| format!("[[mem.quota]] cgroup \"{}\": {e}", q.cgroup))?;
+        }
+        if !m.quota.is_empty() && !m.enabled {
+            return Err("[[mem.quota]] entries need [mem] enabled = true".into());
         }
         Ok(())
     }
@@ -308,6 +387,22 @@ mod tests {
                 "[net]\ninterface = \"e\"\negress_capacity = \"1gbit\"\n[[net.quota]]\ncgroup = \"a\"\nrate = \"1mbit\"\ningress_ceil = \"2mbit\"",
                 "an ingress ceil needs an ingress rate",
             ),
+            ("[mem]\ninterval_ms = 5", "interval_ms = 5 is out of range"),
+            ("[mem]\nreserve = \"lots\"", "not a size"),
+            (
+                "[mem.tuning]\ntight_free_pct = 1.0",
+                "[mem.tuning] thresholds must satisfy",
+            ),
+            (
+                "[mem]\nenabled = true\n[[mem.quota]]\ncgroup = \"a\"\nguarantee = \"1G\"\nlimit = \"512M\"",
+                "[[mem.quota]] cgroup \"a\": limit 512MiB is below the guarantee 1GiB",
+            ),
+            (
+                "[[mem.quota]]\ncgroup = \"a\"\nguarantee = \"1G\"",
+                "need [mem] enabled = true",
+            ),
+            ("[[mem.quota]]\ncgroup = \"a\"", "missing field `guarantee`"),
+            ("[mem]\nenabled = \"yes\"", "invalid type"),
         ] {
             let e = Config::parse(text).expect_err(text);
             assert!(e.contains(needle), "{text}: {e}");

@@ -24,6 +24,12 @@
 //!
 //! [`Qos`] holds the desired state (the single source of truth), persists it
 //! when it was given a state directory, and applies it to the kernel.
+//!
+//! Elastic memory control runs on its own clock: call [`Qos::mem_step`]
+//! every [`Qos::mem_interval`], or sooner when the waker of
+//! [`Qos::mem_waker`] fires (qosd runs this on a thread of its own, through
+//! [`Qos::mem_controller`], so that a slow reclaim never delays the network
+//! loop).
 
 pub mod client;
 pub mod config;
@@ -33,10 +39,12 @@ pub mod state;
 
 use std::{
     path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 pub use config::Config;
+use emc::{Emc, EmcError, EmcSettings, MemQuota, MemStatus, Waker};
 use netqos::{NetError, NetQuota, NetStatus, Shaper, ShaperSettings, policy::Tuning};
 use qos_core::{CgroupError, CgroupMode, Hierarchy};
 use serde::{Deserialize, Serialize};
@@ -65,6 +73,12 @@ pub enum QosError {
         "network shaping is not configured on this host: set [net] interface and egress_capacity in the qosd config"
     )]
     NetNotConfigured,
+    #[error(transparent)]
+    Mem(#[from] EmcError),
+    #[error(
+        "elastic memory control is not enabled on this host: set [mem] enabled = true in the qosd config"
+    )]
+    MemNotConfigured,
 }
 
 /// What `qosctl status` shows.
@@ -76,6 +90,9 @@ pub struct Status {
     pub cgroup_mode: String,
     pub cgroup2_root: String,
     pub net: Option<NetSummary>,
+    /// Elastic memory control; absent when not enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem: Option<MemSummary>,
     /// Quotas waiting for their cgroup to (re)appear.
     pub waiting: Vec<String>,
     pub state_file: Option<String>,
@@ -95,6 +112,23 @@ pub struct NetSummary {
     pub tagged_interfaces: Vec<String>,
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemSummary {
+    /// Memory controller in use: v1 or v2.
+    pub backend: String,
+    /// "host" or the cgroup standing for it.
+    pub scope: String,
+    pub capacity: u64,
+    pub level: String,
+    pub quotas: usize,
+    pub guaranteed: u64,
+    /// What wakes the control loop early (PSI trigger, v1 events, timer).
+    pub woken_by: String,
+}
+
+/// The memory controller, shared with the thread that steps it.
+pub type MemController = Arc<Mutex<Emc>>;
+
 /// The toolkit, embedded.
 #[derive(Debug)]
 pub struct Qos {
@@ -103,6 +137,8 @@ pub struct Qos {
     state: DesiredState,
     store: Option<StateStore>,
     net: Option<Shaper>,
+    mem: Option<MemController>,
+    mem_woken_by: String,
     started: Instant,
     last_cgroup_check: Instant,
 }
@@ -159,6 +195,18 @@ impl Qos {
             }
             _ => None,
         };
+        let mem = if config.mem.enabled {
+            let settings = EmcSettings {
+                scope: config.mem.scope.clone(),
+                reserve: config.mem.reserve,
+                tuning: config.mem.tuning.clone(),
+                interval: Duration::from_millis(config.mem.interval_ms),
+                hold_scope_oom: config.mem.hold_scope_oom,
+            };
+            Some(Arc::new(Mutex::new(Emc::start(&hierarchy, settings)?)))
+        } else {
+            None
+        };
         let persisted = match &store {
             Some(s) => s.load()?,
             None => DesiredState {
@@ -175,6 +223,8 @@ impl Qos {
             hierarchy,
             store,
             net,
+            mem,
+            mem_woken_by: "timer".into(),
             started: Instant::now(),
             last_cgroup_check: Instant::now(),
         };
@@ -197,6 +247,39 @@ impl Qos {
                 }
                 Err(e) => warn!(cgroup = %name, error = %e, "quota not re-applied"),
             }
+        }
+        let mut wanted_mem: Vec<(String, MemQuota)> = qos
+            .config
+            .mem
+            .quota
+            .iter()
+            .map(|q| (q.cgroup.clone(), q.quota()))
+            .collect();
+        wanted_mem.extend(persisted.mem);
+        if let Some(mem) = qos.mem.clone() {
+            let mut emc = lock(&mem);
+            for (name, quota) in wanted_mem {
+                let adopted = qos
+                    .hierarchy
+                    .controller_path("memory", &name)
+                    .map_err(QosError::from)
+                    .and_then(|(name, _)| {
+                        emc.adopt(&name, quota)?;
+                        Ok(name)
+                    });
+                match adopted {
+                    Ok(name) => {
+                        qos.state.mem.insert(name, quota);
+                    }
+                    Err(e) => warn!(cgroup = %name, error = %e, "memory quota not re-applied"),
+                }
+            }
+            for name in emc.waiting() {
+                warn!(cgroup = %name, "cgroup does not exist yet; its memory quota waits for it");
+            }
+        } else if !wanted_mem.is_empty() {
+            warn!("memory quotas in the state file are kept but not applied: [mem] is not enabled");
+            qos.state.mem = wanted_mem.into_iter().collect();
         }
         qos.persist()?;
         Ok(qos)
@@ -266,6 +349,78 @@ impl Qos {
         Ok(self.net()?.status())
     }
 
+    /// The memory controller, for a thread that steps it on its own clock.
+    pub fn mem_controller(&self) -> Option<MemController> {
+        self.mem.clone()
+    }
+
+    fn mem(&self) -> Result<MutexGuard<'_, Emc>, QosError> {
+        self.mem
+            .as_ref()
+            .map(lock)
+            .ok_or(QosError::MemNotConfigured)
+    }
+
+    /// Time between memory control steps.
+    pub fn mem_interval(&self) -> Duration {
+        Duration::from_millis(self.config.mem.interval_ms)
+    }
+
+    /// What wakes the memory loop before its timer; remembered for status.
+    pub fn mem_waker(&mut self) -> Option<Waker> {
+        let w = self.mem().ok()?.waker();
+        self.mem_woken_by = w.as_ref().map_or("timer".into(), |w| w.describe());
+        w
+    }
+
+    /// One memory control step (embedders without a thread of their own).
+    pub fn mem_step(&self) -> Result<emc::Level, QosError> {
+        Ok(self.mem()?.step()?)
+    }
+
+    /// Sets (or changes) the memory quota of a cgroup, persists it and
+    /// returns the cgroup's canonical name. Refused quotas change nothing.
+    pub fn set_mem_quota(&mut self, cgroup: &str, quota: MemQuota) -> Result<String, QosError> {
+        if self.mem.is_none() {
+            return Err(QosError::MemNotConfigured);
+        }
+        let (name, path) = self.hierarchy.controller_path("memory", cgroup)?;
+        if !path.is_dir() {
+            return Err(EmcError::NotFound { name, path }.into());
+        }
+        self.mem()?.check(&name, &quota)?;
+        let mut next = self.state.clone();
+        next.mem.insert(name.clone(), quota);
+        self.save(&next)?;
+        if let Err(e) = self.mem()?.set(&name, quota) {
+            self.save(&self.state)?;
+            return Err(e.into());
+        }
+        self.state = next;
+        Ok(name)
+    }
+
+    /// Removes a cgroup's memory quota (also one waiting for its cgroup).
+    pub fn unset_mem_quota(&mut self, cgroup: &str) -> Result<String, QosError> {
+        if self.mem.is_none() {
+            return Err(QosError::MemNotConfigured);
+        }
+        let (name, _) = self.hierarchy.controller_path("memory", cgroup)?;
+        if !self.state.mem.contains_key(&name) {
+            return Err(EmcError::NotConfigured(name).into());
+        }
+        let mut next = self.state.clone();
+        next.mem.remove(&name);
+        self.save(&next)?;
+        self.mem()?.remove(&name)?;
+        self.state = next;
+        Ok(name)
+    }
+
+    pub fn mem_status(&self) -> Result<MemStatus, QosError> {
+        Ok(self.mem()?.status())
+    }
+
     pub fn status(&self) -> Status {
         let net = self.net.as_ref().map(|n| {
             let s = n.settings();
@@ -281,7 +436,28 @@ impl Qos {
                 tagged_interfaces: n.tagged_interfaces(),
             }
         });
-        let waiting = self.waiting().into_iter().map(|(name, _)| name).collect();
+        let mem = self.mem.as_ref().map(|m| {
+            let emc = lock(m);
+            let st = emc.status();
+            MemSummary {
+                backend: st.backend,
+                scope: st.scope,
+                capacity: st.capacity,
+                level: st.level.to_string(),
+                quotas: st.cgroups.len(),
+                guaranteed: st.guaranteed,
+                woken_by: self.mem_woken_by.clone(),
+            }
+        });
+        let mut waiting: Vec<String> = self.waiting().into_iter().map(|(name, _)| name).collect();
+        if let Some(m) = &self.mem {
+            waiting.extend(
+                lock(m)
+                    .waiting()
+                    .into_iter()
+                    .map(|n| format!("{n} (memory)")),
+            );
+        }
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
@@ -293,6 +469,7 @@ impl Qos {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             net,
+            mem,
             waiting,
             state_file: self.store.as_ref().map(|s| s.path().display().to_string()),
         }
@@ -367,5 +544,14 @@ impl Qos {
         if let Some(net) = self.net.take() {
             net.stop();
         }
+        if let Some(mem) = self.mem.take() {
+            lock(&mem).stop();
+        }
     }
+}
+
+/// A poisoned lock still guards consistent data here (every step leaves
+/// the controller usable), so it is taken over rather than propagated.
+fn lock(m: &MemController) -> MutexGuard<'_, Emc> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -1,8 +1,9 @@
 //! The daemon's socket API: one JSON request per line, one JSON response per
 //! line. Requests larger than [`MAX_REQUEST`] are refused.
 
+use emc::{MemQuota, MemStatus};
 use netqos::{NetQuota, NetStatus};
-use qos_core::Rate;
+use qos_core::{Rate, Size};
 use serde::{Deserialize, Serialize};
 
 use crate::Status;
@@ -31,6 +32,19 @@ pub enum Request {
         cgroup: String,
     },
     NetShow,
+    /// Replaces the cgroup's memory quota.
+    MemSet {
+        cgroup: String,
+        guarantee: Size,
+        #[serde(default)]
+        limit: Option<Size>,
+        #[serde(default)]
+        priority: u32,
+    },
+    MemUnset {
+        cgroup: String,
+    },
+    MemShow,
 }
 
 /// Error categories a client can act on.
@@ -67,6 +81,12 @@ pub enum Reply {
     NetApplied {
         cgroup: String,
         quota: NetQuota,
+    },
+    Mem(Box<MemStatus>),
+    /// The memory quota as applied (cgroup name canonicalised).
+    MemApplied {
+        cgroup: String,
+        quota: MemQuota,
     },
 }
 
@@ -115,6 +135,26 @@ mod tests {
             .to_string();
         assert!(e.contains("not a rate"), "{e}");
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+        let r: Request =
+            serde_json::from_str(r#"{"op":"mem_set","cgroup":"c","guarantee":"1G","limit":"2G"}"#)
+                .expect("mem_set");
+        assert_eq!(
+            r,
+            Request::MemSet {
+                cgroup: "c".into(),
+                guarantee: "1GiB".parse().expect("size"),
+                limit: Some("2048M".parse().expect("size")),
+                priority: 0,
+            }
+        );
+        let e = serde_json::from_str::<Request>(r#"{"op":"mem_set","cgroup":"c","guarantee":"0"}"#)
+            .expect_err("zero")
+            .to_string();
+        assert!(e.contains("zero"), "{e}");
+        let e = serde_json::from_str::<Request>(r#"{"op":"mem_set","cgroup":"c"}"#)
+            .expect_err("no guarantee")
+            .to_string();
+        assert!(e.contains("guarantee"), "{e}");
         let s = serde_json::to_string(&Request::NetUnset { cgroup: "x".into() }).expect("ser");
         assert_eq!(s, r#"{"op":"net_unset","cgroup":"x"}"#);
     }

@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use emc::{EmcError, MemQuota};
 use netqos::{NetError, NetQuota};
 use qos_core::CgroupError;
 use tracing::{debug, warn};
@@ -194,6 +195,22 @@ pub fn dispatch(qos: &mut Qos, req: Request) -> Response {
                 .map(|cgroup| Reply::NetApplied { cgroup, quota })
         }
         Request::NetUnset { cgroup } => qos.unset_net_quota(&cgroup).map(|_| Reply::Ok),
+        Request::MemSet {
+            cgroup,
+            guarantee,
+            limit,
+            priority,
+        } => {
+            let quota = MemQuota {
+                guarantee,
+                limit,
+                priority,
+            };
+            qos.set_mem_quota(&cgroup, quota)
+                .map(|cgroup| Reply::MemApplied { cgroup, quota })
+        }
+        Request::MemUnset { cgroup } => qos.unset_mem_quota(&cgroup).map(|_| Reply::Ok),
+        Request::MemShow => qos.mem_status().map(|s| Reply::Mem(Box::new(s))),
     };
     match result {
         Ok(ok) => Response::Ok { ok },
@@ -214,7 +231,16 @@ pub fn kind_of(e: &QosError) -> ErrorKind {
         QosError::Net(NetError::InvalidQuota(_)) => ErrorKind::Invalid,
         QosError::Net(NetError::Admission(_)) => ErrorKind::Admission,
         QosError::Net(NetError::NotConfigured(_)) => ErrorKind::NotFound,
-        QosError::NetNotConfigured => ErrorKind::NotConfigured,
+        QosError::NetNotConfigured | QosError::MemNotConfigured => ErrorKind::NotConfigured,
+        QosError::Mem(EmcError::Invalid { .. } | EmcError::Tuning(_)) => ErrorKind::Invalid,
+        QosError::Mem(EmcError::Admission(_)) => ErrorKind::Admission,
+        QosError::Mem(EmcError::NotFound { .. } | EmcError::NotConfigured(_)) => {
+            ErrorKind::NotFound
+        }
+        QosError::Mem(EmcError::Cgroup(
+            CgroupError::Io { .. } | CgroupError::NoCgroups(_) | CgroupError::NoCgroup2,
+        )) => ErrorKind::Internal,
+        QosError::Mem(EmcError::Cgroup(_)) => ErrorKind::Invalid,
         _ => ErrorKind::Internal,
     }
 }

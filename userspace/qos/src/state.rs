@@ -7,6 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use emc::MemQuota;
 use netqos::NetQuota;
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,9 @@ pub struct DesiredState {
     /// cgroup name (relative to the cgroup2 root) → network quota.
     #[serde(default)]
     pub net: BTreeMap<String, NetQuota>,
+    /// cgroup name (relative to the memory hierarchy) → memory quota.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mem: BTreeMap<String, MemQuota>,
 }
 
 /// Atomic load/save of the desired state under the daemon's state dir.
@@ -123,8 +127,19 @@ mod tests {
             "tenants/b".into(),
             NetQuota::ingress("5mbit".parse().expect("rate"), None, 0),
         );
+        st.mem.insert(
+            "tenants/a".into(),
+            MemQuota {
+                guarantee: "1G".parse().expect("size"),
+                limit: Some("2G".parse().expect("size")),
+                priority: 3,
+            },
+        );
         store.save(&st).expect("save");
         assert_eq!(store.load().expect("load"), st);
+        // A file written before memory quotas existed still loads.
+        std::fs::write(store.path(), r#"{"version": 1, "net": {}}"#).expect("write");
+        assert!(store.load().expect("old file").mem.is_empty());
         assert!(!store.path().with_extension("json.tmp").exists());
     }
 

@@ -14,7 +14,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use testbeds::{CgroupDir, KillOnDrop, Netns, Veth, require_root, unique, wait_for};
+use testbeds::{
+    CgroupDir, KillOnDrop, Netns, Veth, mem::MemCgroup, require_root, unique, wait_for,
+};
 
 const QOSD: &str = env!("CARGO_BIN_EXE_qosd");
 const QOSCTL: &str = env!("CARGO_BIN_EXE_qosctl");
@@ -31,6 +33,11 @@ struct Daemon {
 
 impl Daemon {
     fn new(capacity: &str) -> Result<Self> {
+        Self::with(capacity, "")
+    }
+
+    /// With more config appended (e.g. a `[mem]` table).
+    fn with(capacity: &str, extra: &str) -> Result<Self> {
         let ns = Netns::new("qdmn")?;
         let veth = Veth::new(&unique("qdv"), "p0", &ns)?;
         let dir = tempfile::tempdir()?;
@@ -40,7 +47,7 @@ impl Daemon {
             &config,
             format!(
                 "[daemon]\nsocket = \"{}\"\nstate_dir = \"{}\"\nlog = \"info\"\n[net]\ninterface = \"{}\"\n\
-                 egress_capacity = \"{capacity}\"\ndefault_rate = \"10mbit\"\ncontainer_interfaces = \"none\"\n",
+                 egress_capacity = \"{capacity}\"\ndefault_rate = \"10mbit\"\ncontainer_interfaces = \"none\"\n{extra}",
                 socket.display(),
                 dir.path().join("state").display(),
                 veth.host()
@@ -328,6 +335,163 @@ fn only_root_may_use_the_api() -> Result<()> {
         err.contains("permission denied") && err.contains("root only"),
         "{err}"
     );
+    Ok(())
+}
+
+#[test]
+fn memory_quotas_set_show_unset_persist_and_every_bad_input() -> Result<()> {
+    if !require_root("memory_quotas_set_show_unset_persist_and_every_bad_input") {
+        return Ok(());
+    }
+    let scope = MemCgroup::new("qos-mem-")?;
+    scope.write(
+        scope.name(),
+        "memory.limit_in_bytes",
+        &(512u64 << 20).to_string(),
+    )?;
+    let a = scope.child("a")?;
+    let mut d = Daemon::with(
+        "1gbit",
+        &format!(
+            "[mem]\nenabled = true\nscope = \"{}\"\nreserve = \"16M\"\ninterval_ms = 100\n",
+            scope.name()
+        ),
+    )?;
+    let mem_show = |d: &Daemon| -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(
+            &d.ok(&["mem", "show", "-o", "json"])?,
+        )?)
+    };
+    let v = mem_show(&d)?;
+    assert_eq!(v["scope"], scope.name());
+    assert_eq!(v["capacity"], 512u64 << 20);
+    assert_eq!(v["level"], "normal");
+    assert_eq!(v["scope_oom_held"], true);
+    let out = d.ok(&[
+        "mem",
+        "set",
+        &a,
+        "--guarantee",
+        "64M",
+        "--limit",
+        "256M",
+        "--priority",
+        "3",
+    ])?;
+    assert_eq!(
+        out.trim(),
+        format!("{a}: guarantee 64MiB limit 256MiB priority 3")
+    );
+    assert_eq!(
+        scope.read(&a, "memory.soft_limit_in_bytes")?.trim(),
+        (64u64 << 20).to_string()
+    );
+    assert_eq!(
+        scope.read(&a, "memory.limit_in_bytes")?.trim(),
+        (256u64 << 20).to_string()
+    );
+    let v = mem_show(&d)?;
+    let row = &v["cgroups"][0];
+    assert_eq!(
+        (row["name"].as_str(), row["limit"].as_u64()),
+        (Some(a.as_str()), Some(256 << 20))
+    );
+    let table = d.ok(&["mem", "show"])?;
+    assert!(table.contains("GUARANTEE") && table.contains(&a), "{table}");
+    // The memory loop runs on its own and says what wakes it.
+    let steps = v["steps"].as_u64().unwrap_or(0);
+    assert!(
+        wait_for(Duration::from_secs(3), || mem_show(&d)
+            .map(|v| v["steps"].as_u64().unwrap_or(0) > steps + 3)
+            .unwrap_or(false)),
+        "the memory loop does not step"
+    );
+    let s: serde_json::Value = serde_json::from_str(&d.ok(&["status", "-o", "json"])?)?;
+    assert_eq!(s["mem"]["backend"], "v1");
+    assert!(
+        s["mem"]["woken_by"].as_str().is_some_and(|w| !w.is_empty()),
+        "{s}"
+    );
+
+    // Bad input: exit status and a message naming the problem; nothing
+    // changes.
+    d.fails(&["mem", "set", &a, "--guarantee", "0"], 2, "zero")?;
+    d.fails(&["mem", "set", &a, "--guarantee", "lots"], 2, "not a size")?;
+    d.fails(
+        &["mem", "set", &a, "--guarantee", "128M", "--limit", "64M"],
+        2,
+        "below the guarantee",
+    )?;
+    d.fails(
+        &["mem", "set", &a, "--guarantee", "1M", "--priority", "9"],
+        2,
+        "9",
+    )?;
+    d.fails(
+        &[
+            "mem",
+            "set",
+            &format!("{}/nope", scope.name()),
+            "--guarantee",
+            "1M",
+        ],
+        3,
+        "does not exist",
+    )?;
+    d.fails(
+        &["mem", "set", &a, "--guarantee", "600M"],
+        4,
+        "does not fit",
+    )?;
+    d.fails(&["mem", "set", "/etc", "--guarantee", "1M"], 2, "outside")?;
+    d.fails(&["mem", "set", "../x", "--guarantee", "1M"], 2, "'..'")?;
+    d.fails(
+        &["mem", "unset", &format!("{}/nope", scope.name())],
+        3,
+        "no memory quota",
+    )?;
+    assert_eq!(
+        scope.read(&a, "memory.limit_in_bytes")?.trim(),
+        (256u64 << 20).to_string()
+    );
+
+    // Persisted across a restart.
+    d.stop()?;
+    d.start()?;
+    let v = mem_show(&d)?;
+    assert_eq!(v["cgroups"][0]["guarantee"], 64u64 << 20, "{v}");
+    d.ok(&["mem", "unset", &a])?;
+    assert!(
+        scope.read(&a, "memory.soft_limit_in_bytes")?.trim().len() > 12,
+        "guarantee not removed"
+    );
+    assert!(
+        scope.read(&a, "memory.limit_in_bytes")?.trim().len() > 12,
+        "limit not removed"
+    );
+    assert!(
+        mem_show(&d)?["cgroups"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+    d.stop()?;
+    // A clean stop gives the scope its OOM killer back.
+    assert!(
+        scope
+            .read(scope.name(), "memory.oom_control")?
+            .contains("oom_kill_disable 0")
+    );
+    Ok(())
+}
+
+#[test]
+fn memory_commands_without_mem_enabled_say_so() -> Result<()> {
+    if !require_root("memory_commands_without_mem_enabled_say_so") {
+        return Ok(());
+    }
+    let d = Daemon::new("1gbit")?;
+    d.fails(&["mem", "show"], 5, "[mem] enabled = true")?;
+    d.fails(&["mem", "set", "x", "--guarantee", "1M"], 5, "not enabled")?;
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use emc::{MemStatus, policy::format_bytes};
 use netqos::{NetClassStatus, NetStatus};
 use qos::{
     Status,
@@ -10,13 +11,16 @@ use qos::{
     config::DEFAULT_SOCKET,
     protocol::{Reply, Request},
 };
-use qos_core::{Rate, units::format_bps};
+use qos_core::{Rate, Size, units::format_bps};
 
 const RATE_HELP: &str = "RATE uses tc units: bit, kbit, mbit, gbit, tbit are BITS per second; \
 bps, kbps, mbps, gbps, tbps are BYTES per second (10mbps = 80mbit); a bare number is bits per \
 second; kibit, mibps, ... are binary (1024) multiples; decimals are allowed (1.5gbit).";
 
-/// Control qosd: per-cgroup network quotas and status.
+const SIZE_HELP: &str = "SIZE is bytes with binary multiples: 512M = 512MiB = 512 × 2^20; \
+K, M, G, T with an optional i and B.";
+
+/// Control qosd: per-cgroup network and memory quotas, status.
 #[derive(Parser, Debug)]
 #[command(version, about, after_help = RATE_HELP)]
 struct Args {
@@ -38,6 +42,41 @@ enum Command {
     Net {
         #[command(subcommand)]
         command: NetCommand,
+    },
+    /// Elastic memory: guarantees, limits, priorities.
+    Mem {
+        #[command(subcommand)]
+        command: MemCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MemCommand {
+    /// Give a cgroup a memory guarantee (protected), optionally a limit (the
+    /// most it may ever use) and a priority (who is reclaimed and killed
+    /// last). Above its guarantee a cgroup uses what the host has spare.
+    #[command(after_help = SIZE_HELP)]
+    Set {
+        /// cgroup: a path relative to the cgroup mounts ("tenants/a") or an
+        /// absolute path under the memory hierarchy or the cgroup2 mount.
+        cgroup: String,
+        #[arg(long, value_parser = parse_size)]
+        guarantee: Size,
+        #[arg(long, value_parser = parse_size)]
+        limit: Option<Size>,
+        /// 0 (most important) to 7 (reclaimed and killed first).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=7))]
+        priority: u32,
+    },
+    /// Remove a cgroup's memory quota (guarantee, limit and caps).
+    Unset { cgroup: String },
+    /// Host level, per-cgroup usage, caps, reclaim, kills, PSI.
+    Show {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Refresh every SECS seconds until interrupted.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<f64>,
     },
 }
 
@@ -91,6 +130,10 @@ enum Output {
 
 fn parse_rate(s: &str) -> Result<Rate, String> {
     s.parse::<Rate>().map_err(|e| e.to_string())
+}
+
+fn parse_size(s: &str) -> Result<Size, String> {
+    s.parse::<Size>().map_err(|e| e.to_string())
 }
 
 fn main() {
@@ -167,8 +210,120 @@ fn run(args: Args) -> Result<(), ClientError> {
                 }
             },
         },
+        Command::Mem { command } => match command {
+            MemCommand::Set {
+                cgroup,
+                guarantee,
+                limit,
+                priority,
+            } => {
+                let Reply::MemApplied { cgroup, quota } = client.call(&Request::MemSet {
+                    cgroup,
+                    guarantee,
+                    limit,
+                    priority,
+                })?
+                else {
+                    return Err(unexpected());
+                };
+                println!(
+                    "{cgroup}: guarantee {} limit {} priority {}",
+                    quota.guarantee,
+                    quota.limit.map_or("none".into(), |l| l.to_string()),
+                    quota.priority
+                );
+            }
+            MemCommand::Unset { cgroup } => {
+                client.call(&Request::MemUnset {
+                    cgroup: cgroup.clone(),
+                })?;
+                println!("{cgroup}: memory quota removed");
+            }
+            MemCommand::Show { output, watch } => loop {
+                let Reply::Mem(s) = client.call(&Request::MemShow)? else {
+                    return Err(unexpected());
+                };
+                if watch.is_some() && output == Output::Table {
+                    print!("\x1b[2J\x1b[H");
+                }
+                print(output, &*s, mem_table);
+                match watch {
+                    Some(secs) if secs > 0.0 => std::thread::sleep(Duration::from_secs_f64(secs)),
+                    _ => break,
+                }
+            },
+        },
     }
     Ok(())
+}
+
+fn mem_table(s: &MemStatus) -> String {
+    let mut out = format!(
+        "{} memory ({}): {} of {} in use, {:.1} % free, level {}, PSI some {:.1} % full {:.1} %\n\
+         guaranteed {} (reserve {}), swap {}, scope OOM killer {}\n",
+        s.scope,
+        s.backend,
+        format_bytes(s.used),
+        format_bytes(s.capacity),
+        s.free_pct,
+        s.level,
+        s.psi_some10,
+        s.psi_full10,
+        format_bytes(s.guaranteed),
+        format_bytes(s.reserve),
+        if s.swap { "on" } else { "off" },
+        if s.scope_oom_held {
+            "held by qosd"
+        } else {
+            "the kernel's"
+        },
+    );
+    let mut rows = vec![
+        [
+            "CGROUP",
+            "GUARANTEE",
+            "LIMIT",
+            "PRIO",
+            "USAGE",
+            "CAP",
+            "STATE",
+            "RECLAIMED",
+            "KILLS",
+            "OOM",
+            "PSI",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for c in &s.cgroups {
+        rows.push(vec![
+            c.name.clone(),
+            format_bytes(c.guarantee),
+            c.limit.map_or("-".into(), format_bytes),
+            c.priority.to_string(),
+            format_bytes(c.usage),
+            c.cap.map_or("-".into(), format_bytes),
+            c.state.clone(),
+            format_bytes(c.counters.reclaimed_bytes),
+            c.counters.kills.to_string(),
+            c.counters.kernel_oom_kills.to_string(),
+            format!("{:.1}", c.psi_some10),
+        ]);
+    }
+    out += &columns(&rows);
+    if !s.recent.is_empty() {
+        out += "\nrecent events:\n";
+        for e in &s.recent {
+            out += &format!(
+                "  +{:.1}s {:?} {} {}\n",
+                e.t_ms as f64 / 1000.0,
+                e.kind,
+                e.cgroup.as_deref().unwrap_or("-"),
+                e.detail
+            );
+        }
+    }
+    out
 }
 
 fn unexpected() -> ClientError {
@@ -209,6 +364,21 @@ fn status_table(s: &Status) -> String {
             };
         }
         None => out += "net: not configured\n",
+    }
+    match &s.mem {
+        Some(m) => {
+            out += &format!(
+                "mem: {} backend, scope {} ({}), level {}, {} quota(s), {} guaranteed; woken by {}\n",
+                m.backend,
+                m.scope,
+                format_bytes(m.capacity),
+                m.level,
+                m.quotas,
+                format_bytes(m.guaranteed),
+                m.woken_by
+            );
+        }
+        None => out += "mem: not enabled\n",
     }
     if !s.waiting.is_empty() {
         out += &format!("waiting for cgroups: {}\n", s.waiting.join(", "));

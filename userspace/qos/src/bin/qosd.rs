@@ -7,7 +7,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -15,7 +15,8 @@ use clap::Parser;
 use qos::{Config, Qos, config::DEFAULT_CONFIG, server::ApiSocket};
 use tracing::{error, info, warn};
 
-/// Per-cgroup network isolation daemon (one per host, runs as root).
+/// Per-cgroup network and memory isolation daemon (one per host, runs as
+/// root).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -100,10 +101,61 @@ fn run() -> Result<()> {
                 }
             })?
     };
+    // Memory control on its own clock and thread: a synchronous reclaim
+    // must not delay the network loop.
+    let memory = {
+        let (controller, waker, interval) = {
+            let mut q = qos.lock().unwrap_or_else(|p| p.into_inner());
+            let waker = q.mem_waker();
+            (q.mem_controller(), waker, q.mem_interval())
+        };
+        match controller {
+            Some(emc) => {
+                let stop = Arc::clone(&stop);
+                Some(
+                    std::thread::Builder::new()
+                        .name("memory".into())
+                        .spawn(move || {
+                            while !stop.load(Ordering::Relaxed) {
+                                {
+                                    let mut e = emc.lock().unwrap_or_else(|p| p.into_inner());
+                                    if let Err(err) = e.step() {
+                                        warn!(error = %err, "memory control step");
+                                    }
+                                }
+                                let woken = match &waker {
+                                    Some(w) => w.wait(interval),
+                                    None => {
+                                        std::thread::sleep(interval);
+                                        Ok(false)
+                                    }
+                                };
+                                match woken {
+                                    // Notifications come in bursts under
+                                    // pressure: at most one step per 20 ms.
+                                    Ok(true) => std::thread::sleep(Duration::from_millis(20)),
+                                    Ok(false) => {}
+                                    Err(err) => {
+                                        warn!(error = %err, "waiting for memory pressure");
+                                        std::thread::sleep(interval);
+                                    }
+                                }
+                            }
+                        })?,
+                )
+            }
+            None => None,
+        }
+    };
     socket.serve(&qos, &stop);
     info!("stopping");
     if ticker.join().is_err() {
         error!("control thread panicked");
+    }
+    if let Some(m) = memory
+        && m.join().is_err()
+    {
+        error!("memory thread panicked");
     }
     drop(socket);
     qos.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
