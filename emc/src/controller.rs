@@ -5,6 +5,10 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     path::PathBuf,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -122,6 +126,49 @@ struct Managed {
     counters: Counters,
     throttled: bool,
     present: bool,
+}
+
+impl Managed {
+    fn new(quota: MemQuota, present: bool) -> Self {
+        Self {
+            quota,
+            cap: None,
+            blocked_until_ms: 0,
+            last: None,
+            counters: Counters::default(),
+            throttled: false,
+            present,
+        }
+    }
+}
+
+/// Steps `emc` until `stop` is set: every `interval`, and sooner when
+/// `waker` reports pressure (at most one step per 20 ms then, as
+/// notifications come in bursts). The loop qosd runs on its own thread.
+pub fn run_loop(emc: &Mutex<Emc>, waker: Option<&Waker>, interval: Duration, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        {
+            let mut e = emc.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(err) = e.step() {
+                warn!(error = %err, "memory control step");
+            }
+        }
+        let woken = match waker {
+            Some(w) => w.wait(interval),
+            None => {
+                std::thread::sleep(interval);
+                Ok(false)
+            }
+        };
+        match woken {
+            Ok(true) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(false) => {}
+            Err(err) => {
+                warn!(error = %err, "waiting for memory pressure");
+                std::thread::sleep(interval);
+            }
+        }
+    }
 }
 
 /// One cgroup in `qosctl mem show`.
@@ -352,15 +399,10 @@ impl Emc {
             });
         }
         self.apply(name, &quota)?;
-        let m = self.managed.entry(name.into()).or_insert(Managed {
-            quota,
-            cap: None,
-            blocked_until_ms: 0,
-            last: None,
-            counters: Counters::default(),
-            throttled: false,
-            present: true,
-        });
+        let m = self
+            .managed
+            .entry(name.into())
+            .or_insert_with(|| Managed::new(quota, true));
         m.quota = quota;
         m.cap = None;
         m.present = true;
@@ -376,18 +418,7 @@ impl Emc {
             return self.set(name, quota);
         }
         self.check(name, &quota)?;
-        self.managed.insert(
-            name.into(),
-            Managed {
-                quota,
-                cap: None,
-                blocked_until_ms: 0,
-                last: None,
-                counters: Counters::default(),
-                throttled: false,
-                present: false,
-            },
-        );
+        self.managed.insert(name.into(), Managed::new(quota, false));
         Ok(())
     }
 

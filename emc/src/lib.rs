@@ -19,7 +19,9 @@ pub mod psi;
 use std::path::PathBuf;
 
 pub use backend::{Backend, BackendKind, CgroupMem};
-pub use controller::{Counters, Emc, EmcSettings, Event, EventKind, MemCgroupStatus, MemStatus};
+pub use controller::{
+    Counters, Emc, EmcSettings, Event, EventKind, MemCgroupStatus, MemStatus, run_loop,
+};
 pub use policy::{Level, MemQuota, Tuning};
 pub use psi::Waker;
 

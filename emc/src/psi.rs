@@ -5,7 +5,7 @@
 use std::{
     fs::File,
     io::Write,
-    os::fd::AsFd,
+    os::{fd::AsFd, unix::fs::OpenOptionsExt},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -74,7 +74,7 @@ impl PsiTrigger {
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags_nonblock()
+            .custom_flags(libc::O_NONBLOCK)
             .open(path)?;
         // The kernel wants the whole spec in one write, NUL included.
         file.write_all(format!("some {stall_us} {window_us}\0").as_bytes())?;
@@ -190,17 +190,6 @@ impl Waker {
                 Ok(n > 0)
             }
         }
-    }
-}
-
-trait NonBlock {
-    fn custom_flags_nonblock(&mut self) -> &mut Self;
-}
-
-impl NonBlock for std::fs::OpenOptions {
-    fn custom_flags_nonblock(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NONBLOCK)
     }
 }
 

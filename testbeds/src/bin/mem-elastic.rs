@@ -203,19 +203,7 @@ impl Bed {
             let (emc, stop) = (Arc::clone(&emc), Arc::clone(&stop));
             std::thread::spawn(move || {
                 let wall = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(mut e) = emc.lock() {
-                        let _ = e.step();
-                    }
-                    match &waker {
-                        Some(w) => {
-                            if matches!(w.wait(Duration::from_millis(100)), Ok(true)) {
-                                std::thread::sleep(Duration::from_millis(20));
-                            }
-                        }
-                        None => std::thread::sleep(Duration::from_millis(100)),
-                    }
-                }
+                emc::run_loop(&emc, waker.as_ref(), Duration::from_millis(100), &stop);
                 let cpu = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
                     .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
                     .unwrap_or(0.0);

@@ -196,19 +196,17 @@ fn run(args: Args) -> Result<(), ClientError> {
                 })?;
                 println!("{cgroup}: quota removed");
             }
-            NetCommand::Show { output, watch } => loop {
-                let Reply::Net(s) = client.call(&Request::NetShow)? else {
-                    return Err(unexpected());
-                };
-                if watch.is_some() && output == Output::Table {
-                    print!("\x1b[2J\x1b[H");
-                }
-                print(output, &*s, net_table);
-                match watch {
-                    Some(secs) if secs > 0.0 => std::thread::sleep(Duration::from_secs_f64(secs)),
-                    _ => break,
-                }
-            },
+            NetCommand::Show { output, watch } => show(
+                &mut client,
+                &Request::NetShow,
+                output,
+                watch,
+                |r| match r {
+                    Reply::Net(s) => Some(s),
+                    _ => None,
+                },
+                net_table,
+            )?,
         },
         Command::Mem { command } => match command {
             MemCommand::Set {
@@ -239,19 +237,17 @@ fn run(args: Args) -> Result<(), ClientError> {
                 })?;
                 println!("{cgroup}: memory quota removed");
             }
-            MemCommand::Show { output, watch } => loop {
-                let Reply::Mem(s) = client.call(&Request::MemShow)? else {
-                    return Err(unexpected());
-                };
-                if watch.is_some() && output == Output::Table {
-                    print!("\x1b[2J\x1b[H");
-                }
-                print(output, &*s, mem_table);
-                match watch {
-                    Some(secs) if secs > 0.0 => std::thread::sleep(Duration::from_secs_f64(secs)),
-                    _ => break,
-                }
-            },
+            MemCommand::Show { output, watch } => show(
+                &mut client,
+                &Request::MemShow,
+                output,
+                watch,
+                |r| match r {
+                    Reply::Mem(s) => Some(s),
+                    _ => None,
+                },
+                mem_table,
+            )?,
         },
     }
     Ok(())
@@ -324,6 +320,29 @@ fn mem_table(s: &MemStatus) -> String {
         }
     }
     out
+}
+
+/// Asks once, or every `watch` seconds until interrupted, and prints the
+/// reply as a table or JSON. `extract` picks the expected reply.
+fn show<T: serde::Serialize>(
+    client: &mut Client,
+    request: &Request,
+    output: Output,
+    watch: Option<f64>,
+    extract: fn(Reply) -> Option<Box<T>>,
+    table: fn(&T) -> String,
+) -> Result<(), ClientError> {
+    loop {
+        let s = extract(client.call(request)?).ok_or_else(unexpected)?;
+        if watch.is_some() && output == Output::Table {
+            print!("\x1b[2J\x1b[H");
+        }
+        print(output, &*s, table);
+        match watch {
+            Some(secs) if secs > 0.0 => std::thread::sleep(Duration::from_secs_f64(secs)),
+            _ => return Ok(()),
+        }
+    }
 }
 
 fn unexpected() -> ClientError {

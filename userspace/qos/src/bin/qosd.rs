@@ -7,7 +7,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context, Result, bail};
@@ -116,31 +116,7 @@ fn run() -> Result<()> {
                     std::thread::Builder::new()
                         .name("memory".into())
                         .spawn(move || {
-                            while !stop.load(Ordering::Relaxed) {
-                                {
-                                    let mut e = emc.lock().unwrap_or_else(|p| p.into_inner());
-                                    if let Err(err) = e.step() {
-                                        warn!(error = %err, "memory control step");
-                                    }
-                                }
-                                let woken = match &waker {
-                                    Some(w) => w.wait(interval),
-                                    None => {
-                                        std::thread::sleep(interval);
-                                        Ok(false)
-                                    }
-                                };
-                                match woken {
-                                    // Notifications come in bursts under
-                                    // pressure: at most one step per 20 ms.
-                                    Ok(true) => std::thread::sleep(Duration::from_millis(20)),
-                                    Ok(false) => {}
-                                    Err(err) => {
-                                        warn!(error = %err, "waiting for memory pressure");
-                                        std::thread::sleep(interval);
-                                    }
-                                }
-                            }
+                            emc::run_loop(&emc, waker.as_ref(), interval, &stop);
                         })?,
                 )
             }
