@@ -6,6 +6,7 @@
 //! run (`unique`), so parallel runs cannot collide.
 
 pub mod fairness;
+pub mod io;
 pub mod iperf;
 pub mod mem;
 pub mod memload;
@@ -266,7 +267,10 @@ pub(crate) fn kill_and_remove(dir: &Path) {
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect();
-        for p in &pids {
+        // v1 lists a process whose single thread sits in the group (the
+        // toolkit's flush helper does): never kill the test itself.
+        let me = std::process::id() as i32;
+        for p in pids.iter().filter(|p| **p != me) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(*p),
                 nix::sys::signal::Signal::SIGKILL,

@@ -6,5 +6,6 @@
 //! unit-tested on the host.
 #![cfg_attr(not(test), no_std)]
 
+pub mod io;
 pub mod net;
 pub mod policy;

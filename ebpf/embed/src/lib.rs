@@ -4,3 +4,6 @@
 
 /// Network datapath: `qos_egress`, `qos_tag`, `qos_pacer` and their maps.
 pub static NET: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qos-net"));
+
+/// Writeback attribution tracker: `qos_io_dirty`, `qos_io_bio` and their maps.
+pub static IO: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qos-io"));

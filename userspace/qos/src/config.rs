@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use blkio::{ByteRate, Device, IoLimits};
 use emc::{MemQuota, Tuning};
 use netqos::{ContainerInterfaces, NetQuota};
 use qos_core::{Rate, Size};
@@ -21,6 +22,7 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub net: NetConfig,
     pub mem: MemConfig,
+    pub io: IoConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -190,6 +192,54 @@ impl MemQuotaEntry {
     }
 }
 
+/// `[io]`: disk IO control per cgroup.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IoConfig {
+    /// Turn disk IO control on.
+    pub enabled: bool,
+    /// Milliseconds between control steps.
+    pub interval_ms: u64,
+    /// Starting point of each device's capacity estimate (weights are
+    /// turned into write rates over it where the kernel cannot weigh).
+    pub initial_capacity: ByteRate,
+    /// Limits applied at start, before the persisted state.
+    pub limit: Vec<IoLimitEntry>,
+}
+
+/// Default of `[io] initial_capacity`, bytes per second.
+pub const DEFAULT_IO_INITIAL_CAPACITY: u64 = 64 << 20;
+
+fn default_initial_capacity() -> ByteRate {
+    match ByteRate::from_bytes_per_sec(DEFAULT_IO_INITIAL_CAPACITY) {
+        Ok(r) => r,
+        // 64 MiB/s is a valid rate; `ByteRate` has no infallible constructor.
+        Err(e) => unreachable!("default initial capacity: {e}"),
+    }
+}
+
+impl Default for IoConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval_ms: 50,
+            initial_capacity: default_initial_capacity(),
+            limit: Vec::new(),
+        }
+    }
+}
+
+/// `[[io.limit]]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IoLimitEntry {
+    pub cgroup: String,
+    /// `/dev/loop3` or `7:3`.
+    pub device: Device,
+    #[serde(flatten)]
+    pub limits: IoLimits,
+}
+
 impl Config {
     /// Reads a config file. A missing file at the default path means "all
     /// defaults"; a missing file named explicitly is an error.
@@ -289,6 +339,31 @@ impl Config {
         }
         if !m.quota.is_empty() && !m.enabled {
             return Err("[[mem.quota]] entries need [mem] enabled = true".into());
+        }
+        let io = &self.io;
+        if !(10..=5000).contains(&io.interval_ms) {
+            return Err(format!(
+                "[io] interval_ms = {} is out of range 10..=5000",
+                io.interval_ms
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for l in &io.limit {
+            l.limits.validate().map_err(|e| {
+                format!(
+                    "[[io.limit]] cgroup \"{}\" device {}: {e}",
+                    l.cgroup, l.device
+                )
+            })?;
+            if !seen.insert((l.cgroup.trim(), l.device)) {
+                return Err(format!(
+                    "[[io.limit]] cgroup \"{}\" device {} is given twice",
+                    l.cgroup, l.device
+                ));
+            }
+        }
+        if !io.limit.is_empty() && !io.enabled {
+            return Err("[[io.limit]] entries need [io] enabled = true".into());
         }
         Ok(())
     }
@@ -405,6 +480,151 @@ mod tests {
             ("[mem]\nenabled = \"yes\"", "invalid type"),
         ] {
             let e = Config::parse(text).expect_err(text);
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn io_section() {
+        let c = Config::parse("").expect("empty");
+        assert!(!c.io.enabled);
+        assert_eq!(c.io.interval_ms, 50);
+        assert_eq!(c.io.initial_capacity.bytes_per_sec(), 64 << 20);
+        assert!(c.io.limit.is_empty());
+        let c = Config::parse(
+            r#"
+            [io]
+            enabled = true
+            interval_ms = 100
+            initial_capacity = "200MiB/s"
+            [[io.limit]]
+            cgroup = "tenants/a"
+            device = "7:3"
+            write_bps = "10MiB"
+            read_bps = 1048576
+            write_iops = 500
+            read_iops = 800
+            weight = 100
+            [[io.limit]]
+            cgroup = "tenants/a"
+            device = "259:0"
+            weight = 1000
+            [[io.limit]]
+            cgroup = "tenants/b"
+            device = "7:3"
+            weight = 1
+            "#,
+        )
+        .expect("io");
+        assert!(c.io.enabled);
+        assert_eq!(c.io.interval_ms, 100);
+        assert_eq!(c.io.initial_capacity.bytes_per_sec(), 200 << 20);
+        assert_eq!(c.io.limit.len(), 3);
+        let a = &c.io.limit[0];
+        assert_eq!(
+            (a.cgroup.as_str(), a.device.to_string()),
+            ("tenants/a", "7:3".into())
+        );
+        assert_eq!(
+            a.limits,
+            IoLimits {
+                write_bps: Some("10M".parse().expect("rate")),
+                read_bps: Some("1MiB".parse().expect("rate")),
+                write_iops: Some(500),
+                read_iops: Some(800),
+                weight: Some(100),
+            }
+        );
+        assert_eq!(c.io.limit[1].limits.weight, Some(1000));
+        // A device by path: any block device node this host has.
+        let node = std::fs::read_dir("/sys/class/block")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| Path::new("/dev").join(e.file_name()))
+            .find(|p| p.exists());
+        if let Some(node) = node {
+            let c = Config::parse(&format!(
+                "[io]\nenabled = true\n[[io.limit]]\ncgroup = \"a\"\ndevice = \"{}\"\nweight = 10",
+                node.display()
+            ))
+            .expect("device by path");
+            let want = Device::parse(&node.display().to_string()).expect("device");
+            assert_eq!(c.io.limit[0].device, want);
+        }
+    }
+
+    #[test]
+    fn bad_io_configs_say_what_is_wrong() {
+        let limit =
+            |body: &str| format!("[io]\nenabled = true\n[[io.limit]]\ncgroup = \"a\"\n{body}");
+        for (text, needle) in [
+            ("[io]\nenabel = true".to_string(), "unknown field `enabel`"),
+            ("[io]\nenabled = 1".into(), "invalid type"),
+            (
+                "[io]\ninterval_ms = 5".into(),
+                "[io] interval_ms = 5 is out of range 10..=5000",
+            ),
+            (
+                "[io]\ninterval_ms = 5001".into(),
+                "[io] interval_ms = 5001 is out of range 10..=5000",
+            ),
+            (
+                "[io]\ninitial_capacity = \"fast\"".into(),
+                "invalid byte rate 'fast'",
+            ),
+            ("[io]\ninitial_capacity = \"0\"".into(), "zero"),
+            (
+                "[[io.limit]]\ncgroup = \"a\"\ndevice = \"7:3\"\nweight = 10".into(),
+                "[[io.limit]] entries need [io] enabled = true",
+            ),
+            (
+                limit("device = \"7:3\"\nweight = 0"),
+                "[[io.limit]] cgroup \"a\" device 7:3: weight 0 is outside 1..=1000",
+            ),
+            (
+                limit("device = \"7:3\"\nweight = 1001"),
+                "[[io.limit]] cgroup \"a\" device 7:3: weight 1001 is outside 1..=1000",
+            ),
+            (
+                limit("device = \"7:3\""),
+                "[[io.limit]] cgroup \"a\" device 7:3: no limit given",
+            ),
+            (
+                limit("device = \"7:3\"\nwrite_iops = 0"),
+                "write_iops must be between 1 and",
+            ),
+            (limit("device = \"7:3\"\nwrite_bps = \"0\""), "zero"),
+            (
+                limit("device = \"7:3\"\nread_bps = \"lots\""),
+                "invalid byte rate 'lots'",
+            ),
+            (
+                limit("device = \"7:x\"\nweight = 10"),
+                "device '7:x': minor 'x' is not a number",
+            ),
+            (
+                limit("device = \"/dev/nope\"\nweight = 10"),
+                "device '/dev/nope'",
+            ),
+            (limit("device = \"loop3\"\nweight = 10"), "use a path"),
+            (limit("weight = 10"), "missing field `device`"),
+            (
+                limit("device = \"7:3\"\nwrite_bsp = \"1M\""),
+                "unknown field `write_bsp`",
+            ),
+            (
+                limit(
+                    "device = \"7:3\"\nweight = 10\n[[io.limit]]\ncgroup = \"a\"\ndevice = \"7:3\"\nweight = 20",
+                ),
+                "[[io.limit]] cgroup \"a\" device 7:3 is given twice",
+            ),
+            (
+                "[io]\nenabled = true\n[[io.limit]]\ndevice = \"7:3\"\nweight = 1".into(),
+                "missing field `cgroup`",
+            ),
+        ] {
+            let e = Config::parse(&text).expect_err(&text);
             assert!(e.contains(needle), "{text}: {e}");
         }
     }

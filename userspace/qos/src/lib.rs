@@ -30,19 +30,26 @@
 //! [`Qos::mem_waker`] fires (qosd runs this on a thread of its own, through
 //! [`Qos::mem_controller`], so that a slow reclaim never delays the network
 //! loop).
+//!
+//! Disk IO control likewise: call [`Qos::io_step`] every
+//! [`Qos::io_interval`] (qosd steps [`Qos::io_controller`] on a thread of
+//! its own).
 
 pub mod client;
 pub mod config;
+pub mod io;
 pub mod protocol;
 pub mod server;
 pub mod state;
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
+use blkio::{BlkioError, Device, IoControl, IoLimits, controller::IoSettings};
 pub use config::Config;
 use emc::{Emc, EmcError, EmcSettings, MemQuota, MemStatus, Waker};
 use netqos::{NetError, NetQuota, NetStatus, Shaper, ShaperSettings, policy::Tuning};
@@ -79,6 +86,13 @@ pub enum QosError {
         "elastic memory control is not enabled on this host: set [mem] enabled = true in the qosd config"
     )]
     MemNotConfigured,
+    /// Disk IO control (named `Blkio`: `Io` is taken by file errors).
+    #[error(transparent)]
+    Blkio(#[from] BlkioError),
+    #[error(
+        "disk IO control is not enabled on this host: set [io] enabled = true in the qosd config"
+    )]
+    IoNotConfigured,
 }
 
 /// What `qosctl status` shows.
@@ -93,6 +107,9 @@ pub struct Status {
     /// Elastic memory control; absent when not enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mem: Option<MemSummary>,
+    /// Disk IO control; absent when not enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io: Option<IoSummary>,
     /// Quotas waiting for their cgroup to (re)appear.
     pub waiting: Vec<String>,
     pub state_file: Option<String>,
@@ -126,8 +143,19 @@ pub struct MemSummary {
     pub woken_by: String,
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct IoSummary {
+    /// How limits reach buffered writes (`v1-assisted ...`, `v2-kernel ...`).
+    pub mode: String,
+    /// (cgroup, device) pairs with limits in force.
+    pub limits: usize,
+}
+
 /// The memory controller, shared with the thread that steps it.
 pub type MemController = Arc<Mutex<Emc>>;
+
+/// The disk IO controller, shared with the thread that steps it.
+pub type IoController = Arc<Mutex<IoControl>>;
 
 /// The toolkit, embedded.
 #[derive(Debug)]
@@ -139,6 +167,7 @@ pub struct Qos {
     net: Option<Shaper>,
     mem: Option<MemController>,
     mem_woken_by: String,
+    io: Option<IoController>,
     started: Instant,
     last_cgroup_check: Instant,
 }
@@ -207,6 +236,17 @@ impl Qos {
         } else {
             None
         };
+        let io = if config.io.enabled {
+            let settings = IoSettings {
+                interval: Duration::from_millis(config.io.interval_ms),
+                initial_capacity: config.io.initial_capacity.bytes_per_sec(),
+            };
+            Some(Arc::new(Mutex::new(IoControl::start(
+                &hierarchy, settings,
+            )?)))
+        } else {
+            None
+        };
         let persisted = match &store {
             Some(s) => s.load()?,
             None => DesiredState {
@@ -225,6 +265,7 @@ impl Qos {
             net,
             mem,
             mem_woken_by: "timer".into(),
+            io,
             started: Instant::now(),
             last_cgroup_check: Instant::now(),
         };
@@ -280,6 +321,49 @@ impl Qos {
         } else if !wanted_mem.is_empty() {
             warn!("memory quotas in the state file are kept but not applied: [mem] is not enabled");
             qos.state.mem = wanted_mem.into_iter().collect();
+        }
+        let mut wanted_io: Vec<(String, String, IoLimits)> = qos
+            .config
+            .io
+            .limit
+            .iter()
+            .map(|l| (l.cgroup.clone(), l.device.to_string(), l.limits))
+            .collect();
+        wanted_io.extend(
+            persisted
+                .io
+                .into_iter()
+                .flat_map(|(cg, devs)| devs.into_iter().map(move |(d, l)| (cg.clone(), d, l))),
+        );
+        if let Some(io) = qos.io.clone() {
+            let mut ctl = lock(&io);
+            for (name, device, limits) in wanted_io {
+                match Self::adopt_io(&qos.hierarchy, &mut ctl, &name, &device, limits) {
+                    Ok((name, dev, None)) => {
+                        qos.state
+                            .io
+                            .entry(name)
+                            .or_default()
+                            .insert(dev.to_string(), limits);
+                    }
+                    Ok((name, dev, Some(why))) => {
+                        warn!(cgroup = %name, device = %dev, "{why}; its IO limits wait for it");
+                        qos.state
+                            .io
+                            .entry(name)
+                            .or_default()
+                            .insert(dev.to_string(), limits);
+                    }
+                    Err(e) => {
+                        warn!(cgroup = %name, device = %device, error = %e, "IO limits not re-applied")
+                    }
+                }
+            }
+        } else if !wanted_io.is_empty() {
+            warn!("IO limits in the state file are kept but not applied: [io] is not enabled");
+            for (name, device, limits) in wanted_io {
+                qos.state.io.entry(name).or_default().insert(device, limits);
+            }
         }
         qos.persist()?;
         Ok(qos)
@@ -421,6 +505,225 @@ impl Qos {
         Ok(self.mem()?.status())
     }
 
+    /// The disk IO controller, for a thread that steps it on its own clock.
+    pub fn io_controller(&self) -> Option<IoController> {
+        self.io.clone()
+    }
+
+    fn io(&self) -> Result<MutexGuard<'_, IoControl>, QosError> {
+        self.io.as_ref().map(lock).ok_or(QosError::IoNotConfigured)
+    }
+
+    /// Time between disk IO control steps.
+    pub fn io_interval(&self) -> Duration {
+        Duration::from_millis(self.config.io.interval_ms)
+    }
+
+    /// One disk IO control step (embedders without a thread of their own).
+    pub fn io_step(&self) -> Result<(), QosError> {
+        Ok(self.io()?.step()?)
+    }
+
+    /// Resolves a persisted or configured limit and applies it. The third
+    /// element says why it waits (its cgroup or device does not exist yet)
+    /// when it could not be applied for that reason; other failures are
+    /// errors.
+    fn adopt_io(
+        hierarchy: &Hierarchy,
+        ctl: &mut IoControl,
+        cgroup: &str,
+        device: &str,
+        limits: IoLimits,
+    ) -> Result<(String, Device, Option<String>), QosError> {
+        let (name, _) = hierarchy.controller_path("blkio", cgroup)?;
+        let dev = Device::parse(device)?;
+        match ctl.set(&name, dev, limits) {
+            Ok(()) => Ok((name, dev, None)),
+            Err(BlkioError::NoCgroup { .. }) => {
+                Ok((name, dev, Some("cgroup does not exist yet".into())))
+            }
+            // `dev` parsed: a device error now means it is not on the host.
+            Err(BlkioError::Device { .. }) => {
+                Ok((name, dev, Some(format!("device {dev} does not exist yet"))))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sets (or replaces) a cgroup's IO limits on a device, persists them
+    /// and returns the cgroup's canonical name and the device's number.
+    /// Refused limits change nothing.
+    pub fn set_io_limits(
+        &mut self,
+        cgroup: &str,
+        device: &str,
+        limits: IoLimits,
+    ) -> Result<(String, Device), QosError> {
+        if self.io.is_none() {
+            return Err(QosError::IoNotConfigured);
+        }
+        let (name, _) = self.hierarchy.controller_path("blkio", cgroup)?;
+        let dev = Device::resolve(device)?;
+        self.io()?.check(&name, dev, &limits)?;
+        let key = dev.to_string();
+        let mut next = self.state.clone();
+        next.io
+            .entry(name.clone())
+            .or_default()
+            .insert(key.clone(), limits);
+        // Persist first: if the disk refuses, the kernel is not touched.
+        self.save(&next)?;
+        let applied = self.io()?.set(&name, dev, limits);
+        if let Err(e) = applied {
+            // A failed replacement leaves nothing applied: put back what was.
+            if let Some(old) = self.state.io.get(&name).and_then(|d| d.get(&key))
+                && let Err(e) = self.io()?.set(&name, dev, *old)
+            {
+                warn!(cgroup = %name, device = %dev, error = %e, "previous IO limits not restored");
+            }
+            self.save(&self.state)?;
+            return Err(e.into());
+        }
+        self.state = next;
+        Ok((name, dev))
+    }
+
+    /// Removes a cgroup's IO limits on a device, or on every device when
+    /// `device` is None (also limits waiting for their cgroup or device).
+    /// Returns the cgroup's canonical name.
+    pub fn unset_io_limits(
+        &mut self,
+        cgroup: &str,
+        device: Option<&str>,
+    ) -> Result<String, QosError> {
+        if self.io.is_none() {
+            return Err(QosError::IoNotConfigured);
+        }
+        // The cgroup or the device may be gone already: find the limits by
+        // name and number.
+        let (name, _) = self.hierarchy.controller_path("blkio", cgroup)?;
+        let dev = device.map(Device::parse).transpose()?;
+        let not_configured = || BlkioError::NotConfigured {
+            cgroup: name.clone(),
+            device: dev.map_or("any device".into(), |d| d.to_string()),
+        };
+        let Some(devices) = self.state.io.get(&name) else {
+            return Err(not_configured().into());
+        };
+        let mut next = self.state.clone();
+        match dev {
+            Some(d) => {
+                if !devices.contains_key(&d.to_string()) {
+                    return Err(not_configured().into());
+                }
+                if let Some(m) = next.io.get_mut(&name) {
+                    m.remove(&d.to_string());
+                    if m.is_empty() {
+                        next.io.remove(&name);
+                    }
+                }
+            }
+            None => {
+                next.io.remove(&name);
+            }
+        }
+        self.save(&next)?;
+        let removed = {
+            let mut ctl = self.io()?;
+            let applied = ctl
+                .configured()
+                .iter()
+                .any(|(n, d, _)| *n == name && dev.is_none_or(|x| x == *d));
+            // Limits waiting for their cgroup or device are not in force.
+            if applied {
+                ctl.remove(&name, dev)
+            } else {
+                Ok(())
+            }
+        };
+        // The controller forgot them even if clearing a kernel file failed.
+        self.state = next;
+        removed?;
+        Ok(name)
+    }
+
+    pub fn io_status(&self) -> Result<io::IoStatus, QosError> {
+        Ok(self.io()?.status().into())
+    }
+
+    /// IO limits in the desired state that are not in force (cgroup or
+    /// device missing), as (cgroup, device).
+    fn io_waiting(&self) -> Vec<(String, String)> {
+        let Some(io) = &self.io else {
+            return Vec::new();
+        };
+        let configured: Vec<(String, Device)> = lock(io)
+            .configured()
+            .into_iter()
+            .map(|(n, d, _)| (n, d))
+            .collect();
+        self.state
+            .io
+            .iter()
+            .flat_map(|(name, devs)| devs.keys().map(move |d| (name.clone(), d.clone())))
+            .filter(|(name, d)| {
+                !Device::parse(d).is_ok_and(|d| configured.contains(&(name.clone(), d)))
+            })
+            .collect()
+    }
+
+    /// Takes limits whose cgroup or device vanished out of force (they
+    /// wait in the desired state) and applies waiting limits whose cgroup
+    /// and device (re)appeared.
+    fn reconcile_io(&mut self) {
+        let Some(io) = self.io.clone() else { return };
+        let mut ctl = lock(&io);
+        for (name, dev, _) in ctl.configured() {
+            let cgroup_gone = self
+                .hierarchy
+                .controller_path("blkio", &name)
+                .is_ok_and(|(_, p)| !p.is_dir());
+            let device_gone = Device::resolve(&dev.to_string()).is_err();
+            if cgroup_gone || device_gone {
+                if let Err(e) = ctl.remove(&name, Some(dev)) {
+                    warn!(cgroup = %name, device = %dev, error = %e, "clearing IO limits of a vanished cgroup or device");
+                }
+                info!(cgroup = %name, device = %dev, "cgroup or device vanished; its IO limits wait for it to reappear");
+            }
+        }
+        let configured: BTreeMap<(String, Device), IoLimits> = ctl
+            .configured()
+            .into_iter()
+            .map(|(n, d, l)| ((n, d), l))
+            .collect();
+        for (name, devs) in &self.state.io {
+            for (device, limits) in devs {
+                let Ok(dev) = Device::parse(device) else {
+                    continue;
+                };
+                if configured.contains_key(&(name.clone(), dev)) {
+                    continue;
+                }
+                let present = self
+                    .hierarchy
+                    .controller_path("blkio", name)
+                    .is_ok_and(|(_, p)| p.is_dir())
+                    && Device::resolve(device).is_ok();
+                if !present {
+                    continue;
+                }
+                match ctl.set(name, dev, *limits) {
+                    Ok(()) => {
+                        info!(cgroup = %name, device = %dev, "cgroup and device present; IO limits applied")
+                    }
+                    Err(e) => {
+                        warn!(cgroup = %name, device = %dev, error = %e, "applying waiting IO limits")
+                    }
+                }
+            }
+        }
+    }
+
     pub fn status(&self) -> Status {
         let net = self.net.as_ref().map(|n| {
             let s = n.settings();
@@ -449,6 +752,13 @@ impl Qos {
                 woken_by: self.mem_woken_by.clone(),
             }
         });
+        let io = self.io.as_ref().map(|io| {
+            let ctl = lock(io);
+            IoSummary {
+                mode: ctl.mode().to_string(),
+                limits: ctl.configured().len(),
+            }
+        });
         let mut waiting: Vec<String> = self.waiting().into_iter().map(|(name, _)| name).collect();
         if let Some(m) = &self.mem {
             waiting.extend(
@@ -458,6 +768,11 @@ impl Qos {
                     .map(|n| format!("{n} (memory)")),
             );
         }
+        waiting.extend(
+            self.io_waiting()
+                .into_iter()
+                .map(|(n, d)| format!("{n} on {d} (io)")),
+        );
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
@@ -470,6 +785,7 @@ impl Qos {
                 .unwrap_or_default(),
             net,
             mem,
+            io,
             waiting,
             state_file: self.store.as_ref().map(|s| s.path().display().to_string()),
         }
@@ -483,6 +799,7 @@ impl Qos {
         if self.last_cgroup_check.elapsed() >= CGROUP_CHECK {
             self.last_cgroup_check = Instant::now();
             self.reconcile_cgroups();
+            self.reconcile_io();
         }
         Ok(())
     }
@@ -547,11 +864,14 @@ impl Qos {
         if let Some(mem) = self.mem.take() {
             lock(&mem).stop();
         }
+        if let Some(io) = self.io.take() {
+            lock(&io).stop();
+        }
     }
 }
 
 /// A poisoned lock still guards consistent data here (every step leaves
 /// the controller usable), so it is taken over rather than propagated.
-fn lock(m: &MemController) -> MutexGuard<'_, Emc> {
+fn lock<T>(m: &Arc<Mutex<T>>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

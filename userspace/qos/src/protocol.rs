@@ -1,12 +1,13 @@
 //! The daemon's socket API: one JSON request per line, one JSON response per
 //! line. Requests larger than [`MAX_REQUEST`] are refused.
 
+use blkio::{Device, IoLimits};
 use emc::{MemQuota, MemStatus};
 use netqos::{NetQuota, NetStatus};
 use qos_core::{Rate, Size};
 use serde::{Deserialize, Serialize};
 
-use crate::Status;
+use crate::{Status, io::IoStatus};
 
 pub const MAX_REQUEST: usize = 64 * 1024;
 
@@ -45,6 +46,21 @@ pub enum Request {
         cgroup: String,
     },
     MemShow,
+    /// Replaces the cgroup's IO limits on one device.
+    IoSet {
+        cgroup: String,
+        /// `/dev/loop3` or `7:3`.
+        device: String,
+        #[serde(flatten)]
+        limits: IoLimits,
+    },
+    /// Removes the cgroup's IO limits on one device, or on all.
+    IoUnset {
+        cgroup: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<String>,
+    },
+    IoShow,
 }
 
 /// Error categories a client can act on.
@@ -87,6 +103,14 @@ pub enum Reply {
     MemApplied {
         cgroup: String,
         quota: MemQuota,
+    },
+    Io(Box<IoStatus>),
+    /// The IO limits as applied (cgroup name canonicalised, device by
+    /// number).
+    IoApplied {
+        cgroup: String,
+        device: Device,
+        limits: IoLimits,
     },
 }
 
@@ -157,6 +181,90 @@ mod tests {
         assert!(e.contains("guarantee"), "{e}");
         let s = serde_json::to_string(&Request::NetUnset { cgroup: "x".into() }).expect("ser");
         assert_eq!(s, r#"{"op":"net_unset","cgroup":"x"}"#);
+    }
+
+    #[test]
+    fn io_wire_format() {
+        let r: Request = serde_json::from_str(
+            r#"{"op":"io_set","cgroup":"a","device":"7:3","write_bps":"10MiB","read_iops":300,"weight":50}"#,
+        )
+        .expect("io_set");
+        let limits = IoLimits {
+            write_bps: Some("10MiB".parse().expect("rate")),
+            read_iops: Some(300),
+            weight: Some(50),
+            ..IoLimits::default()
+        };
+        assert_eq!(
+            r,
+            Request::IoSet {
+                cgroup: "a".into(),
+                device: "7:3".into(),
+                limits,
+            }
+        );
+        // Flattened limits serialise beside the other fields and read back.
+        let s = serde_json::to_string(&r).expect("ser");
+        assert_eq!(
+            s,
+            r#"{"op":"io_set","cgroup":"a","device":"7:3","write_bps":"10MiB","read_iops":300,"weight":50}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&s).expect("de"), r);
+        // Bytes per second as a plain number too.
+        let r: Request = serde_json::from_str(
+            r#"{"op":"io_set","cgroup":"a","device":"/dev/x","read_bps":4096}"#,
+        )
+        .expect("number");
+        let Request::IoSet { limits, .. } = r else {
+            panic!("not io_set: {r:?}");
+        };
+        assert_eq!(limits.read_bps.map(|r| r.bytes_per_sec()), Some(4096));
+        for (bad, says) in [
+            (
+                r#"{"op":"io_set","cgroup":"a","device":"7:3","write_bsp":"1M"}"#,
+                "write_bsp",
+            ),
+            (
+                r#"{"op":"io_set","cgroup":"a","device":"7:3","write_bps":"0"}"#,
+                "zero",
+            ),
+            (
+                r#"{"op":"io_set","cgroup":"a","device":"7:3","write_bps":"fast"}"#,
+                "invalid byte rate 'fast'",
+            ),
+            (r#"{"op":"io_set","cgroup":"a","weight":5}"#, "device"),
+        ] {
+            let e = serde_json::from_str::<Request>(bad)
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let s = serde_json::to_string(&Request::IoUnset {
+            cgroup: "a".into(),
+            device: None,
+        })
+        .expect("ser");
+        assert_eq!(s, r#"{"op":"io_unset","cgroup":"a"}"#);
+        let r: Request = serde_json::from_str(r#"{"op":"io_unset","cgroup":"a","device":"7:3"}"#)
+            .expect("io_unset");
+        assert_eq!(
+            r,
+            Request::IoUnset {
+                cgroup: "a".into(),
+                device: Some("7:3".into()),
+            }
+        );
+        let reply = Reply::IoApplied {
+            cgroup: "a".into(),
+            device: Device { major: 7, minor: 3 },
+            limits,
+        };
+        let s = serde_json::to_string(&Response::Ok { ok: reply.clone() }).expect("ser");
+        assert!(s.contains(r#""device":"7:3""#), "{s}");
+        assert_eq!(
+            serde_json::from_str::<Response>(&s).expect("de"),
+            Response::Ok { ok: reply }
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use blkio::BlkioError;
 use emc::{EmcError, MemQuota};
 use netqos::{NetError, NetQuota};
 use qos_core::CgroupError;
@@ -211,6 +212,21 @@ pub fn dispatch(qos: &mut Qos, req: Request) -> Response {
         }
         Request::MemUnset { cgroup } => qos.unset_mem_quota(&cgroup).map(|_| Reply::Ok),
         Request::MemShow => qos.mem_status().map(|s| Reply::Mem(Box::new(s))),
+        Request::IoSet {
+            cgroup,
+            device,
+            limits,
+        } => qos
+            .set_io_limits(&cgroup, &device, limits)
+            .map(|(cgroup, device)| Reply::IoApplied {
+                cgroup,
+                device,
+                limits,
+            }),
+        Request::IoUnset { cgroup, device } => qos
+            .unset_io_limits(&cgroup, device.as_deref())
+            .map(|_| Reply::Ok),
+        Request::IoShow => qos.io_status().map(|s| Reply::Io(Box::new(s))),
     };
     match result {
         Ok(ok) => Response::Ok { ok },
@@ -231,7 +247,9 @@ pub fn kind_of(e: &QosError) -> ErrorKind {
         QosError::Net(NetError::InvalidQuota(_)) => ErrorKind::Invalid,
         QosError::Net(NetError::Admission(_)) => ErrorKind::Admission,
         QosError::Net(NetError::NotConfigured(_)) => ErrorKind::NotFound,
-        QosError::NetNotConfigured | QosError::MemNotConfigured => ErrorKind::NotConfigured,
+        QosError::NetNotConfigured | QosError::MemNotConfigured | QosError::IoNotConfigured => {
+            ErrorKind::NotConfigured
+        }
         QosError::Mem(EmcError::Invalid { .. } | EmcError::Tuning(_)) => ErrorKind::Invalid,
         QosError::Mem(EmcError::Admission(_)) => ErrorKind::Admission,
         QosError::Mem(EmcError::NotFound { .. } | EmcError::NotConfigured(_)) => {
@@ -241,6 +259,15 @@ pub fn kind_of(e: &QosError) -> ErrorKind {
             CgroupError::Io { .. } | CgroupError::NoCgroups(_) | CgroupError::NoCgroup2,
         )) => ErrorKind::Internal,
         QosError::Mem(EmcError::Cgroup(_)) => ErrorKind::Invalid,
+        QosError::Blkio(BlkioError::Policy(_) | BlkioError::Device { .. }) => ErrorKind::Invalid,
+        QosError::Blkio(BlkioError::NoCgroup { .. } | BlkioError::NotConfigured { .. }) => {
+            ErrorKind::NotFound
+        }
+        QosError::Blkio(BlkioError::Cgroup(
+            CgroupError::Io { .. } | CgroupError::NoCgroups(_) | CgroupError::NoCgroup2,
+        )) => ErrorKind::Internal,
+        QosError::Blkio(BlkioError::Cgroup(_)) => ErrorKind::Invalid,
+        // Io, Tracker, Btf, Unsupported: the kernel or the host.
         _ => ErrorKind::Internal,
     }
 }

@@ -7,6 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use blkio::IoLimits;
 use emc::MemQuota;
 use netqos::NetQuota;
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,10 @@ pub struct DesiredState {
     /// cgroup name (relative to the memory hierarchy) → memory quota.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub mem: BTreeMap<String, MemQuota>,
+    /// cgroup name (relative to the io hierarchy) → device (`major:minor`)
+    /// → IO limits.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub io: BTreeMap<String, BTreeMap<String, IoLimits>>,
 }
 
 /// Atomic load/save of the desired state under the daemon's state dir.
@@ -135,11 +140,41 @@ mod tests {
                 priority: 3,
             },
         );
+        st.io.entry("tenants/a".into()).or_default().insert(
+            "7:3".into(),
+            IoLimits {
+                write_bps: Some("10MiB".parse().expect("rate")),
+                read_iops: Some(300),
+                weight: Some(50),
+                ..Default::default()
+            },
+        );
+        st.io.entry("tenants/a".into()).or_default().insert(
+            "259:0".into(),
+            IoLimits {
+                read_bps: Some("1G".parse().expect("rate")),
+                ..Default::default()
+            },
+        );
         store.save(&st).expect("save");
         assert_eq!(store.load().expect("load"), st);
+        let text = std::fs::read_to_string(store.path()).expect("read");
+        assert!(text.contains("\"write_bps\": \"10MiB\""), "{text}");
         // A file written before memory quotas existed still loads.
         std::fs::write(store.path(), r#"{"version": 1, "net": {}}"#).expect("write");
         assert!(store.load().expect("old file").mem.is_empty());
+        // So does one written before IO limits existed.
+        std::fs::write(
+            store.path(),
+            r#"{"version": 1, "net": {}, "mem": {"a": {"guarantee": "1G", "priority": 0}}}"#,
+        )
+        .expect("write");
+        let old = store.load().expect("file without io");
+        assert!(old.io.is_empty() && old.mem.len() == 1, "{old:?}");
+        // Without IO limits the file has no "io" key (older qosd can read it).
+        store.save(&old).expect("save");
+        let text = std::fs::read_to_string(store.path()).expect("read");
+        assert!(!text.contains("\"io\""), "{text}");
         assert!(!store.path().with_extension("json.tmp").exists());
     }
 

@@ -1,5 +1,6 @@
 //! qosd and qosctl as an operator uses them: a real daemon on a throwaway
-//! veth, its socket API, persistence, and the error for each bad input.
+//! veth (and, for disk IO, a loop device), its socket API, persistence, and
+//! the error for each bad input.
 //! Needs root (under CI a missing privilege fails the test).
 #![allow(
     clippy::expect_used,
@@ -15,7 +16,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use testbeds::{
-    CgroupDir, KillOnDrop, Netns, Veth, mem::MemCgroup, require_root, unique, wait_for,
+    CgroupDir, KillOnDrop, Netns, Veth,
+    io::{IoCgroup, LoopFs},
+    mem::MemCgroup,
+    require_root, unique, wait_for,
 };
 
 const QOSD: &str = env!("CARGO_BIN_EXE_qosd");
@@ -562,5 +566,411 @@ fn state_survives_a_restart_and_follows_cgroups() -> Result<()> {
     d.stop()?;
     let state = std::fs::read_to_string(d.dir.path().join("state/state.json"))?;
     assert!(!state.contains(&a), "{state}");
+    Ok(())
+}
+
+/// One raw request line on the socket; the reply line.
+fn raw(socket: &Path, request: &str) -> Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(request.as_bytes())?;
+    s.write_all(b"\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line)
+}
+
+/// Whether IO is controlled through v1 blkio here (else cgroup2 io.max).
+fn io_v1() -> Result<bool> {
+    Ok(qos_core::Hierarchy::detect()?.v1_mount("blkio").is_some())
+}
+
+/// The kernel's rule for `devno` in a cgroup's io directory: the value of
+/// `key` (v1: the whole value of the `blkio.throttle.<key>` file's line;
+/// v2: `wbps`/`riops`/... of io.max). None when the device has no rule.
+fn kernel_limit(dir: &Path, devno: &str, v1_file: &str, v2_key: &str) -> Result<Option<u64>> {
+    let (file, v1) = if io_v1()? {
+        (dir.join(format!("blkio.throttle.{v1_file}")), true)
+    } else {
+        (dir.join("io.max"), false)
+    };
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let Some(line) = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(devno))
+    else {
+        return Ok(None);
+    };
+    let value = if v1 {
+        line.split_whitespace().nth(1)
+    } else {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{v2_key}=")))
+    };
+    Ok(match value {
+        None | Some("max") | Some("0") => None,
+        Some(v) => Some(v.parse()?),
+    })
+}
+
+fn write_bps_rule(dir: &Path, devno: &str) -> Result<Option<u64>> {
+    kernel_limit(dir, devno, "write_bps_device", "wbps")
+}
+
+#[test]
+fn io_limits_set_show_unset_persist_and_every_bad_input() -> Result<()> {
+    if !require_root("io_limits_set_show_unset_persist_and_every_bad_input") {
+        return Ok(());
+    }
+    let fs = LoopFs::new("ext4", 256, false)?;
+    let devno = fs.devno();
+    let a_cg = IoCgroup::new("qos-io-a")?;
+    let b_cg = IoCgroup::new("qos-io-b")?;
+    let c_cg = IoCgroup::new("qos-io-c")?;
+    let (a, b, c) = (a_cg.name(), b_cg.name(), c_cg.name());
+    let dir = |name: &str| a_cg.io_dir().join(name);
+    // b is limited by the config file, its device named by path.
+    let mut d = Daemon::with(
+        "1gbit",
+        &format!(
+            "[io]\nenabled = true\ninterval_ms = 50\n[[io.limit]]\ncgroup = \"{b}\"\n\
+             device = \"{}\"\nread_iops = 100\n",
+            fs.device()
+        ),
+    )?;
+    let io_show = |d: &Daemon| -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&d.ok(&["io", "show", "-o", "json"])?)?)
+    };
+    let group = |v: &serde_json::Value, name: &str| -> Option<serde_json::Value> {
+        v["groups"]
+            .as_array()?
+            .iter()
+            .find(|g| g["cgroup"] == name)
+            .cloned()
+    };
+    let mode = if io_v1()? { "v1-assisted" } else { "v2-kernel" };
+
+    // Applied from the config at start.
+    let v = io_show(&d)?;
+    assert_eq!(v["mode"], mode, "{v}");
+    let gb = group(&v, b).context("config limit not applied")?;
+    assert_eq!(
+        (gb["device"].as_str(), gb["limits"]["read_iops"].as_u64()),
+        (Some(devno.as_str()), Some(100)),
+        "{gb}"
+    );
+    assert_eq!(
+        kernel_limit(&dir(b), &devno, "read_iops_device", "riops")?,
+        Some(100)
+    );
+
+    // Set by device path.
+    let out = d.ok(&[
+        "io",
+        "set",
+        a,
+        "--device",
+        fs.device(),
+        "--write-bps",
+        "10MiB",
+        "--read-iops",
+        "300",
+    ])?;
+    assert_eq!(
+        out.trim(),
+        format!("{a} on {devno}: write 10MiB/s, read 300 iops")
+    );
+    assert_eq!(write_bps_rule(&dir(a), &devno)?, Some(10 << 20));
+    assert_eq!(
+        kernel_limit(&dir(a), &devno, "read_iops_device", "riops")?,
+        Some(300)
+    );
+    let v = io_show(&d)?;
+    let ga = group(&v, a).context("no group for a")?;
+    assert_eq!(ga["device"], devno.as_str());
+    assert_eq!(ga["limits"]["write_bps"], "10MiB");
+    assert_eq!(ga["limits"]["read_iops"], 300);
+    assert_eq!(ga["effective_write_bps"], 10u64 << 20);
+    assert_eq!(ga["state"], "running");
+    if mode == "v1-assisted" {
+        assert!(
+            v["tracker"]["kernel"]
+                .as_str()
+                .is_some_and(|k| !k.is_empty()),
+            "{v}"
+        );
+    }
+    let table = d.ok(&["io", "show"])?;
+    for needle in [
+        "IO mode: ",
+        "tracker",
+        "CGROUP",
+        "WRITTEN BACK",
+        a,
+        &devno,
+        "write 10MiB/s, read 300 iops",
+        "running",
+    ] {
+        assert!(table.contains(needle), "{needle:?} not in\n{table}");
+    }
+    let s: serde_json::Value = serde_json::from_str(&d.ok(&["status", "-o", "json"])?)?;
+    assert_eq!(s["io"]["limits"], 2, "{s}");
+    assert!(
+        s["io"]["mode"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(mode)),
+        "{s}"
+    );
+    assert!(d.ok(&["status"])?.contains("io: "));
+
+    // Set again by number: replaces the limits on that device.
+    let out = d.ok(&[
+        "io",
+        "set",
+        a,
+        "--device",
+        &devno,
+        "--write-bps",
+        "20M/s",
+        "--weight",
+        "500",
+    ])?;
+    assert_eq!(
+        out.trim(),
+        format!("{a} on {devno}: write 20MiB/s, weight 500")
+    );
+    assert_eq!(write_bps_rule(&dir(a), &devno)?, Some(20 << 20));
+    assert_eq!(
+        kernel_limit(&dir(a), &devno, "read_iops_device", "riops")?,
+        None,
+        "the old read limit stayed"
+    );
+
+    // Bad input: exit status and a message naming the problem; nothing
+    // changes.
+    let set = |cgroup: &str, device: &str, more: &[&str]| -> Vec<String> {
+        ["io", "set", cgroup, "--device", device]
+            .iter()
+            .chain(more)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    for (args, code, needle) in [
+        (set(a, "/dev/nope", &["--write-bps", "1M"]), 2, "/dev/nope"),
+        (
+            set(a, "7:x", &["--write-bps", "1M"]),
+            2,
+            "minor 'x' is not a number",
+        ),
+        (set(a, "loop0", &["--write-bps", "1M"]), 2, "use a path"),
+        (
+            set(a, "/dev/null", &["--write-bps", "1M"]),
+            2,
+            "not a block device",
+        ),
+        (
+            set(a, "4095:1048575", &["--write-bps", "1M"]),
+            2,
+            "no block device 4095:1048575",
+        ),
+        (set(a, &devno, &["--weight", "0"]), 2, "1..=1000"),
+        (set(a, &devno, &["--weight", "1001"]), 2, "1..=1000"),
+        (set(a, &devno, &["--write-bps", "0"]), 2, "zero"),
+        (
+            set(a, &devno, &["--read-bps", "fast"]),
+            2,
+            "invalid byte rate 'fast'",
+        ),
+        (set(a, &devno, &["--write-iops", "0"]), 2, "1..=100000000"),
+        (set(a, &devno, &[]), 2, "no limit given"),
+        (
+            set(&format!("{a}/nope"), &devno, &["--write-bps", "1M"]),
+            3,
+            "does not exist",
+        ),
+        (set("/etc", &devno, &["--write-bps", "1M"]), 2, "outside"),
+        (set("../x", &devno, &["--write-bps", "1M"]), 2, "'..'"),
+        (
+            ["io", "unset", &format!("{a}/nope")]
+                .map(String::from)
+                .to_vec(),
+            3,
+            "no IO limits set",
+        ),
+        (
+            ["io", "unset", a, "--device", "4095:1"]
+                .map(String::from)
+                .to_vec(),
+            3,
+            "no IO limits set for cgroup",
+        ),
+        (
+            ["io", "unset", a, "--device", "7:x"]
+                .map(String::from)
+                .to_vec(),
+            2,
+            "minor 'x'",
+        ),
+        (
+            ["io", "set", a, "--write-bps", "1M"]
+                .map(String::from)
+                .to_vec(),
+            2,
+            "--device",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        d.fails(&args, code, needle)?;
+    }
+    // What qosctl refuses itself, the daemon refuses too.
+    for (request, needle) in [
+        (
+            format!(r#"{{"op":"io_set","cgroup":"{c}","device":"{devno}","weight":0}}"#),
+            "weight 0 is outside 1..=1000",
+        ),
+        (
+            format!(r#"{{"op":"io_set","cgroup":"{c}","device":"{devno}","weight":1001}}"#),
+            "weight 1001 is outside 1..=1000",
+        ),
+        (
+            format!(r#"{{"op":"io_set","cgroup":"{c}","device":"{devno}","write_iops":0}}"#),
+            "write_iops must be between 1",
+        ),
+        (
+            format!(r#"{{"op":"io_set","cgroup":"{c}","device":"{devno}","write_bps":"0"}}"#),
+            "zero",
+        ),
+        (
+            format!(r#"{{"op":"io_set","cgroup":"{c}","device":"{devno}"}}"#),
+            "no limit given",
+        ),
+    ] {
+        let reply = raw(&d.socket, &request)?;
+        assert!(
+            reply.contains("\"invalid\"") && reply.contains(needle),
+            "{request}: {reply}"
+        );
+    }
+    assert_eq!(write_bps_rule(&dir(c), &devno)?, None);
+    assert_eq!(write_bps_rule(&dir(a), &devno)?, Some(20 << 20));
+    let v = io_show(&d)?;
+    assert_eq!(v["groups"].as_array().map(Vec::len), Some(2), "{v}");
+    let ga = group(&v, a).context("a lost its limits")?;
+    assert_eq!(
+        (
+            ga["limits"]["write_bps"].as_str(),
+            ga["limits"]["weight"].as_u64()
+        ),
+        (Some("20MiB"), Some(500)),
+        "{ga}"
+    );
+
+    // A cgroup that goes away keeps its limits waiting; they come back
+    // with it.
+    let w = format!("{a}/w");
+    std::fs::create_dir(dir(&w))?;
+    d.ok(&["io", "set", &w, "--device", &devno, "--write-bps", "1MiB"])?;
+    assert_eq!(write_bps_rule(&dir(&w), &devno)?, Some(1 << 20));
+    std::fs::remove_dir(dir(&w))?;
+    let waiting = format!("{w} on {devno} (io)");
+    let waits = |d: &Daemon| {
+        d.ok(&["status", "-o", "json"])
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .is_some_and(|s| {
+                s["waiting"]
+                    .as_array()
+                    .is_some_and(|w| w.iter().any(|x| x == waiting.as_str()))
+            })
+    };
+    assert!(
+        wait_for(Duration::from_secs(3), || waits(&d)),
+        "limits of a vanished cgroup do not wait: {}",
+        d.ok(&["status"])?
+    );
+    std::fs::create_dir(dir(&w))?;
+    assert!(
+        wait_for(Duration::from_secs(3), || write_bps_rule(&dir(&w), &devno)
+            .is_ok_and(|r| r == Some(1 << 20))),
+        "limits not re-applied to the re-created cgroup"
+    );
+    assert!(!waits(&d));
+
+    // Persisted across a restart; a clean stop takes them out of the kernel.
+    d.stop()?;
+    assert_eq!(
+        write_bps_rule(&dir(a), &devno)?,
+        None,
+        "not cleared on stop"
+    );
+    assert_eq!(write_bps_rule(&dir(&w), &devno)?, None);
+    // A cgroup missing at start: its limits wait for it.
+    std::fs::remove_dir(dir(&w))?;
+    d.start()?;
+    assert_eq!(write_bps_rule(&dir(a), &devno)?, Some(20 << 20));
+    let v = io_show(&d)?;
+    let ga = group(&v, a).context("limits lost across a restart")?;
+    assert_eq!(ga["limits"]["weight"], 500, "{v}");
+    assert!(group(&v, &w).is_none(), "{v}");
+    assert!(waits(&d), "{}", d.ok(&["status"])?);
+    assert!(d.log().contains("cgroup does not exist yet"), "{}", d.log());
+    std::fs::create_dir(dir(&w))?;
+    assert!(
+        wait_for(Duration::from_secs(3), || write_bps_rule(&dir(&w), &devno)
+            .is_ok_and(|r| r == Some(1 << 20))),
+        "waiting limits not applied when the cgroup appeared"
+    );
+    d.ok(&["io", "unset", &w])?;
+    assert_eq!(write_bps_rule(&dir(&w), &devno)?, None);
+    std::fs::remove_dir(dir(&w))?;
+
+    // Unset one device, then everything of b.
+    let out = d.ok(&["io", "unset", a, "--device", fs.device()])?;
+    assert_eq!(
+        out.trim(),
+        format!("{a} on {}: IO limits removed", fs.device())
+    );
+    assert_eq!(write_bps_rule(&dir(a), &devno)?, None);
+    assert_eq!(
+        std::fs::read_to_string(dir(a).join(if io_v1()? {
+            "blkio.throttle.write_bps_device"
+        } else {
+            "io.max"
+        }))?
+        .trim(),
+        ""
+    );
+    let out = d.ok(&["io", "unset", b])?;
+    assert_eq!(out.trim(), format!("{b}: IO limits removed"));
+    assert_eq!(
+        kernel_limit(&dir(b), &devno, "read_iops_device", "riops")?,
+        None
+    );
+    assert!(io_show(&d)?["groups"].as_array().is_some_and(Vec::is_empty));
+    d.fails(&["io", "unset", a], 3, "no IO limits set")?;
+    d.stop()?;
+    let state = std::fs::read_to_string(d.dir.path().join("state/state.json"))?;
+    assert!(!state.contains(a) && !state.contains(&w), "{state}");
+    Ok(())
+}
+
+#[test]
+fn io_commands_without_io_enabled_say_so() -> Result<()> {
+    if !require_root("io_commands_without_io_enabled_say_so") {
+        return Ok(());
+    }
+    let d = Daemon::new("1gbit")?;
+    d.fails(&["io", "show"], 5, "[io] enabled = true")?;
+    d.fails(
+        &["io", "set", "x", "--device", "7:0", "--write-bps", "1M"],
+        5,
+        "disk IO control is not enabled",
+    )?;
+    d.fails(&["io", "unset", "x"], 5, "not enabled")?;
+    let s: serde_json::Value = serde_json::from_str(&d.ok(&["status", "-o", "json"])?)?;
+    assert!(s.get("io").is_none(), "{s}");
+    assert!(d.ok(&["status"])?.contains("io: not enabled"));
     Ok(())
 }

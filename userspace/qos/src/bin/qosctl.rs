@@ -2,6 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use blkio::{ByteRate, Device, IoLimits, policy::MAX_IOPS};
 use clap::{Parser, Subcommand, ValueEnum};
 use emc::{MemStatus, policy::format_bytes};
 use netqos::{NetClassStatus, NetStatus};
@@ -9,6 +10,7 @@ use qos::{
     Status,
     client::{Client, ClientError},
     config::DEFAULT_SOCKET,
+    io::IoStatus,
     protocol::{Reply, Request},
 };
 use qos_core::{Rate, Size, units::format_bps};
@@ -20,7 +22,11 @@ second; kibit, mibps, ... are binary (1024) multiples; decimals are allowed (1.5
 const SIZE_HELP: &str = "SIZE is bytes with binary multiples: 512M = 512MiB = 512 × 2^20; \
 K, M, G, T with an optional i and B.";
 
-/// Control qosd: per-cgroup network and memory quotas, status.
+const BYTE_RATE_HELP: &str = "RATE is BYTES per second with binary multiples: 20MiB = 20M/s = \
+20 × 2^20 bytes/s; K, M, G, T with an optional i and B, an optional /s or ps; a bare number is \
+bytes per second. DEV is a block device path (/dev/sdb) or major:minor (8:16).";
+
+/// Control qosd: per-cgroup network, memory and disk IO quotas, status.
 #[derive(Parser, Debug)]
 #[command(version, about, after_help = RATE_HELP)]
 struct Args {
@@ -47,6 +53,59 @@ enum Command {
     Mem {
         #[command(subcommand)]
         command: MemCommand,
+    },
+    /// Disk IO: byte rates, IOPS and weights per cgroup and device.
+    Io {
+        #[command(subcommand)]
+        command: IoCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum IoCommand {
+    /// Limit a cgroup's IO on one device: byte rates and IOPS per
+    /// direction, and a weight (its share of the device among the busy
+    /// cgroups with a weight). Buffered writes count against the cgroup
+    /// that dirtied the pages. Replaces the cgroup's limits on that device.
+    #[command(after_help = BYTE_RATE_HELP)]
+    Set {
+        /// cgroup: a path relative to the cgroup mounts ("tenants/a") or an
+        /// absolute path under the blkio hierarchy or the cgroup2 mount.
+        cgroup: String,
+        /// Block device: a path (/dev/sdb) or major:minor (8:16).
+        #[arg(long, value_name = "DEV")]
+        device: String,
+        /// Most bytes per second written to the device.
+        #[arg(long, value_name = "RATE", value_parser = parse_byte_rate)]
+        write_bps: Option<ByteRate>,
+        /// Most bytes per second read from the device.
+        #[arg(long, value_name = "RATE", value_parser = parse_byte_rate)]
+        read_bps: Option<ByteRate>,
+        /// Most write operations per second.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_IOPS))]
+        write_iops: Option<u64>,
+        /// Most read operations per second.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_IOPS))]
+        read_iops: Option<u64>,
+        /// Share of the device among busy cgroups, 1 to 1000.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+        weight: Option<u32>,
+    },
+    /// Remove a cgroup's IO limits on one device, or on every device.
+    Unset {
+        cgroup: String,
+        /// Only this device (path or major:minor); default: every device.
+        #[arg(long, value_name = "DEV")]
+        device: Option<String>,
+    },
+    /// Mode, writeback attribution, and per cgroup and device: limits,
+    /// enforcement state, backlog, debt and counters.
+    Show {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Refresh every SECS seconds until interrupted.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<f64>,
     },
 }
 
@@ -134,6 +193,10 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
 
 fn parse_size(s: &str) -> Result<Size, String> {
     s.parse::<Size>().map_err(|e| e.to_string())
+}
+
+fn parse_byte_rate(s: &str) -> Result<ByteRate, String> {
+    s.parse::<ByteRate>().map_err(|e| e.to_string())
 }
 
 fn main() {
@@ -249,8 +312,180 @@ fn run(args: Args) -> Result<(), ClientError> {
                 mem_table,
             )?,
         },
+        Command::Io { command } => match command {
+            IoCommand::Set {
+                cgroup,
+                device,
+                write_bps,
+                read_bps,
+                write_iops,
+                read_iops,
+                weight,
+            } => {
+                let limits = IoLimits {
+                    write_bps,
+                    read_bps,
+                    write_iops,
+                    read_iops,
+                    weight,
+                };
+                let Reply::IoApplied {
+                    cgroup,
+                    device,
+                    limits,
+                } = client.call(&Request::IoSet {
+                    cgroup,
+                    device,
+                    limits,
+                })?
+                else {
+                    return Err(unexpected());
+                };
+                println!("{cgroup} on {device}: {}", limits_text(&limits));
+            }
+            IoCommand::Unset { cgroup, device } => {
+                client.call(&Request::IoUnset {
+                    cgroup: cgroup.clone(),
+                    device: device.clone(),
+                })?;
+                match device {
+                    Some(d) => println!("{cgroup} on {d}: IO limits removed"),
+                    None => println!("{cgroup}: IO limits removed"),
+                }
+            }
+            IoCommand::Show { output, watch } => show(
+                &mut client,
+                &Request::IoShow,
+                output,
+                watch,
+                |r| match r {
+                    Reply::Io(s) => Some(s),
+                    _ => None,
+                },
+                io_table,
+            )?,
+        },
     }
     Ok(())
+}
+
+/// `write 10MiB/s, read 300 iops, weight 100`.
+fn limits_text(l: &IoLimits) -> String {
+    let mut parts = Vec::new();
+    if let Some(r) = l.write_bps {
+        parts.push(format!("write {r}"));
+    }
+    if let Some(r) = l.read_bps {
+        parts.push(format!("read {r}"));
+    }
+    if let Some(n) = l.write_iops {
+        parts.push(format!("write {n} iops"));
+    }
+    if let Some(n) = l.read_iops {
+        parts.push(format!("read {n} iops"));
+    }
+    if let Some(w) = l.weight {
+        parts.push(format!("weight {w}"));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn per_sec(bytes: u64) -> String {
+    format!("{}/s", format_bytes(bytes))
+}
+
+/// `7:3 (loop3)` where the device has a name on this host.
+fn device_text(d: Device) -> String {
+    match d.name() {
+        Some(n) => format!("{d} ({n})"),
+        None => d.to_string(),
+    }
+}
+
+fn io_table(s: &IoStatus) -> String {
+    let mut out = format!("IO mode: {}\n", s.mode_description);
+    match &s.tracker {
+        Some(t) => {
+            out += &format!(
+                "tracker: kernel {}, maps up to {}\n",
+                t.kernel,
+                format_bytes(t.map_memory_bytes)
+            );
+            for d in &t.devices {
+                out += &format!(
+                    "  {}: {:.1} % of {} file writes attributed{}{}\n",
+                    device_text(d.device),
+                    d.attributed_pct,
+                    format_bytes(d.file_write_bytes),
+                    d.scheduler
+                        .as_ref()
+                        .map(|s| format!(", scheduler {s}"))
+                        .unwrap_or_default(),
+                    d.capacity_estimate_bps
+                        .map(|c| format!(", capacity estimate {}", per_sec(c)))
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        None => out += "tracker: not loaded (writeback attribution is not verified)\n",
+    }
+    let mut rows = vec![
+        [
+            "CGROUP",
+            "DEVICE",
+            "LIMITS",
+            "EFFECTIVE",
+            "STATE",
+            "PENDING",
+            "DEBT",
+            "DIRTIED",
+            "WRITTEN BACK",
+            "LEAKED",
+            "WRITE RATE",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for g in &s.groups {
+        rows.push(vec![
+            g.cgroup.clone(),
+            g.device.to_string(),
+            limits_text(&g.limits),
+            g.effective_write_bps.map_or("-".into(), per_sec),
+            g.state.clone(),
+            format_bytes(g.pending_bytes),
+            format_bytes(g.debt_bytes),
+            format_bytes(g.dirtied_bytes),
+            format_bytes(g.written_back_bytes),
+            format_bytes(g.leaked_bytes),
+            per_sec(g.write_bps.max(0.0) as u64),
+        ]);
+    }
+    out += &columns(&rows);
+    let degraded: Vec<String> = s
+        .groups
+        .iter()
+        .filter_map(|g| {
+            g.degraded
+                .as_ref()
+                .map(|d| format!("  {} on {}: {d}\n", g.cgroup, g.device))
+        })
+        .collect();
+    if !degraded.is_empty() {
+        out += "\ndegraded:\n";
+        out += &degraded.concat();
+    }
+    if !s.events.is_empty() {
+        out += "\nrecent events:\n";
+        for e in &s.events {
+            out += &format!("  {e}\n");
+        }
+    }
+    out
 }
 
 fn mem_table(s: &MemStatus) -> String {
@@ -398,6 +633,10 @@ fn status_table(s: &Status) -> String {
             );
         }
         None => out += "mem: not enabled\n",
+    }
+    match &s.io {
+        Some(io) => out += &format!("io: {}, {} limit(s)\n", io.mode, io.limits),
+        None => out += "io: not enabled\n",
     }
     if !s.waiting.is_empty() {
         out += &format!("waiting for cgroups: {}\n", s.waiting.join(", "));

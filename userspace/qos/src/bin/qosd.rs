@@ -15,8 +15,8 @@ use clap::Parser;
 use qos::{Config, Qos, config::DEFAULT_CONFIG, server::ApiSocket};
 use tracing::{error, info, warn};
 
-/// Per-cgroup network and memory isolation daemon (one per host, runs as
-/// root).
+/// Per-cgroup network, memory and disk IO isolation daemon (one per host,
+/// runs as root).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -123,6 +123,27 @@ fn run() -> Result<()> {
             None => None,
         }
     };
+    // Disk IO control on its own clock and thread too: a step reads the
+    // tracker's maps and pauses writers, which must not wait for the others.
+    let io = {
+        let (controller, interval) = {
+            let q = qos.lock().unwrap_or_else(|p| p.into_inner());
+            (q.io_controller(), q.io_interval())
+        };
+        match controller {
+            Some(io) => {
+                let stop = Arc::clone(&stop);
+                Some(
+                    std::thread::Builder::new()
+                        .name("io".into())
+                        .spawn(move || {
+                            blkio::controller::run_loop(&io, interval, &stop);
+                        })?,
+                )
+            }
+            None => None,
+        }
+    };
     socket.serve(&qos, &stop);
     info!("stopping");
     if ticker.join().is_err() {
@@ -132,6 +153,11 @@ fn run() -> Result<()> {
         && m.join().is_err()
     {
         error!("memory thread panicked");
+    }
+    if let Some(t) = io
+        && t.join().is_err()
+    {
+        error!("io thread panicked");
     }
     drop(socket);
     qos.lock().unwrap_or_else(|p| p.into_inner()).shutdown();

@@ -1,0 +1,682 @@
+//! [`IoControl`]: per-cgroup IO limits applied through the kernel and, on
+//! v1 hosts, made to hold for buffered writes with the tracker.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    time::{Duration, Instant},
+};
+
+use qos_common::io::{InodeKey, IoCounters, RangeKey};
+use qos_core::cgroup::Hierarchy;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::{
+    Backend, BlkioError, Device, IoLimits, IoMode, Tracker,
+    flush::{FlushItem, FlushOutcome, FlushWorker, Placement},
+    policy::{CapacityEstimate, Enforce, next_debt, next_enforce, watermarks, weight_shares},
+    tracker,
+};
+
+/// Tunables of the IO loop.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IoSettings {
+    /// Time between steps.
+    pub interval: Duration,
+    /// Starting point of the device capacity estimate (weights → rates).
+    pub initial_capacity: u64,
+}
+
+impl Default for IoSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(50),
+            initial_capacity: 64 << 20,
+        }
+    }
+}
+
+/// Ranges of a shared file looked at per step, at most.
+const MAX_SHARED_RANGES: u64 = 8192;
+/// Write rates are rewritten only when they move by more than this.
+const RATE_HYSTERESIS: f64 = 0.02;
+
+#[derive(Debug)]
+struct Group {
+    limits: IoLimits,
+    /// The cgroup's id in the io hierarchy.
+    id: u64,
+    state: Enforce,
+    debt: u64,
+    pending: u64,
+    busy: bool,
+    /// Effective write rate (limit, or weight share).
+    rate: Option<u64>,
+    applied_rate: Option<u64>,
+    last: IoCounters,
+    write_bps: f64,
+    leaked_bps: f64,
+    degraded: Option<String>,
+}
+
+/// One cgroup's IO on one device, as reported.
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupStatus {
+    pub cgroup: String,
+    pub device: Device,
+    pub limits: IoLimits,
+    /// Write rate in force (the limit, or the weight's share of the device).
+    pub effective_write_bps: Option<u64>,
+    pub state: Enforce,
+    /// Bytes dirtied and not yet written back.
+    pub pending_bytes: u64,
+    /// Bytes the kernel flusher wrote for it unthrottled, not yet repaid.
+    pub debt_bytes: u64,
+    pub dirtied_bytes: u64,
+    pub written_back_bytes: u64,
+    pub leaked_bytes: u64,
+    pub charged_write_bytes: u64,
+    pub charged_read_bytes: u64,
+    pub direct_bytes: u64,
+    pub shared_inodes: u64,
+    /// Recent write rate at the block layer (written back + direct).
+    pub write_bps: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceAttribution {
+    pub device: Device,
+    pub file_write_bytes: u64,
+    pub attributed_bytes: u64,
+    /// attributed / file writes, percent.
+    pub attributed_pct: f64,
+    pub other_write_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity_estimate_bps: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrackerStatus {
+    pub kernel: String,
+    /// Upper bound of the maps' memory (keys + values).
+    pub map_memory_bytes: u64,
+    /// (map, entries in use, capacity).
+    pub entries: Vec<(String, usize, u32)>,
+    pub devices: Vec<DeviceAttribution>,
+    pub programs: Vec<tracker::ProgramCost>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct IoStatus {
+    pub mode: IoMode,
+    pub mode_description: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracker: Option<TrackerStatus>,
+    pub groups: Vec<GroupStatus>,
+    pub events: Vec<String>,
+}
+
+pub struct IoControl {
+    backend: Backend,
+    tracker: Option<Tracker>,
+    settings: IoSettings,
+    groups: BTreeMap<(String, Device), Group>,
+    workers: BTreeMap<String, FlushWorker>,
+    frozen: BTreeSet<String>,
+    capacity: BTreeMap<Device, CapacityEstimate>,
+    /// io cgroup id → name.
+    names: HashMap<u64, String>,
+    last_step: Instant,
+    events: VecDeque<String>,
+}
+
+impl std::fmt::Debug for IoControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoControl")
+            .field("mode", &self.backend.mode())
+            .field("groups", &self.groups.len())
+            .finish_non_exhaustive()
+    }
+}
+
+const MAX_EVENTS: usize = 64;
+
+impl IoControl {
+    /// Detects the mode and loads the tracker. On v1 hosts the tracker is
+    /// required (it is what makes buffered-write limits hold); on v2 hosts
+    /// it only verifies, and a failure to load it is logged.
+    pub fn start(h: &Hierarchy, settings: IoSettings) -> Result<Self, BlkioError> {
+        let backend = Backend::detect(h)?;
+        let tracker = match (Tracker::load(), backend.mode()) {
+            (Ok(t), _) => Some(t),
+            (Err(e), IoMode::V1Assisted) => return Err(e),
+            (Err(e), IoMode::V2Kernel) => {
+                warn!(error = %e, "writeback tracker unavailable: attribution is not verified");
+                None
+            }
+        };
+        info!(mode = %backend.mode(), "IO control started");
+        Ok(Self::with_parts(backend, tracker, settings))
+    }
+
+    /// From parts (tests: fixture backends, no tracker).
+    pub fn with_parts(backend: Backend, tracker: Option<Tracker>, settings: IoSettings) -> Self {
+        Self {
+            backend,
+            tracker,
+            settings,
+            groups: BTreeMap::new(),
+            workers: BTreeMap::new(),
+            frozen: BTreeSet::new(),
+            capacity: BTreeMap::new(),
+            names: HashMap::new(),
+            last_step: Instant::now(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn mode(&self) -> IoMode {
+        self.backend.mode()
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.settings.interval
+    }
+
+    pub fn tracker(&self) -> Option<&Tracker> {
+        self.tracker.as_ref()
+    }
+
+    fn event(&mut self, text: String) {
+        info!("{text}");
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(text);
+    }
+
+    fn bfq(dev: Device) -> bool {
+        dev.scheduler().as_deref() == Some("bfq")
+    }
+
+    /// Validates without applying (limits, device, cgroup).
+    pub fn check(&self, name: &str, dev: Device, limits: &IoLimits) -> Result<(), BlkioError> {
+        limits.validate()?;
+        Device::resolve(&dev.to_string())?;
+        self.backend.cgroup_dir(name)?;
+        Ok(())
+    }
+
+    /// Sets (or replaces) a cgroup's limits on a device. Nothing is left
+    /// applied when it fails.
+    pub fn set(&mut self, name: &str, dev: Device, limits: IoLimits) -> Result<(), BlkioError> {
+        self.check(name, dev, &limits)?;
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            let dir = self.backend.cgroup_dir(name)?;
+            std::fs::metadata(&dir).map_err(crate::io_err(&dir))?.ino()
+        };
+        let bfq = Self::bfq(dev);
+        let rate = limits.write_bps.map(|r| r.bytes_per_sec());
+        let bfq_weight = if bfq { limits.weight } else { None };
+        if let Err(e) = self.backend.apply(name, dev, &limits, rate, bfq_weight) {
+            let _ = self.backend.clear(name, dev);
+            return Err(e);
+        }
+        let mut degraded = None;
+        if self.mode() == IoMode::V1Assisted && !self.workers.contains_key(name) {
+            let placement = Placement {
+                group_tasks: self.backend.cgroup_dir(name)?.join("tasks"),
+                root_tasks: self.backend.root().join("tasks"),
+            };
+            match FlushWorker::spawn(name, placement) {
+                Ok(w) => {
+                    self.workers.insert(name.to_owned(), w);
+                }
+                Err(e) => degraded = Some(format!("no flush helper: {e}")),
+            }
+        }
+        let prev = self.groups.remove(&(name.to_owned(), dev));
+        let last = self.counters_of(id, dev).unwrap_or_default();
+        self.groups.insert(
+            (name.to_owned(), dev),
+            Group {
+                limits,
+                id,
+                state: prev.as_ref().map_or(Enforce::Running, |p| p.state),
+                debt: prev.as_ref().map_or(0, |p| p.debt),
+                pending: 0,
+                busy: false,
+                rate,
+                applied_rate: rate,
+                last,
+                write_bps: 0.0,
+                leaked_bps: 0.0,
+                degraded,
+            },
+        );
+        self.names.insert(id, name.to_owned());
+        self.event(format!(
+            "{name} on {dev}: limits set{}",
+            if bfq && limits.weight.is_some() {
+                " (weight by BFQ)"
+            } else {
+                ""
+            }
+        ));
+        Ok(())
+    }
+
+    fn counters_of(&self, id: u64, dev: Device) -> Option<IoCounters> {
+        let t = self.tracker.as_ref()?;
+        t.counters().ok()?.get(&(id, dev.kernel_dev())).copied()
+    }
+
+    /// Removes a cgroup's limits on a device (all devices when `dev` is None).
+    pub fn remove(&mut self, name: &str, dev: Option<Device>) -> Result<(), BlkioError> {
+        let keys: Vec<(String, Device)> = self
+            .groups
+            .keys()
+            .filter(|(n, d)| n == name && dev.is_none_or(|x| x == *d))
+            .cloned()
+            .collect();
+        if keys.is_empty() {
+            return Err(BlkioError::NotConfigured {
+                cgroup: name.into(),
+                device: dev.map_or("any device".into(), |d| d.to_string()),
+            });
+        }
+        for key in keys {
+            self.groups.remove(&key);
+            self.backend.clear(&key.0, key.1)?;
+            self.event(format!("{} on {}: limits removed", key.0, key.1));
+        }
+        if !self.groups.keys().any(|(n, _)| n == name) {
+            self.workers.remove(name);
+            if self.frozen.remove(name) {
+                let _ = self.backend.set_frozen(name, false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Configured (cgroup, device) pairs.
+    pub fn configured(&self) -> Vec<(String, Device, IoLimits)> {
+        self.groups
+            .iter()
+            .map(|((n, d), g)| (n.clone(), *d, g.limits))
+            .collect()
+    }
+
+    /// One control step: read the tracker, decide, flush, pause.
+    pub fn step(&mut self) -> Result<(), BlkioError> {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last_step).as_secs_f64().max(1e-3);
+        self.last_step = now;
+        let Some(tracker) = self.tracker.as_mut() else {
+            return Ok(());
+        };
+        for (name, w) in &self.workers {
+            for outcome in w.take_outcomes() {
+                match outcome {
+                    FlushOutcome::Flushed(item) => {
+                        let _ = tracker.settle(item.key, &item.ranges);
+                    }
+                    FlushOutcome::Gone(key) => {
+                        let _ = tracker.forget(key, MAX_SHARED_RANGES);
+                    }
+                    FlushOutcome::Failed(key) => {
+                        tracing::debug!(cgroup = %name, ino = key.ino, "flush failed");
+                    }
+                }
+            }
+        }
+        let counters = tracker.counters()?;
+        let inodes = tracker.inodes()?;
+        let devices: BTreeSet<u32> = self.groups.keys().map(|(_, d)| d.kernel_dev()).collect();
+
+        // Dirty work per io cgroup id: pending bytes per device and items.
+        let mut pending: HashMap<(u64, u32), u64> = HashMap::new();
+        let mut work: HashMap<u64, Vec<FlushItem>> = HashMap::new();
+        for (key, info) in &inodes {
+            if !devices.contains(&key.dev) || info.pending == 0 {
+                continue;
+            }
+            if info.other == 0 {
+                *pending.entry((info.owner, key.dev)).or_default() += info.pending;
+                work.entry(info.owner).or_default().push(FlushItem {
+                    key: *key,
+                    generation: info.generation,
+                    ranges: Vec::new(),
+                });
+                continue;
+            }
+            // Shared file: flush each cgroup's own ranges only.
+            let mut by_owner: HashMap<u64, Vec<u64>> = HashMap::new();
+            for range in 0..=info.max_range.min(MAX_SHARED_RANGES) {
+                let rk = RangeKey {
+                    dev: key.dev,
+                    _pad: 0,
+                    ino: key.ino,
+                    range,
+                };
+                if let Some(r) = tracker.range(&rk)
+                    && r.pending > 0
+                {
+                    *pending.entry((r.owner, key.dev)).or_default() += r.pending;
+                    by_owner.entry(r.owner).or_default().push(range);
+                }
+            }
+            for (owner, ranges) in by_owner {
+                work.entry(owner).or_default().push(FlushItem {
+                    key: *key,
+                    generation: info.generation,
+                    ranges,
+                });
+            }
+        }
+
+        // Counters and rates per group.
+        for ((_, dev), g) in self.groups.iter_mut() {
+            let c = counters
+                .get(&(g.id, dev.kernel_dev()))
+                .copied()
+                .unwrap_or_default();
+            let wrote =
+                (c.written_back + c.direct).saturating_sub(g.last.written_back + g.last.direct);
+            let leaked = c.leaked.saturating_sub(g.last.leaked);
+            g.write_bps = wrote as f64 / dt;
+            g.leaked_bps = leaked as f64 / dt;
+            g.pending = pending.get(&(g.id, dev.kernel_dev())).copied().unwrap_or(0);
+            g.busy = g.pending > 0 || wrote > 0;
+            g.debt = next_debt(g.debt, leaked, g.rate, g.state == Enforce::Repaying, dt);
+            g.last = c;
+        }
+
+        // Weights become rates over the device's estimated capacity, unless
+        // BFQ schedules the device.
+        if self.mode() == IoMode::V1Assisted {
+            let devs: BTreeSet<Device> = self.groups.keys().map(|(_, d)| *d).collect();
+            for dev in devs {
+                if Self::bfq(dev) {
+                    continue;
+                }
+                let members: Vec<(String, u32, bool)> = self
+                    .groups
+                    .iter()
+                    .filter(|((_, d), g)| *d == dev && g.limits.weight.is_some())
+                    .map(|((n, _), g)| (n.clone(), g.limits.weight.unwrap_or(1), g.busy))
+                    .collect();
+                if members.is_empty() {
+                    continue;
+                }
+                let delivered: f64 = self
+                    .groups
+                    .iter()
+                    .filter(|((_, d), g)| *d == dev && g.limits.weight.is_some() && g.busy)
+                    .map(|(_, g)| g.write_bps)
+                    .sum();
+                let backlogged = self
+                    .groups
+                    .iter()
+                    .filter(|((_, d), g)| *d == dev && g.limits.weight.is_some() && g.busy)
+                    .all(|(_, g)| g.pending > 0);
+                let initial = self.settings.initial_capacity;
+                let est = self
+                    .capacity
+                    .entry(dev)
+                    .or_insert_with(|| CapacityEstimate::new(initial, 1 << 20));
+                est.update(delivered, backlogged && delivered > 0.0, dt);
+                let cap = est.bps();
+                let weights: Vec<(u32, bool)> = members.iter().map(|(_, w, b)| (*w, *b)).collect();
+                let shares = weight_shares(cap, &weights);
+                for ((name, _, busy), share) in members.iter().zip(shares) {
+                    if let Some(g) = self.groups.get_mut(&(name.clone(), dev)) {
+                        let limit = g.limits.write_bps.map(|r| r.bytes_per_sec());
+                        // An idle group keeps a full share ready for when it wakes.
+                        let share = if *busy { share } else { cap };
+                        g.rate = Some(limit.map_or(share, |l| l.min(share)).max(1 << 16));
+                    }
+                }
+            }
+            for ((name, dev), g) in self.groups.iter_mut() {
+                let moved = match (g.rate, g.applied_rate) {
+                    (Some(a), Some(b)) => (a as f64 - b as f64).abs() > RATE_HYSTERESIS * b as f64,
+                    (a, b) => a != b,
+                };
+                if moved {
+                    match self.backend.set_write_rate(name, *dev, g.rate) {
+                        Ok(()) => g.applied_rate = g.rate,
+                        Err(e) => g.degraded = Some(e.to_string()),
+                    }
+                }
+            }
+        }
+
+        if self.mode() != IoMode::V1Assisted {
+            return Ok(());
+        }
+        // Enforcement states, then per cgroup: pause writers, flush.
+        let mut pause: BTreeMap<String, bool> = BTreeMap::new();
+        let mut allow_flush: BTreeMap<String, bool> = BTreeMap::new();
+        let mut ids: BTreeMap<String, u64> = BTreeMap::new();
+        let mut transitions = Vec::new();
+        for ((name, dev), g) in self.groups.iter_mut() {
+            let writes_limited = g.rate.is_some() || g.limits.write_iops.is_some();
+            let next = if writes_limited {
+                next_enforce(g.state, g.pending, g.debt, watermarks(g.rate))
+            } else {
+                Enforce::Running
+            };
+            if next != g.state {
+                transitions.push(format!(
+                    "{name} on {dev}: {:?} → {:?} (pending {} KiB, debt {} KiB)",
+                    g.state,
+                    next,
+                    g.pending >> 10,
+                    g.debt >> 10
+                ));
+                g.state = next;
+            }
+            *pause.entry(name.clone()).or_default() |= next.writers_paused();
+            *allow_flush.entry(name.clone()).or_insert(true) &= next.flush_allowed();
+            ids.insert(name.clone(), g.id);
+        }
+        for t in transitions {
+            tracing::debug!("{t}");
+        }
+        for (name, paused) in pause {
+            let was = self.frozen.contains(&name);
+            if paused != was {
+                match self.backend.set_frozen(&name, paused) {
+                    Ok(()) => {
+                        if paused {
+                            self.frozen.insert(name.clone());
+                        } else {
+                            self.frozen.remove(&name);
+                        }
+                    }
+                    Err(e) => {
+                        for ((n, _), g) in self.groups.iter_mut() {
+                            if *n == name {
+                                g.degraded = Some(format!("writers cannot be paused: {e}"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (name, id) in ids {
+            let Some(worker) = self.workers.get(&name) else {
+                continue;
+            };
+            if !allow_flush.get(&name).copied().unwrap_or(true) || worker.busy() {
+                continue;
+            }
+            if let Some(items) = work.remove(&id)
+                && !items.is_empty()
+            {
+                worker.submit(items);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn status(&mut self) -> IoStatus {
+        if self.names.is_empty()
+            || self
+                .groups
+                .values()
+                .any(|g| !self.names.contains_key(&g.id))
+        {
+            self.names = self.backend.cgroup_ids();
+        }
+        let tracker = self.tracker.as_ref().map(|t| {
+            let devices = t
+                .devices()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(dev, c)| {
+                    let device = Device::from_kernel_dev(dev);
+                    DeviceAttribution {
+                        device,
+                        file_write_bytes: c.file_write,
+                        attributed_bytes: c.attributed,
+                        attributed_pct: if c.file_write == 0 {
+                            100.0
+                        } else {
+                            100.0 * c.attributed as f64 / c.file_write as f64
+                        },
+                        other_write_bytes: c.other_write,
+                        capacity_estimate_bps: self.capacity.get(&device).map(|e| e.bps()),
+                        scheduler: device.scheduler(),
+                    }
+                })
+                .collect();
+            TrackerStatus {
+                kernel: t.kernel().to_owned(),
+                map_memory_bytes: tracker::map_memory_bytes(),
+                entries: t
+                    .entries()
+                    .into_iter()
+                    .map(|(n, used, cap)| (n.to_owned(), used, cap))
+                    .collect(),
+                devices,
+                programs: t.program_costs(),
+            }
+        });
+        let counters = self
+            .tracker
+            .as_ref()
+            .and_then(|t| t.counters().ok())
+            .unwrap_or_default();
+        let groups = self
+            .groups
+            .iter()
+            .map(|((name, dev), g)| {
+                let c = counters
+                    .get(&(g.id, dev.kernel_dev()))
+                    .copied()
+                    .unwrap_or_default();
+                GroupStatus {
+                    cgroup: name.clone(),
+                    device: *dev,
+                    limits: g.limits,
+                    effective_write_bps: g.rate,
+                    state: g.state,
+                    pending_bytes: g.pending,
+                    debt_bytes: g.debt,
+                    dirtied_bytes: c.dirtied,
+                    written_back_bytes: c.written_back,
+                    leaked_bytes: c.leaked,
+                    charged_write_bytes: c.charged_write,
+                    charged_read_bytes: c.charged_read,
+                    direct_bytes: c.direct,
+                    shared_inodes: c.shared_inodes,
+                    write_bps: g.write_bps,
+                    degraded: g.degraded.clone(),
+                }
+            })
+            .collect();
+        IoStatus {
+            mode: self.mode(),
+            mode_description: self.mode().to_string(),
+            tracker,
+            groups,
+            events: self.events.iter().cloned().collect(),
+        }
+    }
+
+    /// Counters of any io cgroup id the tracker saw (measurement tools).
+    pub fn counters_by_name(&mut self) -> HashMap<(String, Device), IoCounters> {
+        let Some(t) = self.tracker.as_ref() else {
+            return HashMap::new();
+        };
+        let counters = t.counters().unwrap_or_default();
+        if counters.keys().any(|(id, _)| !self.names.contains_key(id)) {
+            self.names = self.backend.cgroup_ids();
+        }
+        counters
+            .into_iter()
+            .map(|((id, dev), c)| {
+                let name = self
+                    .names
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{id}"));
+                ((name, Device::from_kernel_dev(dev)), c)
+            })
+            .collect()
+    }
+
+    /// Removes every limit, thaws paused writers, stops the helpers.
+    pub fn stop(&mut self) {
+        for (name, dev) in self.groups.keys().cloned().collect::<Vec<_>>() {
+            if let Err(e) = self.backend.clear(&name, dev) {
+                warn!(cgroup = %name, device = %dev, error = %e, "clearing IO limits");
+            }
+        }
+        for name in std::mem::take(&mut self.frozen) {
+            let _ = self.backend.set_frozen(&name, false);
+        }
+        self.groups.clear();
+        self.workers.clear();
+    }
+}
+
+impl Drop for IoControl {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs steps until `stop` is set (the daemon's IO thread, and tools).
+pub fn run_loop(
+    io: &std::sync::Mutex<IoControl>,
+    interval: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let started = Instant::now();
+        {
+            let mut g = io.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Err(e) = g.step() {
+                warn!(error = %e, "IO step");
+            }
+        }
+        std::thread::sleep(interval.saturating_sub(started.elapsed()));
+    }
+}
+
+/// The key of an inode as the tracker stores it (tests, tools).
+pub fn inode_key(dev: Device, ino: u64) -> InodeKey {
+    InodeKey {
+        dev: dev.kernel_dev(),
+        _pad: 0,
+        ino,
+    }
+}

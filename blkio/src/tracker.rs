@@ -1,0 +1,309 @@
+//! Loads the writeback attribution tracker and reads what it counted.
+
+use std::collections::HashMap;
+
+use aya::{
+    Ebpf, EbpfLoader, VerifierLogLevel,
+    maps::{HashMap as BpfHashMap, MapData},
+    programs::BtfTracePoint,
+};
+use qos_common::io::{
+    DEVICE_ENTRIES, DeviceCounters, INODE_ENTRIES, InodeInfo, InodeKey, IoCounters, IoOffsets,
+    NR_PAGES_IS_ORDER, OFFSETS_READY, RANGE_ENTRIES, RangeInfo, RangeKey, STATS_ENTRIES, StatsKey,
+};
+use serde::Serialize;
+
+use crate::{BlkioError, btf::Btf};
+
+/// Program name and the kernel tracepoint it attaches to.
+pub const PROGRAMS: [(&str, &str); 2] = [
+    ("qos_io_dirty", "writeback_dirty_folio"),
+    ("qos_io_bio", "block_bio_queue"),
+];
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Offsets of every field the programs read, from `btf`.
+pub fn resolve_offsets(btf: &Btf) -> Result<IoOffsets, BlkioError> {
+    let m = |s: &str, f: &str| btf.member_offset(s, f);
+    let (folio_nr_pages, order) = if btf.has_member("folio", "_nr_pages") {
+        (m("folio", "_nr_pages")?, false)
+    } else if btf.has_member("folio", "_folio_nr_pages") {
+        (m("folio", "_folio_nr_pages")?, false)
+    } else {
+        (m("folio", "_folio_order")?, true)
+    };
+    let small = |v: i64, what: &str| {
+        u32::try_from(v).map_err(|_| BlkioError::Tracker {
+            kernel: kernel_release(),
+            reason: format!("{what} = {v} is out of range"),
+        })
+    };
+    // SAFETY: sysconf has no preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Ok(IoOffsets {
+        flags: OFFSETS_READY | if order { NR_PAGES_IS_ORDER } else { 0 },
+        io_subsys_index: small(btf.enum_value("io_cgrp_id")?, "io_cgrp_id")?,
+        page_size: small(page_size as i64, "page size")?,
+        pg_head_bit: small(btf.enum_value("PG_head")?, "PG_head")?,
+        task_cgroups: m("task_struct", "cgroups")?,
+        css_set_subsys: m("css_set", "subsys")?,
+        css_cgroup: m("cgroup_subsys_state", "cgroup")?,
+        cgroup_kn: m("cgroup", "kn")?,
+        kn_id: m("kernfs_node", "id")?,
+        folio_flags: m("folio", "flags")?,
+        folio_nr_pages,
+        page_mapping: m("folio", "mapping")?,
+        page_index: m("folio", "index")?,
+        mapping_host: m("address_space", "host")?,
+        inode_ino: m("inode", "i_ino")?,
+        inode_sb: m("inode", "i_sb")?,
+        inode_generation: m("inode", "i_generation")?,
+        sb_dev: m("super_block", "s_dev")?,
+        bio_opf: m("bio", "bi_opf")?,
+        bio_bdev: m("bio", "bi_bdev")?,
+        bdev_dev: m("block_device", "bd_dev")?,
+        bio_size: m("bio", "bi_iter.bi_size")?,
+        bio_io_vec: m("bio", "bi_io_vec")?,
+        bvec_page: m("bio_vec", "bv_page")?,
+        bio_blkg: m("bio", "bi_blkg")?,
+        blkg_blkcg: m("blkcg_gq", "blkcg")?,
+        blkcg_css: m("blkcg", "css")?,
+        _pad: 0,
+    })
+}
+
+/// Memory the tracker's maps may take at most (keys + values, without the
+/// kernel's per-entry overhead), bytes.
+pub const fn map_memory_bytes() -> u64 {
+    use core::mem::size_of;
+    (STATS_ENTRIES as usize * (size_of::<StatsKey>() + size_of::<IoCounters>())
+        + DEVICE_ENTRIES as usize * (4 + size_of::<DeviceCounters>())
+        + INODE_ENTRIES as usize * (size_of::<InodeKey>() + size_of::<InodeInfo>())
+        + RANGE_ENTRIES as usize * (size_of::<RangeKey>() + size_of::<RangeInfo>())) as u64
+}
+
+/// Run count and time of one program (bpf_stats must be enabled to count).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProgramCost {
+    pub name: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+pub struct Tracker {
+    ebpf: Ebpf,
+    kernel: String,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("kernel", &self.kernel)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tracker_err(reason: impl std::fmt::Display) -> BlkioError {
+    BlkioError::Tracker {
+        kernel: kernel_release(),
+        reason: reason.to_string(),
+    }
+}
+
+impl Tracker {
+    /// Loads and attaches both programs. A failure names the program, the
+    /// kernel and, for a rejected program, the verifier's log.
+    pub fn load() -> Result<Self, BlkioError> {
+        let kernel = kernel_release();
+        let btf = Btf::from_kernel()?;
+        let offsets = resolve_offsets(&btf)?;
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(tracker_err)?;
+        let mut ebpf = EbpfLoader::new()
+            .verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS)
+            .load(qos_bpf::IO)
+            .map_err(|e| tracker_err(format!("loading the object: {e}")))?;
+        {
+            let map = ebpf
+                .map_mut("IO_OFFSETS")
+                .ok_or_else(|| tracker_err("object has no IO_OFFSETS map"))?;
+            let mut arr = aya::maps::Array::<_, IoOffsets>::try_from(map).map_err(tracker_err)?;
+            arr.set(0, offsets, 0).map_err(tracker_err)?;
+        }
+        for (name, tracepoint) in PROGRAMS {
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| tracker_err(format!("object has no program {name}")))?
+                .try_into()
+                .map_err(|e| tracker_err(format!("{name}: {e}")))?;
+            prog.load(tracepoint, &kernel_btf).map_err(|e| {
+                let log = match &e {
+                    aya::programs::ProgramError::LoadError { verifier_log, .. } => {
+                        format!("\nverifier log:\n{verifier_log}")
+                    }
+                    _ => String::new(),
+                };
+                tracker_err(format!(
+                    "program {name} (tp_btf/{tracepoint}) failed to load: {e}{log}"
+                ))
+            })?;
+            prog.attach().map_err(|e| {
+                tracker_err(format!("attaching {name} to tp_btf/{tracepoint}: {e}"))
+            })?;
+        }
+        tracing::info!(kernel = %kernel, "writeback tracker attached");
+        Ok(Self { ebpf, kernel })
+    }
+
+    pub fn kernel(&self) -> &str {
+        &self.kernel
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &str,
+    ) -> Result<BpfHashMap<&MapData, K, V>, BlkioError> {
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or_else(|| tracker_err(format!("no map {name}")))?;
+        BpfHashMap::try_from(map).map_err(|e| tracker_err(format!("{name}: {e}")))
+    }
+
+    fn hash_mut<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+    ) -> Result<BpfHashMap<&mut MapData, K, V>, BlkioError> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| tracker_err(format!("no map {name}")))?;
+        BpfHashMap::try_from(map).map_err(|e| tracker_err(format!("{name}: {e}")))
+    }
+
+    /// Counters per (io cgroup id, kernel dev).
+    pub fn counters(&self) -> Result<HashMap<(u64, u32), IoCounters>, BlkioError> {
+        let m = self.hash::<StatsKey, IoCounters>("IO_STATS")?;
+        Ok(m.iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| ((k.cgroup, k.dev), v))
+            .collect())
+    }
+
+    /// Totals per kernel dev.
+    pub fn devices(&self) -> Result<HashMap<u32, DeviceCounters>, BlkioError> {
+        let m = self.hash::<u32, DeviceCounters>("IO_DEVICES")?;
+        Ok(m.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Every tracked inode.
+    pub fn inodes(&self) -> Result<Vec<(InodeKey, InodeInfo)>, BlkioError> {
+        let m = self.hash::<InodeKey, InodeInfo>("IO_INODES")?;
+        Ok(m.iter().filter_map(Result::ok).collect())
+    }
+
+    pub fn range(&self, key: &RangeKey) -> Option<RangeInfo> {
+        self.hash::<RangeKey, RangeInfo>("IO_RANGES")
+            .ok()?
+            .get(key, 0)
+            .ok()
+    }
+
+    /// Marks a flushed inode (or some of its ranges) clean: pages dropped
+    /// before writeback (truncate, unlink) would otherwise look dirty forever.
+    pub fn settle(&mut self, key: InodeKey, ranges: &[u64]) -> Result<(), BlkioError> {
+        {
+            let mut r = self.hash_mut::<RangeKey, RangeInfo>("IO_RANGES")?;
+            for &range in ranges {
+                let rk = RangeKey {
+                    dev: key.dev,
+                    _pad: 0,
+                    ino: key.ino,
+                    range,
+                };
+                if let Ok(mut info) = r.get(&rk, 0) {
+                    info.pending = 0;
+                    let _ = r.insert(rk, info, 0);
+                }
+            }
+        }
+        let mut m = self.hash_mut::<InodeKey, InodeInfo>("IO_INODES")?;
+        if let Ok(mut info) = m.get(&key, 0) {
+            info.pending = 0;
+            let _ = m.insert(key, info, 0);
+        }
+        Ok(())
+    }
+
+    /// Forgets an inode that no longer exists (and its ranges).
+    pub fn forget(&mut self, key: InodeKey, max_range: u64) -> Result<(), BlkioError> {
+        {
+            let mut r = self.hash_mut::<RangeKey, RangeInfo>("IO_RANGES")?;
+            for range in 0..=max_range.min(RANGE_ENTRIES as u64) {
+                let _ = r.remove(&RangeKey {
+                    dev: key.dev,
+                    _pad: 0,
+                    ino: key.ino,
+                    range,
+                });
+            }
+        }
+        let mut m = self.hash_mut::<InodeKey, InodeInfo>("IO_INODES")?;
+        let _ = m.remove(&key);
+        Ok(())
+    }
+
+    /// Drops the counters of cgroups that no longer exist.
+    pub fn forget_cgroups(&mut self, live: &dyn Fn(u64) -> bool) -> Result<usize, BlkioError> {
+        let mut m = self.hash_mut::<StatsKey, IoCounters>("IO_STATS")?;
+        let dead: Vec<StatsKey> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.cgroup != 0 && !live(k.cgroup))
+            .collect();
+        for k in &dead {
+            let _ = m.remove(k);
+        }
+        Ok(dead.len())
+    }
+
+    /// Entries in use per map (for the memory report).
+    pub fn entries(&self) -> Vec<(&'static str, usize, u32)> {
+        vec![
+            (
+                "IO_STATS",
+                self.counters().map_or(0, |c| c.len()),
+                STATS_ENTRIES,
+            ),
+            (
+                "IO_DEVICES",
+                self.devices().map_or(0, |c| c.len()),
+                DEVICE_ENTRIES,
+            ),
+            (
+                "IO_INODES",
+                self.inodes().map_or(0, |c| c.len()),
+                INODE_ENTRIES,
+            ),
+        ]
+    }
+
+    pub fn program_costs(&self) -> Vec<ProgramCost> {
+        PROGRAMS
+            .iter()
+            .filter_map(|(name, _)| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some(ProgramCost {
+                    name: (*name).to_owned(),
+                    run_count: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                })
+            })
+            .collect()
+    }
+}

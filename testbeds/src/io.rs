@@ -1,0 +1,204 @@
+//! IO testbeds: file-backed loop devices with a filesystem, and cgroups in
+//! every hierarchy an IO test needs (io, freezer, cgroup2), all removed on
+//! drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{kill_and_remove, unique};
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}",
+            cmd,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A loop device over a sparse file, with a filesystem mounted on it.
+/// Unmounted, detached and deleted on drop.
+#[derive(Debug)]
+pub struct LoopFs {
+    dir: tempfile::TempDir,
+    device: String,
+    mount: PathBuf,
+    major: u32,
+    minor: u32,
+}
+
+impl LoopFs {
+    /// `fs` is `ext4` or `xfs`; `direct_io` makes the loop device bypass
+    /// the backing file's page cache (so the device, not memory, is what
+    /// the writers saturate).
+    pub fn new(fs: &str, size_mb: u64, direct_io: bool) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("qos-io-").tempdir_in(
+            std::env::var_os("QOS_IO_DIR").map_or_else(std::env::temp_dir, PathBuf::from),
+        )?;
+        let image = dir.path().join("disk.img");
+        let f = std::fs::File::create(&image)?;
+        f.set_len(size_mb << 20)?;
+        drop(f);
+        let mut losetup = Command::new("losetup");
+        losetup.args(["-f", "--show"]);
+        if direct_io {
+            losetup.arg("--direct-io=on");
+        }
+        let device = run(losetup.arg(&image))?;
+        let mount = dir.path().join("mnt");
+        let mut me = Self {
+            dir,
+            device,
+            mount,
+            major: 0,
+            minor: 0,
+        };
+        let mkfs = match fs {
+            "ext4" => run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&me.device)),
+            "xfs" => run(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(&me.device)),
+            other => bail!("unknown filesystem '{other}' (ext4 or xfs)"),
+        };
+        mkfs?;
+        std::fs::create_dir_all(&me.mount)?;
+        run(Command::new("mount").arg(&me.device).arg(&me.mount))?;
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(&me.device)?.rdev();
+        me.major = nix::sys::stat::major(rdev) as u32;
+        me.minor = nix::sys::stat::minor(rdev) as u32;
+        Ok(me)
+    }
+
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// `major:minor`.
+    pub fn devno(&self) -> String {
+        format!("{}:{}", self.major, self.minor)
+    }
+
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+
+    /// Selects the device's IO scheduler (`none`, `bfq`, `mq-deadline`).
+    pub fn set_scheduler(&self, scheduler: &str) -> Result<()> {
+        let name = self.device.trim_start_matches("/dev/");
+        let p = format!("/sys/block/{name}/queue/scheduler");
+        std::fs::write(&p, scheduler).with_context(|| format!("writing {scheduler} to {p}"))
+    }
+
+    /// Bytes written to the device so far (sectors from /sys/block/X/stat).
+    pub fn written_bytes(&self) -> u64 {
+        let name = self.device.trim_start_matches("/dev/");
+        std::fs::read_to_string(format!("/sys/block/{name}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.split_whitespace()
+                    .nth(6)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .map_or(0, |sectors| sectors * 512)
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+        let _ = self.dir.path();
+    }
+}
+
+/// A test cgroup of the same name in the io hierarchy (v1 blkio or
+/// cgroup2), the v1 freezer and cgroup2. Thawed, emptied and removed on drop.
+#[derive(Debug)]
+pub struct IoCgroup {
+    name: String,
+    roots: Vec<PathBuf>,
+    freezer: Option<PathBuf>,
+}
+
+impl IoCgroup {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let h = qos_core::Hierarchy::detect()?;
+        let mut roots = vec![h.controller_root("blkio")?.to_owned()];
+        let freezer = h.v1_mount("freezer").map(Path::to_owned);
+        roots.extend(freezer.clone());
+        if let Ok(u) = h.unified_root()
+            && !roots.iter().any(|r| r == u)
+        {
+            roots.push(u.to_owned());
+        }
+        let cg = Self {
+            name: unique(prefix),
+            roots,
+            freezer,
+        };
+        for r in &cg.roots {
+            let d = r.join(&cg.name);
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(cg)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Directory in the io hierarchy.
+    pub fn io_dir(&self) -> &PathBuf {
+        &self.roots[0]
+    }
+
+    /// Spawns `cmd` inside this cgroup in every hierarchy.
+    pub fn spawn(&self, cmd: &mut Command) -> Result<Child> {
+        let procs: Vec<PathBuf> = self
+            .roots
+            .iter()
+            .map(|r| r.join(&self.name).join("cgroup.procs"))
+            .collect();
+        crate::spawn_in(&procs, None, cmd)
+    }
+
+    /// Reads a file of this cgroup in the io hierarchy.
+    pub fn read(&self, file: &str) -> Result<String> {
+        let p = self.roots[0].join(&self.name).join(file);
+        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+    }
+}
+
+impl Drop for IoCgroup {
+    fn drop(&mut self) {
+        if let Some(f) = &self.freezer {
+            let _ = std::fs::write(f.join(&self.name).join("freezer.state"), "THAWED");
+        }
+        for r in &self.roots {
+            kill_and_remove(&r.join(&self.name));
+        }
+    }
+}
+
+/// A `dd` writing `mb` MiB of zeros to `path` (buffered unless `direct`).
+pub fn dd(path: &Path, mb: u64, direct: bool) -> Command {
+    let mut c = Command::new("dd");
+    c.arg("if=/dev/zero")
+        .arg(format!("of={}", path.display()))
+        .arg("bs=1M")
+        .arg(format!("count={mb}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if direct {
+        c.arg("oflag=direct");
+    }
+    c
+}
