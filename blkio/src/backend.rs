@@ -6,12 +6,12 @@ use std::{
 };
 
 use qos_core::cgroup::Hierarchy;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{BlkioError, Device, IoLimits, io_err};
 
 /// How limits reach buffered writes on this host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum IoMode {
     /// v1/hybrid `blkio`: the kernel throttles by issuing task, so writeback

@@ -8,7 +8,7 @@ use std::{
 
 use qos_common::io::{InodeKey, IoCounters, RangeKey};
 use qos_core::cgroup::Hierarchy;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::{
@@ -60,7 +60,7 @@ struct Group {
 }
 
 /// One cgroup's IO on one device, as reported.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupStatus {
     pub cgroup: String,
     pub device: Device,
@@ -81,11 +81,11 @@ pub struct GroupStatus {
     pub shared_inodes: u64,
     /// Recent write rate at the block layer (written back + direct).
     pub write_bps: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceAttribution {
     pub device: Device,
     pub file_write_bytes: u64,
@@ -93,13 +93,13 @@ pub struct DeviceAttribution {
     /// attributed / file writes, percent.
     pub attributed_pct: f64,
     pub other_write_bytes: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_estimate_bps: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrackerStatus {
     pub kernel: String,
     /// Upper bound of the maps' memory (keys + values).
@@ -110,11 +110,11 @@ pub struct TrackerStatus {
     pub programs: Vec<tracker::ProgramCost>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct IoStatus {
     pub mode: IoMode,
     pub mode_description: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracker: Option<TrackerStatus>,
     pub groups: Vec<GroupStatus>,
     pub events: Vec<String>,
@@ -211,8 +211,8 @@ impl IoControl {
         Ok(())
     }
 
-    /// Sets (or replaces) a cgroup's limits on a device. Nothing is left
-    /// applied when it fails.
+    /// Sets (or replaces) a cgroup's limits on a device. When it fails the
+    /// previous limits (or none) are what stays applied.
     pub fn set(&mut self, name: &str, dev: Device, limits: IoLimits) -> Result<(), BlkioError> {
         self.check(name, dev, &limits)?;
         let id = {
@@ -224,7 +224,19 @@ impl IoControl {
         let rate = limits.write_bps.map(|r| r.bytes_per_sec());
         let bfq_weight = if bfq { limits.weight } else { None };
         if let Err(e) = self.backend.apply(name, dev, &limits, rate, bfq_weight) {
-            let _ = self.backend.clear(name, dev);
+            let restored = match self.groups.get(&(name.to_owned(), dev)) {
+                Some(prev) => self.backend.apply(
+                    name,
+                    dev,
+                    &prev.limits,
+                    prev.applied_rate,
+                    if bfq { prev.limits.weight } else { None },
+                ),
+                None => self.backend.clear(name, dev),
+            };
+            if let Err(r) = restored {
+                warn!(cgroup = %name, device = %dev, error = %r, "previous IO limits not restored");
+            }
             return Err(e);
         }
         let mut degraded = None;
@@ -290,9 +302,13 @@ impl IoControl {
                 device: dev.map_or("any device".into(), |d| d.to_string()),
             });
         }
+        // Forget and clean up everything, then report the first failure.
+        let mut result = Ok(());
         for key in keys {
             self.groups.remove(&key);
-            self.backend.clear(&key.0, key.1)?;
+            if let Err(e) = self.backend.clear(&key.0, key.1) {
+                result = result.and(Err(e));
+            }
             self.event(format!("{} on {}: limits removed", key.0, key.1));
         }
         if !self.groups.keys().any(|(n, _)| n == name) {
@@ -301,7 +317,7 @@ impl IoControl {
                 let _ = self.backend.set_frozen(name, false);
             }
         }
-        Ok(())
+        result
     }
 
     /// Configured (cgroup, device) pairs.
@@ -405,26 +421,23 @@ impl IoControl {
                 if Self::bfq(dev) {
                     continue;
                 }
-                let members: Vec<(String, u32, bool)> = self
-                    .groups
-                    .iter()
-                    .filter(|((_, d), g)| *d == dev && g.limits.weight.is_some())
-                    .map(|((n, _), g)| (n.clone(), g.limits.weight.unwrap_or(1), g.busy))
-                    .collect();
+                // (name, weight, busy) of the weighted groups on the device,
+                // with what the busy ones delivered and whether all had more.
+                let mut members: Vec<(String, u32, bool)> = Vec::new();
+                let (mut delivered, mut backlogged) = (0.0, true);
+                for ((n, d), g) in &self.groups {
+                    let Some(w) = g.limits.weight.filter(|_| *d == dev) else {
+                        continue;
+                    };
+                    if g.busy {
+                        delivered += g.write_bps;
+                        backlogged &= g.pending > 0;
+                    }
+                    members.push((n.clone(), w, g.busy));
+                }
                 if members.is_empty() {
                     continue;
                 }
-                let delivered: f64 = self
-                    .groups
-                    .iter()
-                    .filter(|((_, d), g)| *d == dev && g.limits.weight.is_some() && g.busy)
-                    .map(|(_, g)| g.write_bps)
-                    .sum();
-                let backlogged = self
-                    .groups
-                    .iter()
-                    .filter(|((_, d), g)| *d == dev && g.limits.weight.is_some() && g.busy)
-                    .all(|(_, g)| g.pending > 0);
                 let initial = self.settings.initial_capacity;
                 let est = self
                     .capacity
@@ -526,15 +539,7 @@ impl IoControl {
         Ok(())
     }
 
-    pub fn status(&mut self) -> IoStatus {
-        if self.names.is_empty()
-            || self
-                .groups
-                .values()
-                .any(|g| !self.names.contains_key(&g.id))
-        {
-            self.names = self.backend.cgroup_ids();
-        }
+    pub fn status(&self) -> IoStatus {
         let tracker = self.tracker.as_ref().map(|t| {
             let devices = t
                 .devices()
@@ -617,7 +622,11 @@ impl IoControl {
             return HashMap::new();
         };
         let counters = t.counters().unwrap_or_default();
-        if counters.keys().any(|(id, _)| !self.names.contains_key(id)) {
+        // Id 0: bios without a blkcg; no cgroup to look for.
+        if counters
+            .keys()
+            .any(|(id, _)| *id != 0 && !self.names.contains_key(id))
+        {
             self.names = self.backend.cgroup_ids();
         }
         counters

@@ -41,6 +41,12 @@ impl ByteRate {
             })
     }
 
+    /// `bps` clamped into the accepted range (as [`Size::clamped`]): for
+    /// defaults that cannot be refused.
+    pub const fn clamped(bps: u64) -> Self {
+        Self(Size::clamped(bps).bytes())
+    }
+
     pub const fn bytes_per_sec(self) -> u64 {
         self.0
     }
@@ -212,7 +218,7 @@ pub fn watermarks(rate_bps: Option<u64>) -> (u64, u64) {
 
 /// Enforcement state of a group on a host where the kernel cannot attribute
 /// writeback (v1 blkio).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Enforce {
     /// Writers run; the flush helper writes their dirty pages, throttled.
@@ -226,6 +232,15 @@ pub enum Enforce {
 }
 
 impl Enforce {
+    /// As serialised: `running`, `paused`, `repaying`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Repaying => "repaying",
+        }
+    }
+
     pub fn writers_paused(self) -> bool {
         self != Self::Running
     }
@@ -287,6 +302,8 @@ mod tests {
         assert_eq!(json, "\"10MiB\"");
         assert_eq!(serde_json::from_str::<ByteRate>("1024").unwrap().0, 1024);
         assert_eq!(serde_json::from_str::<ByteRate>(&json).unwrap(), r);
+        assert_eq!(ByteRate::clamped(0).bytes_per_sec(), 1);
+        assert_eq!(ByteRate::clamped(5 << 20).bytes_per_sec(), 5 << 20);
     }
 
     #[test]
@@ -400,6 +417,12 @@ mod tests {
         }
         assert!(Paused.writers_paused() && Paused.flush_allowed());
         assert!(Repaying.writers_paused() && !Repaying.flush_allowed());
+        for s in [Running, Paused, Repaying] {
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.name())
+            );
+        }
         assert!(!Running.writers_paused());
     }
 }

@@ -11,7 +11,7 @@ use qos_common::io::{
     DEVICE_ENTRIES, DeviceCounters, INODE_ENTRIES, InodeInfo, InodeKey, IoCounters, IoOffsets,
     NR_PAGES_IS_ORDER, OFFSETS_READY, RANGE_ENTRIES, RangeInfo, RangeKey, STATS_ENTRIES, StatsKey,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{BlkioError, btf::Btf};
 
@@ -89,7 +89,7 @@ pub const fn map_memory_bytes() -> u64 {
 }
 
 /// Run count and time of one program (bpf_stats must be enabled to count).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProgramCost {
     pub name: String,
     pub run_count: u64,

@@ -51,14 +51,14 @@ const CASES: [&str; 7] = [
 struct Args {
     /// Case to run (repeatable): throttle, weight, mixed, shared-file, mmap,
     /// fsync, overhead. Default: all.
-    #[arg(long = "case")]
+    #[arg(long = "case", value_parser = clap::builder::PossibleValuesParser::new(CASES))]
     cases: Vec<String>,
     /// Seconds measured per run.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(2..=600))]
     duration: u64,
     /// Filesystems (repeatable): ext4, xfs. Default: both for throttle and
     /// weight, ext4 for the other cases.
-    #[arg(long = "fs")]
+    #[arg(long = "fs", value_parser = ["ext4", "xfs"])]
     filesystems: Vec<String>,
     /// Write JSON only (no PNG).
     #[arg(long)]
@@ -543,16 +543,6 @@ fn run() -> Result<bool> {
     } else {
         args.cases.clone()
     };
-    for c in &cases {
-        if !CASES.contains(&c.as_str()) {
-            bail!("unknown case '{c}' (cases: {})", CASES.join(", "));
-        }
-    }
-    for f in &args.filesystems {
-        if f != "ext4" && f != "xfs" {
-            bail!("unknown filesystem '{f}' (ext4 or xfs)");
-        }
-    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut ok = true;

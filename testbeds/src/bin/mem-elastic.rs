@@ -50,7 +50,7 @@ const CASES: [&str; 5] = [
 struct Args {
     /// Case to run (repeatable): e1-burst, e2-colocation, e3-rate, e4-order,
     /// e6-oscillation. Default: all.
-    #[arg(long = "case")]
+    #[arg(long = "case", value_parser = clap::builder::PossibleValuesParser::new(CASES))]
     cases: Vec<String>,
     /// Size of the scope cgroup standing for the host, MiB.
     #[arg(long, default_value_t = 1024)]
@@ -890,11 +890,6 @@ fn run() -> Result<bool> {
     } else {
         args.cases.clone()
     };
-    for c in &cases {
-        if !CASES.contains(&c.as_str()) {
-            bail!("unknown case '{c}' (cases: {})", CASES.join(", "));
-        }
-    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut rows = vec![vec![

@@ -211,11 +211,7 @@ pub struct IoConfig {
 pub const DEFAULT_IO_INITIAL_CAPACITY: u64 = 64 << 20;
 
 fn default_initial_capacity() -> ByteRate {
-    match ByteRate::from_bytes_per_sec(DEFAULT_IO_INITIAL_CAPACITY) {
-        Ok(r) => r,
-        // 64 MiB/s is a valid rate; `ByteRate` has no infallible constructor.
-        Err(e) => unreachable!("default initial capacity: {e}"),
-    }
+    ByteRate::clamped(DEFAULT_IO_INITIAL_CAPACITY)
 }
 
 impl Default for IoConfig {

@@ -37,7 +37,6 @@
 
 pub mod client;
 pub mod config;
-pub mod io;
 pub mod protocol;
 pub mod server;
 pub mod state;
@@ -573,14 +572,8 @@ impl Qos {
             .insert(key.clone(), limits);
         // Persist first: if the disk refuses, the kernel is not touched.
         self.save(&next)?;
-        let applied = self.io()?.set(&name, dev, limits);
-        if let Err(e) = applied {
-            // A failed replacement leaves nothing applied: put back what was.
-            if let Some(old) = self.state.io.get(&name).and_then(|d| d.get(&key))
-                && let Err(e) = self.io()?.set(&name, dev, *old)
-            {
-                warn!(cgroup = %name, device = %dev, error = %e, "previous IO limits not restored");
-            }
+        // On failure the controller keeps the previous limits in force.
+        if let Err(e) = self.io()?.set(&name, dev, limits) {
             self.save(&self.state)?;
             return Err(e.into());
         }
@@ -647,8 +640,8 @@ impl Qos {
         Ok(name)
     }
 
-    pub fn io_status(&self) -> Result<io::IoStatus, QosError> {
-        Ok(self.io()?.status().into())
+    pub fn io_status(&self) -> Result<blkio::IoStatus, QosError> {
+        Ok(self.io()?.status())
     }
 
     /// IO limits in the desired state that are not in force (cgroup or

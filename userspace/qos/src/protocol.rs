@@ -1,13 +1,13 @@
 //! The daemon's socket API: one JSON request per line, one JSON response per
 //! line. Requests larger than [`MAX_REQUEST`] are refused.
 
-use blkio::{Device, IoLimits};
+use blkio::{Device, IoLimits, IoStatus};
 use emc::{MemQuota, MemStatus};
 use netqos::{NetQuota, NetStatus};
 use qos_core::{Rate, Size};
 use serde::{Deserialize, Serialize};
 
-use crate::{Status, io::IoStatus};
+use crate::Status;
 
 pub const MAX_REQUEST: usize = 64 * 1024;
 

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use blkio::{ByteRate, Device, IoLimits, policy::MAX_IOPS};
+use blkio::{ByteRate, Device, IoLimits, IoStatus, policy::MAX_IOPS};
 use clap::{Parser, Subcommand, ValueEnum};
 use emc::{MemStatus, policy::format_bytes};
 use netqos::{NetClassStatus, NetStatus};
@@ -10,7 +10,6 @@ use qos::{
     Status,
     client::{Client, ClientError},
     config::DEFAULT_SOCKET,
-    io::IoStatus,
     protocol::{Reply, Request},
 };
 use qos_core::{Rate, Size, units::format_bps};
@@ -100,13 +99,7 @@ enum IoCommand {
     },
     /// Mode, writeback attribution, and per cgroup and device: limits,
     /// enforcement state, backlog, debt and counters.
-    Show {
-        #[arg(short, long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-        /// Refresh every SECS seconds until interrupted.
-        #[arg(long, value_name = "SECS")]
-        watch: Option<f64>,
-    },
+    Show(ShowArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,13 +123,7 @@ enum MemCommand {
     /// Remove a cgroup's memory quota (guarantee, limit and caps).
     Unset { cgroup: String },
     /// Host level, per-cgroup usage, caps, reclaim, kills, PSI.
-    Show {
-        #[arg(short, long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-        /// Refresh every SECS seconds until interrupted.
-        #[arg(long, value_name = "SECS")]
-        watch: Option<f64>,
-    },
+    Show(ShowArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,13 +159,17 @@ enum NetCommand {
     /// Remove a cgroup's quota; its traffic joins the default class.
     Unset { cgroup: String },
     /// Quotas, allocation and counters per cgroup.
-    Show {
-        #[arg(short, long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-        /// Refresh every SECS seconds until interrupted.
-        #[arg(long, value_name = "SECS")]
-        watch: Option<f64>,
-    },
+    Show(ShowArgs),
+}
+
+/// Options of every `show`.
+#[derive(clap::Args, Debug)]
+struct ShowArgs {
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Refresh every SECS seconds until interrupted.
+    #[arg(long, value_name = "SECS")]
+    watch: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -259,11 +250,10 @@ fn run(args: Args) -> Result<(), ClientError> {
                 })?;
                 println!("{cgroup}: quota removed");
             }
-            NetCommand::Show { output, watch } => show(
+            NetCommand::Show(args) => show(
                 &mut client,
                 &Request::NetShow,
-                output,
-                watch,
+                &args,
                 |r| match r {
                     Reply::Net(s) => Some(s),
                     _ => None,
@@ -300,11 +290,10 @@ fn run(args: Args) -> Result<(), ClientError> {
                 })?;
                 println!("{cgroup}: memory quota removed");
             }
-            MemCommand::Show { output, watch } => show(
+            MemCommand::Show(args) => show(
                 &mut client,
                 &Request::MemShow,
-                output,
-                watch,
+                &args,
                 |r| match r {
                     Reply::Mem(s) => Some(s),
                     _ => None,
@@ -353,11 +342,10 @@ fn run(args: Args) -> Result<(), ClientError> {
                     None => println!("{cgroup}: IO limits removed"),
                 }
             }
-            IoCommand::Show { output, watch } => show(
+            IoCommand::Show(args) => show(
                 &mut client,
                 &Request::IoShow,
-                output,
-                watch,
+                &args,
                 |r| match r {
                     Reply::Io(s) => Some(s),
                     _ => None,
@@ -456,7 +444,7 @@ fn io_table(s: &IoStatus) -> String {
             g.device.to_string(),
             limits_text(&g.limits),
             g.effective_write_bps.map_or("-".into(), per_sec),
-            g.state.clone(),
+            g.state.name().to_owned(),
             format_bytes(g.pending_bytes),
             format_bytes(g.debt_bytes),
             format_bytes(g.dirtied_bytes),
@@ -562,8 +550,7 @@ fn mem_table(s: &MemStatus) -> String {
 fn show<T: serde::Serialize>(
     client: &mut Client,
     request: &Request,
-    output: Output,
-    watch: Option<f64>,
+    &ShowArgs { output, watch }: &ShowArgs,
     extract: fn(Reply) -> Option<Box<T>>,
     table: fn(&T) -> String,
 ) -> Result<(), ClientError> {
