@@ -14,7 +14,9 @@ use tracing::{info, warn};
 use crate::{
     Backend, BlkioError, Device, IoLimits, IoMode, Tracker,
     flush::{FlushItem, FlushOutcome, FlushWorker, Placement},
-    policy::{CapacityEstimate, Enforce, next_debt, next_enforce, watermarks, weight_shares},
+    policy::{
+        CapacityEstimate, Enforce, flush_chunk, next_debt, next_enforce, watermarks, weight_shares,
+    },
     tracker,
 };
 
@@ -38,6 +40,8 @@ impl Default for IoSettings {
 
 /// Ranges of a shared file looked at per step, at most.
 const MAX_SHARED_RANGES: u64 = 8192;
+/// A group counts as busy this long after it last had something to write.
+const BUSY_LINGER: Duration = Duration::from_secs(1);
 /// Write rates are rewritten only when they move by more than this.
 const RATE_HYSTERESIS: f64 = 0.02;
 
@@ -50,11 +54,16 @@ struct Group {
     debt: u64,
     pending: u64,
     busy: bool,
+    /// Last step in which it had dirty pages or wrote.
+    last_active: Option<Instant>,
     /// Effective write rate (limit, or weight share).
     rate: Option<u64>,
     applied_rate: Option<u64>,
     last: IoCounters,
     write_bps: f64,
+    /// `write_bps` smoothed over about a quarter second (writes come in
+    /// chunk-sized lumps).
+    write_bps_avg: f64,
     leaked_bps: f64,
     degraded: Option<String>,
 }
@@ -128,6 +137,8 @@ pub struct IoControl {
     workers: BTreeMap<String, FlushWorker>,
     frozen: BTreeSet<String>,
     capacity: BTreeMap<Device, CapacityEstimate>,
+    /// Per device: `io_ticks` at the last step.
+    busy_ms: BTreeMap<Device, u64>,
     /// io cgroup id → name.
     names: HashMap<u64, String>,
     last_step: Instant,
@@ -173,6 +184,7 @@ impl IoControl {
             workers: BTreeMap::new(),
             frozen: BTreeSet::new(),
             capacity: BTreeMap::new(),
+            busy_ms: BTreeMap::new(),
             names: HashMap::new(),
             last_step: Instant::now(),
             events: VecDeque::new(),
@@ -263,10 +275,12 @@ impl IoControl {
                 debt: prev.as_ref().map_or(0, |p| p.debt),
                 pending: 0,
                 busy: false,
+                last_active: None,
                 rate,
                 applied_rate: rate,
                 last,
                 write_bps: 0.0,
+                write_bps_avg: 0.0,
                 leaked_bps: 0.0,
                 degraded,
             },
@@ -340,7 +354,8 @@ impl IoControl {
             for outcome in w.take_outcomes() {
                 match outcome {
                     FlushOutcome::Flushed(item) => {
-                        let _ = tracker.settle(item.key, &item.ranges);
+                        tracing::trace!(cgroup = %name, ino = item.key.ino, "flushed");
+                        let _ = tracker.settle(item.key, item.dirtied, &item.ranges);
                     }
                     FlushOutcome::Gone(key) => {
                         let _ = tracker.forget(key, MAX_SHARED_RANGES);
@@ -367,7 +382,9 @@ impl IoControl {
                 work.entry(info.owner).or_default().push(FlushItem {
                     key: *key,
                     generation: info.generation,
+                    dirtied: info.dirtied,
                     ranges: Vec::new(),
+                    chunk: 0,
                 });
                 continue;
             }
@@ -391,7 +408,9 @@ impl IoControl {
                 work.entry(owner).or_default().push(FlushItem {
                     key: *key,
                     generation: info.generation,
+                    dirtied: info.dirtied,
                     ranges,
+                    chunk: 0,
                 });
             }
         }
@@ -406,9 +425,18 @@ impl IoControl {
                 (c.written_back + c.direct).saturating_sub(g.last.written_back + g.last.direct);
             let leaked = c.leaked.saturating_sub(g.last.leaked);
             g.write_bps = wrote as f64 / dt;
+            let alpha = (dt / 0.25).min(1.0);
+            g.write_bps_avg += alpha * (g.write_bps - g.write_bps_avg);
             g.leaked_bps = leaked as f64 / dt;
             g.pending = pending.get(&(g.id, dev.kernel_dev())).copied().unwrap_or(0);
-            g.busy = g.pending > 0 || wrote > 0;
+            if g.pending > 0 || wrote > 0 {
+                g.last_active = Some(now);
+            }
+            // Writes arrive in lumps: a step without any does not make a
+            // group idle (it would get a whole device's rate for a moment).
+            g.busy = g
+                .last_active
+                .is_some_and(|t| now.duration_since(t) < BUSY_LINGER);
             g.debt = next_debt(g.debt, leaked, g.rate, g.state == Enforce::Repaying, dt);
             g.last = c;
         }
@@ -424,14 +452,32 @@ impl IoControl {
                 // (name, weight, busy) of the weighted groups on the device,
                 // with what the busy ones delivered and whether all had more.
                 let mut members: Vec<(String, u32, bool)> = Vec::new();
-                let (mut delivered, mut backlogged) = (0.0, true);
+                // A device busy nearly all the step is the limit: its
+                // direct writers cannot show a backlog otherwise.
+                let busy_ms = dev.busy_ms();
+                let device_full = match (busy_ms, self.busy_ms.get(&dev)) {
+                    (Some(now_ms), Some(&before)) => {
+                        now_ms.saturating_sub(before) as f64 >= 0.9 * dt * 1000.0
+                    }
+                    _ => false,
+                };
+                if let Some(ms) = busy_ms {
+                    self.busy_ms.insert(dev, ms);
+                }
+                let (mut delivered, mut allowed, mut backlogged) = (0.0, 0.0, true);
                 for ((n, d), g) in &self.groups {
                     let Some(w) = g.limits.weight.filter(|_| *d == dev) else {
                         continue;
                     };
                     if g.busy {
                         delivered += g.write_bps;
-                        backlogged &= g.pending > 0;
+                        // Buffered writers show a backlog in the page cache;
+                        // direct writers one by using all of their rate.
+                        let held = g
+                            .applied_rate
+                            .is_some_and(|r| g.write_bps_avg >= 0.85 * r as f64);
+                        backlogged &= g.pending > 0 || held || device_full;
+                        allowed += g.applied_rate.unwrap_or(0) as f64;
                     }
                     members.push((n.clone(), w, g.busy));
                 }
@@ -443,7 +489,10 @@ impl IoControl {
                     .capacity
                     .entry(dev)
                     .or_insert_with(|| CapacityEstimate::new(initial, 1 << 20));
-                est.update(delivered, backlogged && delivered > 0.0, dt);
+
+                if est.update(delivered, allowed, backlogged, dt) {
+                    tracing::debug!(device = %dev, capacity_bps = est.bps(), "device capacity estimate");
+                }
                 let cap = est.bps();
                 let weights: Vec<(u32, bool)> = members.iter().map(|(_, w, b)| (*w, *b)).collect();
                 let shares = weight_shares(cap, &weights);
@@ -530,9 +579,17 @@ impl IoControl {
             if !allow_flush.get(&name).copied().unwrap_or(true) || worker.busy() {
                 continue;
             }
-            if let Some(items) = work.remove(&id)
+            if let Some(mut items) = work.remove(&id)
                 && !items.is_empty()
             {
+                for item in &mut items {
+                    let rate = self
+                        .groups
+                        .get(&(name.clone(), Device::from_kernel_dev(item.key.dev)))
+                        .and_then(|g| g.rate);
+                    item.chunk = flush_chunk(rate);
+                }
+                tracing::trace!(cgroup = %name, files = items.len(), "flush submitted");
                 worker.submit(items);
             }
         }

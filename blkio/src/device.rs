@@ -88,6 +88,13 @@ impl Device {
         selected_scheduler(&text)
     }
 
+    /// Milliseconds the device has had IO in flight (`io_ticks`, the 10th
+    /// field of its `stat`), when known.
+    pub fn busy_ms(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.sysfs().join("stat")).ok()?;
+        io_ticks(&text)
+    }
+
     /// Kernel `dev_t` encoding (what the eBPF tracker reports).
     pub fn kernel_dev(&self) -> u32 {
         qos_common::io::kernel_dev(self.major, self.minor)
@@ -97,6 +104,11 @@ impl Device {
         let (major, minor) = qos_common::io::split_kernel_dev(dev);
         Self { major, minor }
     }
+}
+
+/// The `io_ticks` field of a block device's `stat` file.
+pub fn io_ticks(stat: &str) -> Option<u64> {
+    stat.split_whitespace().nth(9)?.parse().ok()
 }
 
 /// `mq-deadline kyber [bfq] none` → `bfq`.
@@ -137,6 +149,14 @@ impl<'de> Deserialize<'de> for Device {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn io_ticks_is_the_tenth_stat_field() {
+        let stat = "    2910        8    72226      138     9262     2840 17985805    42279        0     2412    42602       53        0 44040336        0      628      183";
+        assert_eq!(io_ticks(stat), Some(2412));
+        assert_eq!(io_ticks("1 2 3"), None);
+        assert_eq!(io_ticks("1 2 3 4 5 6 7 8 9 x"), None);
+    }
 
     #[test]
     fn parses_numbers_and_refuses_nonsense() {

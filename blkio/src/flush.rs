@@ -24,7 +24,11 @@ use tracing::{debug, warn};
 pub struct FlushItem {
     pub key: InodeKey,
     pub generation: u32,
+    /// The file's ever-dirtied bytes when the work was handed out.
+    pub dirtied: u64,
     pub ranges: Vec<u64>,
+    /// Bytes written per call (see `policy::flush_chunk`).
+    pub chunk: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,7 +153,9 @@ fn run(slot: &Slot, placement: &Placement) {
             if lock(slot).stop {
                 break;
             }
-            outcomes.push(flush_one(&mut mounts, &mut files, item));
+            outcomes.push(flush_one(&mut mounts, &mut files, item, &|| {
+                lock(slot).stop
+            }));
         }
         let mut g = lock(slot);
         if g.inside.take().is_some() {
@@ -164,6 +170,7 @@ fn flush_one(
     mounts: &mut Mounts,
     files: &mut HashMap<InodeKey, File>,
     item: FlushItem,
+    stop: &dyn Fn() -> bool,
 ) -> FlushOutcome {
     let key = item.key;
     let file = match files.get(&key) {
@@ -183,24 +190,34 @@ fn flush_one(
         | libc::SYNC_FILE_RANGE_WRITE
         | libc::SYNC_FILE_RANGE_WAIT_AFTER;
     // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as i64;
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
     let span = page << RANGE_SHIFT;
-    let spans: Vec<(i64, i64)> = if item.ranges.is_empty() {
-        vec![(0, 0)]
+    let spans: Vec<(u64, u64)> = if item.ranges.is_empty() {
+        // The whole file as it is now; pages dirtied past its end later are
+        // the next step's work.
+        let len = file.metadata().map_or(0, |m| m.len());
+        vec![(0, len.max(1))]
     } else {
-        item.ranges
-            .iter()
-            .map(|&r| (r as i64 * span, span))
-            .collect()
+        item.ranges.iter().map(|&r| (r * span, span)).collect()
     };
-    for (off, len) in spans {
-        // SAFETY: valid fd; offsets are plain integers.
-        let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), off, len, flags) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            debug!(dev = key.dev, ino = key.ino, error = %e, "sync_file_range");
-            files.remove(&key);
-            return FlushOutcome::Failed(key);
+    let chunk = item.chunk.max(page);
+    for (start, len) in spans {
+        let mut off = start;
+        while off < start + len {
+            if stop() {
+                return FlushOutcome::Failed(key);
+            }
+            let n = chunk.min(start + len - off);
+            // SAFETY: valid fd; offsets are plain integers.
+            let rc =
+                unsafe { libc::sync_file_range(file.as_raw_fd(), off as i64, n as i64, flags) };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                debug!(dev = key.dev, ino = key.ino, error = %e, "sync_file_range");
+                files.remove(&key);
+                return FlushOutcome::Failed(key);
+            }
+            off += n;
         }
     }
     FlushOutcome::Flushed(item)

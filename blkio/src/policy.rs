@@ -169,22 +169,49 @@ pub fn weight_shares(capacity: u64, weights: &[(u32, bool)]) -> Vec<u64> {
 }
 
 /// Estimate of what a device can write per second, for weights turned into
-/// rates: probe up while the busy groups use all they are given, fall back
-/// to what was delivered when they cannot.
+/// rates. Judged over windows of `CAPACITY_WINDOW_S` (per-step deliveries
+/// are lumpy, and every rate rewrite restarts blk-throttle's slice): while
+/// the busy groups use what they are given, grow fourfold per second until
+/// the device first proves the limit (slow start), then probe up
+/// `CAPACITY_PROBE` per second; when they get a little less, follow what
+/// was delivered; when they get clearly less, fall towards it (at most by
+/// half per window): at once when slow start overshoots, otherwise after
+/// two windows in a row (one may be a stall).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CapacityEstimate {
     bps: f64,
     floor: f64,
+    slow_start: bool,
+    /// The last window was backlogged and got clearly less than the
+    /// estimate (one such window alone may be a stall, not the device).
+    short_before: bool,
+    /// It has grown at least once.
+    grown: bool,
+    /// The window being measured: seconds, bytes delivered, and seconds in
+    /// which the groups had more to write.
+    window_s: f64,
+    window_bytes: f64,
+    window_backlogged_s: f64,
+    window_allowed_bytes: f64,
 }
 
-/// Probe step per second while the groups use their whole share.
-pub const CAPACITY_PROBE: f64 = 0.10;
+/// Probe step per second once the device has shown its limit.
+pub const CAPACITY_PROBE: f64 = 0.05;
+/// Seconds of delivery judged at once.
+pub const CAPACITY_WINDOW_S: f64 = 0.5;
 
 impl CapacityEstimate {
     pub fn new(initial_bps: u64, floor_bps: u64) -> Self {
         Self {
             bps: initial_bps.max(floor_bps) as f64,
             floor: floor_bps as f64,
+            slow_start: true,
+            short_before: false,
+            grown: false,
+            window_s: 0.0,
+            window_bytes: 0.0,
+            window_backlogged_s: 0.0,
+            window_allowed_bytes: 0.0,
         }
     }
 
@@ -193,18 +220,74 @@ impl CapacityEstimate {
     }
 
     /// `delivered_bps`: what the busy groups wrote over `dt_s` seconds;
-    /// `backlogged`: they all had more to write.
-    pub fn update(&mut self, delivered_bps: f64, backlogged: bool, dt_s: f64) {
-        if !backlogged || dt_s <= 0.0 {
-            return;
+    /// `allowed_bps`: the sum of their rates; `backlogged`: they all had
+    /// more to write. Returns true when the estimate moved.
+    pub fn update(
+        &mut self,
+        delivered_bps: f64,
+        allowed_bps: f64,
+        backlogged: bool,
+        dt_s: f64,
+    ) -> bool {
+        if dt_s <= 0.0 || !delivered_bps.is_finite() || !allowed_bps.is_finite() {
+            return false;
         }
-        if delivered_bps >= 0.95 * self.bps {
-            self.bps *= 1.0 + CAPACITY_PROBE * dt_s.min(1.0);
-        } else if delivered_bps < 0.8 * self.bps {
-            // The device (not our rates) is the limit: move half way down.
-            self.bps = (self.bps + delivered_bps * 1.05) / 2.0;
+        self.window_s += dt_s;
+        self.window_bytes += delivered_bps.max(0.0) * dt_s;
+        self.window_allowed_bytes += allowed_bps.max(0.0) * dt_s;
+        if backlogged {
+            self.window_backlogged_s += dt_s;
         }
+        if self.window_s < CAPACITY_WINDOW_S {
+            return false;
+        }
+        let seconds = self.window_s;
+        let delivered = self.window_bytes / seconds;
+        // Per step, backlog signals are noisy (writes come in lumps);
+        // three quarters of the window will do. Whether the groups used
+        // what they were allowed is judged on the window's totals.
+        let backlogged = self.window_backlogged_s >= 0.75 * seconds;
+        let saturated = self.window_allowed_bytes > 0.0
+            && self.window_bytes >= 0.95 * self.window_allowed_bytes;
+        (
+            self.window_s,
+            self.window_bytes,
+            self.window_backlogged_s,
+            self.window_allowed_bytes,
+        ) = (0.0, 0.0, 0.0, 0.0);
+        let before = self.bps;
+        // Device-bound: the groups had more to write and did not get it.
+        let bound = backlogged && !saturated && delivered < self.bps;
+        let short = bound && delivered < 0.8 * self.bps;
+        if saturated && delivered >= 0.85 * self.bps {
+            let per_second: f64 = if self.slow_start {
+                4.0
+            } else {
+                1.0 + CAPACITY_PROBE
+            };
+            self.bps *= per_second.powf(seconds.min(1.0));
+            self.grown = true;
+        } else if short && (self.short_before || (self.slow_start && self.grown)) {
+            // The groups had more to write and could not: the device (or
+            // the flushing) is the limit. Fall towards what it delivered,
+            // at most by half per window. The first short window after
+            // slow start has grown is the device (its overshoot is costly);
+            // a short window before that may be the first flush stalling,
+            // and then slow start goes on.
+            self.slow_start &= !self.grown;
+            self.bps = (delivered * 1.02).max(self.bps / 2.0);
+        } else if bound && !short && self.grown {
+            // A little short: the device is full. Step just below what it
+            // delivered, so that every group is held by its own rate; at
+            // the device's limit the groups with small shares keep theirs
+            // and the large ones lose.
+            self.slow_start = false;
+            self.bps = self.bps.min(delivered * 0.97);
+        }
+        // Light groups teach nothing about the device.
+        self.short_before = short;
         self.bps = self.bps.max(self.floor);
+        self.bps != before
     }
 }
 
@@ -214,6 +297,16 @@ pub fn watermarks(rate_bps: Option<u64>) -> (u64, u64) {
     const MIN_HIGH: u64 = 8 << 20;
     let high = rate_bps.map_or(4 * MIN_HIGH, |r| (r / 4).max(MIN_HIGH));
     (high, high / 2)
+}
+
+/// How much of a file the flush helper writes per call: an eighth of a
+/// second of the group's rate, 1 to 16 MiB, whole MiB. blk-throttle holds a
+/// bio whole until the group's budget covers it, and a filesystem builds
+/// writeback bios as large as the range allows (xfs: hundreds of MiB), so
+/// unbounded flushes move in lumps of many seconds.
+pub fn flush_chunk(rate_bps: Option<u64>) -> u64 {
+    const MIB: u64 = 1 << 20;
+    rate_bps.map_or(16 * MIB, |r| (r / 8).clamp(MIB, 16 * MIB) / MIB * MIB)
 }
 
 /// Enforcement state of a group on a host where the kernel cannot attribute
@@ -279,6 +372,24 @@ pub fn next_enforce(state: Enforce, pending: u64, debt: u64, (high, low): (u64, 
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn flush_chunk_is_an_eighth_second_within_bounds() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(flush_chunk(None), 16 * MIB);
+        assert_eq!(flush_chunk(Some(1)), MIB);
+        assert_eq!(flush_chunk(Some(5 * MIB)), MIB);
+        assert_eq!(flush_chunk(Some(40 * MIB)), 5 * MIB);
+        assert_eq!(flush_chunk(Some(41 * MIB)), 5 * MIB);
+        assert_eq!(flush_chunk(Some(u64::MAX)), 16 * MIB);
+        for r in (0..1000).map(|i| i * 997 * 1024) {
+            let c = flush_chunk(Some(r));
+            assert!(
+                c.is_multiple_of(MIB) && (MIB..=16 * MIB).contains(&c),
+                "{r}: {c}"
+            );
+        }
+    }
 
     #[test]
     fn byte_rates_parse_with_and_without_per_second() {
@@ -356,25 +467,112 @@ mod tests {
         assert!(s[0] > s[1] && s[1] > 0);
     }
 
+    /// One 50 ms step of groups that always have more to write on a
+    /// device that does `device` bytes/s.
+    fn busy_step(c: &mut CapacityEstimate, device: f64) -> bool {
+        let cap = c.bps() as f64;
+        c.update(cap.min(device), cap, true, 0.05)
+    }
+
     #[test]
     fn capacity_probes_up_and_settles_at_the_device() {
-        let device = 400.0e6;
-        let mut c = CapacityEstimate::new(50_000_000, 1_000_000);
+        let device = 3.0e9;
+        let mut c = CapacityEstimate::new(64 << 20, 1 << 20);
+        // Slow start reaches a fast device within seconds of 50 ms steps.
+        let mut seconds = 0.0;
+        while (c.bps() as f64) < 0.8 * device {
+            busy_step(&mut c, device);
+            seconds += 0.05;
+            assert!(seconds < 5.0, "slow start too slow: {}", c.bps());
+        }
+        let mut low = f64::MAX;
+        let mut high = 0.0f64;
+        for i in 0..2000 {
+            busy_step(&mut c, device);
+            if i > 200 {
+                low = low.min(c.bps() as f64);
+                high = high.max(c.bps() as f64);
+            }
+        }
+        assert!(low > 0.75 * device && high < 1.3 * device, "{low}..{high}");
+        // Moves at most once per window.
+        let moves = (0..100).filter(|_| busy_step(&mut c, device)).count();
+        assert!(moves <= 100 / 10, "{moves}");
+        // Light groups teach nothing (once the window in progress is over).
+        for _ in 0..10 {
+            c.update(0.0, 1e9, false, 0.05);
+        }
+        let before = c.bps();
+        for _ in 0..20 {
+            assert!(!c.update(0.0, 1e9, false, 0.05));
+        }
+        assert_eq!(c.bps(), before);
+        // A window with half its steps light teaches nothing either.
+        c.update(0.0, 1e9, true, 0.25);
+        c.update(0.0, 1e9, false, 0.25);
+        assert_eq!(c.bps(), before);
+        // One short window alone (a stall) does not move it; two do.
+        let mut c = CapacityEstimate::new(before, 1 << 20);
+        c.slow_start = false;
+        assert!(!c.update(0.0, 1e9, true, 0.5));
+        assert!(c.update(0.0, 1e9, true, 0.5));
+        assert_eq!(c.bps(), before / 2);
+        // Never below the floor; bad input ignored.
+        for _ in 0..100 {
+            c.update(0.0, 1e9, true, 1.0);
+        }
+        assert_eq!(c.bps(), 1 << 20);
+        assert!(!c.update(f64::NAN, 1e9, true, 1.0));
+        assert!(!c.update(1e9, 1e9, true, 0.0));
+    }
+
+    #[test]
+    fn capacity_leaves_slow_start_once_the_device_binds() {
+        let device = 200.0e6;
+        let mut c = CapacityEstimate::new(64 << 20, 1 << 20);
+        for _ in 0..400 {
+            busy_step(&mut c, device);
+        }
+        assert!(!c.slow_start);
+        // From then on it probes slowly: within a window or two of probing
+        // above the device, and never far below it.
+        for _ in 0..400 {
+            busy_step(&mut c, device);
+            let est = c.bps() as f64;
+            assert!(est < 1.3 * device && est > 0.75 * device, "{est}");
+        }
+    }
+
+    #[test]
+    fn capacity_recovers_quickly_from_a_stall_at_start() {
+        let device = 3.0e9;
+        let mut c = CapacityEstimate::new(64 << 20, 1 << 20);
+        // Nothing gets through in the first window (the helper's first
+        // flush stalls): nothing learnt. Two such windows: half the
+        // estimate, still in slow start (nothing has been measured yet).
+        assert!(!c.update(0.0, c.bps() as f64, true, 0.5));
+        assert!(c.update(0.0, c.bps() as f64, true, 0.5));
+        assert!(c.slow_start);
+        assert_eq!(c.bps(), 32 << 20);
+        let mut seconds = 0.0;
+        while (c.bps() as f64) < 0.8 * device {
+            busy_step(&mut c, device);
+            seconds += 0.05;
+            assert!(seconds < 10.0, "recovery too slow: {}", c.bps());
+        }
+    }
+
+    #[test]
+    fn capacity_falls_when_flushing_cannot_keep_up() {
+        // The groups have dirty pages waiting but get only 50 MB/s through
+        // (slow flushing), never their rates: the estimate comes down to
+        // what gets through, so that weights bind again.
+        let mut c = CapacityEstimate::new(1 << 30, 1 << 20);
         for _ in 0..200 {
-            let delivered = (c.bps() as f64).min(device);
-            c.update(delivered, true, 0.5);
+            c.update(50e6, c.bps() as f64, true, 0.05);
         }
         let est = c.bps() as f64;
-        assert!(est > 0.8 * device && est < 1.3 * device, "{est}");
-        // Idle groups teach nothing.
-        let before = c;
-        c.update(0.0, false, 1.0);
-        assert_eq!(c, before);
-        // Never below the floor.
-        for _ in 0..100 {
-            c.update(0.0, true, 1.0);
-        }
-        assert_eq!(c.bps(), 1_000_000);
+        assert!(est < 60e6 && est > 45e6, "{est}");
     }
 
     #[test]

@@ -214,28 +214,43 @@ impl Tracker {
             .ok()
     }
 
-    /// Marks a flushed inode (or some of its ranges) clean: pages dropped
-    /// before writeback (truncate, unlink) would otherwise look dirty forever.
-    pub fn settle(&mut self, key: InodeKey, ranges: &[u64]) -> Result<(), BlkioError> {
-        {
-            let mut r = self.hash_mut::<RangeKey, RangeInfo>("IO_RANGES")?;
-            for &range in ranges {
-                let rk = RangeKey {
-                    dev: key.dev,
-                    _pad: 0,
-                    ino: key.ino,
-                    range,
-                };
-                if let Ok(mut info) = r.get(&rk, 0) {
-                    info.pending = 0;
-                    let _ = r.insert(rk, info, 0);
-                }
-            }
-        }
+    /// After a whole flush of an inode (or of some of its ranges) during
+    /// which nobody dirtied it (`dirtied`: its ever-dirtied bytes when the
+    /// flush was handed out): bytes still pending were dropped before
+    /// writeback (truncate), since the flush wrote every dirty page, and
+    /// would otherwise look dirty forever; they are cleared. A file written
+    /// meanwhile is left alone: its count is exact, and its pages may be
+    /// dirty again behind the flush.
+    pub fn settle(
+        &mut self,
+        key: InodeKey,
+        dirtied: u64,
+        ranges: &[u64],
+    ) -> Result<(), BlkioError> {
         let mut m = self.hash_mut::<InodeKey, InodeInfo>("IO_INODES")?;
-        if let Ok(mut info) = m.get(&key, 0) {
+        let Ok(mut info) = m.get(&key, 0) else {
+            return Ok(());
+        };
+        if info.dirtied != dirtied {
+            return Ok(());
+        }
+        if ranges.is_empty() {
             info.pending = 0;
             let _ = m.insert(key, info, 0);
+            return Ok(());
+        }
+        let mut r = self.hash_mut::<RangeKey, RangeInfo>("IO_RANGES")?;
+        for &range in ranges {
+            let rk = RangeKey {
+                dev: key.dev,
+                _pad: 0,
+                ino: key.ino,
+                range,
+            };
+            if let Ok(mut range) = r.get(&rk, 0) {
+                range.pending = 0;
+                let _ = r.insert(rk, range, 0);
+            }
         }
         Ok(())
     }

@@ -131,6 +131,9 @@ pub struct InodeInfo {
     pub pending: u64,
     /// Highest range index dirtied (bounds user space's range lookups).
     pub max_range: u64,
+    /// Bytes ever dirtied in it (only grows): tells user space whether
+    /// writers touched the file while it was being flushed.
+    pub dirtied: u64,
     pub generation: u32,
     pub _pad: u32,
 }

@@ -92,6 +92,25 @@ pub unsafe fn cas(p: *mut u64, old: u64, new: u64) -> bool {
     unsafe { imp::cas_u64(p, old, new) }
 }
 
+/// `*p = p.saturating_sub(v)` without losing a concurrent `add` (a plain
+/// read-modify-write would: the dirty hook adds while the bio hook
+/// subtracts on another CPU, and lost additions make a dirty file look
+/// clean). Gives up after a few lost races; the next update corrects.
+///
+/// # Safety
+/// As for [`add`].
+#[inline(always)]
+pub unsafe fn sub_saturating(p: *mut u64, v: u64) {
+    for _ in 0..4 {
+        // SAFETY: forwarded.
+        let old = unsafe { read(p) };
+        // SAFETY: forwarded.
+        if unsafe { cas(p, old, qos_common::io::settle(old, v)) } {
+            return;
+        }
+    }
+}
+
 /// Volatile read of a field another CPU may be updating.
 ///
 /// # Safety

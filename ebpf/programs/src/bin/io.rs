@@ -23,9 +23,9 @@ use aya_ebpf::{
 use qos_common::io::{
     DEVICE_ENTRIES, DeviceCounters, INODE_ENTRIES, InodeInfo, InodeKey, IoCounters, IoOffsets,
     NR_PAGES_IS_ORDER, OFFSETS_READY, RANGE_ENTRIES, RANGE_SHIFT, RangeInfo, RangeKey,
-    STATS_ENTRIES, StatsKey, settle,
+    STATS_ENTRIES, StatsKey,
 };
-use qos_ebpf::atomic::add;
+use qos_ebpf::atomic::{add, sub_saturating};
 
 #[map]
 static IO_OFFSETS: Array<IoOffsets> = Array::with_max_entries(1, 0);
@@ -204,6 +204,7 @@ fn on_dirty(ctx: &BtfTracePointContext) -> Option<()> {
                     (*info).max_range = index >> RANGE_SHIFT;
                 }
                 add(&raw mut (*info).pending, bytes);
+                add(&raw mut (*info).dirtied, bytes);
             }
         }
         None => {
@@ -211,6 +212,7 @@ fn on_dirty(ctx: &BtfTracePointContext) -> Option<()> {
                 owner: cgroup,
                 other: 0,
                 pending: bytes,
+                dirtied: bytes,
                 max_range: index >> RANGE_SHIFT,
                 generation,
                 _pad: 0,
@@ -306,7 +308,7 @@ fn on_bio(ctx: &BtfTracePointContext) -> Option<()> {
     let owner = match IO_RANGES.get_ptr_mut(rkey) {
         // SAFETY: pointers into map values; races only blur counts.
         Some(range) => unsafe {
-            (*range).pending = settle((*range).pending, size);
+            sub_saturating(&raw mut (*range).pending, size);
             (*range).owner
         },
         None => match inode {
@@ -317,7 +319,7 @@ fn on_bio(ctx: &BtfTracePointContext) -> Option<()> {
     };
     if let Some(info) = inode {
         // SAFETY: as above.
-        unsafe { (*info).pending = settle((*info).pending, size) };
+        unsafe { sub_saturating(&raw mut (*info).pending, size) };
     }
     let owner_counters = stats(owner, dev)?;
     // SAFETY: as above.
