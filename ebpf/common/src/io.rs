@@ -206,6 +206,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<StatsKey>(), 16);
         assert_eq!(core::mem::size_of::<InodeKey>(), 16);
         assert_eq!(core::mem::size_of::<RangeKey>(), 24);
-        assert_eq!(core::mem::size_of::<InodeInfo>(), 40);
+        assert_eq!(core::mem::size_of::<InodeInfo>(), 48);
     }
 }
