@@ -224,7 +224,11 @@ impl Btf {
                 }
                 continue;
             }
-            let inner = self.resolve(m.type_id)?;
+            // One anonymous member of an unreadable type does not end the
+            // search of its siblings.
+            let Some(inner) = self.resolve(m.type_id) else {
+                continue;
+            };
             if matches!(inner.kind, KIND_STRUCT | KIND_UNION)
                 && let Some((off, size, ty)) = self.find_member(inner, member, depth + 1)
             {

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use qos_common::io::{InodeKey, IoCounters, RangeKey};
+use qos_common::io::{InodeKey, IoCounters};
 use qos_core::cgroup::Hierarchy;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -358,7 +358,7 @@ impl IoControl {
                         let _ = tracker.settle(item.key, item.dirtied, &item.ranges);
                     }
                     FlushOutcome::Gone(key) => {
-                        let _ = tracker.forget(key, MAX_SHARED_RANGES);
+                        let _ = tracker.forget(key);
                     }
                     FlushOutcome::Failed(key) => {
                         tracing::debug!(cgroup = %name, ino = key.ino, "flush failed");
@@ -390,19 +390,9 @@ impl IoControl {
             }
             // Shared file: flush each cgroup's own ranges only.
             let mut by_owner: HashMap<u64, Vec<u64>> = HashMap::new();
-            for range in 0..=info.max_range.min(MAX_SHARED_RANGES) {
-                let rk = RangeKey {
-                    dev: key.dev,
-                    _pad: 0,
-                    ino: key.ino,
-                    range,
-                };
-                if let Some(r) = tracker.range(&rk)
-                    && r.pending > 0
-                {
-                    *pending.entry((r.owner, key.dev)).or_default() += r.pending;
-                    by_owner.entry(r.owner).or_default().push(range);
-                }
+            for (range, r) in tracker.pending_ranges(*key, info.max_range.min(MAX_SHARED_RANGES)) {
+                *pending.entry((r.owner, key.dev)).or_default() += r.pending;
+                by_owner.entry(r.owner).or_default().push(range);
             }
             for (owner, ranges) in by_owner {
                 work.entry(owner).or_default().push(FlushItem {

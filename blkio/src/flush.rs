@@ -150,9 +150,6 @@ fn run(slot: &Slot, placement: &Placement) {
         files.retain(|k, _| keep.contains(k));
         let mut outcomes = Vec::with_capacity(work.len());
         for item in work {
-            if lock(slot).stop {
-                break;
-            }
             outcomes.push(flush_one(&mut mounts, &mut files, item, &|| {
                 lock(slot).stop
             }));

@@ -187,8 +187,8 @@ pub struct CapacityEstimate {
     short_before: bool,
     /// It has grown at least once.
     grown: bool,
-    /// The window being measured: seconds, bytes delivered, and seconds in
-    /// which the groups had more to write.
+    /// The window being measured: seconds, bytes delivered, seconds in
+    /// which the groups had more to write, bytes their rates allowed.
     window_s: f64,
     window_bytes: f64,
     window_backlogged_s: f64,
@@ -282,7 +282,7 @@ impl CapacityEstimate {
             // the device's limit the groups with small shares keep theirs
             // and the large ones lose.
             self.slow_start = false;
-            self.bps = self.bps.min(delivered * 0.97);
+            self.bps = delivered * 0.97;
         }
         // Light groups teach nothing about the device.
         self.short_before = short;

@@ -207,11 +207,26 @@ impl Tracker {
         Ok(m.iter().filter_map(Result::ok).collect())
     }
 
-    pub fn range(&self, key: &RangeKey) -> Option<RangeInfo> {
-        self.hash::<RangeKey, RangeInfo>("IO_RANGES")
-            .ok()?
-            .get(key, 0)
-            .ok()
+    /// The ranges `0..=max_range` of a file that have pending bytes, with
+    /// their info (one map handle for all the lookups).
+    pub fn pending_ranges(&self, key: InodeKey, max_range: u64) -> Vec<(u64, RangeInfo)> {
+        let Ok(m) = self.hash::<RangeKey, RangeInfo>("IO_RANGES") else {
+            return Vec::new();
+        };
+        (0..=max_range)
+            .filter_map(|range| {
+                let rk = RangeKey {
+                    dev: key.dev,
+                    _pad: 0,
+                    ino: key.ino,
+                    range,
+                };
+                m.get(&rk, 0)
+                    .ok()
+                    .filter(|r| r.pending > 0)
+                    .map(|r| (range, r))
+            })
+            .collect()
     }
 
     /// After a whole flush of an inode (or of some of its ranges) during
@@ -255,36 +270,23 @@ impl Tracker {
         Ok(())
     }
 
-    /// Forgets an inode that no longer exists (and its ranges).
-    pub fn forget(&mut self, key: InodeKey, max_range: u64) -> Result<(), BlkioError> {
-        {
-            let mut r = self.hash_mut::<RangeKey, RangeInfo>("IO_RANGES")?;
-            for range in 0..=max_range.min(RANGE_ENTRIES as u64) {
-                let _ = r.remove(&RangeKey {
-                    dev: key.dev,
-                    _pad: 0,
-                    ino: key.ino,
-                    range,
-                });
-            }
-        }
+    /// Forgets an inode that no longer exists (and the ranges it had).
+    pub fn forget(&mut self, key: InodeKey) -> Result<(), BlkioError> {
         let mut m = self.hash_mut::<InodeKey, InodeInfo>("IO_INODES")?;
+        let Ok(info) = m.get(&key, 0) else {
+            return Ok(());
+        };
         let _ = m.remove(&key);
-        Ok(())
-    }
-
-    /// Drops the counters of cgroups that no longer exist.
-    pub fn forget_cgroups(&mut self, live: &dyn Fn(u64) -> bool) -> Result<usize, BlkioError> {
-        let mut m = self.hash_mut::<StatsKey, IoCounters>("IO_STATS")?;
-        let dead: Vec<StatsKey> = m
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.cgroup != 0 && !live(k.cgroup))
-            .collect();
-        for k in &dead {
-            let _ = m.remove(k);
+        let mut r = self.hash_mut::<RangeKey, RangeInfo>("IO_RANGES")?;
+        for range in 0..=info.max_range.min(RANGE_ENTRIES as u64) {
+            let _ = r.remove(&RangeKey {
+                dev: key.dev,
+                _pad: 0,
+                ino: key.ino,
+                range,
+            });
         }
-        Ok(dead.len())
+        Ok(())
     }
 
     /// Entries in use per map (for the memory report).
@@ -292,20 +294,31 @@ impl Tracker {
         vec![
             (
                 "IO_STATS",
-                self.counters().map_or(0, |c| c.len()),
+                self.count::<StatsKey, IoCounters>("IO_STATS"),
                 STATS_ENTRIES,
             ),
             (
                 "IO_DEVICES",
-                self.devices().map_or(0, |c| c.len()),
+                self.count::<u32, DeviceCounters>("IO_DEVICES"),
                 DEVICE_ENTRIES,
             ),
             (
                 "IO_INODES",
-                self.inodes().map_or(0, |c| c.len()),
+                self.count::<InodeKey, InodeInfo>("IO_INODES"),
                 INODE_ENTRIES,
             ),
+            (
+                "IO_RANGES",
+                self.count::<RangeKey, RangeInfo>("IO_RANGES"),
+                RANGE_ENTRIES,
+            ),
         ]
+    }
+
+    /// Keys in a map (values are not copied to count them).
+    fn count<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> usize {
+        self.hash::<K, V>(name)
+            .map_or(0, |m| m.keys().filter(Result::is_ok).count())
     }
 
     pub fn program_costs(&self) -> Vec<ProgramCost> {

@@ -51,18 +51,19 @@ fn buffered_write_limit_holds_and_is_charged_to_the_writer() {
         c.get(&(a.name().to_owned(), dev))
             .map_or((0, 0), |c| (c.written_back + c.direct, c.leaked))
     };
+    // The daemon's loop, for a while (the sleep paces the control steps).
+    let drive = |io: &mut IoControl, seconds: u64| {
+        let until = Instant::now() + Duration::from_secs(seconds);
+        while Instant::now() < until {
+            io.step().unwrap();
+            std::thread::sleep(io.interval());
+        }
+    };
     // Warm up, then measure 3 s of control steps.
-    let until = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < until {
-        io.step().unwrap();
-        std::thread::sleep(io.interval());
-    }
+    drive(&mut io, 1);
     let (w0, l0) = measure(&mut io);
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(3) {
-        io.step().unwrap();
-        std::thread::sleep(io.interval());
-    }
+    drive(&mut io, 3);
     let (w1, l1) = measure(&mut io);
     let rate = (w1 - w0) as f64 / start.elapsed().as_secs_f64();
     assert!(
@@ -90,12 +91,8 @@ fn buffered_write_limit_holds_and_is_charged_to_the_writer() {
             a.read("blkio.throttle.write_bps_device").unwrap().trim(),
             ""
         );
-        let state = std::fs::read_to_string(
-            std::path::Path::new("/sys/fs/cgroup/freezer")
-                .join(a.name())
-                .join("freezer.state"),
-        )
-        .unwrap();
+        let freezer = h.v1_mount("freezer").expect("v1 freezer mounted");
+        let state = std::fs::read_to_string(freezer.join(a.name()).join("freezer.state")).unwrap();
         assert_eq!(state.trim(), "THAWED");
     }
     assert!(io.configured().is_empty());
@@ -103,7 +100,6 @@ fn buffered_write_limit_holds_and_is_charged_to_the_writer() {
         io.remove(a.name(), Some(dev)),
         Err(blkio::BlkioError::NotConfigured { .. })
     ));
-    let _ = writer.0.kill();
 }
 
 #[test]

@@ -9,27 +9,14 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{kill_and_remove, unique};
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{:?} failed: {}",
-            cmd,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
+use crate::{kill_and_remove, run, unique};
 
 /// A loop device over a sparse file, with a filesystem mounted on it.
 /// Unmounted, detached and deleted on drop.
 #[derive(Debug)]
 pub struct LoopFs {
-    dir: tempfile::TempDir,
+    /// Image and mount point; deleted after `drop` has unmounted.
+    _dir: tempfile::TempDir,
     device: String,
     mount: PathBuf,
     major: u32,
@@ -48,28 +35,32 @@ impl LoopFs {
         let f = std::fs::File::create(&image)?;
         f.set_len(size_mb << 20)?;
         drop(f);
-        let mut losetup = Command::new("losetup");
-        losetup.args(["-f", "--show"]);
-        if direct_io {
-            losetup.arg("--direct-io=on");
-        }
-        let device = run(losetup.arg(&image))?;
+        let image = image.to_str().context("temp dir path is not UTF-8")?;
+        let direct = if direct_io {
+            "--direct-io=on"
+        } else {
+            "--direct-io=off"
+        };
+        let device = run("losetup", &["-f", "--show", direct, image])?
+            .trim()
+            .to_owned();
         let mount = dir.path().join("mnt");
         let mut me = Self {
-            dir,
+            _dir: dir,
             device,
             mount,
             major: 0,
             minor: 0,
         };
         let mkfs = match fs {
-            "ext4" => run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&me.device)),
-            "xfs" => run(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(&me.device)),
+            "ext4" => run("mkfs.ext4", &["-q", "-F", &me.device]),
+            "xfs" => run("mkfs.xfs", &["-q", "-f", &me.device]),
             other => bail!("unknown filesystem '{other}' (ext4 or xfs)"),
         };
         mkfs?;
         std::fs::create_dir_all(&me.mount)?;
-        run(Command::new("mount").arg(&me.device).arg(&me.mount))?;
+        let mount = me.mount.to_str().context("temp dir path is not UTF-8")?;
+        run("mount", &[&me.device, mount])?;
         use std::os::unix::fs::MetadataExt;
         let rdev = std::fs::metadata(&me.device)?.rdev();
         me.major = nix::sys::stat::major(rdev) as u32;
@@ -115,7 +106,6 @@ impl Drop for LoopFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
         let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
-        let _ = self.dir.path();
     }
 }
 

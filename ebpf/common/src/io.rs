@@ -15,7 +15,8 @@
 //! Ownership: user space writes `IO_OFFSETS` once; the programs write
 //! everything else; user space only reads and deletes entries.
 
-/// Entries of the per (cgroup, device) counters.
+/// Entries of the per (cgroup, device) counters (LRU: the counters of
+/// cgroups long gone make room for new ones).
 pub const STATS_ENTRIES: u32 = 4096;
 /// Entries of the per-device totals.
 pub const DEVICE_ENTRIES: u32 = 256;
@@ -90,8 +91,6 @@ pub struct IoCounters {
     pub charged_write: u64,
     /// Read bytes the kernel charged to this cgroup.
     pub charged_read: u64,
-    /// Write bios the kernel charged to this cgroup.
-    pub charged_write_ios: u64,
     /// Write bytes charged here whose pages were not page cache (direct IO).
     pub direct: u64,
     /// Inodes this cgroup dirtied after another cgroup had.
@@ -108,7 +107,6 @@ pub struct DeviceCounters {
     pub attributed: u64,
     /// Write bytes of other pages: metadata, journal, direct IO.
     pub other_write: u64,
-    pub write_ios: u64,
 }
 
 #[repr(C)]

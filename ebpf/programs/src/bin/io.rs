@@ -30,7 +30,7 @@ use qos_ebpf::atomic::{add, sub_saturating};
 #[map]
 static IO_OFFSETS: Array<IoOffsets> = Array::with_max_entries(1, 0);
 #[map]
-static IO_STATS: HashMap<StatsKey, IoCounters> = HashMap::with_max_entries(STATS_ENTRIES, 0);
+static IO_STATS: LruHashMap<StatsKey, IoCounters> = LruHashMap::with_max_entries(STATS_ENTRIES, 0);
 #[map]
 static IO_DEVICES: HashMap<u32, DeviceCounters> = HashMap::with_max_entries(DEVICE_ENTRIES, 0);
 #[map]
@@ -144,9 +144,9 @@ fn device(dev: u32) -> Option<*mut DeviceCounters> {
     IO_DEVICES.get_ptr_mut(dev)
 }
 
-/// File identity of a page: (s_dev, ino, generation) of its mapping's host.
+/// File identity of a page: (s_dev, ino, inode) of its mapping's host.
 #[inline(always)]
-fn page_file(o: &IoOffsets, mapping: u64) -> Option<(u32, u64, u32)> {
+fn page_file(o: &IoOffsets, mapping: u64) -> Option<(u32, u64, u64)> {
     if mapping == 0 || mapping & PAGE_MAPPING_FLAGS != 0 {
         return None;
     }
@@ -154,8 +154,7 @@ fn page_file(o: &IoOffsets, mapping: u64) -> Option<(u32, u64, u32)> {
     let ino = read_u64(host, o.inode_ino)?;
     let sb = read_u64(host, o.inode_sb)?;
     let dev = read_u32(sb, o.sb_dev)?;
-    let generation = read_u32(host, o.inode_generation).unwrap_or(0);
-    Some((dev, ino, generation))
+    Some((dev, ino, host))
 }
 
 #[btf_tracepoint(function = "writeback_dirty_folio")]
@@ -169,7 +168,8 @@ fn on_dirty(ctx: &BtfTracePointContext) -> Option<()> {
     let o = offsets()?;
     let folio = raw_arg(ctx, 0)?;
     let mapping = raw_arg(ctx, 1)?;
-    let (dev, ino, generation) = page_file(o, mapping)?;
+    let (dev, ino, host) = page_file(o, mapping)?;
+    let generation = read_u32(host, o.inode_generation).unwrap_or(0);
     let flags = read_u64(folio, o.folio_flags)?;
     let pages = if flags & (1u64 << (o.pg_head_bit & 63)) == 0 {
         1
@@ -187,7 +187,20 @@ fn on_dirty(ctx: &BtfTracePointContext) -> Option<()> {
     unsafe { add(&raw mut (*counters).dirtied, bytes) };
 
     let ikey = InodeKey { dev, _pad: 0, ino };
-    match IO_INODES.get_ptr_mut(ikey) {
+    let fresh = InodeInfo {
+        owner: cgroup,
+        other: 0,
+        pending: bytes,
+        dirtied: bytes,
+        max_range: index >> RANGE_SHIFT,
+        generation,
+        _pad: 0,
+    };
+    // SAFETY: pointer into a map value, read once.
+    match IO_INODES
+        .get_ptr_mut(ikey)
+        .filter(|&info| unsafe { (*info).generation } == generation)
+    {
         Some(info) => {
             // SAFETY: pointer into a map value; races only blur counts.
             unsafe {
@@ -199,7 +212,6 @@ fn on_dirty(ctx: &BtfTracePointContext) -> Option<()> {
                     (*info).other = owner;
                     (*info).owner = cgroup;
                 }
-                (*info).generation = generation;
                 if index >> RANGE_SHIFT > (*info).max_range {
                     (*info).max_range = index >> RANGE_SHIFT;
                 }
@@ -207,17 +219,10 @@ fn on_dirty(ctx: &BtfTracePointContext) -> Option<()> {
                 add(&raw mut (*info).dirtied, bytes);
             }
         }
+        // New, or an inode number reused by a new file (another
+        // generation): nothing of the old file's state carries over.
         None => {
-            let info = InodeInfo {
-                owner: cgroup,
-                other: 0,
-                pending: bytes,
-                dirtied: bytes,
-                max_range: index >> RANGE_SHIFT,
-                generation,
-                _pad: 0,
-            };
-            let _ = IO_INODES.insert(ikey, info, 0);
+            let _ = IO_INODES.insert(ikey, fresh, 0);
         }
     }
 
@@ -273,11 +278,8 @@ fn on_bio(ctx: &BtfTracePointContext) -> Option<()> {
     // SAFETY: as above.
     unsafe {
         add(&raw mut (*charged_counters).charged_write, size);
-        add(&raw mut (*charged_counters).charged_write_ios, 1);
     }
     let totals = device(dev)?;
-    // SAFETY: as above.
-    unsafe { add(&raw mut (*totals).write_ios, 1) };
 
     let vec = read_u64(bio, o.bio_io_vec)?;
     let page = read_u64(vec, o.bvec_page)?;
