@@ -150,11 +150,40 @@ impl Backend {
                     ),
                 )?;
                 if let Some(w) = limits.weight {
-                    write(&dir.join("io.weight"), &format!("{dev} {w}"))?;
+                    self.set_v2_weight(&dir, dev, w)?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// cgroup2 weights live with a scheduling policy on the device: BFQ
+    /// (`io.bfq.weight`) when it is the device's scheduler, else iocost
+    /// (`io.weight`), which is off on every device until the root's
+    /// `io.cost.qos` enables it; the kernel answers EOPNOTSUPP until then.
+    fn set_v2_weight(&self, dir: &Path, dev: Device, weight: u32) -> Result<(), BlkioError> {
+        let bfq = dir.join("io.bfq.weight");
+        if dev.scheduler().as_deref() == Some("bfq") && bfq.exists() {
+            return write(&bfq, &format!("{dev} {weight}"));
+        }
+        let file = dir.join("io.weight");
+        let value = format!("{dev} {weight}");
+        match fs::write(&file, &value) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                let qos = self.root.join("io.cost.qos");
+                if !qos.exists() {
+                    return Err(BlkioError::Unsupported(format!(
+                        "io.weight on {dev} needs iocost (this kernel has no io.cost.qos) \
+                         or the bfq scheduler on the device"
+                    )));
+                }
+                write(&qos, &format!("{dev} enable=1"))?;
+                tracing::info!(device = %dev, "iocost enabled on the device for io.weight");
+                write(&file, &value)
+            }
+            Err(source) => Err(BlkioError::Io { path: file, source }),
+        }
     }
 
     /// Only the v1 write rate (weights turned into rates change it often).
@@ -199,9 +228,12 @@ impl Backend {
                     &dir.join("io.max"),
                     &format!("{dev} rbps=max wbps=max riops=max wiops=max"),
                 )?;
-                let weight = dir.join("io.weight");
-                if weight.exists() {
-                    let _ = fs::write(&weight, format!("{dev} default"));
+                for file in ["io.weight", "io.bfq.weight"] {
+                    let weight = dir.join(file);
+                    if weight.exists() {
+                        // Ignored where the device has no per-device entry.
+                        let _ = fs::write(&weight, format!("{dev} default"));
+                    }
                 }
             }
         }

@@ -269,6 +269,15 @@ impl Btf {
         Ok(bits / 8)
     }
 
+    /// Size in bytes of `struct strukt`.
+    pub fn struct_size(&self, strukt: &str) -> Result<u32, BtfError> {
+        self.structs
+            .get(strukt)
+            .and_then(|id| self.types.get(*id as usize))
+            .map(|t| t.target)
+            .ok_or_else(|| BtfError::NoStruct(strukt.into()))
+    }
+
     /// Whether `struct strukt` has a member (path) named so.
     pub fn has_member(&self, strukt: &str, path: &str) -> bool {
         self.member_offset(strukt, path).is_ok()
@@ -366,6 +375,11 @@ mod tests {
         ];
         let btf = Btf::parse(&blob(&names, &types)).unwrap();
         assert_eq!(btf.member_offset("outer", "flags").unwrap(), 8);
+        assert!(btf.struct_size("outer").unwrap() >= 16);
+        assert!(matches!(
+            btf.struct_size("missing"),
+            Err(BtfError::NoStruct(_))
+        ));
         assert_eq!(btf.member_offset("outer", "it.size").unwrap(), 16 + 4);
         assert!(btf.has_member("inner", "size"));
         assert!(matches!(
@@ -398,6 +412,9 @@ mod tests {
             Err(_) => return,
         };
         assert_eq!(btf.member_offset("folio", "flags").unwrap(), 0);
+        // struct page: one cache line on x86-64; compound_head overlays lru.
+        assert_eq!(btf.struct_size("page").unwrap(), 64);
+        assert_eq!(btf.member_offset("page", "compound_head").unwrap(), 8);
         assert!(btf.member_offset("bio", "bi_iter.bi_size").unwrap() > 0);
         assert!(btf.enum_value("io_cgrp_id").is_ok());
     }

@@ -14,6 +14,7 @@ use qos_common::io::{
 use serde::{Deserialize, Serialize};
 
 use crate::{BlkioError, btf::Btf};
+use qos_core::probe::{ProgramProbe, verifier_tail};
 
 /// Program name and the kernel tracepoint it attaches to.
 pub const PROGRAMS: [(&str, &str); 2] = [
@@ -21,11 +22,66 @@ pub const PROGRAMS: [(&str, &str); 2] = [
     ("qos_io_bio", "block_bio_queue"),
 ];
 
-/// The running kernel's release (`uname -r`).
-pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
+pub use qos_core::probe::kernel_release;
+
+/// Loads both programs into the running kernel without attaching them, after
+/// resolving the kernel struct offsets they need from its BTF: which ones the
+/// kernel accepts, and why not.
+pub fn probe_programs() -> Vec<ProgramProbe> {
+    let all_failed = |why: String| {
+        PROGRAMS
+            .iter()
+            .map(|(name, tp)| ProgramProbe {
+                object: "qos-io",
+                program: (*name).to_owned(),
+                kind: format!("tp_btf/{tp}"),
+                loaded: false,
+                error: Some(why.clone()),
+            })
+            .collect()
+    };
+    let offsets = Btf::from_kernel()
+        .map_err(BlkioError::from)
+        .and_then(|btf| resolve_offsets(&btf));
+    if let Err(e) = offsets {
+        return all_failed(format!("kernel struct offsets from BTF: {e}"));
+    }
+    let kernel_btf = match aya::Btf::from_sys_fs() {
+        Ok(b) => b,
+        Err(e) => return all_failed(format!("reading /sys/kernel/btf/vmlinux: {e}")),
+    };
+    let mut ebpf = match EbpfLoader::new().load(qos_bpf::IO) {
+        Ok(e) => e,
+        Err(e) => return all_failed(format!("loading the object: {e}")),
+    };
+    PROGRAMS
+        .iter()
+        .map(|&(name, tracepoint)| {
+            let error = match ebpf.program_mut(name) {
+                Some(aya::programs::Program::BtfTracePoint(p)) => {
+                    p.load(tracepoint, &kernel_btf).err().map(|e| match e {
+                        aya::programs::ProgramError::LoadError {
+                            io_error,
+                            verifier_log,
+                        } => format!(
+                            "BPF_PROG_LOAD: {io_error}; verifier:\n{}",
+                            verifier_tail(&verifier_log.to_string())
+                        ),
+                        other => other.to_string(),
+                    })
+                }
+                Some(_) => Some("not a tp_btf program".to_owned()),
+                None => Some("not in the object".to_owned()),
+            };
+            ProgramProbe {
+                object: "qos-io",
+                program: name.to_owned(),
+                kind: format!("tp_btf/{tracepoint}"),
+                loaded: error.is_none(),
+                error,
+            }
+        })
+        .collect()
 }
 
 /// Offsets of every field the programs read, from `btf`.
@@ -74,7 +130,8 @@ pub fn resolve_offsets(btf: &Btf) -> Result<IoOffsets, BlkioError> {
         bio_blkg: m("bio", "bi_blkg")?,
         blkg_blkcg: m("blkcg_gq", "blkcg")?,
         blkcg_css: m("blkcg", "css")?,
-        _pad: 0,
+        page_compound_head: m("page", "compound_head")?,
+        page_struct_size: btf.struct_size("page")?,
     })
 }
 

@@ -86,6 +86,15 @@ fn write(path: &Path, value: &str) -> Result<(), EmcError> {
     std::fs::write(path, value).map_err(|e| io_err(path, e))
 }
 
+/// Where a v2 cgroup's tasks are held when it is full: `memory.high` this far
+/// under `memory.max` (1/32 of it, 4–256 MiB).
+pub fn v2_hold_point(max: u64) -> u64 {
+    max.saturating_sub((max / 32).clamp(4 << 20, 256 << 20))
+}
+
+/// A held v2 scope counts as full when its usage is this close to the hold.
+const HOLD_SLACK: u64 = 4 << 20;
+
 fn read_u64(path: &Path) -> Result<u64, EmcError> {
     let text = read(path)?;
     let t = text.trim();
@@ -274,21 +283,53 @@ impl Backend {
         };
         let m = self.read(name)?;
         let psi = m.psi.unwrap_or_default();
+        // v2: a scope held at its memory.high (see `hold_oom_killer`) with
+        // no page cache left to give is what v1 calls under_oom: its tasks
+        // wait for the controller. (Page cache alone fills a scope up to
+        // its memory.high: usage there means nothing.)
+        let used = m.usage.saturating_sub(m.inactive_file);
+        let held = self.kind == BackendKind::V2
+            && limit != u64::MAX
+            && read_u64(&self.file(name, "memory.high"))
+                .is_ok_and(|high| high < limit && used + HOLD_SLACK >= high);
         Ok(HostSample {
             capacity: if limit >= V1_UNLIMITED {
                 total
             } else {
                 limit.min(total)
             },
-            used: m.usage.saturating_sub(m.inactive_file),
+            used,
             psi_some10: psi.some_avg10,
             psi_full10: psi.full_avg10,
-            paused: m.paused,
+            paused: m.paused || held,
         })
+    }
+
+    /// cgroup2: the memory files of a cgroup exist only when every ancestor
+    /// enables the controller for its children; enables it where missing
+    /// (as a v2 init system does for delegated trees). The kernel refuses
+    /// (EBUSY) in a parent that has processes of its own: that error names
+    /// the parent.
+    fn ensure_v2_memory(&self, name: &str) -> Result<(), EmcError> {
+        if self.kind != BackendKind::V2 || self.file(name, "memory.min").exists() {
+            return Ok(());
+        }
+        let mut dir = self.root.clone();
+        let parts: Vec<&str> = name.split('/').filter(|p| !p.is_empty()).collect();
+        for part in parts {
+            let control = dir.join("cgroup.subtree_control");
+            let current = read(&control)?;
+            if !current.split_whitespace().any(|c| c == "memory") {
+                write(&control, "+memory")?;
+            }
+            dir.push(part);
+        }
+        Ok(())
     }
 
     /// Protects `bytes` of the cgroup (None: protection off).
     pub fn set_guarantee(&self, name: &str, bytes: Option<u64>) -> Result<(), EmcError> {
+        self.ensure_v2_memory(name)?;
         match self.kind {
             BackendKind::V1 => write(
                 &self.file(name, "memory.soft_limit_in_bytes"),
@@ -301,15 +342,29 @@ impl Backend {
         }
     }
 
-    /// v1: whether tasks wait (true) or the kernel OOM-kills (false) when
-    /// the cgroup is full. v2 has no such switch.
+    /// Whether tasks wait (true) or the kernel OOM-kills (false) when the
+    /// cgroup is full. v1: `oom_control`. v2 has no such switch: holding
+    /// puts `memory.high` a little under `memory.max` ([`v2_hold_point`]),
+    /// where the kernel throttles the tasks instead of killing them;
+    /// releasing sets it back to `max`. Without a `memory.max` there is no
+    /// cgroup OOM killer to hold.
     pub fn hold_oom_killer(&self, name: &str, hold: bool) -> Result<(), EmcError> {
         match self.kind {
             BackendKind::V1 => write(
                 &self.file(name, "memory.oom_control"),
                 if hold { "1" } else { "0" },
             ),
-            BackendKind::V2 => Ok(()),
+            BackendKind::V2 => {
+                let high = self.file(name, "memory.high");
+                if !hold {
+                    return write(&high, "max");
+                }
+                let max = read_u64(&self.file(name, "memory.max"))?;
+                if max == u64::MAX {
+                    return Ok(());
+                }
+                write(&high, &v2_hold_point(max).to_string())
+            }
         }
     }
 
@@ -347,6 +402,7 @@ impl Backend {
                 }
             }
             BackendKind::V2 => {
+                self.ensure_v2_memory(name)?;
                 write(
                     &self.file(name, "memory.max"),
                     &limit.map_or("max".into(), |l| l.to_string()),
@@ -646,5 +702,45 @@ mod tests {
         assert_eq!(content(&d.join("memory.high")), "max");
         assert_eq!(content(&d.join("memory.max")), "max");
         assert_eq!(content(&d.join("memory.min")), "0");
+    }
+
+    #[test]
+    fn v2_holds_a_full_scope_at_high_under_max() {
+        let fx = fx();
+        v2_cgroup(&fx, "scope");
+        let b = Backend::fixture(BackendKind::V2, &fx.root, Some(&fx.root), &fx.proc_root);
+        let d = fx.root.join("scope");
+        // Enables the controller on the way down when the files are missing.
+        std::fs::write(fx.root.join("cgroup.subtree_control"), "").expect("control");
+        std::fs::create_dir_all(fx.root.join("scope/b")).expect("mkdir");
+        std::fs::write(fx.root.join("scope/cgroup.subtree_control"), "cpu").expect("control");
+        b.set_guarantee("scope/b", Some(MB)).expect("guarantee");
+        assert_eq!(
+            content(&fx.root.join("scope/cgroup.subtree_control")),
+            "+memory"
+        );
+        assert_eq!(content(&fx.root.join("cgroup.subtree_control")), "+memory");
+        // No memory.max: no cgroup OOM killer, nothing to hold.
+        b.hold_oom_killer("scope", true).expect("hold");
+        assert_eq!(content(&d.join("memory.high")), "max");
+        std::fs::write(d.join("memory.max"), (512 * MB).to_string()).expect("max");
+        b.hold_oom_killer("scope", true).expect("hold");
+        assert_eq!(content(&d.join("memory.high")), (496 * MB).to_string());
+        assert_eq!(v2_hold_point(64 * MB), 60 * MB);
+        assert_eq!(v2_hold_point(64 << 30), (64 << 30) - (256 << 20));
+        // 300 MiB in use: not full.
+        assert!(!b.scope_sample("scope").expect("sample").paused);
+        // At the hold, but 30 MiB of it inactive page cache: not full.
+        std::fs::write(d.join("memory.current"), (494 * MB).to_string()).expect("current");
+        assert!(!b.scope_sample("scope").expect("sample").paused);
+        std::fs::write(
+            d.join("memory.stat"),
+            format!("anon {}\nfile 0\ninactive_file 0\n", 494 * MB),
+        )
+        .expect("stat");
+        assert!(b.scope_sample("scope").expect("sample").paused);
+        b.hold_oom_killer("scope", false).expect("release");
+        assert_eq!(content(&d.join("memory.high")), "max");
+        assert!(!b.scope_sample("scope").expect("sample").paused);
     }
 }

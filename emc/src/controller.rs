@@ -39,8 +39,9 @@ pub struct EmcSettings {
     pub tuning: Tuning,
     /// Time between control steps when no pressure trigger fires.
     pub interval: Duration,
-    /// v1: hold back the kernel OOM killer in the scope cgroup, so that its
-    /// tasks wait and the controller picks the victim.
+    /// Hold back the kernel OOM killer in the scope cgroup, so that its
+    /// tasks wait and the controller picks the victim (v1: oom_control; v2:
+    /// memory.high a little under memory.max).
     pub hold_scope_oom: bool,
 }
 
@@ -278,7 +279,6 @@ impl Emc {
         };
         if let Some(scope) = emc.settings.scope.clone()
             && emc.settings.hold_scope_oom
-            && emc.backend.kind() == BackendKind::V1
         {
             emc.backend.hold_oom_killer(&scope, true)?;
             emc.scope_oom_held = true;

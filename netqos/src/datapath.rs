@@ -23,6 +23,7 @@ use qos_common::{
     net::{ClassConfig, ClassCounters, ClassState, DirMaps, NetGlobal, PoolState, maps, programs},
     policy::UNIT,
 };
+use qos_core::probe::{ProgramProbe, verifier_tail};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
@@ -468,16 +469,98 @@ fn open_dir(path: &Path) -> Result<File, NetError> {
     })
 }
 
+/// How tc programs attach on this kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TcAttachMode {
+    /// tcx links (6.6 and later): owned by the process, no qdisc.
+    Tcx,
+    /// cls_bpf filters under a clsact qdisc, set up over netlink.
+    NetlinkClsact,
+}
+
+impl std::fmt::Display for TcAttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcx => "tcx links",
+            Self::NetlinkClsact => "cls_bpf under clsact (netlink)",
+        })
+    }
+}
+
+/// The attach mode the datapath uses on the running kernel.
+pub fn tc_attach_mode() -> TcAttachMode {
+    let tcx = aya::util::KernelVersion::current()
+        .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+        .unwrap_or(false);
+    if tcx {
+        TcAttachMode::Tcx
+    } else {
+        TcAttachMode::NetlinkClsact
+    }
+}
+
+/// Loads every program of the network object into the running kernel
+/// without attaching any: which ones the verifier accepts, and why not.
+pub fn probe_programs() -> Vec<ProgramProbe> {
+    let kinds = [
+        (programs::EGRESS, "tc egress (shaped interface)"),
+        (programs::TAGGER, "tc ingress (container veth tagger)"),
+        (programs::INGRESS_TAGGER, "tc ingress (shaped interface)"),
+        (programs::INGRESS, "cgroup_skb ingress (cgroup2 root)"),
+        (programs::PACER, "sock_ops (cgroup2 root)"),
+    ];
+    let probe = |program: &str, kind: &str, error: Option<String>| ProgramProbe {
+        object: "qos-net",
+        program: program.to_owned(),
+        kind: kind.to_owned(),
+        loaded: error.is_none(),
+        error,
+    };
+    let mut ebpf = match EbpfLoader::new().load(qos_bpf::NET) {
+        Ok(e) => e,
+        Err(e) => {
+            return kinds
+                .iter()
+                .map(|(p, k)| probe(p, k, Some(format!("loading the object: {e}"))))
+                .collect();
+        }
+    };
+    kinds
+        .iter()
+        .map(|&(name, kind)| {
+            let result = match ebpf.program_mut(name) {
+                None => Err("not in the object".to_owned()),
+                Some(aya::programs::Program::SchedClassifier(p)) => p.load().map_err(load_error),
+                Some(aya::programs::Program::CgroupSkb(p)) => p.load().map_err(load_error),
+                Some(aya::programs::Program::SockOps(p)) => p.load().map_err(load_error),
+                Some(other) => Err(format!("unexpected program type {:?}", other.prog_type())),
+            };
+            probe(name, kind, result.err())
+        })
+        .collect()
+}
+
+fn load_error(e: aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => format!(
+            "BPF_PROG_LOAD: {io_error}; verifier:\n{}",
+            verifier_tail(&verifier_log.to_string())
+        ),
+        other => other.to_string(),
+    }
+}
+
 fn attach_tc(
     prog: &mut SchedClassifier,
     name: &'static str,
     iface: &str,
     kind: TcAttachType,
 ) -> Result<SchedClassifierLinkId, NetError> {
-    let tcx = aya::util::KernelVersion::current()
-        .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
-        .unwrap_or(false);
-    let options = if tcx {
+    let options = if tc_attach_mode() == TcAttachMode::Tcx {
         TcAttachOptions::TcxOrder(LinkOrder::default())
     } else {
         // Pre-6.6 kernels: netlink cls_bpf under a clsact qdisc.

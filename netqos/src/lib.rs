@@ -27,9 +27,10 @@ pub enum NetError {
     NoInterface(String),
     #[error("loading the network eBPF object: {source}")]
     Load { source: Box<aya::EbpfError> },
-    #[error("eBPF program {program}: {source}")]
+    #[error("eBPF program {program} on kernel {kernel}: {source}")]
     Program {
         program: &'static str,
+        kernel: String,
         source: Box<aya::programs::ProgramError>,
     },
     #[error("attaching {program} to {target}: {source}")]
@@ -70,6 +71,7 @@ impl NetError {
     pub(crate) fn program(program: &'static str, source: aya::programs::ProgramError) -> Self {
         Self::Program {
             program,
+            kernel: qos_core::probe::kernel_release(),
             source: Box::new(source),
         }
     }

@@ -79,18 +79,17 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
     let tmp = tempfile::tempdir()?;
     let parent = CgroupDir::new("qos-test-")?;
     let h = qos_core::Hierarchy::detect()?;
-    let mut shaper = Shaper::start(
-        settings(bed.shaped_if(), containers)?,
-        &testbeds::cgroup2_root()?,
-    )?;
+    let mut s = settings(bed.shaped_if(), containers)?;
+    s.capacity = common::scaled("1gbit")?;
+    let mut shaper = Shaper::start(s, &testbeds::cgroup2_root()?)?;
     let mut places = Vec::new();
     for (i, g) in groups.iter().enumerate() {
         let name = format!("g{i}");
         let dir = parent.child(&name)?;
         let cg = h.resolve(&parent.child_name(&name))?;
         let quota = NetQuota::egress(
-            g.quota.parse()?,
-            g.ceil.map(str::parse).transpose()?,
+            common::scaled(g.quota)?,
+            g.ceil.map(common::scaled).transpose()?,
             g.priority,
         );
         shaper.set(&cg, quota)?;
@@ -120,7 +119,7 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
         let opts = ClientOpts {
             seconds: secs,
             parallel: 1,
-            udp_bps: g.udp_bps,
+            udp_bps: g.udp_bps.map(|b| (b as f64 * common::rate_scale()) as u64),
             bind: Some(src),
             tos: g.tos,
         };
@@ -138,7 +137,10 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
             .iter()
             .filter(|i| i.0 >= 1.0 && i.1 - i.0 >= 0.05)
             .fold((0u64, 0.0), |(b, t), i| (b + i.2, t + i.1 - i.0));
-        rates.push(wire_bytes(bytes, g.udp_bps.is_some()) as f64 * 8.0 / t / 1e6);
+        // In nominal (unscaled) Mbit/s, what the assertions are written in.
+        rates.push(
+            wire_bytes(bytes, g.udp_bps.is_some()) as f64 * 8.0 / t / 1e6 / common::rate_scale(),
+        );
     }
     stop.store(true, Ordering::Relaxed);
     let shaper = handle.join().expect("control thread");
@@ -318,11 +320,11 @@ fn stopping_removes_every_program_and_mapping() -> Result<()> {
     let cg = h.resolve(&parent.child_name("a"))?;
     shaper.set(&cg, NetQuota::egress("10mbit".parse()?, None, 0))?;
     assert_eq!(egress_entries(&mut shaper), 1);
-    let (n, progs) = aya::programs::SchedClassifier::query_tcx(
-        bed.shaped_if(),
-        aya::programs::TcAttachType::Egress,
-    )?;
-    assert!(n > 0 && progs.len() == 1, "egress program not attached");
+    assert_eq!(
+        common::tc_programs(bed.shaped_if(), aya::programs::TcAttachType::Egress)?,
+        1,
+        "egress program not attached"
+    );
     assert!(shaper.remove(&cg.name)?);
     assert_eq!(egress_entries(&mut shaper), 0, "cgroup mapping left behind");
     assert!(
@@ -337,11 +339,11 @@ fn stopping_removes_every_program_and_mapping() -> Result<()> {
         .collect();
     assert_eq!(ids.len(), 5, "every program of the object is loaded");
     shaper.stop();
-    let (_, progs) = aya::programs::SchedClassifier::query_tcx(
-        bed.shaped_if(),
-        aya::programs::TcAttachType::Egress,
-    )?;
-    assert!(progs.is_empty(), "egress program still attached");
+    assert_eq!(
+        common::tc_programs(bed.shaped_if(), aya::programs::TcAttachType::Egress)?,
+        0,
+        "egress program still attached"
+    );
     let loaded: Vec<u32> = aya::programs::loaded_programs()
         .filter_map(|p| p.ok())
         .map(|p| p.id())

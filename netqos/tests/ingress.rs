@@ -81,22 +81,24 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
     let _one_at_a_time = TRAFFIC.lock().unwrap_or_else(|p| p.into_inner());
     let n = groups.len();
     let bed = EgressBed::new(n, if containers { n } else { 0 })?;
-    bed.peer_senders()?;
-    bed.peer_link(LINK, LINK_BUFFER)?;
+    let _cubic_allowed = bed.peer_senders()?;
+    bed.peer_link(&common::scaled(LINK)?.to_string(), LINK_BUFFER)?;
     // Host receivers accept ECN when the sender asks (kernel default 2).
     let _ecn = Sysctl::set("net.ipv4.tcp_ecn", "2")?;
     let tmp = tempfile::tempdir()?;
     let parent = CgroupDir::new("qos-test-")?;
     let h = qos_core::Hierarchy::detect()?;
-    let mut shaper = Shaper::start(settings(bed.shaped_if())?, &testbeds::cgroup2_root()?)?;
+    let mut s = settings(bed.shaped_if())?;
+    s.ingress_capacity = Some(common::scaled(CAPACITY)?);
+    let mut shaper = Shaper::start(s, &testbeds::cgroup2_root()?)?;
     let mut pairs = Vec::new();
     for (i, g) in groups.iter().enumerate() {
         let name = format!("g{i}");
         let dir = parent.child(&name)?;
         let cg = h.resolve(&parent.child_name(&name))?;
         let quota = NetQuota::ingress(
-            g.quota.parse()?,
-            g.ceil.map(str::parse).transpose()?,
+            common::scaled(g.quota)?,
+            g.ceil.map(common::scaled).transpose()?,
             g.priority,
         );
         shaper.set(&cg, quota)?;
@@ -139,7 +141,8 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
             .iter()
             .filter(|i| i.0 >= 1.0 && i.1 - i.0 >= 0.05)
             .fold((0u64, 0.0), |(b, t), i| (b + i.2, t + i.1 - i.0));
-        rates.push(wire_bytes(bytes, false) as f64 * 8.0 / t / 1e6);
+        // In nominal (unscaled) Mbit/s, what the assertions are written in.
+        rates.push(wire_bytes(bytes, false) as f64 * 8.0 / t / 1e6 / common::rate_scale());
         eprintln!(
             "receiver bytes {} wire {}",
             r.bytes,
@@ -271,11 +274,11 @@ fn stopping_removes_every_ingress_attachment() -> Result<()> {
     shaper.set(&cg, NetQuota::ingress("10mbit".parse()?, None, 0))?;
     assert_eq!(entries(&mut shaper, Direction::Ingress), 1);
     assert_eq!(entries(&mut shaper, Direction::Egress), 0);
-    let (_, progs) = aya::programs::SchedClassifier::query_tcx(
-        bed.shaped_if(),
-        aya::programs::TcAttachType::Ingress,
-    )?;
-    assert_eq!(progs.len(), 1, "ingress tagger not attached");
+    assert_eq!(
+        common::tc_programs(bed.shaped_if(), aya::programs::TcAttachType::Ingress)?,
+        1,
+        "ingress tagger not attached"
+    );
     // Unsetting the quota removes its mapping.
     assert!(shaper.remove(&cg.name)?);
     assert_eq!(entries(&mut shaper, Direction::Ingress), 0);
@@ -286,11 +289,11 @@ fn stopping_removes_every_ingress_attachment() -> Result<()> {
         .map(|(_, id)| id)
         .collect();
     shaper.stop();
-    let (_, progs) = aya::programs::SchedClassifier::query_tcx(
-        bed.shaped_if(),
-        aya::programs::TcAttachType::Ingress,
-    )?;
-    assert!(progs.is_empty(), "ingress tagger still attached");
+    assert_eq!(
+        common::tc_programs(bed.shaped_if(), aya::programs::TcAttachType::Ingress)?,
+        0,
+        "ingress tagger still attached"
+    );
     let loaded: Vec<u32> = aya::programs::loaded_programs()
         .filter_map(|p| p.ok())
         .map(|p| p.id())

@@ -12,6 +12,7 @@ pub mod mem;
 pub mod memload;
 pub mod net;
 pub mod plot;
+pub mod vm;
 
 use std::{
     path::{Path, PathBuf},

@@ -89,6 +89,120 @@ impl MemCgroup {
         std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
     }
 
+    /// Whether memory is controlled through cgroup2 (else v1).
+    pub fn is_v2(&self) -> bool {
+        self.memory_dir("").join("cgroup.controllers").exists()
+    }
+
+    fn read_u64(&self, name: &str, file: &str) -> Result<Option<u64>> {
+        let s = self.read(name, file)?;
+        let s = s.trim();
+        if s == "max" {
+            return Ok(None);
+        }
+        let v: u64 = s
+            .parse()
+            .with_context(|| format!("{file} of {name} is not a number: {s}"))?;
+        // v1 writes "unlimited" as a page-rounded i64::MAX.
+        Ok((v < 1 << 60).then_some(v))
+    }
+
+    /// Sets the hard limit (v1 `memory.limit_in_bytes`, v2 `memory.max`).
+    pub fn set_limit(&self, name: &str, bytes: u64) -> Result<()> {
+        let file = if self.is_v2() {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        self.write(name, file, &bytes.to_string())
+    }
+
+    /// The hard limit the kernel kills at; None when unlimited.
+    pub fn limit(&self, name: &str) -> Result<Option<u64>> {
+        if self.is_v2() {
+            self.read_u64(name, "memory.max")
+        } else {
+            self.read_u64(name, "memory.limit_in_bytes")
+        }
+    }
+
+    /// Where the cgroup's tasks are held back (v1: the limit, with the OOM
+    /// killer held; v2: `memory.high`); None when unlimited.
+    pub fn cap(&self, name: &str) -> Result<Option<u64>> {
+        if self.is_v2() {
+            self.read_u64(name, "memory.high")
+        } else {
+            self.read_u64(name, "memory.limit_in_bytes")
+        }
+    }
+
+    /// The protected amount (v1 `memory.soft_limit_in_bytes`, v2
+    /// `memory.min`); None when nothing is protected.
+    pub fn guarantee(&self, name: &str) -> Result<Option<u64>> {
+        if self.is_v2() {
+            Ok(self.read_u64(name, "memory.min")?.filter(|v| *v > 0))
+        } else {
+            self.read_u64(name, "memory.soft_limit_in_bytes")
+        }
+    }
+
+    /// Bytes charged (v1 `memory.usage_in_bytes`, v2 `memory.current`).
+    pub fn usage(&self, name: &str) -> Result<u64> {
+        let file = if self.is_v2() {
+            "memory.current"
+        } else {
+            "memory.usage_in_bytes"
+        };
+        Ok(self.read_u64(name, file)?.unwrap_or(0))
+    }
+
+    /// Processes the kernel OOM killer killed in the cgroup.
+    pub fn oom_kills(&self, name: &str) -> Result<u64> {
+        let file = if self.is_v2() {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        Ok(self
+            .read(name, file)?
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Whether the cgroup is full and its tasks wait instead of being
+    /// killed: v1 `under_oom 1` (OOM killer held); v2 usage at `memory.high`
+    /// below `memory.max` with the kernel throttling (`high` events).
+    pub fn held_at_cap(&self, name: &str) -> Result<bool> {
+        if !self.is_v2() {
+            return Ok(self
+                .read(name, "memory.oom_control")?
+                .contains("under_oom 1"));
+        }
+        let Some(high) = self.read_u64(name, "memory.high")? else {
+            return Ok(false);
+        };
+        let events = self
+            .read(name, "memory.events")?
+            .lines()
+            .find_map(|l| l.strip_prefix("high ")?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        Ok(events > 0 && self.usage(name)? + (8 << 20) >= high)
+    }
+
+    /// Whether the kernel OOM killer acts normally in the cgroup again
+    /// (v1 `oom_kill_disable 0`; v2: no `memory.high` hold below
+    /// `memory.max`).
+    pub fn oom_killer_released(&self, name: &str) -> Result<bool> {
+        if self.is_v2() {
+            Ok(self.read_u64(name, "memory.high")?.is_none())
+        } else {
+            Ok(self
+                .read(name, "memory.oom_control")?
+                .contains("oom_kill_disable 0"))
+        }
+    }
+
     /// Spawns `cmd` inside `name` in every hierarchy.
     pub fn spawn(&self, name: &str, cmd: &mut Command) -> Result<Child> {
         let procs: Vec<PathBuf> = self

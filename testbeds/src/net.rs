@@ -129,7 +129,23 @@ impl EgressBed {
     /// default may be BBR, which ignores CE marks), and ECN per destination:
     /// the peer no longer asks for ECN by itself; a route with the `ecn`
     /// feature asks for it towards one receiver address.
-    pub fn peer_senders(&self) -> Result<()> {
+    ///
+    /// A network namespace may only pick an algorithm the host allows
+    /// (`tcp_allowed_congestion_control`, which lists only what the host
+    /// itself has used): CUBIC is allowed for as long as the returned guard
+    /// lives.
+    pub fn peer_senders(&self) -> Result<Option<crate::Sysctl>> {
+        const ALLOWED: &str = "net.ipv4.tcp_allowed_congestion_control";
+        let allowed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+            .context("reading tcp_allowed_congestion_control")?;
+        let guard = if allowed.split_whitespace().any(|c| c == "cubic") {
+            None
+        } else {
+            Some(crate::Sysctl::set(
+                ALLOWED,
+                &format!("{} cubic", allowed.trim()),
+            )?)
+        };
         self.peer.exec(
             "sysctl",
             &[
@@ -138,7 +154,7 @@ impl EgressBed {
                 "net.ipv4.tcp_congestion_control=cubic",
             ],
         )?;
-        Ok(())
+        Ok(guard)
     }
 
     /// Gives the peer's side of the shaped veth the rate of a physical link

@@ -65,7 +65,11 @@ pub struct IoOffsets {
     pub bio_blkg: u32,
     pub blkg_blkcg: u32,
     pub blkcg_css: u32,
-    pub _pad: u32,
+    /// `page.compound_head` (bit 0 set in a tail page of a large folio or
+    /// THP: the rest points at the head page, which has the mapping).
+    pub page_compound_head: u32,
+    /// `sizeof(struct page)`: a tail page's index in its folio.
+    pub page_struct_size: u32,
 }
 
 /// Counters of one (cgroup, device).
@@ -200,7 +204,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<IoOffsets>(), 28 * 4);
+        assert_eq!(core::mem::size_of::<IoOffsets>(), 29 * 4);
         assert_eq!(core::mem::size_of::<StatsKey>(), 16);
         assert_eq!(core::mem::size_of::<InodeKey>(), 16);
         assert_eq!(core::mem::size_of::<RangeKey>(), 24);

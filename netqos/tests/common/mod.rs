@@ -22,3 +22,50 @@ pub fn control_loop(shaper: Shaper) -> (Arc<AtomicBool>, std::thread::JoinHandle
     });
     (stop, h)
 }
+
+/// tc programs attached to `iface` in one direction, as the kernel lists
+/// them: tcx links on 6.6+, cls_bpf filters under clsact before.
+pub fn tc_programs(iface: &str, kind: aya::programs::TcAttachType) -> anyhow::Result<usize> {
+    use netqos::datapath::{TcAttachMode, tc_attach_mode};
+    if tc_attach_mode() == TcAttachMode::Tcx {
+        let (_, progs) = aya::programs::SchedClassifier::query_tcx(iface, kind)?;
+        return Ok(progs.len());
+    }
+    let dir = match kind {
+        aya::programs::TcAttachType::Egress => "egress",
+        _ => "ingress",
+    };
+    // "filter protocol all pref 49152 bpf chain 0 handle 0x1 qos_egress direct-action ..."
+    let out = testbeds::run("tc", &["filter", "show", "dev", iface, dir])?;
+    Ok(out
+        .lines()
+        .filter(|l| l.contains(" bpf ") && l.contains("handle"))
+        .count())
+}
+
+/// Every rate of the traffic tests is multiplied by `QOS_TEST_RATE_SCALE`
+/// (default 1): an emulated VM cannot carry a gigabit, and the shares are
+/// what the tests check. Measured rates are divided by it again, so the
+/// assertions read the same on every machine.
+pub fn rate_scale() -> f64 {
+    let scale = std::env::var("QOS_TEST_RATE_SCALE")
+        .ok()
+        .map(|s| {
+            s.parse::<f64>()
+                .expect("QOS_TEST_RATE_SCALE must be a number")
+        })
+        .unwrap_or(1.0);
+    assert!(
+        scale > 0.0 && scale <= 1.0,
+        "QOS_TEST_RATE_SCALE must be in (0, 1], got {scale}"
+    );
+    scale
+}
+
+/// `rate` (tc units) times [`rate_scale`].
+pub fn scaled(rate: &str) -> anyhow::Result<qos_core::Rate> {
+    let r: qos_core::Rate = rate.parse()?;
+    Ok(qos_core::Rate::from_bits_per_sec(
+        (r.bits_per_sec() as f64 * rate_scale()) as u64,
+    )?)
+}

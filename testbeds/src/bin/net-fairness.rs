@@ -707,7 +707,7 @@ fn run_scenario(sc: &Scenario, mode: &str, args: &Args, bin_dir: &Path) -> Resul
         sources.push(src);
     }
     if is_ingress(args) {
-        bed.peer_senders()?;
+        let _cubic_allowed = bed.peer_senders()?;
         // The link is the receive side's physical limit; the capacity being
         // shared is 95 % of it, so that the shaper, not the upstream buffer,
         // decides the shares (the usual setting for ingress shaping).

@@ -3,6 +3,7 @@
 //! the id eBPF programs see).
 
 pub mod cgroup;
+pub mod probe;
 pub mod units;
 
 pub use cgroup::{CgroupError, CgroupMode, CgroupRef, Hierarchy};

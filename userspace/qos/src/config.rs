@@ -147,8 +147,9 @@ pub struct MemConfig {
     /// Milliseconds between control steps (pressure notifications wake the
     /// loop earlier).
     pub interval_ms: u64,
-    /// v1 hosts with a scope: hold back the kernel OOM killer in the scope
-    /// so that its tasks wait while qosd picks the victim.
+    /// With a scope: hold back the kernel OOM killer in the scope so that its
+    /// tasks wait while qosd picks the victim (v1: oom_control; v2:
+    /// memory.high a little under the scope's memory.max).
     pub hold_scope_oom: bool,
     /// Thresholds and steps (see `emc::Tuning`).
     pub tuning: Tuning,

@@ -37,6 +37,7 @@
 
 pub mod client;
 pub mod config;
+pub mod probe;
 pub mod protocol;
 pub mod server;
 pub mod state;

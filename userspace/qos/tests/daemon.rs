@@ -348,11 +348,7 @@ fn memory_quotas_set_show_unset_persist_and_every_bad_input() -> Result<()> {
         return Ok(());
     }
     let scope = MemCgroup::new("qos-mem-")?;
-    scope.write(
-        scope.name(),
-        "memory.limit_in_bytes",
-        &(512u64 << 20).to_string(),
-    )?;
+    scope.set_limit(scope.name(), 512 << 20)?;
     let a = scope.child("a")?;
     let mut d = Daemon::with(
         "1gbit",
@@ -386,14 +382,8 @@ fn memory_quotas_set_show_unset_persist_and_every_bad_input() -> Result<()> {
         out.trim(),
         format!("{a}: guarantee 64MiB limit 256MiB priority 3")
     );
-    assert_eq!(
-        scope.read(&a, "memory.soft_limit_in_bytes")?.trim(),
-        (64u64 << 20).to_string()
-    );
-    assert_eq!(
-        scope.read(&a, "memory.limit_in_bytes")?.trim(),
-        (256u64 << 20).to_string()
-    );
+    assert_eq!(scope.guarantee(&a)?, Some(64 << 20));
+    assert_eq!(scope.limit(&a)?, Some(256 << 20));
     let v = mem_show(&d)?;
     let row = &v["cgroups"][0];
     assert_eq!(
@@ -411,7 +401,7 @@ fn memory_quotas_set_show_unset_persist_and_every_bad_input() -> Result<()> {
         "the memory loop does not step"
     );
     let s: serde_json::Value = serde_json::from_str(&d.ok(&["status", "-o", "json"])?)?;
-    assert_eq!(s["mem"]["backend"], "v1");
+    assert_eq!(s["mem"]["backend"], if scope.is_v2() { "v2" } else { "v1" });
     assert!(
         s["mem"]["woken_by"].as_str().is_some_and(|w| !w.is_empty()),
         "{s}"
@@ -454,10 +444,7 @@ fn memory_quotas_set_show_unset_persist_and_every_bad_input() -> Result<()> {
         3,
         "no memory quota",
     )?;
-    assert_eq!(
-        scope.read(&a, "memory.limit_in_bytes")?.trim(),
-        (256u64 << 20).to_string()
-    );
+    assert_eq!(scope.limit(&a)?, Some(256 << 20));
 
     // Persisted across a restart.
     d.stop()?;
@@ -465,14 +452,8 @@ fn memory_quotas_set_show_unset_persist_and_every_bad_input() -> Result<()> {
     let v = mem_show(&d)?;
     assert_eq!(v["cgroups"][0]["guarantee"], 64u64 << 20, "{v}");
     d.ok(&["mem", "unset", &a])?;
-    assert!(
-        scope.read(&a, "memory.soft_limit_in_bytes")?.trim().len() > 12,
-        "guarantee not removed"
-    );
-    assert!(
-        scope.read(&a, "memory.limit_in_bytes")?.trim().len() > 12,
-        "limit not removed"
-    );
+    assert_eq!(scope.guarantee(&a)?, None, "guarantee not removed");
+    assert_eq!(scope.limit(&a)?, None, "limit not removed");
     assert!(
         mem_show(&d)?["cgroups"]
             .as_array()
@@ -480,11 +461,7 @@ fn memory_quotas_set_show_unset_persist_and_every_bad_input() -> Result<()> {
     );
     d.stop()?;
     // A clean stop gives the scope its OOM killer back.
-    assert!(
-        scope
-            .read(scope.name(), "memory.oom_control")?
-            .contains("oom_kill_disable 0")
-    );
+    assert!(scope.oom_killer_released(scope.name())?);
     Ok(())
 }
 

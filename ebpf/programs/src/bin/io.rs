@@ -283,7 +283,16 @@ fn on_bio(ctx: &BtfTracePointContext) -> Option<()> {
 
     let vec = read_u64(bio, o.bio_io_vec)?;
     let page = read_u64(vec, o.bvec_page)?;
-    let mapping = read_u64(page, o.page_mapping)?;
+    // A tail page of a large folio or THP (user buffers of direct IO, large
+    // page-cache folios) has no mapping or index of its own: read the head's.
+    let compound = read_u64(page, o.page_compound_head)?;
+    let (head, sub) = if compound & 1 != 0 && o.page_struct_size != 0 {
+        let head = compound - 1;
+        (head, page.wrapping_sub(head) / o.page_struct_size as u64)
+    } else {
+        (page, 0)
+    };
+    let mapping = read_u64(head, o.page_mapping)?;
     let file = page_file(o, mapping).filter(|(fs_dev, _, _)| *fs_dev == dev);
     let Some((_, ino, _)) = file else {
         // SAFETY: as above.
@@ -297,7 +306,7 @@ fn on_bio(ctx: &BtfTracePointContext) -> Option<()> {
     };
     // SAFETY: as above.
     unsafe { add(&raw mut (*totals).file_write, size) };
-    let index = read_u64(page, o.page_index)?;
+    let index = read_u64(head, o.page_index)? + sub;
 
     let rkey = RangeKey {
         dev,

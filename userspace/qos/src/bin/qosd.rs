@@ -32,6 +32,14 @@ struct Args {
     /// Validate the config and exit.
     #[arg(long)]
     check_config: bool,
+    /// Report what this kernel offers (cgroup layout, features, every eBPF
+    /// program loaded but not attached) and the mode each subsystem would
+    /// use, then exit: 0 if every program loads. Changes nothing.
+    #[arg(long)]
+    probe: bool,
+    /// Output of --probe.
+    #[arg(long, short, value_parser = ["text", "json"], default_value = "text")]
+    output: String,
 }
 
 fn main() {
@@ -43,6 +51,18 @@ fn main() {
 
 fn run() -> Result<()> {
     let args = Args::parse();
+    if args.probe {
+        let report = qos::probe::KernelReport::probe();
+        if args.output == "json" {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.text());
+        }
+        if !report.all_loaded() {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let explicit = args.config.as_path() != std::path::Path::new(DEFAULT_CONFIG);
     let mut config = Config::load(&args.config, explicit)?;
     if let Some(s) = args.socket {
