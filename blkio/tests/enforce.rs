@@ -88,8 +88,11 @@ fn buffered_write_limit_holds_and_is_charged_to_the_writer() {
     let g = &status.groups[0];
     assert_eq!(g.cgroup, a.name());
     assert!(g.dirtied_bytes > 0 && g.charged_write_bytes > 0, "{g:?}");
-    // The writer is still running (paused at times, never killed).
-    assert!(writer.0.try_wait().unwrap().is_none());
+    // The writer is paused at times, never killed: still running, or done
+    // (on cgroup2 its 400 MB may all fit under the dirty limit).
+    if let Some(status) = writer.0.try_wait().unwrap() {
+        assert!(status.success(), "writer ended with {status}");
+    }
 
     io.remove(a.name(), Some(dev)).unwrap();
     if io.mode() == IoMode::V1Assisted {

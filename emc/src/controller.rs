@@ -118,6 +118,9 @@ impl Counters {
     }
 }
 
+/// The window of the PSI averages (`avg10`) the levels read.
+const PSI_WINDOW: Duration = Duration::from_secs(10);
+
 #[derive(Clone, Debug)]
 struct Managed {
     quota: MemQuota,
@@ -126,6 +129,8 @@ struct Managed {
     last: Option<CgroupMem>,
     counters: Counters,
     throttled: bool,
+    /// Last step it was seen throttled at its cap.
+    throttled_at: Option<Instant>,
     present: bool,
 }
 
@@ -138,6 +143,7 @@ impl Managed {
             last: None,
             counters: Counters::default(),
             throttled: false,
+            throttled_at: None,
             present,
         }
     }
@@ -499,6 +505,20 @@ impl Emc {
         let now = self.now_ms();
         self.sample = self.read_scope()?;
         self.observe_cgroups();
+        // cgroup2: a cgroup throttled at the memory.high we set stalls by
+        // design, and the scope's PSI counts that stall. While the scope has
+        // room, the stall is ours, not the host's: counted, it would hold
+        // the level up and with it the cap that causes it (v1 caps make
+        // tasks wait in a held OOM, which PSI does not count).
+        // PSI averages over 10 s: a stall we caused lingers in it that long.
+        let ours = |m: &Managed| m.throttled_at.is_some_and(|t| t.elapsed() < PSI_WINDOW);
+        if self.backend.kind() == BackendKind::V2
+            && self.managed.values().any(ours)
+            && self.sample.free_pct() >= self.settings.tuning.tight_free_pct
+        {
+            self.sample.psi_some10 = 0.0;
+            self.sample.psi_full10 = 0.0;
+        }
         let before = self.tracker.level();
         let level = self
             .tracker
@@ -622,6 +642,9 @@ impl Emc {
                 && (mem.paused || prev.is_some_and(|p| mem.high_events > p.high_events));
             let newly_throttled = throttled_now && !m.throttled;
             m.throttled = throttled_now;
+            if throttled_now {
+                m.throttled_at = Some(Instant::now());
+            }
             if kernel_kills > 0 {
                 m.counters.kernel_oom_kills += kernel_kills;
                 self.event(

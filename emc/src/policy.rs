@@ -437,7 +437,12 @@ pub fn plan(input: PlanInput<'_>, views: &[CgroupView]) -> Vec<Action> {
             cap: v.usage - bytes,
         });
     }
+    // A kill cannot be undone: the held level is not enough, the sample in
+    // hand must be an emergency too (after a kill the level stays up for
+    // the hold while the victim's memory comes back; with a cgroup.kill
+    // that frees it asynchronously, that outlasts the cool-down).
     if level == Level::Emergency
+        && classify(host, t, false) == Level::Emergency
         && last_kill_ms.is_none_or(|k| now_ms.saturating_sub(k) >= t.kill_cooldown_ms)
         && let Some(&victim) = order.first()
     {
@@ -832,6 +837,14 @@ mod tests {
         i.last_kill_ms = Some(8_000);
         assert!(
             plan(i, &views)
+                .iter()
+                .any(|x| matches!(x, Action::Kill { .. }))
+        );
+        // The level is still held at emergency, but the host has memory
+        // again (the last victim's came back): no second kill.
+        let recovered = host(1000, 500);
+        assert!(
+            !plan(input(Level::Emergency, &recovered, &t), &views)
                 .iter()
                 .any(|x| matches!(x, Action::Kill { .. }))
         );

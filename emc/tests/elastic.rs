@@ -282,11 +282,20 @@ fn a_cgroup_is_killed_only_in_an_emergency_and_by_policy() {
     );
     // b gets its memory (its cap is released once the host is normal
     // again) and lives on.
+    let recovered = run_until(&mut emc, Duration::from_secs(15), |e| {
+        usage(&cg, &b) >= 290 * MB && e.level() == Level::Normal
+    });
+    let summary: Vec<String> = emc
+        .events_since(0)
+        .iter()
+        .map(|e| format!("{:?} {:?} {}", e.kind, e.cgroup, e.detail))
+        .collect();
     assert!(
-        run_until(&mut emc, Duration::from_secs(15), |e| usage(&cg, &b)
-            >= 290 * MB
-            && e.level() == Level::Normal),
-        "b did not get its memory back, or the host did not return to normal (level {})",
+        recovered,
+        "b did not get its memory back ({} MiB, cap {:?}), or the host did not return to \
+         normal (level {}): {summary:#?}",
+        usage(&cg, &b) / MB,
+        cg.cap(&b).ok().flatten().map(|c| c / MB),
         emc.level()
     );
     assert!(exited_ok(&mut hog_b).is_none(), "b died");

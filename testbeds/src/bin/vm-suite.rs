@@ -42,24 +42,50 @@ const TESTS: [&str; 6] = [
 ];
 
 /// Tests excluded in the VM, each with the reason (reported, never silent).
-const EXCLUDED: [(&str, &str, &str); 3] = [
+/// The share tests need more CPU than an emulated VM has: at a tenth of the
+/// host's rates two emulated CPUs carry the traffic, the iperf3 processes
+/// and the control loop, and shares measured over 100 ms windows follow the
+/// CPU scheduler as much as the shaper. The VM asserts shares with the
+/// net-fairness smoke runs instead (the host's assertions); these tests run
+/// on the host.
+const EXCLUDED: [(&str, &str, &str); 6] = [
+    (
+        "datapath",
+        "busy_classes_get_their_guarantees",
+        "shares under emulated CPU (1 run in 4 missed by up to 40 %); the VM's egress \
+         net-fairness smoke asserts the same shares",
+    ),
+    (
+        "datapath",
+        "container_traffic_is_classified_by_its_cgroup",
+        "shares under emulated CPU through an extra namespace hop (1 run in 4 gave 100/800 \
+         for 200/800)",
+    ),
     (
         "datapath",
         "spare_capacity_is_shared_in_proportion_to_guarantees",
-        "in the VM (6.1, TCG) two egress flows reach only ~20 % of a 100 Mbit capacity \
-         when they must borrow spare: their guarantees hold, the borrowing does not; \
-         open finding, not yet explained",
+        "on 6.1 in the VM the spare is not shared 1:3 (at rate scales 0.1-0.5 the smaller \
+         class gets 1/5 to 1/34 of the larger instead of 1/3: its pacing multiplier falls \
+         below 1 while its borrow bucket stays full); guarantees hold; passes on the 6.18 \
+         host; open finding",
     ),
     (
         "datapath",
         "higher_priority_borrows_first_up_to_its_ceiling",
-        "same borrowing shortfall in the VM as spare_capacity_is_shared_in_proportion_to_guarantees",
+        "the borrowing shortfall of spare_capacity_is_shared_in_proportion_to_guarantees",
     ),
     (
-        "elastic",
-        "a_cgroup_is_killed_only_in_an_emergency_and_by_policy",
-        "cgroup v2: the emergency kill is right (lowest priority, by policy, no kernel OOM kill) \
-         but the survivor does not get back to its demand within the test's 15 s; open finding",
+        "ingress",
+        "ingress_busy_classes_get_their_guarantees_by_ecn",
+        "shares under emulated CPU (1 run in 6 gave 164 for 100); the VM's ingress \
+         net-fairness smoke asserts the same shares",
+    ),
+    (
+        "ingress",
+        "ingress_flow_without_ecn_is_clamped",
+        "the window clamp acts, but at a tenth of the rates 3-4 % of the non-ECN flow's \
+         packets are dropped (≤ 1 % asserted, met on the host); open finding of the ingress \
+         issue",
     ),
 ];
 
@@ -268,6 +294,8 @@ fn suite(tests: &BTreeMap<String, PathBuf>, bin_dir: &Path) -> Result<Suite> {
     // cgroup2 IO: io.max on buffered (writeback the kernel attributes) and
     // direct writers, io.weight (iocost) on direct writers; the tracker's
     // bytes must match the kernel's io.stat charging (--assert).
+    // 15 s: io.max lets a group burst, which a few seconds of buffered
+    // writeback do not average out.
     let io = |name: &str, args: &[&str]| -> Result<Step> {
         let mut argv = vec![bin("io-fairness")?];
         argv.extend(args.iter().map(|a| (*a).to_owned()));
@@ -276,7 +304,7 @@ fn suite(tests: &BTreeMap<String, PathBuf>, bin_dir: &Path) -> Result<Suite> {
                 "--fs",
                 "ext4",
                 "--duration",
-                "6",
+                "15",
                 "--json-only",
                 "--out",
                 "/tmp/io-fairness",
