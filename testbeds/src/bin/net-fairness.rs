@@ -55,8 +55,10 @@ struct Args {
     /// Record `qosctl net show` every 100 ms into <out>/trace-<scenario>.jsonl (qosd mode).
     #[arg(long)]
     trace: bool,
-    /// Fail (exit 2) when a busy group's mean is further than this fraction
-    /// from what it should get, in any mode (a smoke test of the pipeline).
+    /// Fail (exit 2) when a busy group's mean under qosd is further than
+    /// this fraction from what it should get (a smoke test of the pipeline;
+    /// the anchors are measured for comparison, not asserted: their
+    /// accuracy is HTB's, which varies by host).
     #[arg(long, value_name = "FRACTION")]
     assert_shares: Option<f64>,
     /// Modes to run: qosd and htb (egress) or htb-ifb (ingress); "htb"
@@ -288,12 +290,12 @@ fn real_main() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--assert-shares`: false (exit 2) when a busy group's mean is further than `tol`
-/// (a fraction) from what it should get, in any mode.
+/// `--assert-shares`: false (exit 2) when a busy group's mean under qosd is
+/// further than `tol` (a fraction) from what it should get.
 fn check_shares(summary: &[ScenarioResult], tol: f64) -> bool {
     let mut bad = Vec::new();
     for r in summary {
-        for run in &r.runs {
+        for run in r.runs.iter().filter(|run| run.mode == "qosd") {
             for g in run.groups.iter().filter(|g| g.demand == Demand::Busy) {
                 let share = g.mean_bps / g.expected_bps as f64;
                 if (share - 1.0).abs() > tol {
