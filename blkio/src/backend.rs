@@ -174,12 +174,20 @@ impl Backend {
                 let qos = self.root.join("io.cost.qos");
                 if !qos.exists() {
                     return Err(BlkioError::Unsupported(format!(
-                        "io.weight on {dev} needs iocost (this kernel has no io.cost.qos) \
-                         or the bfq scheduler on the device"
+                        "io.weight on {dev} needs iocost ({} does not exist: not the \
+                         cgroup2 root, or a kernel without iocost) or the bfq scheduler \
+                         on the device",
+                        qos.display()
                     )));
                 }
                 write(&qos, &format!("{dev} enable=1"))?;
-                tracing::info!(device = %dev, "iocost enabled on the device for io.weight");
+                // It changes how the whole device is shared, and stays.
+                tracing::warn!(
+                    device = %dev,
+                    file = %qos.display(),
+                    "iocost enabled on the device for io.weight (every cgroup on it is \
+                     now scheduled by weight; `{dev} enable=0` there undoes it)"
+                );
                 write(&file, &value)
             }
             Err(source) => Err(BlkioError::Io { path: file, source }),

@@ -89,7 +89,8 @@ fn write(path: &Path, value: &str) -> Result<(), EmcError> {
 /// Where a v2 cgroup's tasks are held when it is full: `memory.high` this far
 /// under `memory.max` (1/32 of it, 4–256 MiB).
 pub fn v2_hold_point(max: u64) -> u64 {
-    max.saturating_sub((max / 32).clamp(4 << 20, 256 << 20))
+    // At most half of a tiny limit, so the hold never throttles at zero.
+    max.saturating_sub((max / 32).clamp(4 << 20, 256 << 20).min(max / 2))
 }
 
 /// A held v2 scope counts as full when its usage is this close to the hold.
@@ -275,7 +276,10 @@ impl Backend {
     /// A cgroup standing for the host: its limit is the capacity, its
     /// charge minus inactive page cache is in use, and its tasks waiting in a
     /// held-back OOM mean the scope is out of memory.
-    pub fn scope_sample(&self, name: &str) -> Result<HostSample, EmcError> {
+    /// `held_by_us`: the controller holds this scope (v2: at
+    /// [`v2_hold_point`]); only then does being at `memory.high` mean tasks
+    /// wait for the controller (someone else's `memory.high` does not).
+    pub fn scope_sample(&self, name: &str, held_by_us: bool) -> Result<HostSample, EmcError> {
         let (total, _, _) = self.meminfo()?;
         let limit = match self.kind {
             BackendKind::V1 => read_u64(&self.file(name, "memory.limit_in_bytes"))?,
@@ -289,9 +293,11 @@ impl Backend {
         // its memory.high: usage there means nothing.)
         let used = m.usage.saturating_sub(m.inactive_file);
         let held = self.kind == BackendKind::V2
+            && held_by_us
             && limit != u64::MAX
-            && read_u64(&self.file(name, "memory.high"))
-                .is_ok_and(|high| high < limit && used + HOLD_SLACK >= high);
+            && read_u64(&self.file(name, "memory.high")).is_ok_and(|high| {
+                high == v2_hold_point(limit) && m.usage.saturating_sub(m.file) + HOLD_SLACK >= high
+            });
         Ok(HostSample {
             capacity: if limit >= V1_UNLIMITED {
                 total
@@ -343,29 +349,50 @@ impl Backend {
     }
 
     /// Whether tasks wait (true) or the kernel OOM-kills (false) when the
-    /// cgroup is full. v1: `oom_control`. v2 has no such switch: holding
-    /// puts `memory.high` a little under `memory.max` ([`v2_hold_point`]),
-    /// where the kernel throttles the tasks instead of killing them;
-    /// releasing sets it back to `max`. Without a `memory.max` there is no
-    /// cgroup OOM killer to hold.
-    pub fn hold_oom_killer(&self, name: &str, hold: bool) -> Result<(), EmcError> {
+    /// cgroup is full; returns whether a hold is in place. v1: `oom_control`.
+    /// v2 has no such switch: holding puts `memory.high` a little under
+    /// `memory.max` ([`v2_hold_point`]), where the kernel throttles the tasks
+    /// instead of killing them (written only when it differs, so it can be
+    /// re-applied every step and follows a changed `memory.max`); without a
+    /// `memory.max` there is no cgroup OOM killer to hold. Releasing a v2
+    /// hold is [`Backend::restore_memory_high`].
+    pub fn hold_oom_killer(&self, name: &str, hold: bool) -> Result<bool, EmcError> {
         match self.kind {
-            BackendKind::V1 => write(
-                &self.file(name, "memory.oom_control"),
-                if hold { "1" } else { "0" },
-            ),
+            BackendKind::V1 => {
+                write(
+                    &self.file(name, "memory.oom_control"),
+                    if hold { "1" } else { "0" },
+                )?;
+                Ok(hold)
+            }
             BackendKind::V2 => {
                 let high = self.file(name, "memory.high");
                 if !hold {
-                    return write(&high, "max");
+                    write(&high, "max")?;
+                    return Ok(false);
                 }
                 let max = read_u64(&self.file(name, "memory.max"))?;
                 if max == u64::MAX {
-                    return Ok(());
+                    return Ok(false);
                 }
-                write(&high, &v2_hold_point(max).to_string())
+                let point = v2_hold_point(max);
+                if read_u64(&high)? != point {
+                    write(&high, &point.to_string())?;
+                }
+                Ok(true)
             }
         }
+    }
+
+    /// v2: the cgroup's `memory.high` as written (`max` or bytes), to be
+    /// given back by [`Backend::restore_memory_high`].
+    pub fn memory_high(&self, name: &str) -> Result<String, EmcError> {
+        Ok(read(&self.file(name, "memory.high"))?.trim().to_owned())
+    }
+
+    /// v2: puts back a `memory.high` saved by [`Backend::memory_high`].
+    pub fn restore_memory_high(&self, name: &str, value: &str) -> Result<(), EmcError> {
+        write(&self.file(name, "memory.high"), value)
     }
 
     /// Puts `cap` (elastic: tasks wait at it) and `limit` (hard: the kernel
@@ -397,7 +424,7 @@ impl Backend {
                     }
                     None => {
                         write(&limit_file, &limit.map_or("-1".into(), |l| l.to_string()))?;
-                        self.hold_oom_killer(name, false)
+                        self.hold_oom_killer(name, false).map(|_| ())
                     }
                 }
             }
@@ -607,7 +634,7 @@ mod tests {
         assert_eq!(m.oom_kills, 3);
         assert_eq!(m.psi.map(|p| p.some_avg10), Some(7.5));
         // The scope: unlimited → MemTotal; used excludes inactive cache.
-        let s = b.scope_sample("a").expect("scope");
+        let s = b.scope_sample("a", false).expect("scope");
         assert_eq!(s.capacity, 1024 * MB);
         assert_eq!(s.used, 110 * MB);
         assert!(s.paused);
@@ -685,7 +712,7 @@ mod tests {
         assert_eq!((m.usage, m.anon, m.file), (300 * MB, 200 * MB, 90 * MB));
         assert_eq!((m.oom_kills, m.high_events), (1, 12));
         assert_eq!(m.psi.map(|p| p.some_avg10), Some(1.0));
-        let s = b.scope_sample("t/a").expect("scope");
+        let s = b.scope_sample("t/a", false).expect("scope");
         assert_eq!((s.capacity, s.used), (1024 * MB, 270 * MB));
         b.set_guarantee("t/a", Some(64 * MB)).expect("min");
         assert_eq!(content(&d.join("memory.min")), (64 * MB).to_string());
@@ -728,19 +755,29 @@ mod tests {
         assert_eq!(content(&d.join("memory.high")), (496 * MB).to_string());
         assert_eq!(v2_hold_point(64 * MB), 60 * MB);
         assert_eq!(v2_hold_point(64 << 30), (64 << 30) - (256 << 20));
+        assert_eq!(v2_hold_point(4 * MB), 2 * MB);
         // 300 MiB in use: not full.
-        assert!(!b.scope_sample("scope").expect("sample").paused);
+        assert!(!b.scope_sample("scope", true).expect("sample").paused);
         // At the hold, but 30 MiB of it inactive page cache: not full.
         std::fs::write(d.join("memory.current"), (494 * MB).to_string()).expect("current");
-        assert!(!b.scope_sample("scope").expect("sample").paused);
+        assert!(!b.scope_sample("scope", true).expect("sample").paused);
         std::fs::write(
             d.join("memory.stat"),
             format!("anon {}\nfile 0\ninactive_file 0\n", 494 * MB),
         )
         .expect("stat");
-        assert!(b.scope_sample("scope").expect("sample").paused);
+        assert!(b.scope_sample("scope", true).expect("sample").paused);
+        // Not our hold (someone else's memory.high at the same place, or a
+        // stale one after memory.max changed): not "waiting for us".
+        assert!(!b.scope_sample("scope", false).expect("sample").paused);
+        std::fs::write(d.join("memory.max"), (1024 * MB).to_string()).expect("max");
+        assert!(!b.scope_sample("scope", true).expect("sample").paused);
+        b.hold_oom_killer("scope", true).expect("re-hold");
+        assert_eq!(content(&d.join("memory.high")), (992 * MB).to_string());
+        std::fs::write(d.join("memory.max"), (512 * MB).to_string()).expect("max");
+        b.hold_oom_killer("scope", true).expect("re-hold");
         b.hold_oom_killer("scope", false).expect("release");
         assert_eq!(content(&d.join("memory.high")), "max");
-        assert!(!b.scope_sample("scope").expect("sample").paused);
+        assert!(!b.scope_sample("scope", true).expect("sample").paused);
     }
 }

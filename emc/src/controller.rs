@@ -238,6 +238,8 @@ pub struct Emc {
     next_seq: u64,
     swap: bool,
     scope_oom_held: bool,
+    /// v2: the scope's memory.high before the hold.
+    scope_prev_high: Option<String>,
     steps: u64,
 }
 
@@ -281,15 +283,28 @@ impl Emc {
             events: VecDeque::new(),
             next_seq: 0,
             scope_oom_held: false,
+            scope_prev_high: None,
             steps: 0,
         };
         if let Some(scope) = emc.settings.scope.clone()
             && emc.settings.hold_scope_oom
         {
-            emc.backend.hold_oom_killer(&scope, true)?;
-            emc.scope_oom_held = true;
+            // v2: the hold overwrites memory.high; what was there comes back
+            // at stop.
+            let prev = match emc.backend.kind() {
+                BackendKind::V2 => Some(emc.backend.memory_high(&scope)?),
+                BackendKind::V1 => None,
+            };
+            emc.scope_oom_held = emc.backend.hold_oom_killer(&scope, true)?;
+            emc.scope_prev_high = prev.filter(|_| emc.scope_oom_held);
         }
-        emc.sample = emc.read_scope()?;
+        emc.sample = match emc.read_scope() {
+            Ok(s) => s,
+            Err(e) => {
+                emc.release_scope();
+                return Err(e);
+            }
+        };
         info!(
             backend = %emc.backend.kind(),
             scope = %emc.scope_name(),
@@ -315,9 +330,27 @@ impl Emc {
 
     fn read_scope(&self) -> Result<HostSample, EmcError> {
         match &self.settings.scope {
-            Some(s) => self.backend.scope_sample(s),
+            Some(s) => self.backend.scope_sample(s, self.scope_oom_held),
             None => self.backend.host_sample(),
         }
+    }
+
+    /// Gives the scope its OOM killer back (v1) or its own memory.high (v2).
+    fn release_scope(&mut self) {
+        if !self.scope_oom_held {
+            return;
+        }
+        let Some(scope) = self.settings.scope.clone() else {
+            return;
+        };
+        let r = match self.scope_prev_high.take() {
+            Some(prev) => self.backend.restore_memory_high(&scope, &prev),
+            None => self.backend.hold_oom_killer(&scope, false).map(|_| ()),
+        };
+        if let Err(e) = r {
+            warn!(scope = %scope, error = %e, "restoring the scope's OOM killer");
+        }
+        self.scope_oom_held = false;
     }
 
     /// What wakes the loop before its timer: a PSI trigger on the scope's
@@ -503,6 +536,14 @@ impl Emc {
     pub fn step(&mut self) -> Result<Level, EmcError> {
         self.steps += 1;
         let now = self.now_ms();
+        // v2: the hold point follows the scope's memory.max (written only
+        // when it changed).
+        if self.scope_oom_held
+            && self.backend.kind() == BackendKind::V2
+            && let Some(scope) = &self.settings.scope
+        {
+            self.scope_oom_held = self.backend.hold_oom_killer(scope, true)?;
+        }
         self.sample = self.read_scope()?;
         self.observe_cgroups();
         // cgroup2: a cgroup throttled at the memory.high we set stalls by
@@ -512,17 +553,18 @@ impl Emc {
         // tasks wait in a held OOM, which PSI does not count).
         // PSI averages over 10 s: a stall we caused lingers in it that long.
         let ours = |m: &Managed| m.throttled_at.is_some_and(|t| t.elapsed() < PSI_WINDOW);
+        // The level is judged on a copy; status and events keep the raw
+        // figures.
+        let mut judged = self.sample;
         if self.backend.kind() == BackendKind::V2
             && self.managed.values().any(ours)
-            && self.sample.free_pct() >= self.settings.tuning.tight_free_pct
+            && judged.free_pct() >= self.settings.tuning.tight_free_pct
         {
-            self.sample.psi_some10 = 0.0;
-            self.sample.psi_full10 = 0.0;
+            judged.psi_some10 = 0.0;
+            judged.psi_full10 = 0.0;
         }
         let before = self.tracker.level();
-        let level = self
-            .tracker
-            .update(&self.sample, &self.settings.tuning, now);
+        let level = self.tracker.update(&judged, &self.settings.tuning, now);
         if level != before {
             let s = self.sample;
             self.event(
@@ -563,7 +605,7 @@ impl Emc {
         let actions = policy::plan(
             PlanInput {
                 level,
-                host: &self.sample,
+                host: &judged,
                 tuning: &self.settings.tuning,
                 now_ms: now,
                 last_kill_ms: self.last_kill_ms,
@@ -862,14 +904,7 @@ impl Emc {
                 m.cap = None;
             }
         }
-        if self.scope_oom_held
-            && let Some(scope) = &self.settings.scope
-        {
-            if let Err(e) = self.backend.hold_oom_killer(scope, false) {
-                warn!(scope = %scope, error = %e, "restoring the scope's OOM killer");
-            }
-            self.scope_oom_held = false;
-        }
+        self.release_scope();
     }
 
     /// Directory of a managed cgroup in the memory hierarchy.

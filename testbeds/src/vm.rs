@@ -286,21 +286,26 @@ impl Staging {
     /// unpacks as its initramfs).
     pub fn archive(&self, out: &Path) -> Result<u64> {
         let file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
-        let find = Command::new("find")
+        let mut find = Command::new("find")
             .args([".", "-mindepth", "1"])
             .current_dir(self.dir.path())
             .stdout(Stdio::piped())
             .spawn()
             .context("running find")?;
+        let list = find.stdout.take().context("find stdout")?;
         let status = Command::new("cpio")
             .args(["-o", "-H", "newc", "--quiet"])
             .current_dir(self.dir.path())
-            .stdin(find.stdout.context("find stdout")?)
+            .stdin(list)
             .stdout(file)
             .status()
             .context("running cpio (apt-get install cpio)")?;
+        let listed = find.wait().context("waiting for find")?;
+        if !listed.success() {
+            bail!("find over {} failed ({listed})", self.dir.path().display());
+        }
         if !status.success() {
-            bail!("cpio failed ({status})");
+            bail!("cpio into {} failed ({status})", out.display());
         }
         Ok(fs::metadata(out)?.len())
     }
@@ -561,15 +566,12 @@ fn run_step(step: &Step) -> StepResult {
     let stdout = std::thread::spawn(move || read_all(out.as_mut()));
     let stderr = std::thread::spawn(move || read_all(err.as_mut()));
     let deadline = start + Duration::from_secs(step.timeout_s);
+    let group = nix::unistd::Pid::from_raw(pid as i32);
     let status = loop {
         match child.try_wait() {
             Ok(Some(s)) => break Some(s),
             Ok(None) if Instant::now() >= deadline => {
-                // The whole group: test binaries leave helpers behind.
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
                 let _ = child.wait();
                 break None;
             }
@@ -577,6 +579,9 @@ fn run_step(step: &Step) -> StepResult {
             Err(_) => break None,
         }
     };
+    // Whatever the step left behind in its group (helpers holding the
+    // output pipes would keep the readers below waiting forever).
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     let stdout = stdout.join().unwrap_or_default();
     let stderr = stderr.join().unwrap_or_default();
     let json = step

@@ -143,9 +143,11 @@ struct RunArgs {
     /// Where the per-kernel report goes.
     #[arg(long, default_value = "results/kernels")]
     out: PathBuf,
-    #[arg(long, default_value_t = 4096)]
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(512..))]
     memory_mb: u64,
-    #[arg(long, default_value_t = 2)]
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     cpus: u32,
     /// Whole-VM limit in seconds.
     #[arg(long, default_value_t = 1500)]
@@ -332,6 +334,17 @@ fn suite(tests: &BTreeMap<String, PathBuf>, bin_dir: &Path) -> Result<Suite> {
     Ok(Suite { steps })
 }
 
+/// Files removed when the run ends, however it ends.
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 fn path_string(p: &Path) -> Result<String> {
     let abs = std::path::absolute(p)?;
     abs.to_str()
@@ -418,6 +431,7 @@ fn host(a: &RunArgs) -> Result<bool> {
 
     // A fresh scratch disk each run: the IO tests' loop images live on it.
     let disk = a.cache.join("scratch.img");
+    let _cleanup = RemoveOnDrop(vec![disk.clone(), initramfs.clone()]);
     {
         let f = std::fs::File::create(&disk)?;
         f.set_len(6 << 30)?;
@@ -435,11 +449,14 @@ fn host(a: &RunArgs) -> Result<bool> {
         timeout: Duration::from_secs(a.timeout),
         console_log: console_log.clone(),
     })?;
-    let _ = std::fs::remove_file(&disk);
-    let _ = std::fs::remove_file(&initramfs);
-
     let report = match GuestReport::from_console(&outcome.console) {
-        Some(r) => r?,
+        Some(r) => r.with_context(|| {
+            format!(
+                "the report line of kernel {} (console: {})",
+                kernel.release,
+                console_log.display()
+            )
+        })?,
         None => {
             let tail: Vec<&String> = outcome.console.iter().rev().take(30).collect();
             let what = if outcome.timed_out {
