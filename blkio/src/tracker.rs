@@ -14,7 +14,7 @@ use qos_common::io::{
 use serde::{Deserialize, Serialize};
 
 use crate::{BlkioError, btf::Btf};
-use qos_core::probe::{ProgramProbe, verifier_tail};
+use qos_core::probe::{ProgramProbe, load_failure};
 
 /// Program name and the kernel tracepoint it attaches to.
 pub const PROGRAMS: [(&str, &str); 2] = [
@@ -63,10 +63,7 @@ pub fn probe_programs() -> Vec<ProgramProbe> {
                         aya::programs::ProgramError::LoadError {
                             io_error,
                             verifier_log,
-                        } => format!(
-                            "BPF_PROG_LOAD: {io_error}; verifier:\n{}",
-                            verifier_tail(&verifier_log.to_string())
-                        ),
+                        } => load_failure(&io_error, &verifier_log.to_string()),
                         other => other.to_string(),
                     })
                 }

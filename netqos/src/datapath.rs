@@ -23,7 +23,7 @@ use qos_common::{
     net::{ClassConfig, ClassCounters, ClassState, DirMaps, NetGlobal, PoolState, maps, programs},
     policy::UNIT,
 };
-use qos_core::probe::{ProgramProbe, verifier_tail};
+use qos_core::probe::{ProgramProbe, load_failure};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
@@ -546,10 +546,7 @@ fn load_error(e: aya::programs::ProgramError) -> String {
         aya::programs::ProgramError::LoadError {
             io_error,
             verifier_log,
-        } => format!(
-            "BPF_PROG_LOAD: {io_error}; verifier:\n{}",
-            verifier_tail(&verifier_log.to_string())
-        ),
+        } => load_failure(&io_error, &verifier_log.to_string()),
         other => other.to_string(),
     }
 }

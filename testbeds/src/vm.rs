@@ -196,19 +196,22 @@ impl Staging {
         })
     }
 
-    fn target(&self, guest: &Path) -> PathBuf {
-        self.dir
+    /// Where `guest` lives in the staging directory, its parent created.
+    fn target(&self, guest: &Path) -> Result<PathBuf> {
+        let t = self
+            .dir
             .path()
-            .join(guest.strip_prefix("/").unwrap_or(guest))
+            .join(guest.strip_prefix("/").unwrap_or(guest));
+        if let Some(parent) = t.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        Ok(t)
     }
 
     /// Writes `contents` at `guest` (an absolute path in the guest).
     pub fn write(&mut self, guest: &Path, contents: &[u8], mode: u32) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        let t = self.target(guest);
-        if let Some(parent) = t.parent() {
-            fs::create_dir_all(parent)?;
-        }
+        let t = self.target(guest)?;
         fs::write(&t, contents).with_context(|| format!("writing {}", t.display()))?;
         fs::set_permissions(&t, fs::Permissions::from_mode(mode))?;
         self.files.insert(guest.to_owned());
@@ -220,10 +223,7 @@ impl Staging {
         if self.files.contains(guest) {
             return Ok(());
         }
-        let t = self.target(guest);
-        if let Some(parent) = t.parent() {
-            fs::create_dir_all(parent)?;
-        }
+        let t = self.target(guest)?;
         fs::copy(host, &t)
             .with_context(|| format!("copying {} into the initramfs", host.display()))?;
         self.files.insert(guest.to_owned());
@@ -237,10 +237,7 @@ impl Staging {
         if self.files.contains(&host) {
             return Ok(());
         }
-        let t = self.target(&host);
-        if let Some(parent) = t.parent() {
-            fs::create_dir_all(parent)?;
-        }
+        let t = self.target(&host)?;
         // Debug builds of the tests are mostly DWARF; the VM needs the code.
         let stripped = Command::new("objcopy")
             .arg("--strip-debug")

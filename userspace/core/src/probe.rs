@@ -34,6 +34,15 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
 /// full log of a large program runs to megabytes.
 pub const VERIFIER_TAIL_LINES: usize = 40;
 
+/// How a rejected program is reported: the syscall's error and the end of
+/// the verifier's log.
+pub fn load_failure(io_error: &dyn std::fmt::Display, verifier_log: &str) -> String {
+    format!(
+        "BPF_PROG_LOAD: {io_error}; verifier:\n{}",
+        verifier_tail(verifier_log)
+    )
+}
+
 /// The last [`VERIFIER_TAIL_LINES`] lines of a verifier log.
 pub fn verifier_tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
