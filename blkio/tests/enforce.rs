@@ -51,27 +51,32 @@ fn buffered_write_limit_holds_and_is_charged_to_the_writer() {
         c.get(&(a.name().to_owned(), dev))
             .map_or((0, 0), |c| (c.written_back + c.direct, c.leaked))
     };
-    // The daemon's loop, for a while (the sleep paces the control steps).
+    // The daemon's loop, for a while (the sleep paces the control steps),
+    // sampling the block-layer bytes after each step.
     let drive = |io: &mut IoControl, seconds: u64| {
-        let until = Instant::now() + Duration::from_secs(seconds);
-        while Instant::now() < until {
+        let start = Instant::now();
+        let mut samples = Vec::new();
+        while start.elapsed() < Duration::from_secs(seconds) {
             io.step().unwrap();
+            samples.push((start.elapsed().as_secs_f64(), measure(io).0));
             std::thread::sleep(io.interval());
         }
+        samples
     };
     // Warm up until writeback reaches the device (on cgroup2 the kernel
-    // starts it only at the dirty thresholds), then measure 3 s of control
-    // steps.
+    // starts it only at the dirty thresholds), then measure 5 s of control
+    // steps. The rate is taken between the first and last arrivals: on
+    // cgroup2 throttled writeback arrives in chunks of up to 8 MiB, one a
+    // second here.
     let until = Instant::now() + Duration::from_secs(60);
     while measure(&mut io).0 == 0 && Instant::now() < until {
         drive(&mut io, 1);
     }
     drive(&mut io, 1);
     let (w0, l0) = measure(&mut io);
-    let start = Instant::now();
-    drive(&mut io, 3);
+    let samples = drive(&mut io, 5);
     let (w1, l1) = measure(&mut io);
-    let rate = (w1 - w0) as f64 / start.elapsed().as_secs_f64();
+    let rate = testbeds::io::paced_rate(&samples).expect("samples over 5 s");
     assert!(
         rate > 0.8 * limit as f64 && rate < 1.2 * limit as f64,
         "block-layer write rate {:.2} MiB/s, limit {} MiB/s",

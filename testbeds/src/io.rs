@@ -192,3 +192,87 @@ pub fn dd(path: &Path, mb: u64, direct: bool) -> Command {
     }
     c
 }
+
+/// The rate of a byte counter sampled over time, `(seconds, bytes)` in time
+/// order, measured between its first and its last increase.
+///
+/// Throttled writeback reaches the block layer in chunks (up to 8 MiB on
+/// cgroup2 at a few MiB/s): a fixed window holds one chunk more or less
+/// than the rate, i.e. an error of up to a chunk over the window. Between
+/// the first and last arrivals it holds exactly the chunks that the limit
+/// paid for over that time. Falls back to the whole window when fewer
+/// than two increases were seen; `None` for fewer than two samples.
+pub fn paced_rate(samples: &[(f64, u64)]) -> Option<f64> {
+    let (first, last) = (samples.first()?, samples.last()?);
+    if samples.len() < 2 || last.0 <= first.0 {
+        return None;
+    }
+    let arrivals: Vec<&(f64, u64)> = samples
+        .windows(2)
+        .filter(|w| w[1].1 > w[0].1)
+        .map(|w| &w[1])
+        .collect();
+    match (arrivals.first(), arrivals.last()) {
+        (Some(a), Some(b)) if arrivals.len() >= 2 && b.0 > a.0 => {
+            Some(b.1.saturating_sub(a.1) as f64 / (b.0 - a.0))
+        }
+        _ => Some(last.1.saturating_sub(first.1) as f64 / (last.0 - first.0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::paced_rate;
+
+    /// Samples every `dt` seconds of a counter that gains `chunk` bytes
+    /// every `period` seconds, the first arrival at `phase`.
+    fn chunked(chunk: u64, period: f64, phase: f64, dt: f64, seconds: f64) -> Vec<(f64, u64)> {
+        let steps = (seconds / dt).round() as usize;
+        (0..=steps)
+            .map(|i| {
+                let t = i as f64 * dt;
+                let n = if t < phase {
+                    0
+                } else {
+                    ((t - phase) / period).floor() as u64 + 1
+                };
+                (t, n * chunk)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunked_counter_gives_its_rate_whatever_the_phase() {
+        // 8 MiB every 1.6 s = 5 MiB/s; a fixed 15 s window sees 9 or 10
+        // chunks (4.8 or 5.33 MiB/s).
+        let mib = 1u64 << 20;
+        let mut worst_window_error = 0.0f64;
+        for phase in [0.05, 0.4, 0.8, 1.2, 1.55] {
+            let s = chunked(8 * mib, 1.6, phase, 0.1, 15.0);
+            let whole = (s.last().unwrap().1 - s[0].1) as f64 / 15.0 / mib as f64;
+            worst_window_error = worst_window_error.max((whole - 5.0).abs() / 5.0);
+            let paced = paced_rate(&s).unwrap() / mib as f64;
+            assert!((paced - 5.0).abs() < 0.1, "phase {phase}: {paced}");
+        }
+        // What the fixed window would have reported at some phase.
+        assert!(worst_window_error > 0.05, "{worst_window_error}");
+    }
+
+    #[test]
+    fn continuous_counter_gives_the_window_mean() {
+        let s: Vec<(f64, u64)> = (0..=30).map(|i| (i as f64 * 0.1, i * 1000)).collect();
+        let r = paced_rate(&s).unwrap();
+        assert!((r - 10_000.0).abs() < 1.0, "{r}");
+    }
+
+    #[test]
+    fn too_few_arrivals_fall_back_to_the_window() {
+        assert_eq!(paced_rate(&[]), None);
+        assert_eq!(paced_rate(&[(0.0, 5)]), None);
+        assert_eq!(paced_rate(&[(0.0, 0), (2.0, 0)]), Some(0.0));
+        // One arrival: bytes over the window.
+        assert_eq!(paced_rate(&[(0.0, 0), (1.0, 10), (2.0, 10)]), Some(5.0));
+        // Time must move.
+        assert_eq!(paced_rate(&[(1.0, 0), (1.0, 10)]), None);
+    }
+}
