@@ -704,6 +704,19 @@ impl IoControl {
     }
 }
 
+impl IoControl {
+    /// Leaves the kernel limits in place for the next daemon (a restart),
+    /// thawing paused writers: nobody would thaw them while the daemon is
+    /// away. Afterwards the controller manages nothing.
+    pub fn keep(&mut self) {
+        for name in std::mem::take(&mut self.frozen) {
+            let _ = self.backend.set_frozen(&name, false);
+        }
+        self.groups.clear();
+        self.workers.clear();
+    }
+}
+
 impl Drop for IoControl {
     fn drop(&mut self) {
         self.stop();

@@ -13,19 +13,20 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, SockOps, TcAttachType,
-        cgroup_skb::CgroupSkbLinkId,
-        links::LinkOrder,
-        sock_ops::SockOpsLinkId,
-        tc::{SchedClassifierLinkId, TcAttachOptions},
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle},
     },
 };
 use qos_common::{
     net::{ClassConfig, ClassCounters, ClassState, DirMaps, NetGlobal, PoolState, maps, programs},
     policy::UNIT,
 };
-use qos_core::probe::{ProgramProbe, load_failure};
+use qos_core::{
+    pin::{Generation, TcFilterRecord},
+    probe::{ProgramProbe, load_failure},
+};
 use serde::{Deserialize, Serialize};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{NetError, ifaces};
 
@@ -87,6 +88,10 @@ impl ClassMaps {
             class_counters: take(ebpf, names.class_counters)?,
             cgroup_class: take(ebpf, names.cgroup_class)?,
         })
+    }
+
+    pub fn read_global(&self) -> Result<NetGlobal, NetError> {
+        self.global.get(&0, 0).map_err(map_err(self.names.global))
     }
 
     pub fn write_global(&mut self, g: &NetGlobal) -> Result<(), NetError> {
@@ -171,6 +176,58 @@ impl ClassMaps {
     pub fn cgroup_entries(&self) -> usize {
         self.cgroup_class.keys().count()
     }
+
+    /// Every cgroup id → slot entry (what an earlier daemon left).
+    pub fn cgroup_slots(&self) -> Vec<(u64, u32)> {
+        self.cgroup_class.iter().filter_map(Result::ok).collect()
+    }
+}
+
+/// A program attached by us, with its pin (bpf link) or record (netlink tc
+/// filter) when the datapath outlives the daemon.
+#[derive(Debug)]
+struct Attachment {
+    link: AttachedLink,
+    pin: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+enum AttachedLink {
+    /// tcx and cgroup links: closing the last reference (fd or pin)
+    /// detaches.
+    Fd(#[expect(dead_code, reason = "held for its reference")] FdLink),
+    /// A cls_bpf filter (netlink); dropping the link detaches it.
+    Tc(SchedClassifierLink),
+}
+
+impl Attachment {
+    /// Leaves the program attached when it is pinned (or recorded); detaches
+    /// it otherwise.
+    fn keep(self) {
+        match (self.link, self.pin) {
+            // The filter lives on in the kernel; the record finds it again.
+            (AttachedLink::Tc(link), Some(_)) => std::mem::forget(link),
+            // A pinned fd link lives on through its pin.
+            (link, _) => drop(link),
+        }
+    }
+
+    /// Detaches the program and removes its pin or record.
+    fn remove(self) {
+        if let Some(pin) = &self.pin {
+            let removed = if pin.is_dir() {
+                std::fs::remove_dir(pin)
+            } else {
+                std::fs::remove_file(pin)
+            };
+            if let Err(e) = removed
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(pin = %pin.display(), error = %e, "removing a pin");
+            }
+        }
+        drop(self.link);
+    }
 }
 
 /// Run-time statistics of one program (needs `kernel.bpf_stats_enabled`).
@@ -189,10 +246,14 @@ pub struct Datapath {
     iface: String,
     ifindex: u32,
     cgroup2_root: PathBuf,
-    egress: Option<SchedClassifierLinkId>,
-    pacer: Option<SockOpsLinkId>,
-    ingress: Option<(SchedClassifierLinkId, CgroupSkbLinkId)>,
-    taggers: BTreeMap<u32, (String, SchedClassifierLinkId)>,
+    /// Where maps and links are pinned; `None`: everything goes with us.
+    generation: Option<Generation>,
+    /// The maps were pinned by an earlier daemon of the same build.
+    adopted: bool,
+    egress: Option<Attachment>,
+    pacer: Option<Attachment>,
+    ingress: Option<(Attachment, Attachment)>,
+    taggers: BTreeMap<u32, (String, Attachment)>,
     stats_fd: Option<OwnedFd>,
 }
 
@@ -212,16 +273,40 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> NetError {
 
 impl Datapath {
     /// Loads the object and attaches the egress program to `iface` and the
-    /// pacer to the cgroup2 root. The datapath starts disabled (packets pass
-    /// untouched) until [`Datapath::write_global`] enables it.
+    /// pacer to the cgroup2 root; everything is detached when the datapath
+    /// goes. A fresh datapath starts disabled (packets pass untouched) until
+    /// [`ClassMaps::write_global`] enables it.
     pub fn load(iface: &str, cgroup2_root: &Path) -> Result<Self, NetError> {
+        Self::open(iface, cgroup2_root, None)
+    }
+
+    /// As [`Datapath::load`], with maps and links pinned under `pin_root`
+    /// (bpffs) so that they outlive the daemon. What an earlier daemon of
+    /// the same build pinned there is adopted: its maps (quotas, token
+    /// buckets, counters) and its attachments, which never stopped working.
+    /// The generation of another build is replaced after this one is
+    /// attached ([`Datapath::retire_other_generations`]).
+    pub fn open(
+        iface: &str,
+        cgroup2_root: &Path,
+        pin_root: Option<&Path>,
+    ) -> Result<Self, NetError> {
         let ifindex = ifaces::ifindex(iface)?;
-        let mut ebpf = EbpfLoader::new()
-            .verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS)
-            .load(qos_bpf::NET)
-            .map_err(|source| NetError::Load {
-                source: Box::new(source),
-            })?;
+        let generation = pin_root.map(|root| Generation::of(root, "net", qos_bpf::NET));
+        let adopted = generation.as_ref().is_some_and(Generation::exists);
+        let mut loader = EbpfLoader::new();
+        loader.verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS);
+        if let Some(g) = &generation {
+            g.create().map_err(|e| NetError::Pin(e.to_string()))?;
+            for dir in [maps::EGRESS, maps::INGRESS] {
+                for name in dir.all() {
+                    loader.map_pin_path(name, g.map(name));
+                }
+            }
+        }
+        let mut ebpf = loader.load(qos_bpf::NET).map_err(|source| NetError::Load {
+            source: Box::new(source),
+        })?;
         let egress_maps = ClassMaps::take(&mut ebpf, maps::EGRESS)?;
         let ingress_maps = ClassMaps::take(&mut ebpf, maps::INGRESS)?;
         let mut dp = Self {
@@ -231,12 +316,20 @@ impl Datapath {
             iface: iface.to_owned(),
             ifindex,
             cgroup2_root: cgroup2_root.to_owned(),
+            generation,
+            adopted,
             egress: None,
             pacer: None,
             ingress: None,
             taggers: BTreeMap::new(),
             stats_fd: None,
         };
+        if adopted {
+            info!(
+                iface,
+                "adopting the pinned network datapath of an earlier qosd"
+            );
+        }
         for name in [programs::EGRESS, programs::TAGGER, programs::INGRESS_TAGGER] {
             let prog: &mut SchedClassifier = program(&mut dp.ebpf, name)?;
             prog.load().map_err(|e| NetError::program(name, e))?;
@@ -250,29 +343,212 @@ impl Datapath {
             .load()
             .map_err(|e| NetError::program(programs::PACER, e))?;
 
-        let egress: &mut SchedClassifier = program(&mut dp.ebpf, programs::EGRESS)?;
-        dp.egress = Some(attach_tc(
-            egress,
+        dp.egress = Some(dp.attach_tc_kept(
             programs::EGRESS,
+            "egress",
             iface,
+            ifindex,
             TcAttachType::Egress,
         )?);
-
-        let root = open_dir(cgroup2_root)?;
-        let pacer: &mut SockOps = program(&mut dp.ebpf, programs::PACER)?;
-        // A link attach coexists with other programs on the cgroup
-        // (multi-attach is implied for links).
-        dp.pacer = Some(
-            pacer
-                .attach(&root, CgroupAttachMode::Single)
-                .map_err(|source| NetError::Attach {
-                    program: programs::PACER,
-                    target: cgroup2_root.display().to_string(),
-                    source: Box::new(source),
-                })?,
-        );
+        dp.pacer = Some(dp.attach_cgroup_kept(programs::PACER, "pacer")?);
         debug!(iface, ifindex, root = %cgroup2_root.display(), "network datapath attached");
         Ok(dp)
+    }
+
+    /// Whether the maps were adopted from an earlier daemon.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The pinned link or recorded filter `what` of this generation, if an
+    /// earlier daemon left one that can still be used.
+    fn pinned(&self, what: &str, iface: &str, kind: TcAttachType) -> Option<Attachment> {
+        let g = self.generation.as_ref()?;
+        let pin = g.link(what);
+        if pin.exists() {
+            return match PinnedLink::from_pin(&pin) {
+                Ok(l) => Some(Attachment {
+                    link: AttachedLink::Fd(l.into()),
+                    pin: Some(pin),
+                }),
+                Err(e) => {
+                    warn!(pin = %pin.display(), error = %e, "unusable pinned link; attaching afresh");
+                    let _ = std::fs::remove_file(&pin);
+                    None
+                }
+            };
+        }
+        let (kind_what, ifindex) = what.rsplit_once(':')?;
+        let ifindex: u32 = ifindex.parse().ok()?;
+        let rec = g
+            .tc_filters()
+            .into_iter()
+            .find(|r| r.what == kind_what && r.ifindex == ifindex)?;
+        let record = g.tc_dir().join(rec.file_name());
+        match SchedClassifierLink::attached(
+            iface,
+            kind,
+            rec.priority,
+            TcHandle::from(rec.handle),
+            None,
+        ) {
+            Ok(link) => Some(Attachment {
+                link: AttachedLink::Tc(link),
+                pin: Some(record),
+            }),
+            Err(e) => {
+                warn!(record = %record.display(), error = %e, "stale tc filter record");
+                let _ = std::fs::remove_dir(&record);
+                None
+            }
+        }
+    }
+
+    /// Attaches a tc program to `iface` (or adopts the earlier daemon's
+    /// attachment), pinned when the datapath is.
+    fn attach_tc_kept(
+        &mut self,
+        name: &'static str,
+        what: &str,
+        iface: &str,
+        ifindex: u32,
+        kind: TcAttachType,
+    ) -> Result<Attachment, NetError> {
+        let pin_name = format!("{what}:{ifindex}");
+        if let Some(a) = self.pinned(&pin_name, iface, kind) {
+            debug!(what = pin_name, "adopted");
+            return Ok(a);
+        }
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let id = attach_tc(prog, name, iface, kind)?;
+        let link = prog.take_link(id).map_err(|e| NetError::program(name, e))?;
+        let Some(g) = &self.generation else {
+            return Ok(Attachment {
+                link: AttachedLink::Tc(link),
+                pin: None,
+            });
+        };
+        let pin_err = |e: String| NetError::Pin(format!("{name} on {iface}: {e}"));
+        if tc_attach_mode() == TcAttachMode::Tcx {
+            let fd = FdLink::try_from(link).map_err(|e| pin_err(e.to_string()))?;
+            let pin = g.link(&pin_name);
+            let pinned = fd.pin(&pin).map_err(|e| pin_err(e.to_string()))?;
+            Ok(Attachment {
+                link: AttachedLink::Fd(pinned.into()),
+                pin: Some(pin),
+            })
+        } else {
+            let rec = TcFilterRecord {
+                what: what.to_owned(),
+                ifindex,
+                priority: link.priority().map_err(|e| pin_err(e.to_string()))?,
+                handle: link.handle().map_err(|e| pin_err(e.to_string()))?.into(),
+            };
+            let record = g
+                .record_tc_filter(&rec)
+                .map_err(|e| pin_err(e.to_string()))?;
+            Ok(Attachment {
+                link: AttachedLink::Tc(link),
+                pin: Some(record),
+            })
+        }
+    }
+
+    /// Attaches a program to the cgroup2 root (or adopts the earlier
+    /// daemon's link), pinned when the datapath is. A link attach coexists
+    /// with other programs on the cgroup (multi-attach is implied).
+    fn attach_cgroup_kept(
+        &mut self,
+        name: &'static str,
+        what: &str,
+    ) -> Result<Attachment, NetError> {
+        if let Some(a) = self.pinned(what, &self.iface.clone(), TcAttachType::Egress) {
+            debug!(what, "adopted");
+            return Ok(a);
+        }
+        let root = open_dir(&self.cgroup2_root)?;
+        let attach_err = |source| NetError::Attach {
+            program: name,
+            target: self.cgroup2_root.display().to_string(),
+            source: Box::new(source),
+        };
+        let fd: FdLink = if name == programs::PACER {
+            let prog: &mut SockOps = program(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(&root, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(|e| NetError::program(name, e))?;
+            FdLink::try_from(link).map_err(|e| NetError::Pin(format!("{name}: {e}")))?
+        } else {
+            let prog: &mut CgroupSkb = program(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(
+                    &root,
+                    CgroupSkbAttachType::Ingress,
+                    CgroupAttachMode::Single,
+                )
+                .map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(|e| NetError::program(name, e))?;
+            FdLink::try_from(link).map_err(|e| NetError::Pin(format!("{name}: {e}")))?
+        };
+        let Some(g) = &self.generation else {
+            return Ok(Attachment {
+                link: AttachedLink::Fd(fd),
+                pin: None,
+            });
+        };
+        let pin = g.link(what);
+        let pinned = fd
+            .pin(&pin)
+            .map_err(|e| NetError::Pin(format!("{name}: {e}")))?;
+        Ok(Attachment {
+            link: AttachedLink::Fd(pinned.into()),
+            pin: Some(pin),
+        })
+    }
+
+    /// Pins and records of this generation that no attachment of this
+    /// datapath claims (an interface that went, ingress turned off): they
+    /// are detached and removed. Call once the datapath is complete.
+    pub fn drop_unclaimed(&mut self) {
+        let Some(g) = self.generation.clone() else {
+            return;
+        };
+        let claimed: Vec<&Path> = self
+            .egress
+            .iter()
+            .chain(self.pacer.iter())
+            .chain(self.ingress.iter().flat_map(|(a, b)| [a, b]))
+            .chain(self.taggers.values().map(|(_, a)| a))
+            .filter_map(|a| a.pin.as_deref())
+            .collect();
+        for name in g.pinned_links() {
+            let pin = g.link(&name);
+            if !claimed.contains(&pin.as_path()) {
+                info!(pin = %pin.display(), "removing an unclaimed pinned link");
+                let _ = std::fs::remove_file(&pin);
+            }
+        }
+        for rec in g.tc_filters() {
+            let record = g.tc_dir().join(rec.file_name());
+            if claimed.contains(&record.as_path()) {
+                continue;
+            }
+            info!(record = %record.display(), "removing an unclaimed tc filter");
+            detach_recorded(&rec);
+            let _ = std::fs::remove_dir(&record);
+        }
+    }
+
+    /// Removes the pinned datapaths of other builds (after this one is
+    /// attached, so that traffic is never without one): detaches their
+    /// programs and unpins their maps.
+    pub fn retire_other_generations(&self) {
+        let Some(g) = &self.generation else { return };
+        for old in g.others() {
+            info!(dir = %old.dir().display(), "replacing the pinned datapath of another qosd build");
+            retire(&old);
+        }
     }
 
     pub fn ifindex(&self) -> u32 {
@@ -302,36 +578,22 @@ impl Datapath {
             return Ok(());
         }
         let iface = self.iface.clone();
-        let tagger: &mut SchedClassifier = program(&mut self.ebpf, programs::INGRESS_TAGGER)?;
-        let tag_link = attach_tc(
-            tagger,
+        let tag = self.attach_tc_kept(
             programs::INGRESS_TAGGER,
+            "ingress-tag",
             &iface,
+            self.ifindex,
             TcAttachType::Ingress,
         )?;
-        let root = open_dir(&self.cgroup2_root)?;
-        let prog: &mut CgroupSkb = program(&mut self.ebpf, programs::INGRESS)?;
-        let attached = prog.attach(
-            &root,
-            CgroupSkbAttachType::Ingress,
-            CgroupAttachMode::Single,
-        );
-        match attached {
-            Ok(link) => {
-                self.ingress = Some((tag_link, link));
+        match self.attach_cgroup_kept(programs::INGRESS, "ingress") {
+            Ok(acct) => {
+                self.ingress = Some((tag, acct));
                 debug!(iface, "ingress datapath attached");
                 Ok(())
             }
-            Err(source) => {
-                if let Ok(t) = program::<SchedClassifier>(&mut self.ebpf, programs::INGRESS_TAGGER)
-                {
-                    let _ = t.detach(tag_link);
-                }
-                Err(NetError::Attach {
-                    program: programs::INGRESS,
-                    target: self.cgroup2_root.display().to_string(),
-                    source: Box::new(source),
-                })
+            Err(e) => {
+                tag.remove();
+                Err(e)
             }
         }
     }
@@ -342,8 +604,13 @@ impl Datapath {
         if self.taggers.contains_key(&ifindex) {
             return Ok(());
         }
-        let prog: &mut SchedClassifier = program(&mut self.ebpf, programs::TAGGER)?;
-        let link = attach_tc(prog, programs::TAGGER, ifname, TcAttachType::Ingress)?;
+        let link = self.attach_tc_kept(
+            programs::TAGGER,
+            "tag",
+            ifname,
+            ifindex,
+            TcAttachType::Ingress,
+        )?;
         self.taggers.insert(ifindex, (ifname.to_owned(), link));
         debug!(ifname, ifindex, "tagger attached");
         Ok(())
@@ -360,10 +627,9 @@ impl Datapath {
             .collect();
         for ifindex in stale {
             if let Some((name, link)) = self.taggers.remove(&ifindex) {
-                if let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, programs::TAGGER) {
-                    // Fails harmlessly when the device (and link) is gone.
-                    let _ = prog.detach(link);
-                }
+                // Detaching fails harmlessly when the device (and link) is
+                // gone.
+                link.remove();
                 debug!(ifname = name, ifindex, "tagger removed");
             }
         }
@@ -418,29 +684,98 @@ impl Datapath {
         out
     }
 
-    /// Detaches everything. Dropping the datapath does the same; this makes
+    /// Detaches everything and removes its pins (the whole generation
+    /// when pinned). Dropping an unpinned datapath does the same; this makes
     /// the order explicit (egress first, so no packet sees a half state).
     pub fn detach(mut self) {
-        if let Some(link) = self.egress.take()
-            && let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, programs::EGRESS)
-        {
-            let _ = prog.detach(link);
+        self.detach_all();
+    }
+
+    fn detach_all(&mut self) {
+        if let Some(a) = self.egress.take() {
+            a.remove();
         }
-        if let Some((tag, link)) = self.ingress.take() {
-            if let Ok(prog) = program::<CgroupSkb>(&mut self.ebpf, programs::INGRESS) {
-                let _ = prog.detach(link);
-            }
-            if let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, programs::INGRESS_TAGGER) {
-                let _ = prog.detach(tag);
-            }
+        if let Some((tag, acct)) = self.ingress.take() {
+            acct.remove();
+            tag.remove();
         }
         let keep = BTreeMap::new();
         self.prune_taggers(&keep);
-        if let Some(link) = self.pacer.take()
-            && let Ok(prog) = program::<SockOps>(&mut self.ebpf, programs::PACER)
-        {
-            let _ = prog.detach(link);
+        if let Some(a) = self.pacer.take() {
+            a.remove();
         }
+        if let Some(g) = self.generation.take()
+            && let Err(e) = g.remove()
+        {
+            warn!(error = %e, "removing the pinned datapath");
+        }
+    }
+
+    /// Leaves the datapath working in the kernel for the next daemon: pinned
+    /// links and maps stay, recorded tc filters stay. An unpinned datapath
+    /// is detached.
+    pub fn keep(mut self) {
+        self.keep_all();
+    }
+
+    fn keep_all(&mut self) {
+        if self.generation.is_none() {
+            self.detach_all();
+            return;
+        }
+        if self.egress.is_none() && self.pacer.is_none() && self.ingress.is_none() {
+            return;
+        }
+        for a in [self.egress.take(), self.pacer.take()]
+            .into_iter()
+            .flatten()
+        {
+            a.keep();
+        }
+        if let Some((tag, acct)) = self.ingress.take() {
+            tag.keep();
+            acct.keep();
+        }
+        for (_, (_, a)) in std::mem::take(&mut self.taggers) {
+            a.keep();
+        }
+        info!(iface = %self.iface, "network datapath left attached for the next qosd");
+    }
+}
+
+/// A pinned datapath dropped without [`Datapath::detach`] stays (as after a
+/// crash); an unpinned one is detached.
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        self.keep_all();
+    }
+}
+
+/// Detaches the tc filter of a record (netlink; the device may be gone).
+fn detach_recorded(rec: &TcFilterRecord) {
+    let Some(name) = ifaces::name_of(rec.ifindex) else {
+        return;
+    };
+    let kind = if rec.what == "egress" {
+        TcAttachType::Egress
+    } else {
+        TcAttachType::Ingress
+    };
+    if let Ok(link) =
+        SchedClassifierLink::attached(&name, kind, rec.priority, rec.handle.into(), None)
+    {
+        drop(link);
+    }
+}
+
+/// Detaches and unpins a whole generation (another build's, or ours on
+/// cleanup).
+pub fn retire(g: &Generation) {
+    for rec in g.tc_filters() {
+        detach_recorded(&rec);
+    }
+    if let Err(e) = g.remove() {
+        warn!(error = %e, "removing a pinned datapath");
     }
 }
 
@@ -570,4 +905,99 @@ fn attach_tc(
             target: iface.to_owned(),
             source: Box::new(source),
         })
+}
+
+/// A pinned network datapath seen from outside, without loading anything:
+/// what survives the daemon (tests, fault reports).
+#[derive(Debug)]
+pub struct PinnedNet {
+    generation: Generation,
+}
+
+/// A pinned link: its pin name and the kernel's ids.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PinnedLinkInfo {
+    pub name: String,
+    pub link_id: u32,
+    pub program_id: u32,
+}
+
+impl PinnedNet {
+    /// This build's generation under `root`, if one is pinned there.
+    pub fn find(root: &Path) -> Option<Self> {
+        let generation = Generation::of(root, "net", qos_bpf::NET);
+        generation.exists().then_some(Self { generation })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.generation.dir()
+    }
+
+    /// The pinned links that still resolve.
+    pub fn links(&self) -> Vec<PinnedLinkInfo> {
+        self.generation
+            .pinned_links()
+            .into_iter()
+            .filter_map(|name| {
+                let link = FdLink::from(PinnedLink::from_pin(self.generation.link(&name)).ok()?);
+                let info = link.info().ok()?;
+                Some(PinnedLinkInfo {
+                    name,
+                    link_id: info.id(),
+                    program_id: info.program_id(),
+                })
+            })
+            .collect()
+    }
+
+    /// Recorded netlink tc filters (pre-6.6 kernels).
+    pub fn tc_filters(&self) -> Vec<TcFilterRecord> {
+        self.generation.tc_filters()
+    }
+
+    fn map<T>(&self, name: &'static str) -> Result<T, NetError>
+    where
+        T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let data = MapData::from_pin(self.generation.map(name)).map_err(map_err(name))?;
+        // The variant only selects the conversion; the map type is checked.
+        let map = match name {
+            n if n.ends_with("CGROUP_CLASS") => aya::maps::Map::HashMap(data),
+            _ => aya::maps::Map::Array(data),
+        };
+        T::try_from(map).map_err(map_err(name))
+    }
+
+    /// The slot a cgroup's traffic is classified into, if any.
+    pub fn cgroup_slot(&self, dir: Direction, cgroup_id: u64) -> Result<Option<u32>, NetError> {
+        let names = dir_maps(dir);
+        let m: HashMap<MapData, u64, u32> = self.map(names.cgroup_class)?;
+        match m.get(&cgroup_id, 0) {
+            Ok(slot) => Ok(Some(slot)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(NetError::Map {
+                map: names.cgroup_class,
+                source,
+            }),
+        }
+    }
+
+    /// The datapath parameters of a slot.
+    pub fn class_config(&self, dir: Direction, slot: u32) -> Result<ClassConfig, NetError> {
+        let names = dir_maps(dir);
+        let m: Array<MapData, ClassConfig> = self.map(names.class_config)?;
+        m.get(&slot, 0).map_err(map_err(names.class_config))
+    }
+}
+
+fn dir_maps(dir: Direction) -> DirMaps {
+    match dir {
+        Direction::Egress => maps::EGRESS,
+        Direction::Ingress => maps::INGRESS,
+    }
+}
+
+/// Whether a bpf link with this id exists in the kernel.
+pub fn link_exists(link_id: u32) -> bool {
+    aya::programs::loaded_links().any(|l| l.is_ok_and(|l| l.id() == link_id))
 }

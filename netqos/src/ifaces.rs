@@ -31,6 +31,11 @@ pub fn list(sys_class_net: &Path) -> BTreeMap<u32, String> {
     out
 }
 
+/// Name of the interface with this ifindex, if it still exists.
+pub fn name_of(ifindex: u32) -> Option<String> {
+    list(Path::new("/sys/class/net")).remove(&ifindex)
+}
+
 /// Driver name of an interface (ethtool GDRVINFO), e.g. "veth".
 pub fn driver(name: &str) -> Option<String> {
     #[repr(C)]

@@ -65,6 +65,8 @@ pub enum NetError {
     NotConfigured(String),
     #[error("all {0} class slots are in use")]
     NoSlots(u32),
+    #[error("pinning the network datapath: {0}")]
+    Pin(String),
 }
 
 impl NetError {

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -64,6 +64,9 @@ pub struct ShaperSettings {
     /// Switch shaped BBR flows to CUBIC (see `GLOBAL_REPLACE_BBR`).
     pub replace_bbr: bool,
     pub tuning: Tuning,
+    /// bpffs directory where the datapath is pinned so that it outlives
+    /// the process (a daemon restart); `None`: it goes with the shaper.
+    pub pin_root: Option<PathBuf>,
 }
 
 /// A cgroup's network quota, per direction. A direction without a rate is
@@ -420,6 +423,9 @@ struct ClassTable {
     free: Vec<u32>,
     quarantine: Vec<(Instant, u32)>,
     next_slot: u32,
+    /// cgroup id → slot that an earlier daemon left in the adopted maps,
+    /// not yet claimed by a quota of ours.
+    adopted: BTreeMap<u64, u32>,
 }
 
 fn bytes(rate: Rate) -> u64 {
@@ -458,8 +464,20 @@ impl ClassTable {
             UNIT,
             &settings.tuning,
         );
+        let adopting = dp.adopted();
         let maps = dp.maps(dir);
-        maps.reset_state(DEFAULT_SLOT, &cfg)?;
+        let adopted: BTreeMap<u64, u32> = if adopting {
+            // Sockets classified under the earlier daemon are resolved
+            // again under a new generation.
+            global.generation = maps.read_global()?.generation + 1;
+            maps.cgroup_slots()
+                .into_iter()
+                .filter(|(_, slot)| *slot != DEFAULT_SLOT && *slot < MAX_CLASSES)
+                .collect()
+        } else {
+            maps.reset_state(DEFAULT_SLOT, &cfg)?;
+            BTreeMap::new()
+        };
         maps.write_class(DEFAULT_SLOT, &cfg)?;
         maps.write_global(&global)?;
         let default = Class::new(
@@ -480,8 +498,30 @@ impl ClassTable {
             classes: BTreeMap::new(),
             free: Vec::new(),
             quarantine: Vec::new(),
-            next_slot: DEFAULT_SLOT + 1,
+            next_slot: adopted.values().max().map_or(DEFAULT_SLOT, |m| *m) + 1,
+            adopted,
         })
+    }
+
+    /// Ends the adoption: cgroups of the earlier daemon that no quota
+    /// claimed are unmapped, their slots and the gaps between adopted
+    /// slots become free.
+    fn finish_adoption(&mut self, dp: &mut Datapath) -> Result<(), NetError> {
+        let maps = dp.maps(self.dir);
+        for (id, slot) in std::mem::take(&mut self.adopted) {
+            maps.unmap_cgroup(id)?;
+            maps.write_class(slot, &ClassConfig::default())?;
+            info!(cgroup_id = id, dir = %self.dir, slot, "dropped an adopted class no quota claims");
+        }
+        let used: Vec<u32> = self.classes.values().map(|c| c.slot).collect();
+        for slot in DEFAULT_SLOT + 1..self.next_slot {
+            if !used.contains(&slot) && !self.free.contains(&slot) {
+                maps.write_class(slot, &ClassConfig::default())?;
+                self.quarantine.push((Instant::now(), slot));
+            }
+        }
+        self.global.generation += 1;
+        maps.write_global(&self.global)
     }
 
     /// Validates and admits a quota without applying it.
@@ -535,11 +575,18 @@ impl ClassTable {
             // Same name, new directory: start over.
             self.remove(dp, &cg.name)?;
         }
-        let slot = self.take_slot()?;
+        // The slot an earlier daemon gave this cgroup keeps its buckets and
+        // counters (enforcement continues across the restart).
+        let (slot, fresh) = match self.adopted.remove(&cg.id) {
+            Some(slot) => (slot, false),
+            None => (self.take_slot()?, true),
+        };
         let cfg = policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, UNIT, tuning);
         let maps = dp.maps(dir);
         let applied = (|| {
-            maps.reset_state(slot, &cfg)?;
+            if fresh {
+                maps.reset_state(slot, &cfg)?;
+            }
             maps.write_class(slot, &cfg)?;
             maps.map_cgroup(cg.id, slot)?;
             self.global.generation += 1;
@@ -727,7 +774,11 @@ impl Shaper {
                 "an ingress default rate needs an ingress capacity".into(),
             ));
         }
-        let mut dp = Datapath::load(&settings.interface, cgroup2_root)?;
+        let mut dp = Datapath::open(
+            &settings.interface,
+            cgroup2_root,
+            settings.pin_root.as_deref(),
+        )?;
         let flags = running_flags(&settings);
         let egress = ClassTable::start(
             Direction::Egress,
@@ -967,10 +1018,35 @@ impl Shaper {
         }
     }
 
+    /// Ends a start over an adopted datapath, once every quota is applied:
+    /// drops the earlier daemon's classes that no quota claimed and its
+    /// attachments nothing uses any more, then retires the pinned datapaths
+    /// of other builds (this one is attached by now).
+    pub fn finish_start(&mut self) -> Result<(), NetError> {
+        self.egress.finish_adoption(&mut self.dp)?;
+        if let Some(t) = self.ingress.as_mut() {
+            t.finish_adoption(&mut self.dp)?;
+        }
+        self.dp.drop_unclaimed();
+        self.dp.retire_other_generations();
+        Ok(())
+    }
+
+    /// Leaves shaping running without a controller (a daemon restart): the
+    /// pinned datapath goes on with its last rates until the next daemon
+    /// adopts it. Without pins this is [`Shaper::stop`].
+    pub fn keep(self) {
+        if self.settings.pin_root.is_none() {
+            self.stop();
+            return;
+        }
+        self.dp.keep();
+    }
+
     /// Stops shaping: the datapath lets everything pass and the pacer lifts
     /// the pacing and window clamps of flows as they send; then it
-    /// detaches. Flows that stay silent through the grace period keep their
-    /// last pacing rate until they close.
+    /// detaches (and its pins go). Flows that stay silent through the grace
+    /// period keep their last pacing rate until they close.
     pub fn stop(mut self) {
         let mut tables: Vec<&mut ClassTable> = vec![&mut self.egress];
         if let Some(t) = self.ingress.as_mut() {

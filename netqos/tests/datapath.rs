@@ -64,6 +64,7 @@ fn settings(iface: &str, containers: bool) -> Result<ShaperSettings> {
         },
         replace_bbr: true,
         tuning: Tuning::default(),
+        pin_root: None,
     })
 }
 

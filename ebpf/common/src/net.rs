@@ -41,6 +41,21 @@ pub struct DirMaps {
     pub sock_class: &'static str,
 }
 
+impl DirMaps {
+    /// Every map name of the direction.
+    pub const fn all(&self) -> [&'static str; 7] {
+        [
+            self.global,
+            self.pool,
+            self.class_config,
+            self.class_state,
+            self.class_counters,
+            self.cgroup_class,
+            self.sock_class,
+        ]
+    }
+}
+
 pub mod maps {
     use super::DirMaps;
     pub const EGRESS: DirMaps = DirMaps {

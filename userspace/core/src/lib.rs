@@ -3,6 +3,7 @@
 //! the id eBPF programs see).
 
 pub mod cgroup;
+pub mod pin;
 pub mod probe;
 pub mod units;
 

@@ -15,6 +15,7 @@ use crate::QosError;
 pub const DEFAULT_CONFIG: &str = "/etc/qosd/qosd.toml";
 pub const DEFAULT_SOCKET: &str = "/run/qosd/qosd.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/qosd";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/qos";
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -32,6 +33,9 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     /// Where the desired state is persisted.
     pub state_dir: PathBuf,
+    /// bpffs directory where the eBPF datapaths are pinned, so that they
+    /// keep working while qosd restarts and the next qosd adopts them.
+    pub bpf_pin_dir: PathBuf,
     /// Where qosd mounts a cgroup2 tree on hosts that have none (pure v1).
     pub cgroup2_fallback: PathBuf,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
@@ -43,6 +47,7 @@ impl Default for DaemonConfig {
         Self {
             socket: DEFAULT_SOCKET.into(),
             state_dir: DEFAULT_STATE_DIR.into(),
+            bpf_pin_dir: DEFAULT_PIN_DIR.into(),
             cgroup2_fallback: "/run/qosd/cgroup2".into(),
             log: "info".into(),
         }

@@ -176,6 +176,10 @@ impl Qos {
     /// Detects the host, starts the configured subsystems and applies the
     /// config's quotas, then the persisted state (state wins). Quotas whose
     /// cgroup does not exist yet wait for it.
+    ///
+    /// The eBPF datapaths are pinned under `[daemon] bpf_pin_dir`: what an
+    /// earlier daemon left there is adopted (it kept enforcing while no
+    /// daemon ran), and [`Qos::shutdown`] leaves them for the next one.
     pub fn start(config: Config) -> Result<Self, QosError> {
         Self::start_with_store(
             config.clone(),
@@ -183,13 +187,15 @@ impl Qos {
         )
     }
 
-    /// As [`Qos::start`], without persistence (embedding schedulers that keep
-    /// their own state).
+    /// As [`Qos::start`], without persistence and without pins: everything
+    /// goes with this value (embedding schedulers that keep their own
+    /// state, tests).
     pub fn start_ephemeral(config: Config) -> Result<Self, QosError> {
         Self::start_with_store(config, None)
     }
 
     fn start_with_store(config: Config, store: Option<StateStore>) -> Result<Self, QosError> {
+        let pin_root = store.as_ref().map(|_| config.daemon.bpf_pin_dir.clone());
         config.validate().map_err(|reason| QosError::Config {
             path: "(in memory)".into(),
             reason,
@@ -215,6 +221,7 @@ impl Qos {
                     container_interfaces: config.net.container_interfaces.clone(),
                     replace_bbr: config.net.replace_bbr,
                     tuning: Tuning::default(),
+                    pin_root: pin_root.clone(),
                 };
                 let mut s = Shaper::start(settings, hierarchy.unified_root()?)?;
                 if config.net.bpf_stats {
@@ -364,6 +371,11 @@ impl Qos {
             for (name, device, limits) in wanted_io {
                 qos.state.io.entry(name).or_default().insert(device, limits);
             }
+        }
+        if let Some(net) = qos.net.as_mut()
+            && let Err(e) = net.finish_start()
+        {
+            warn!(error = %e, "finishing the adoption of the pinned network datapath");
         }
         qos.persist()?;
         Ok(qos)
@@ -848,10 +860,35 @@ impl Qos {
         self.save(&self.state)
     }
 
-    /// Stops every subsystem and removes what it put in the kernel. The
-    /// desired state stays on disk for the next start. Afterwards the
-    /// network calls answer "not configured".
+    /// Stops the controllers for a restart. Pinned datapaths (a daemon's)
+    /// stay attached with their last rates, IO limits stay in the cgroup
+    /// files (paused writers are thawed), and the next start adopts them;
+    /// memory elasticity pauses (caps lifted, the OOM killer released: no
+    /// task may wait for a daemon that is not there; guarantees and hard
+    /// limits stay). Unpinned (ephemeral) subsystems remove what they put
+    /// in the kernel, as [`Qos::cleanup`]. The desired state stays on disk.
+    /// Afterwards the calls answer "not configured".
     pub fn shutdown(&mut self) {
+        let pinned = self.store.is_some();
+        if let Some(net) = self.net.take() {
+            if pinned { net.keep() } else { net.stop() }
+        }
+        if let Some(mem) = self.mem.take() {
+            lock(&mem).stop();
+        }
+        if let Some(io) = self.io.take() {
+            if pinned {
+                lock(&io).keep();
+            } else {
+                lock(&io).stop();
+            }
+        }
+    }
+
+    /// Stops every subsystem and removes everything of ours from the
+    /// kernel: attachments, pins (other builds' too), IO limits, memory
+    /// caps. The desired state stays on disk.
+    pub fn cleanup(&mut self) {
         if let Some(net) = self.net.take() {
             net.stop();
         }
@@ -861,6 +898,28 @@ impl Qos {
         if let Some(io) = self.io.take() {
             lock(&io).stop();
         }
+        remove_pins(&self.config.daemon.bpf_pin_dir);
+    }
+}
+
+/// Detaches and unpins every datapath generation under a pin root (of any
+/// build), then removes the root. For `qosd --cleanup` when no daemon can
+/// start (the interface is gone, the config changed).
+pub fn remove_pins(root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if let Some(name) = e.file_name().to_str() {
+            let g = qos_core::pin::Generation::at(&e.path());
+            info!(pin = %root.join(name).display(), "removing");
+            netqos::datapath::retire(&g);
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(root)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(pin = %root.display(), error = %e, "removing the pin directory");
     }
 }
 

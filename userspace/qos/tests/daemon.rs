@@ -25,14 +25,30 @@ use testbeds::{
 const QOSD: &str = env!("CARGO_BIN_EXE_qosd");
 const QOSCTL: &str = env!("CARGO_BIN_EXE_qosctl");
 
-/// A qosd on its own veth with its own socket and state directory.
+/// A qosd on its own veth with its own socket, state directory and bpffs
+/// pin directory; dropping it runs `qosd --cleanup`.
 struct Daemon {
     child: Option<KillOnDrop>,
     dir: tempfile::TempDir,
     socket: PathBuf,
     config: PathBuf,
-    _veth: Veth,
+    pins: PathBuf,
+    veth: Veth,
     _ns: Netns,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        drop(self.child.take());
+        // Pinned links on the cgroup2 root would outlive the test.
+        let _ = Command::new(QOSD)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--cleanup")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 impl Daemon {
@@ -47,13 +63,16 @@ impl Daemon {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("qosd.sock");
         let config = dir.path().join("qosd.toml");
+        let pins = PathBuf::from("/sys/fs/bpf").join(unique("qos-test-"));
         std::fs::write(
             &config,
             format!(
-                "[daemon]\nsocket = \"{}\"\nstate_dir = \"{}\"\nlog = \"info\"\n[net]\ninterface = \"{}\"\n\
+                "[daemon]\nsocket = \"{}\"\nstate_dir = \"{}\"\nbpf_pin_dir = \"{}\"\nlog = \"info\"\n\
+                 [net]\ninterface = \"{}\"\n\
                  egress_capacity = \"{capacity}\"\ndefault_rate = \"10mbit\"\ncontainer_interfaces = \"none\"\n{extra}",
                 socket.display(),
                 dir.path().join("state").display(),
+                pins.display(),
                 veth.host()
             ),
         )?;
@@ -62,7 +81,8 @@ impl Daemon {
             dir,
             socket,
             config,
-            _veth: veth,
+            pins,
+            veth,
             _ns: ns,
         };
         d.start()?;
@@ -105,6 +125,15 @@ impl Daemon {
                 "qosd exited with {status}: {}",
                 self.log()
             );
+        }
+        Ok(())
+    }
+
+    /// SIGKILL and reap: no chance to clean anything up.
+    fn kill(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.0.kill()?;
+            c.0.wait()?;
         }
         Ok(())
     }
@@ -488,11 +517,16 @@ fn state_survives_a_restart_and_follows_cgroups() -> Result<()> {
     d.ok(&["net", "set", &a, "--rate", "123mbit", "--priority", "3"])?;
     d.stop()?;
     assert!(
-        d.log().contains("shaping off"),
+        d.log().contains("left attached for the next qosd"),
         "no clean stop:\n{}",
         d.log()
     );
     d.start()?;
+    assert!(
+        d.log().contains("adopting the pinned network datapath"),
+        "{}",
+        d.log()
+    );
     let v = d.show()?;
     let c = v["classes"]
         .as_array()
@@ -543,6 +577,90 @@ fn state_survives_a_restart_and_follows_cgroups() -> Result<()> {
     d.stop()?;
     let state = std::fs::read_to_string(d.dir.path().join("state/state.json"))?;
     assert!(!state.contains(&a), "{state}");
+    Ok(())
+}
+
+#[test]
+fn sigkill_leaves_the_datapath_enforcing_and_a_restart_adopts_it() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+
+    use netqos::{Direction, datapath::PinnedNet};
+    if !require_root("sigkill_leaves_the_datapath_enforcing_and_a_restart_adopts_it") {
+        return Ok(());
+    }
+    let mut d = Daemon::new("1gbit")?;
+    let cg = CgroupDir::new("qos-test-")?;
+    let name = cg.name();
+    d.ok(&["net", "set", &name, "--rate", "200mbit"])?;
+    let id = std::fs::metadata(cg.path())?.ino();
+    d.kill()?;
+
+    // No daemon now: the datapath is still attached and still classifies
+    // the cgroup into a class with its guarantee.
+    let pinned = PinnedNet::find(&d.pins).context("nothing pinned after SIGKILL")?;
+    let links = pinned.links();
+    let names: Vec<&str> = links.iter().map(|l| l.name.as_str()).collect();
+    assert!(names.contains(&"pacer"), "{links:?}");
+    let ifindex = nix::net::if_::if_nametoindex(d.veth.host())?;
+    let egress = format!("egress:{ifindex}");
+    assert!(
+        names.contains(&egress.as_str())
+            || pinned
+                .tc_filters()
+                .iter()
+                .any(|f| f.what == "egress" && f.ifindex == ifindex),
+        "egress program not kept: {links:?} {:?}",
+        pinned.tc_filters()
+    );
+    let slot = pinned
+        .cgroup_slot(Direction::Egress, id)?
+        .context("cgroup not classified while qosd is down")?;
+    assert_eq!(
+        pinned.class_config(Direction::Egress, slot)?.guarantee,
+        200_000_000 / 8
+    );
+
+    // The restart adopts it all: same slot, same links (never detached).
+    d.start()?;
+    assert!(
+        d.log().contains("adopting the pinned network datapath"),
+        "{}",
+        d.log()
+    );
+    let again = PinnedNet::find(&d.pins).context("pins gone after the restart")?;
+    assert_eq!(again.cgroup_slot(Direction::Egress, id)?, Some(slot));
+    let after: Vec<u32> = again.links().iter().map(|l| l.link_id).collect();
+    for l in &links {
+        assert!(after.contains(&l.link_id), "link {} was replaced", l.name);
+    }
+    let v = d.show()?;
+    assert!(classes(&v).contains(&name), "{v}");
+
+    // --cleanup: refused while qosd runs; afterwards nothing of ours is left.
+    let config = d.config.clone();
+    let cleanup = || {
+        Command::new(QOSD)
+            .arg("--config")
+            .arg(&config)
+            .arg("--cleanup")
+            .output()
+    };
+    let o = cleanup()?;
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("is running"),
+        "{o:?}"
+    );
+    d.stop()?;
+    let o = cleanup()?;
+    assert!(o.status.success(), "{o:?}");
+    assert!(!d.pins.exists(), "{} left", d.pins.display());
+    for l in &links {
+        assert!(
+            !netqos::datapath::link_exists(l.link_id),
+            "{} still attached",
+            l.name
+        );
+    }
     Ok(())
 }
 
@@ -875,14 +993,15 @@ fn io_limits_set_show_unset_persist_and_every_bad_input() -> Result<()> {
     );
     assert!(!waits(&d));
 
-    // Persisted across a restart; a clean stop takes them out of the kernel.
+    // Persisted across a restart; a clean stop leaves them enforcing in the
+    // kernel while no qosd runs.
     d.stop()?;
-    assert_eq!(
-        write_bps_rule(&dir(a), &devno)?,
-        None,
-        "not cleared on stop"
+    // (a's rule is the lower of its rate and its weight's current share.)
+    assert!(
+        write_bps_rule(&dir(a), &devno)?.is_some_and(|r| r <= 20 << 20),
+        "dropped on stop"
     );
-    assert_eq!(write_bps_rule(&dir(&w), &devno)?, None);
+    assert_eq!(write_bps_rule(&dir(&w), &devno)?, Some(1 << 20));
     // A cgroup missing at start: its limits wait for it.
     std::fs::remove_dir(dir(&w))?;
     d.start()?;
@@ -927,9 +1046,30 @@ fn io_limits_set_show_unset_persist_and_every_bad_input() -> Result<()> {
     );
     assert!(io_show(&d)?["groups"].as_array().is_some_and(Vec::is_empty));
     d.fails(&["io", "unset", a], 3, "no IO limits set")?;
+    d.ok(&[
+        "io",
+        "set",
+        b,
+        "--device",
+        fs.device(),
+        "--write-bps",
+        "3MiB",
+    ])?;
     d.stop()?;
     let state = std::fs::read_to_string(d.dir.path().join("state/state.json"))?;
     assert!(!state.contains(a) && !state.contains(&w), "{state}");
+    // --cleanup takes what qosd left in the kernel out; the desired state
+    // stays for the next start.
+    assert_eq!(write_bps_rule(&dir(b), &devno)?, Some(3 << 20));
+    let o = Command::new(QOSD)
+        .arg("--config")
+        .arg(&d.config)
+        .arg("--cleanup")
+        .output()?;
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(write_bps_rule(&dir(b), &devno)?, None, "left by --cleanup");
+    let state = std::fs::read_to_string(d.dir.path().join("state/state.json"))?;
+    assert!(state.contains(b), "{state}");
     Ok(())
 }
 

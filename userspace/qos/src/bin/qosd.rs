@@ -37,6 +37,11 @@ struct Args {
     /// use, then exit: 0 if every program loads. Changes nothing.
     #[arg(long)]
     probe: bool,
+    /// Remove everything of ours from the kernel (pinned eBPF programs,
+    /// links and maps of any qosd build, IO limits, memory caps) and exit.
+    /// The desired state file stays. Refused while a qosd is running.
+    #[arg(long, conflicts_with_all = ["probe", "check_config"])]
+    cleanup: bool,
     /// Output of --probe.
     #[arg(long, short, value_parser = ["text", "json"], default_value = "text")]
     output: String,
@@ -47,6 +52,28 @@ fn main() {
         eprintln!("qosd: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `qosd --cleanup`: adopt what is there (so that the subsystems undo their
+/// own settings), remove it all; if the config no longer starts (the
+/// interface is gone), remove at least every pinned datapath.
+fn cleanup(config: Config) -> Result<()> {
+    if std::os::unix::net::UnixStream::connect(&config.daemon.socket).is_ok() {
+        bail!(
+            "a qosd is running on {}; stop it first",
+            config.daemon.socket.display()
+        );
+    }
+    let root = config.daemon.bpf_pin_dir.clone();
+    match Qos::start(config) {
+        Ok(mut q) => q.cleanup(),
+        Err(e) => {
+            warn!(error = %e, "cannot start with this config; removing the pinned datapaths only");
+            qos::remove_pins(&root);
+        }
+    }
+    info!(pins = %root.display(), "cleaned up");
+    Ok(())
 }
 
 fn run() -> Result<()> {
@@ -84,6 +111,9 @@ fn run() -> Result<()> {
         .init();
     if !nix::unistd::geteuid().is_root() {
         bail!("qosd must run as root (it loads eBPF programs and owns cgroup settings)");
+    }
+    if args.cleanup {
+        return cleanup(config);
     }
 
     let stop = Arc::new(AtomicBool::new(false));
