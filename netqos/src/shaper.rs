@@ -926,6 +926,14 @@ impl Shaper {
             .collect()
     }
 
+    /// Entries in the datapath's cgroup maps, both directions (leak checks).
+    pub fn cgroup_map_entries(&self) -> usize {
+        Direction::ALL
+            .iter()
+            .map(|d| self.dp.maps_ref(*d).cgroup_entries())
+            .sum()
+    }
+
     /// Number of configured cgroups (the default classes not counted).
     pub fn configured(&self) -> usize {
         self.quotas.len()

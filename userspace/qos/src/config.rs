@@ -36,6 +36,11 @@ pub struct DaemonConfig {
     /// bpffs directory where the eBPF datapaths are pinned, so that they
     /// keep working while qosd restarts and the next qosd adopts them.
     pub bpf_pin_dir: PathBuf,
+    /// Address of the Prometheus/OpenMetrics endpoint (`GET /metrics`);
+    /// off when unset. Loopback only unless `metrics_allow_remote`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Allow a metrics address other than loopback.
+    pub metrics_allow_remote: bool,
     /// Where qosd mounts a cgroup2 tree on hosts that have none (pure v1).
     pub cgroup2_fallback: PathBuf,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
@@ -48,6 +53,8 @@ impl Default for DaemonConfig {
             socket: DEFAULT_SOCKET.into(),
             state_dir: DEFAULT_STATE_DIR.into(),
             bpf_pin_dir: DEFAULT_PIN_DIR.into(),
+            metrics_listen: None,
+            metrics_allow_remote: false,
             cgroup2_fallback: "/run/qosd/cgroup2".into(),
             log: "info".into(),
         }
@@ -272,6 +279,16 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(addr) = self.daemon.metrics_listen {
+            crate::metrics::check_listen(addr, self.daemon.metrics_allow_remote)
+                .map_err(|e| format!("[daemon] {e}"))?;
+        }
+        if !self.daemon.bpf_pin_dir.is_absolute() {
+            return Err(format!(
+                "[daemon] bpf_pin_dir {} must be an absolute path (on bpffs)",
+                self.daemon.bpf_pin_dir.display()
+            ));
+        }
         let n = &self.net;
         match (&n.interface, &n.egress_capacity) {
             (Some(_), None) => {
@@ -640,8 +657,37 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_sample_parses() {
+    fn the_shipped_sample_parses_and_documents_every_key() {
         let text = include_str!("../../../packaging/qosd.toml");
         Config::parse(text).unwrap_or_else(|e| panic!("packaging/qosd.toml: {e}"));
+        // Every key of every table, set or commented out ("# key = ").
+        fn keys(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+            if let toml::Value::Table(t) = v {
+                for (k, v) in t {
+                    match v {
+                        toml::Value::Table(_) => keys(k, v, out),
+                        _ => out.push((prefix.to_owned(), k.clone())),
+                    }
+                }
+            }
+        }
+        let mut all = Config::default();
+        // Optional keys serialise only when set.
+        all.daemon.metrics_listen = Some("127.0.0.1:1".parse().unwrap());
+        all.net.interface = Some("x".into());
+        all.net.egress_capacity = Some("1gbit".parse().unwrap());
+        all.net.ingress_capacity = Some("1gbit".parse().unwrap());
+        all.mem.scope = Some("s".into());
+        let mut found = Vec::new();
+        keys("", &toml::Value::try_from(&all).unwrap(), &mut found);
+        assert!(found.len() > 30, "{found:?}");
+        for (table, key) in found {
+            let documented = text.contains(&format!("[[{table}.{key}]]"))
+                || text.lines().any(|l| {
+                    let l = l.trim_start_matches('#').trim_start();
+                    l.starts_with(&format!("{key} =")) || l.starts_with(&format!("{key}="))
+                });
+            assert!(documented, "[{table}] {key} is not in packaging/qosd.toml");
+        }
     }
 }

@@ -37,6 +37,7 @@
 
 pub mod client;
 pub mod config;
+pub mod metrics;
 pub mod probe;
 pub mod protocol;
 pub mod server;
@@ -170,6 +171,9 @@ pub struct Qos {
     io: Option<IoController>,
     started: Instant,
     last_cgroup_check: Instant,
+    requests: u64,
+    request_errors: u64,
+    degradations: BTreeMap<String, u64>,
 }
 
 impl Qos {
@@ -275,6 +279,9 @@ impl Qos {
             io,
             started: Instant::now(),
             last_cgroup_check: Instant::now(),
+            requests: 0,
+            request_errors: 0,
+            degradations: BTreeMap::new(),
         };
         let mut wanted: Vec<(String, NetQuota)> = qos
             .config
@@ -683,7 +690,14 @@ impl Qos {
     /// and device (re)appeared.
     fn reconcile_io(&mut self) {
         let Some(io) = self.io.clone() else { return };
-        let mut ctl = lock(&io);
+        let mut failed = Vec::new();
+        self.reconcile_io_with(&mut lock(&io), &mut failed);
+        for kind in failed {
+            self.degrade(kind);
+        }
+    }
+
+    fn reconcile_io_with(&self, ctl: &mut IoControl, failed: &mut Vec<&'static str>) {
         for (name, dev, _) in ctl.configured() {
             let cgroup_gone = self
                 .hierarchy
@@ -693,6 +707,7 @@ impl Qos {
             if cgroup_gone || device_gone {
                 if let Err(e) = ctl.remove(&name, Some(dev)) {
                     warn!(cgroup = %name, device = %dev, error = %e, "clearing IO limits of a vanished cgroup or device");
+                    failed.push("io_clear");
                 }
                 info!(cgroup = %name, device = %dev, "cgroup or device vanished; its IO limits wait for it to reappear");
             }
@@ -723,7 +738,8 @@ impl Qos {
                         info!(cgroup = %name, device = %dev, "cgroup and device present; IO limits applied")
                     }
                     Err(e) => {
-                        warn!(cgroup = %name, device = %dev, error = %e, "applying waiting IO limits")
+                        warn!(cgroup = %name, device = %dev, error = %e, "applying waiting IO limits");
+                        failed.push("io_apply");
                     }
                 }
             }
@@ -797,6 +813,93 @@ impl Qos {
         }
     }
 
+    /// Counts an API request (the socket server calls this).
+    pub fn count_request(&mut self, ok: bool) {
+        self.requests += 1;
+        if !ok {
+            self.request_errors += 1;
+        }
+    }
+
+    /// Counts a degradation: something qosd could not do and logged.
+    pub fn degrade(&mut self, kind: &str) {
+        *self.degradations.entry(kind.to_owned()).or_default() += 1;
+    }
+
+    /// Every per-cgroup counter and the daemon's health, read now.
+    pub fn snapshot(&self) -> metrics::Snapshot {
+        use metrics::{CgroupMetrics, IoMetrics, MemMetrics, NetMetrics};
+        let mut cgroups: BTreeMap<String, CgroupMetrics> = BTreeMap::new();
+        let mut net_entries = 0;
+        if let Some(net) = &self.net {
+            let st = net.status();
+            let class = |c: &netqos::NetClassStatus| NetMetrics {
+                bytes: c.bytes,
+                packets: c.packets,
+                drops: c.drops,
+                ce_marks: c.ce_marks,
+                window_clamps: c.window_clamps,
+                guarantee_bps: c
+                    .rate
+                    .parse::<qos_core::Rate>()
+                    .map_or(0, |r| r.bits_per_sec()),
+                alloc_bps: c.alloc_bps,
+            };
+            for c in &st.classes {
+                cgroups.entry(c.cgroup.clone()).or_default().egress = Some(class(c));
+            }
+            for c in st.ingress.iter().flat_map(|i| &i.classes) {
+                cgroups.entry(c.cgroup.clone()).or_default().ingress = Some(class(c));
+            }
+            net_entries = net.cgroup_map_entries();
+        }
+        if let Some(io) = &self.io {
+            for g in lock(io).status().groups {
+                let m = cgroups
+                    .entry(g.cgroup.clone())
+                    .or_default()
+                    .io
+                    .get_or_insert_with(IoMetrics::default);
+                m.written_bytes += g.written_back_bytes + g.direct_bytes;
+                m.read_bytes += g.charged_read_bytes;
+                m.dirtied_bytes += g.dirtied_bytes;
+                m.debt_bytes += g.debt_bytes;
+                if g.state != blkio::policy::Enforce::Running {
+                    m.throttled_devices += 1;
+                }
+            }
+        }
+        if let Some(mem) = &self.mem {
+            for c in lock(mem).status().cgroups {
+                cgroups.entry(c.name.clone()).or_default().mem = Some(MemMetrics {
+                    usage_bytes: c.usage,
+                    guarantee_bytes: c.guarantee,
+                    cap_bytes: c.cap,
+                    reclaimed_bytes: c.counters.reclaimed_bytes,
+                    caps: c.counters.caps,
+                    kills: c.counters.kills,
+                    psi_some10: c.psi_some10,
+                });
+            }
+        }
+        metrics::Snapshot {
+            unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            daemon: metrics::Health {
+                version: env!("CARGO_PKG_VERSION").into(),
+                uptime_secs: self.started.elapsed().as_secs(),
+                resident_bytes: metrics::resident_bytes(),
+                requests: self.requests,
+                request_errors: self.request_errors,
+                waiting: self.status().waiting.len() as u64,
+                net_cgroup_entries: net_entries as u64,
+                degradations: self.degradations.clone(),
+            },
+            cgroups,
+        }
+    }
+
     /// One control step. Call every [`netqos::TICK`].
     pub fn tick(&mut self) -> Result<(), QosError> {
         if let Some(net) = self.net.as_mut() {
@@ -827,25 +930,36 @@ impl Qos {
 
     fn reconcile_cgroups(&mut self) {
         let Some(net) = self.net.as_mut() else { return };
+        let mut failed = Vec::new();
         for name in net.vanished() {
             match net.remove(&name) {
                 Ok(_) => {
                     info!(cgroup = %name, "cgroup vanished; its quota waits for it to reappear")
                 }
-                Err(e) => warn!(cgroup = %name, error = %e, "removing a vanished cgroup"),
+                Err(e) => {
+                    warn!(cgroup = %name, error = %e, "removing a vanished cgroup");
+                    failed.push("net_remove");
+                }
             }
         }
         // Includes those just removed: a cgroup re-created under the same
         // name gets its quota back in the same step.
         let waiting = self.waiting();
-        let Some(net) = self.net.as_mut() else { return };
-        for (name, quota) in waiting {
-            if let Ok(cg) = self.hierarchy.resolve(&name) {
-                match net.set(&cg, quota) {
-                    Ok(()) => info!(cgroup = %name, "cgroup appeared; quota applied"),
-                    Err(e) => warn!(cgroup = %name, error = %e, "applying a waiting quota"),
+        if let Some(net) = self.net.as_mut() {
+            for (name, quota) in waiting {
+                if let Ok(cg) = self.hierarchy.resolve(&name) {
+                    match net.set(&cg, quota) {
+                        Ok(()) => info!(cgroup = %name, "cgroup appeared; quota applied"),
+                        Err(e) => {
+                            warn!(cgroup = %name, error = %e, "applying a waiting quota");
+                            failed.push("net_apply");
+                        }
+                    }
                 }
             }
+        }
+        for kind in failed {
+            self.degrade(kind);
         }
     }
 

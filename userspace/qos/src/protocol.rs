@@ -61,6 +61,8 @@ pub enum Request {
         device: Option<String>,
     },
     IoShow,
+    /// Every per-cgroup counter and the daemon's health (`qosctl top`).
+    Metrics,
 }
 
 /// Error categories a client can act on.
@@ -105,6 +107,7 @@ pub enum Reply {
         quota: MemQuota,
     },
     Io(Box<IoStatus>),
+    Metrics(Box<crate::metrics::Snapshot>),
     /// The IO limits as applied (cgroup name canonicalised, device by
     /// number).
     IoApplied {

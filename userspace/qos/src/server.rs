@@ -147,6 +147,7 @@ fn handle(mut stream: UnixStream, qos: &Mutex<Qos>) {
             return;
         }
         if line.len() > MAX_REQUEST {
+            lock_qos(qos).count_request(false);
             let _ = send(
                 &mut stream,
                 &error(
@@ -158,18 +159,25 @@ fn handle(mut stream: UnixStream, qos: &Mutex<Qos>) {
         }
         let response = match serde_json::from_slice::<Request>(&line) {
             Ok(req) => {
-                let mut guard = match qos.lock() {
-                    Ok(g) => g,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
-                dispatch(&mut guard, req)
+                let mut guard = lock_qos(qos);
+                let response = dispatch(&mut guard, req);
+                guard.count_request(matches!(response, Response::Ok { .. }));
+                response
             }
-            Err(e) => error(ErrorKind::Invalid, format!("malformed request: {e}")),
+            Err(e) => {
+                lock_qos(qos).count_request(false);
+                error(ErrorKind::Invalid, format!("malformed request: {e}"))
+            }
         };
         if send(&mut stream, &response).is_err() {
             return;
         }
     }
+}
+
+fn lock_qos(qos: &Mutex<Qos>) -> std::sync::MutexGuard<'_, Qos> {
+    qos.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Executes one request.
@@ -227,6 +235,7 @@ pub fn dispatch(qos: &mut Qos, req: Request) -> Response {
             .unset_io_limits(&cgroup, device.as_deref())
             .map(|_| Reply::Ok),
         Request::IoShow => qos.io_status().map(|s| Reply::Io(Box::new(s))),
+        Request::Metrics => Ok(Reply::Metrics(Box::new(qos.snapshot()))),
     };
     match result {
         Ok(ok) => Response::Ok { ok },

@@ -58,6 +58,11 @@ impl Daemon {
 
     /// With more config appended (e.g. a `[mem]` table).
     fn with(capacity: &str, extra: &str) -> Result<Self> {
+        Self::with_daemon(capacity, "", extra)
+    }
+
+    /// With more `[daemon]` keys too.
+    fn with_daemon(capacity: &str, daemon: &str, extra: &str) -> Result<Self> {
         let ns = Netns::new("qdmn")?;
         let veth = Veth::new(&unique("qdv"), "p0", &ns)?;
         let dir = tempfile::tempdir()?;
@@ -67,7 +72,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[daemon]\nsocket = \"{}\"\nstate_dir = \"{}\"\nbpf_pin_dir = \"{}\"\nlog = \"info\"\n\
+                "[daemon]\nsocket = \"{}\"\nstate_dir = \"{}\"\nbpf_pin_dir = \"{}\"\nlog = \"info\"\n{daemon}\n\
                  [net]\ninterface = \"{}\"\n\
                  egress_capacity = \"{capacity}\"\ndefault_rate = \"10mbit\"\ncontainer_interfaces = \"none\"\n{extra}",
                 socket.display(),
@@ -660,6 +665,126 @@ fn sigkill_leaves_the_datapath_enforcing_and_a_restart_adopts_it() -> Result<()>
             "{} still attached",
             l.name
         );
+    }
+    Ok(())
+}
+
+/// A TCP port free right now on loopback.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn metrics_endpoint_and_top_show_every_configured_cgroup() -> Result<()> {
+    if !require_root("metrics_endpoint_and_top_show_every_configured_cgroup") {
+        return Ok(());
+    }
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let d = Daemon::with_daemon("1gbit", &format!("metrics_listen = \"{addr}\""), "")?;
+    let cg = CgroupDir::new("qos-test-")?;
+    let name = cg.name();
+    d.ok(&["net", "set", &name, "--rate", "100mbit"])?;
+    let text = http_get(&addr, "/metrics")?;
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    for needle in [
+        format!("qos_net_egress_guarantee_bps{{cgroup=\"{name}\"}} 100000000"),
+        format!("qos_net_egress_bytes_total{{cgroup=\"{name}\"}} "),
+        "qos_daemon_requests_total ".to_owned(),
+        "qos_daemon_resident_bytes ".to_owned(),
+        "# EOF".to_owned(),
+    ] {
+        assert!(text.contains(&needle), "no {needle:?} in\n{text}");
+    }
+    assert!(http_get(&addr, "/other")?.starts_with("HTTP/1.0 404"));
+
+    let top: serde_json::Value =
+        serde_json::from_str(&d.ok(&["top", "--once", "--interval", "0.2", "-o", "json"])?)?;
+    let row = top
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["cgroup"] == name.as_str()))
+        .with_context(|| format!("{name} not in top: {top}"))?;
+    assert!(
+        row["egress_bps"].as_f64().is_some_and(|v| v >= 0.0),
+        "{row}"
+    );
+    assert!(row["ingress_bps"].is_null(), "{row}");
+    d.fails(&["top", "--interval", "0"], 2, "out of range")?;
+
+    // Not on loopback: refused unless allowed.
+    let cfg = d.dir.path().join("remote.toml");
+    std::fs::write(&cfg, "[daemon]\nmetrics_listen = \"0.0.0.0:9477\"\n")?;
+    let o = Command::new(QOSD)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--check-config")
+        .output()?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a loopback"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn concurrent_qosctl_calls_leave_a_consistent_state() -> Result<()> {
+    if !require_root("concurrent_qosctl_calls_leave_a_consistent_state") {
+        return Ok(());
+    }
+    let d = Daemon::new("10gbit")?;
+    let cg = CgroupDir::new("qos-test-")?;
+    let names: Vec<String> = (0..8)
+        .map(|i| {
+            cg.child(&format!("c{i}"))?;
+            Ok(cg.child_name(&format!("c{i}")))
+        })
+        .collect::<Result<_>>()?;
+    // 8 processes at once, each setting, changing and unsetting its cgroup
+    // several times; odd ones end with a quota, even ones without.
+    let mut children = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let script = format!(
+            "for r in 1 2 3 4 5; do {q} --socket {s} net set {name} --rate ${{r}}0mbit >/dev/null || exit 1; \
+             {q} --socket {s} net unset {name} >/dev/null || exit 1; done; {last}",
+            q = QOSCTL,
+            s = d.socket.display(),
+            last = if i % 2 == 1 {
+                format!(
+                    "{QOSCTL} --socket {} net set {name} --rate 7mbit >/dev/null",
+                    d.socket.display()
+                )
+            } else {
+                "true".to_owned()
+            }
+        );
+        children.push(KillOnDrop(
+            Command::new("sh").arg("-c").arg(script).spawn()?,
+        ));
+    }
+    for mut c in children {
+        let st = c.0.wait()?;
+        assert!(st.success(), "a qosctl loop failed: {st}");
+    }
+    let v = d.show()?;
+    let shown = classes(&v);
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        d.dir.path().join("state/state.json"),
+    )?)?;
+    for (i, name) in names.iter().enumerate() {
+        let in_state = state["net"].get(name).is_some();
+        assert_eq!(shown.contains(name), i % 2 == 1, "{name} in net show: {v}");
+        assert_eq!(in_state, i % 2 == 1, "{name} in the state file: {state}");
     }
     Ok(())
 }

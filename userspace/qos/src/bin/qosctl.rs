@@ -10,6 +10,7 @@ use qos::{
     Status,
     client::{Client, ClientError},
     config::DEFAULT_SOCKET,
+    metrics::{Snapshot, TopRow},
     protocol::{Reply, Request},
 };
 use qos_core::{Rate, Size, units::format_bps};
@@ -57,6 +58,25 @@ enum Command {
     Io {
         #[command(subcommand)]
         command: IoCommand,
+    },
+    /// Live per-cgroup view, refreshed every second: bandwidth out and in,
+    /// disk IO, memory, throttling (drops, CE marks, window clamps; paused
+    /// IO; memory reclaim).
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
+        /// Print one view (over one interval) and exit.
+        #[arg(long)]
+        once: bool,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell) to stdout.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -178,6 +198,14 @@ enum Output {
     Json,
 }
 
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("{v} is out of range 0.1..=3600 seconds")),
+        Err(e) => Err(format!("{s:?} is not a number of seconds: {e}")),
+    }
+}
+
 fn parse_rate(s: &str) -> Result<Rate, String> {
     s.parse::<Rate>().map_err(|e| e.to_string())
 }
@@ -199,8 +227,24 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<(), ClientError> {
+    if let Command::Completion { shell } = args.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            shell,
+            &mut Args::command(),
+            "qosctl",
+            &mut std::io::stdout(),
+        );
+        return Ok(());
+    }
     let mut client = Client::connect(&args.socket)?;
     match args.command {
+        Command::Completion { .. } => {}
+        Command::Top {
+            interval,
+            once,
+            output,
+        } => top(&mut client, interval, once, output)?,
         Command::Status { output } => {
             let Reply::Status(s) = client.call(&Request::Status)? else {
                 return Err(unexpected());
@@ -565,6 +609,87 @@ fn show<T: serde::Serialize>(
             _ => return Ok(()),
         }
     }
+}
+
+fn snapshot(client: &mut Client) -> Result<Snapshot, ClientError> {
+    match client.call(&Request::Metrics)? {
+        Reply::Metrics(s) => Ok(*s),
+        _ => Err(unexpected()),
+    }
+}
+
+/// `qosctl top`: rates between consecutive snapshots.
+fn top(client: &mut Client, interval: f64, once: bool, output: Output) -> Result<(), ClientError> {
+    let mut prev = snapshot(client)?;
+    loop {
+        std::thread::sleep(Duration::from_secs_f64(interval));
+        let cur = snapshot(client)?;
+        let rows = qos::metrics::top_rows(&prev, &cur);
+        if output == Output::Table && !once {
+            print!("\x1b[2J\x1b[H");
+        }
+        match output {
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&rows).unwrap_or_default()
+            ),
+            Output::Table => print!("{}", top_table(&rows, &cur)),
+        }
+        if once {
+            return Ok(());
+        }
+        prev = cur;
+    }
+}
+
+fn top_table(rows: &[TopRow], cur: &Snapshot) -> String {
+    let d = &cur.daemon;
+    let mut out = format!(
+        "qosd {} up {}s, rss {}, {} request(s), {} waiting, degradations {}\n",
+        d.version,
+        d.uptime_secs,
+        format_bytes(d.resident_bytes),
+        d.requests,
+        d.waiting,
+        d.degradations.values().sum::<u64>()
+    );
+    out += &format!(
+        "{:<32} {:>11} {:>11} {:>9} {:>11} {:>11} {:>4} {:>10} {:>10} {:>10}\n",
+        "CGROUP",
+        "NET OUT",
+        "NET IN",
+        "THROT/s",
+        "IO WRITE/s",
+        "IO READ/s",
+        "HELD",
+        "MEM",
+        "MEM CAP",
+        "RECLAIM/s"
+    );
+    let bps = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), format_bps);
+    let bytes_s = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |b| format_bytes(b as u64));
+    for r in rows {
+        out += &format!(
+            "{:<32} {:>11} {:>11} {:>9} {:>11} {:>11} {:>4} {:>10} {:>10} {:>10}\n",
+            r.cgroup,
+            bps(r.egress_bps),
+            bps(r.ingress_bps),
+            r.net_throttle_per_s
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}")),
+            bytes_s(r.io_write_bps),
+            bytes_s(r.io_read_bps),
+            r.io_throttled_devices
+                .map_or_else(|| "-".to_owned(), |v| v.to_string()),
+            r.mem_usage_bytes
+                .map_or_else(|| "-".to_owned(), format_bytes),
+            r.mem_cap_bytes.map_or_else(|| "-".to_owned(), format_bytes),
+            bytes_s(r.mem_reclaim_bps),
+        );
+    }
+    if rows.is_empty() {
+        out += "(no configured cgroup)\n";
+    }
+    out
 }
 
 fn unexpected() -> ClientError {

@@ -124,6 +124,10 @@ fn run() -> Result<()> {
 
     let socket_path = config.daemon.socket.clone();
     let socket = ApiSocket::bind(&socket_path)?;
+    let metrics_server = match config.daemon.metrics_listen {
+        Some(addr) => Some(qos::metrics::MetricsServer::bind(addr).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let qos = Arc::new(Mutex::new(Qos::start(config).context("starting")?));
     info!(socket = %socket_path.display(), pid = std::process::id(), "qosd ready");
 
@@ -139,6 +143,7 @@ fn run() -> Result<()> {
                         let mut q = qos.lock().unwrap_or_else(|p| p.into_inner());
                         if let Err(e) = q.tick() {
                             warn!(error = %e, "control step");
+                            q.degrade("control_step");
                         }
                     }
                     next += netqos::TICK;
@@ -194,8 +199,31 @@ fn run() -> Result<()> {
             None => None,
         }
     };
+    let metrics = match metrics_server {
+        Some(server) => {
+            info!(addr = %server.addr(), "metrics endpoint: GET /metrics");
+            let qos = Arc::clone(&qos);
+            let stop = Arc::clone(&stop);
+            Some(
+                std::thread::Builder::new()
+                    .name("metrics".into())
+                    .spawn(move || {
+                        server.serve(
+                            || qos.lock().unwrap_or_else(|p| p.into_inner()).snapshot(),
+                            &stop,
+                        );
+                    })?,
+            )
+        }
+        None => None,
+    };
     socket.serve(&qos, &stop);
     info!("stopping");
+    if let Some(m) = metrics
+        && m.join().is_err()
+    {
+        error!("metrics thread panicked");
+    }
     if ticker.join().is_err() {
         error!("control thread panicked");
     }
