@@ -3,6 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -21,12 +22,16 @@ use crate::{
 };
 
 /// Tunables of the IO loop.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct IoSettings {
     /// Time between steps.
     pub interval: Duration,
     /// Starting point of the device capacity estimate (weights → rates).
     pub initial_capacity: u64,
+    /// File listing the cgroups whose writers this controller paused, kept
+    /// current: a controller that dies (SIGKILL) cannot thaw them, the next
+    /// one thaws what the file lists. `None`: not recorded.
+    pub paused_record: Option<PathBuf>,
 }
 
 impl Default for IoSettings {
@@ -34,6 +39,7 @@ impl Default for IoSettings {
         Self {
             interval: Duration::from_millis(50),
             initial_capacity: 64 << 20,
+            paused_record: None,
         }
     }
 }
@@ -174,9 +180,43 @@ impl IoControl {
         Ok(Self::with_parts(backend, tracker, settings))
     }
 
-    /// From parts (tests: fixture backends, no tracker).
+    /// Thaws the writers an earlier controller paused and could not thaw
+    /// (it was killed), as its record lists them; then clears the record.
+    fn thaw_recorded(&self) {
+        let Some(path) = &self.settings.paused_record else {
+            return;
+        };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return;
+        };
+        for name in text.lines().filter(|l| !l.trim().is_empty()) {
+            match self.backend.set_frozen(name, false) {
+                Ok(()) => info!(cgroup = name, "thawed writers a previous qosd left paused"),
+                Err(e) => {
+                    warn!(cgroup = name, error = %e, "thawing writers a previous qosd left paused")
+                }
+            }
+        }
+        self.record_paused();
+    }
+
+    /// Writes the set of paused cgroups to the record (atomically).
+    fn record_paused(&self) {
+        let Some(path) = &self.settings.paused_record else {
+            return;
+        };
+        let text: String = self.frozen.iter().map(|n| format!("{n}\n")).collect();
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            warn!(path = %path.display(), error = %e, "recording paused writers");
+        }
+    }
+
+    /// From parts (tests: fixture backends, no tracker). Writers a killed
+    /// controller left paused (`paused_record`) are thawed.
     pub fn with_parts(backend: Backend, tracker: Option<Tracker>, settings: IoSettings) -> Self {
-        Self {
+        let ctl = Self {
             backend,
             tracker,
             settings,
@@ -188,7 +228,9 @@ impl IoControl {
             names: HashMap::new(),
             last_step: Instant::now(),
             events: VecDeque::new(),
-        }
+        };
+        ctl.thaw_recorded();
+        ctl
     }
 
     pub fn mode(&self) -> IoMode {
@@ -329,6 +371,7 @@ impl IoControl {
             self.workers.remove(name);
             if self.frozen.remove(name) {
                 let _ = self.backend.set_frozen(name, false);
+                self.record_paused();
             }
         }
         result
@@ -551,6 +594,7 @@ impl IoControl {
                         } else {
                             self.frozen.remove(&name);
                         }
+                        self.record_paused();
                     }
                     Err(e) => {
                         for ((n, _), g) in self.groups.iter_mut() {
@@ -699,6 +743,7 @@ impl IoControl {
         for name in std::mem::take(&mut self.frozen) {
             let _ = self.backend.set_frozen(&name, false);
         }
+        self.record_paused();
         self.groups.clear();
         self.workers.clear();
     }
@@ -712,6 +757,7 @@ impl IoControl {
         for name in std::mem::take(&mut self.frozen) {
             let _ = self.backend.set_frozen(&name, false);
         }
+        self.record_paused();
         self.groups.clear();
         self.workers.clear();
     }
@@ -747,5 +793,40 @@ pub fn inode_key(dev: Device, ino: u64) -> InodeKey {
         dev: dev.kernel_dev(),
         _pad: 0,
         ino,
+    }
+}
+
+#[cfg(test)]
+mod pause_record_tests {
+    use super::*;
+
+    #[test]
+    fn writers_a_killed_controller_left_paused_are_thawed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let freezer = tmp.path().join("freezer");
+        for g in ["t/a", "t/b"] {
+            std::fs::create_dir_all(freezer.join(g)).unwrap();
+            std::fs::create_dir_all(tmp.path().join("blkio").join(g)).unwrap();
+            std::fs::write(freezer.join(g).join("freezer.state"), "FROZEN").unwrap();
+        }
+        let record = tmp.path().join("io-paused");
+        // The dead controller had paused a (and a cgroup since removed).
+        std::fs::write(&record, "t/a\nt/gone\n").unwrap();
+        let backend = Backend::fixture(
+            IoMode::V1Assisted,
+            &tmp.path().join("blkio"),
+            Some(&freezer),
+        );
+        let settings = IoSettings {
+            paused_record: Some(record.clone()),
+            ..IoSettings::default()
+        };
+        let _ctl = IoControl::with_parts(backend, None, settings);
+        let state =
+            |g: &str| std::fs::read_to_string(freezer.join(g).join("freezer.state")).unwrap();
+        assert_eq!(state("t/a"), "THAWED");
+        // Not ours (say, paused by its owner): left alone.
+        assert_eq!(state("t/b"), "FROZEN");
+        assert_eq!(std::fs::read_to_string(&record).unwrap(), "");
     }
 }

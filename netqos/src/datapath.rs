@@ -598,6 +598,52 @@ impl Datapath {
         }
     }
 
+    /// Follows the shaped interface when it was deleted and created again
+    /// (a new ifindex; its old attachments went with the old device):
+    /// attaches egress (and the ingress tag) to the new one. `Ok(None)`:
+    /// nothing to do; `Ok(Some(ifindex))`: re-attached there;
+    /// [`NetError::NoInterface`]: it is gone (for now).
+    pub fn follow_interface(&mut self) -> Result<Option<u32>, NetError> {
+        let now = ifaces::ifindex(&self.iface)?;
+        if now == self.ifindex {
+            return Ok(None);
+        }
+        let iface = self.iface.clone();
+        if let Some(old) = self.egress.take() {
+            old.remove();
+        }
+        self.ifindex = now;
+        self.egress = Some(self.attach_tc_kept(
+            programs::EGRESS,
+            "egress",
+            &iface,
+            now,
+            TcAttachType::Egress,
+        )?);
+        if let Some((tag, acct)) = self.ingress.take() {
+            tag.remove();
+            match self.attach_tc_kept(
+                programs::INGRESS_TAGGER,
+                "ingress-tag",
+                &iface,
+                now,
+                TcAttachType::Ingress,
+            ) {
+                Ok(tag) => self.ingress = Some((tag, acct)),
+                Err(e) => {
+                    acct.remove();
+                    return Err(e);
+                }
+            }
+        }
+        info!(
+            iface,
+            ifindex = now,
+            "shaped interface re-created; datapath attached again"
+        );
+        Ok(Some(now))
+    }
+
     /// Attaches the tagger to a container-facing interface (tc ingress).
     pub fn attach_tagger(&mut self, ifname: &str) -> Result<(), NetError> {
         let ifindex = ifaces::ifindex(ifname)?;

@@ -16,8 +16,8 @@ use std::path::PathBuf;
 pub use datapath::Direction;
 pub use ifaces::ContainerInterfaces;
 pub use shaper::{
-    DirQuota, IngressStatus, NetClassStatus, NetQuota, NetStatus, ProgramStatsOut, Shaper,
-    ShaperSettings, TICK,
+    DirQuota, IngressStatus, InterfaceEvent, NetClassStatus, NetQuota, NetStatus, ProgramStatsOut,
+    Shaper, ShaperSettings, TICK,
 };
 
 /// Everything that can go wrong in the network subsystem.

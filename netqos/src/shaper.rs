@@ -753,6 +753,20 @@ pub struct Shaper {
     last_tick: Instant,
     last_epoch: Instant,
     last_scan: Option<Instant>,
+    /// The shaped interface was found missing (reported once).
+    iface_missing: bool,
+}
+
+/// What [`Shaper::check_interface`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InterfaceEvent {
+    Unchanged,
+    /// Gone (first seen missing now).
+    Missing,
+    /// Re-created; the datapath is attached to it (new ifindex).
+    Followed(u32),
+    /// Re-created, but attaching failed (retried at the next check).
+    Failed(String),
 }
 
 impl Shaper {
@@ -817,6 +831,7 @@ impl Shaper {
             last_tick: now,
             last_epoch: now,
             last_scan: None,
+            iface_missing: false,
         };
         shaper.scan_interfaces();
         info!(
@@ -977,6 +992,43 @@ impl Shaper {
             self.scan_interfaces();
         }
         Ok(())
+    }
+
+    /// Checks the shaped interface: gone (reported once, until it is back),
+    /// or re-created (the datapath follows it). Returns what happened, for
+    /// the daemon to log and count.
+    pub fn check_interface(&mut self) -> InterfaceEvent {
+        match self.dp.follow_interface() {
+            Ok(None) => {
+                self.iface_missing = false;
+                InterfaceEvent::Unchanged
+            }
+            Ok(Some(ifindex)) => {
+                self.iface_missing = false;
+                let mut tables: Vec<&mut ClassTable> = vec![&mut self.egress];
+                if let Some(t) = self.ingress.as_mut() {
+                    tables.push(t);
+                }
+                for t in tables {
+                    t.global.shaped_ifindex = ifindex;
+                    t.global.generation += 1;
+                    if let Err(e) = self.dp.maps(t.dir).write_global(&t.global) {
+                        return InterfaceEvent::Failed(e.to_string());
+                    }
+                }
+                InterfaceEvent::Followed(ifindex)
+            }
+            Err(NetError::NoInterface(_)) if self.iface_missing => InterfaceEvent::Unchanged,
+            Err(NetError::NoInterface(name)) => {
+                self.iface_missing = true;
+                warn!(iface = %name, "shaped interface is gone; shaping resumes when it is back");
+                InterfaceEvent::Missing
+            }
+            Err(e) => {
+                warn!(iface = %self.settings.interface, error = %e, "re-attaching to the re-created interface");
+                InterfaceEvent::Failed(e.to_string())
+            }
+        }
     }
 
     /// Attaches the tagger to new container-facing interfaces and forgets

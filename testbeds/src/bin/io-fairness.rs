@@ -318,7 +318,7 @@ fn run_one(case: &str, fs: &str, direct: bool, mode: Mode, seconds: u64) -> Resu
     let settings = IoSettings::default();
     let control = match mode {
         Mode::Qosd => {
-            let mut c = IoControl::start(&h, settings)?;
+            let mut c = IoControl::start(&h, settings.clone())?;
             for (s, g) in specs.iter().zip(&groups) {
                 c.set(g.name(), dev, s.limits())?;
             }
@@ -337,7 +337,7 @@ fn run_one(case: &str, fs: &str, direct: bool, mode: Mode, seconds: u64) -> Resu
                 )?;
             }
             // The tracker only measures here.
-            IoControl::with_parts(backend, Some(Tracker::load()?), settings)
+            IoControl::with_parts(backend, Some(Tracker::load()?), settings.clone())
         }
     };
     if control.mode() != IoMode::V1Assisted && mode == Mode::KernelOnly {

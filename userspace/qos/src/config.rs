@@ -41,6 +41,11 @@ pub struct DaemonConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Allow a metrics address other than loopback.
     pub metrics_allow_remote: bool,
+    /// A configured cgroup that vanishes leaves the datapath and the
+    /// controllers within a second. true: its quotas stay in the desired
+    /// state and are applied again when a cgroup with the same path
+    /// appears; false: they are dropped, as if unset.
+    pub follow_recreated_cgroups: bool,
     /// Where qosd mounts a cgroup2 tree on hosts that have none (pure v1).
     pub cgroup2_fallback: PathBuf,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
@@ -55,6 +60,7 @@ impl Default for DaemonConfig {
             bpf_pin_dir: DEFAULT_PIN_DIR.into(),
             metrics_listen: None,
             metrics_allow_remote: false,
+            follow_recreated_cgroups: true,
             cgroup2_fallback: "/run/qosd/cgroup2".into(),
             log: "info".into(),
         }

@@ -60,7 +60,9 @@ use state::{DesiredState, StateStore};
 use tracing::{info, warn};
 
 /// How often configured cgroups are checked for existence.
-const CGROUP_CHECK: Duration = Duration::from_secs(1);
+/// How often configured cgroups are checked for having vanished or
+/// appeared: a vanished cgroup leaves the datapath within a second.
+const CGROUP_CHECK: Duration = Duration::from_millis(400);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QosError {
@@ -174,6 +176,10 @@ pub struct Qos {
     requests: u64,
     request_errors: u64,
     degradations: BTreeMap<String, u64>,
+    /// Memory quotas seen in force at the last check, and IO limits whose
+    /// cgroup vanished since (what `forget_vanished` drops).
+    mem_seen: std::collections::BTreeSet<String>,
+    io_vanished: Vec<(String, String)>,
 }
 
 impl Qos {
@@ -200,6 +206,12 @@ impl Qos {
 
     fn start_with_store(config: Config, store: Option<StateStore>) -> Result<Self, QosError> {
         let pin_root = store.as_ref().map(|_| config.daemon.bpf_pin_dir.clone());
+        if store.is_some() {
+            std::fs::create_dir_all(&config.daemon.state_dir).map_err(|source| QosError::Io {
+                path: config.daemon.state_dir.clone(),
+                source,
+            })?;
+        }
         config.validate().map_err(|reason| QosError::Config {
             path: "(in memory)".into(),
             reason,
@@ -251,6 +263,10 @@ impl Qos {
             let settings = IoSettings {
                 interval: Duration::from_millis(config.io.interval_ms),
                 initial_capacity: config.io.initial_capacity.bytes_per_sec(),
+                // Writers a killed daemon left paused are thawed at start.
+                paused_record: store
+                    .as_ref()
+                    .map(|_| config.daemon.state_dir.join("io-paused")),
             };
             Some(Arc::new(Mutex::new(IoControl::start(
                 &hierarchy, settings,
@@ -282,6 +298,8 @@ impl Qos {
             requests: 0,
             request_errors: 0,
             degradations: BTreeMap::new(),
+            mem_seen: Default::default(),
+            io_vanished: Vec::new(),
         };
         let mut wanted: Vec<(String, NetQuota)> = qos
             .config
@@ -691,13 +709,20 @@ impl Qos {
     fn reconcile_io(&mut self) {
         let Some(io) = self.io.clone() else { return };
         let mut failed = Vec::new();
-        self.reconcile_io_with(&mut lock(&io), &mut failed);
+        let mut vanished = Vec::new();
+        self.reconcile_io_with(&mut lock(&io), &mut failed, &mut vanished);
         for kind in failed {
             self.degrade(kind);
         }
+        self.io_vanished.extend(vanished);
     }
 
-    fn reconcile_io_with(&self, ctl: &mut IoControl, failed: &mut Vec<&'static str>) {
+    fn reconcile_io_with(
+        &self,
+        ctl: &mut IoControl,
+        failed: &mut Vec<&'static str>,
+        vanished: &mut Vec<(String, String)>,
+    ) {
         for (name, dev, _) in ctl.configured() {
             let cgroup_gone = self
                 .hierarchy
@@ -708,6 +733,9 @@ impl Qos {
                 if let Err(e) = ctl.remove(&name, Some(dev)) {
                     warn!(cgroup = %name, device = %dev, error = %e, "clearing IO limits of a vanished cgroup or device");
                     failed.push("io_clear");
+                }
+                if cgroup_gone {
+                    vanished.push((name.clone(), dev.to_string()));
                 }
                 info!(cgroup = %name, device = %dev, "cgroup or device vanished; its IO limits wait for it to reappear");
             }
@@ -909,12 +937,12 @@ impl Qos {
             self.last_cgroup_check = Instant::now();
             self.reconcile_cgroups();
             self.reconcile_io();
+            self.forget_vanished();
+            self.check_interface();
         }
         Ok(())
     }
 
-    /// Drops datapath entries of cgroups that vanished and applies quotas
-    /// whose cgroup (re)appeared.
     /// Quotas whose cgroup does not exist (yet, or any more).
     fn waiting(&self) -> Vec<(String, NetQuota)> {
         let Some(net) = &self.net else {
@@ -928,13 +956,22 @@ impl Qos {
             .collect()
     }
 
+    /// Drops datapath entries of cgroups that vanished (and, unless
+    /// `follow_recreated_cgroups`, their quotas) and applies quotas whose
+    /// cgroup (re)appeared.
     fn reconcile_cgroups(&mut self) {
+        let follow = self.config.daemon.follow_recreated_cgroups;
         let Some(net) = self.net.as_mut() else { return };
         let mut failed = Vec::new();
+        let mut forget = Vec::new();
         for name in net.vanished() {
             match net.remove(&name) {
-                Ok(_) => {
+                Ok(_) if follow => {
                     info!(cgroup = %name, "cgroup vanished; its quota waits for it to reappear")
+                }
+                Ok(_) => {
+                    info!(cgroup = %name, "cgroup vanished; its quota is dropped");
+                    forget.push(name);
                 }
                 Err(e) => {
                     warn!(cgroup = %name, error = %e, "removing a vanished cgroup");
@@ -960,6 +997,66 @@ impl Qos {
         }
         for kind in failed {
             self.degrade(kind);
+        }
+        if !forget.is_empty() {
+            for name in forget {
+                self.state.net.remove(&name);
+            }
+            if let Err(e) = self.persist() {
+                warn!(error = %e, "persisting dropped quotas");
+                self.degrade("persist");
+            }
+        }
+    }
+
+    /// Counts the shaped interface going away or failing to be followed.
+    fn check_interface(&mut self) {
+        let Some(net) = self.net.as_mut() else { return };
+        match net.check_interface() {
+            netqos::InterfaceEvent::Missing => self.degrade("net_interface_missing"),
+            netqos::InterfaceEvent::Failed(_) => self.degrade("net_interface_attach"),
+            netqos::InterfaceEvent::Followed(_) | netqos::InterfaceEvent::Unchanged => {}
+        }
+    }
+
+    /// Without `follow_recreated_cgroups`: memory quotas and IO limits of
+    /// cgroups that were in force and vanished are dropped.
+    fn forget_vanished(&mut self) {
+        if self.config.daemon.follow_recreated_cgroups {
+            return;
+        }
+        let mut changed = false;
+        if let Some(mem) = self.mem.clone() {
+            let mut emc = lock(&mem);
+            for name in emc.waiting() {
+                if self.mem_seen.contains(&name) && self.state.mem.remove(&name).is_some() {
+                    let _ = emc.remove(&name);
+                    info!(cgroup = %name, "cgroup vanished; its memory quota is dropped");
+                    changed = true;
+                }
+            }
+            let waiting = emc.waiting();
+            self.mem_seen = self
+                .state
+                .mem
+                .keys()
+                .filter(|n| !waiting.contains(n))
+                .cloned()
+                .collect();
+        }
+        for (name, device) in std::mem::take(&mut self.io_vanished) {
+            if let Some(devs) = self.state.io.get_mut(&name) {
+                devs.remove(&device);
+                if devs.is_empty() {
+                    self.state.io.remove(&name);
+                }
+                info!(cgroup = %name, %device, "cgroup vanished; its IO limits are dropped");
+                changed = true;
+            }
+        }
+        if changed && let Err(e) = self.persist() {
+            warn!(error = %e, "persisting dropped quotas");
+            self.degrade("persist");
         }
     }
 

@@ -669,6 +669,89 @@ fn sigkill_leaves_the_datapath_enforcing_and_a_restart_adopts_it() -> Result<()>
     Ok(())
 }
 
+#[test]
+fn vanished_cgroups_are_forgotten_when_recreated_ones_are_not_followed() -> Result<()> {
+    if !require_root("vanished_cgroups_are_forgotten_when_recreated_ones_are_not_followed") {
+        return Ok(());
+    }
+    let d = Daemon::with_daemon("1gbit", "follow_recreated_cgroups = false", "")?;
+    let cg = CgroupDir::new("qos-test-")?;
+    cg.child("a")?;
+    let a = cg.child_name("a");
+    d.ok(&["net", "set", &a, "--rate", "50mbit"])?;
+    std::fs::remove_dir(cg.path().join("a"))?;
+    let state_has_a = || {
+        std::fs::read_to_string(d.dir.path().join("state/state.json"))
+            .map(|s| s.contains(&a))
+            .unwrap_or(true)
+    };
+    assert!(
+        wait_for(Duration::from_secs(3), || !state_has_a()),
+        "quota of a vanished cgroup kept in the state"
+    );
+    assert!(!classes(&d.show()?).contains(&a));
+    // Re-created: not followed, nothing applied.
+    cg.child("a")?;
+    let s: serde_json::Value = serde_json::from_str(&d.ok(&["status", "-o", "json"])?)?;
+    assert!(s["waiting"].as_array().is_some_and(Vec::is_empty), "{s}");
+    d.fails(&["net", "unset", &a], 3, "has no network quota")?;
+    Ok(())
+}
+
+#[test]
+fn a_recreated_shaped_interface_is_followed_and_its_absence_counted() -> Result<()> {
+    use netqos::datapath::PinnedNet;
+    if !require_root("a_recreated_shaped_interface_is_followed_and_its_absence_counted") {
+        return Ok(());
+    }
+    let d = Daemon::new("1gbit")?;
+    let iface = d.veth.host().to_owned();
+    let attached_to = |ifindex: u32| {
+        PinnedNet::find(&d.pins).is_some_and(|p| {
+            p.links()
+                .iter()
+                .any(|l| l.name == format!("egress:{ifindex}"))
+                || p.tc_filters()
+                    .iter()
+                    .any(|f| f.what == "egress" && f.ifindex == ifindex)
+        })
+    };
+    let old = nix::net::if_::if_nametoindex(iface.as_str())?;
+    assert!(attached_to(old));
+    testbeds::run("ip", &["link", "del", &iface])?;
+    let degradation = |kind: &str| -> u64 {
+        raw(&d.socket, "{\"op\":\"metrics\"}")
+            .ok()
+            .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok())
+            .and_then(|v| v["ok"]["metrics"]["daemon"]["degradations"][kind].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || degradation(
+            "net_interface_missing"
+        ) == 1),
+        "a missing interface was not counted: {}",
+        d.log()
+    );
+    // Back under the same name (a new ifindex): the datapath follows.
+    let peer = unique("qdp");
+    testbeds::run(
+        "ip",
+        &["link", "add", &iface, "type", "veth", "peer", "name", &peer],
+    )?;
+    let new = nix::net::if_::if_nametoindex(iface.as_str())?;
+    assert_ne!(new, old);
+    assert!(
+        wait_for(Duration::from_secs(5), || attached_to(new)),
+        "egress not attached to the re-created interface: {}",
+        d.log()
+    );
+    assert!(!attached_to(old));
+    assert_eq!(degradation("net_interface_missing"), 1, "counted once");
+    d.ok(&["status"])?;
+    Ok(())
+}
+
 /// A TCP port free right now on loopback.
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
