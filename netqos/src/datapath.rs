@@ -104,6 +104,12 @@ impl ClassMaps {
             .map_err(map_err(self.names.class_config))
     }
 
+    pub fn read_class(&self, slot: u32) -> Result<ClassConfig, NetError> {
+        self.class_cfg
+            .get(&slot, 0)
+            .map_err(map_err(self.names.class_config))
+    }
+
     /// Starts a slot afresh: full buckets, neutral multiplier, zero counters.
     /// Only for slots the datapath does not use (inactive config).
     pub fn reset_state(&mut self, slot: u32, cfg: &ClassConfig) -> Result<(), NetError> {

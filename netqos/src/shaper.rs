@@ -37,6 +37,11 @@ const RATE_TAU_NS: u64 = 50_000_000;
 /// A class must look like it wants less for this long before the allocator
 /// lends its share out (prevents allocation flapping on noisy samples).
 const DEMAND_HOLD_NS: u64 = 100_000_000;
+/// How long an adopted class keeps the parameters the earlier daemon gave
+/// it while the new one measures it (several rate time constants and
+/// activity epochs): a controller that has not measured yet would move
+/// them on guesses.
+const ADOPT_SETTLE: Duration = Duration::from_millis(1000);
 /// A class that sent nothing for this many control steps is idle at once.
 const SILENT_TICKS: u32 = 3;
 /// How long the pacer gets to lift pacing from active flows at shutdown.
@@ -298,6 +303,8 @@ struct Class {
     /// Flows acknowledged in the last three activity epochs (a flow stalled
     /// for an epoch still counts).
     recent_flows: [u64; 3],
+    /// Adopted: its datapath parameters are left alone until then.
+    settle_until: Option<Instant>,
 }
 
 impl Class {
@@ -325,7 +332,20 @@ impl Class {
             wants_less_since: None,
             silent_ticks: 0,
             recent_flows: [0; 3],
+            settle_until: None,
         })
+    }
+
+    /// Starts the measurements where the datapath's parameters say the
+    /// class was (an adopted class): sending at its allocation, over as
+    /// many flows as its per-flow share implies.
+    fn resume_from(&mut self, cfg: &ClassConfig) {
+        self.settle_until = Some(Instant::now() + ADOPT_SETTLE);
+        self.rate = cfg.alloc as f64;
+        if cfg.flow_base > 0 {
+            self.flows =
+                ((cfg.alloc as u128 * UNIT as u128 / cfg.flow_base as u128) as u64).max(UNIT);
+        }
     }
 
     fn name(&self) -> &str {
@@ -467,9 +487,13 @@ impl ClassTable {
         let adopting = dp.adopted();
         let maps = dp.maps(dir);
         let adopted: BTreeMap<u64, u32> = if adopting {
-            // Sockets classified under the earlier daemon are resolved
-            // again under a new generation.
-            global.generation = maps.read_global()?.generation + 1;
+            // Same classification and activity epochs as the earlier
+            // daemon: sockets keep their cached class (the mapping does not
+            // change for adopted cgroups; `finish_adoption` moves the
+            // generation on if it drops any).
+            let old = maps.read_global()?;
+            global.generation = old.generation;
+            global.epoch = old.epoch;
             maps.cgroup_slots()
                 .into_iter()
                 .filter(|(_, slot)| *slot != DEFAULT_SLOT && *slot < MAX_CLASSES)
@@ -508,6 +532,7 @@ impl ClassTable {
     /// slots become free.
     fn finish_adoption(&mut self, dp: &mut Datapath) -> Result<(), NetError> {
         let maps = dp.maps(self.dir);
+        let dropped = !self.adopted.is_empty();
         for (id, slot) in std::mem::take(&mut self.adopted) {
             maps.unmap_cgroup(id)?;
             maps.write_class(slot, &ClassConfig::default())?;
@@ -520,8 +545,12 @@ impl ClassTable {
                 self.quarantine.push((Instant::now(), slot));
             }
         }
-        self.global.generation += 1;
-        maps.write_global(&self.global)
+        if dropped {
+            // Sockets cached on the dropped classes are classified again.
+            self.global.generation += 1;
+            maps.write_global(&self.global)?;
+        }
+        Ok(())
     }
 
     /// Validates and admits a quota without applying it.
@@ -581,25 +610,53 @@ impl ClassTable {
             Some(slot) => (slot, false),
             None => (self.take_slot()?, true),
         };
-        let cfg = policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, UNIT, tuning);
+        let mut cfg =
+            policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, UNIT, tuning);
         let maps = dp.maps(dir);
+        // An adopted class with the same quota goes on with the parameters
+        // the earlier daemon gave it (its borrowed share, its flow split):
+        // fresh ones would jolt its flows until the next control steps.
+        let kept = if fresh {
+            None
+        } else {
+            maps.read_class(slot).ok().filter(|old| {
+                old.active != 0
+                    && (old.guarantee, old.ceil, old.priority)
+                        == (cfg.guarantee, cfg.ceil, cfg.priority)
+            })
+        };
+        if let Some(old) = kept {
+            cfg = old;
+        }
         let applied = (|| {
             if fresh {
                 maps.reset_state(slot, &cfg)?;
             }
-            maps.write_class(slot, &cfg)?;
-            maps.map_cgroup(cg.id, slot)?;
-            self.global.generation += 1;
-            maps.write_global(&self.global)
+            if kept.is_none() {
+                maps.write_class(slot, &cfg)?;
+            }
+            if fresh {
+                maps.map_cgroup(cg.id, slot)?;
+                self.global.generation += 1;
+                maps.write_global(&self.global)?;
+            }
+            Ok(())
         })();
         if let Err(e) = applied {
-            // Leave nothing half-applied.
+            // Leave nothing half-applied (an adopted class is left as the
+            // earlier daemon had it).
+            if !fresh {
+                return Err(e);
+            }
             let _ = maps.unmap_cgroup(cg.id);
             let _ = maps.write_class(slot, &ClassConfig::default());
             self.free.push(slot);
             return Err(e);
         }
-        let class = Class::new(Some(cg.clone()), quota, bytes(quota.rate), slot, cfg, maps)?;
+        let mut class = Class::new(Some(cg.clone()), quota, bytes(quota.rate), slot, cfg, maps)?;
+        if kept.is_some() {
+            class.resume_from(&cfg);
+        }
         self.classes.insert(cg.name.clone(), class);
         info!(cgroup = %cg.name, id = cg.id, %dir, slot, rate = %quota.rate, "net quota set");
         Ok(())
@@ -679,6 +736,10 @@ impl ClassTable {
                 c.flows,
                 tuning,
             );
+            if c.settle_until.is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
+            c.settle_until = None;
             if policy::worth_update(&c.cfg, &cfg) {
                 maps.write_class(c.slot, &cfg)?;
                 c.cfg = cfg;

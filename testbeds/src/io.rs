@@ -160,6 +160,21 @@ impl IoCgroup {
         crate::spawn_in(&procs, None, cmd)
     }
 
+    /// Whether its tasks are frozen (v1 freezer, else cgroup2 freeze).
+    pub fn frozen(&self) -> bool {
+        match &self.freezer {
+            Some(f) => std::fs::read_to_string(f.join(&self.name).join("freezer.state"))
+                .is_ok_and(|s| s.trim() != "THAWED"),
+            None => self
+                .roots
+                .iter()
+                .filter_map(|r| {
+                    std::fs::read_to_string(r.join(&self.name).join("cgroup.freeze")).ok()
+                })
+                .any(|s| s.trim() == "1"),
+        }
+    }
+
     /// Reads a file of this cgroup in the io hierarchy.
     pub fn read(&self, file: &str) -> Result<String> {
         let p = self.roots[0].join(&self.name).join(file);

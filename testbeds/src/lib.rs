@@ -5,7 +5,9 @@
 //! when a test fails (panics unwind through the guards). Names are unique per
 //! run (`unique`), so parallel runs cannot collide.
 
+pub mod daemon;
 pub mod fairness;
+pub mod fuzz;
 pub mod io;
 pub mod iperf;
 pub mod mem;

@@ -34,10 +34,22 @@ pub struct Line {
     pub expected: Option<f64>,
 }
 
-/// One panel per (title, lines), side by side, sharing the y range.
+/// One panel per (title, lines), side by side, sharing the y range; x is
+/// time in seconds.
 pub fn rate_panels(
     path: &Path,
     title: &str,
+    y_label: &str,
+    panels: &[(String, Vec<Line>)],
+) -> Result<()> {
+    line_panels(path, title, "time (s)", y_label, panels)
+}
+
+/// One panel per (title, lines), side by side, sharing the y range.
+pub fn line_panels(
+    path: &Path,
+    title: &str,
+    x_label: &str,
     y_label: &str,
     panels: &[(String, Vec<Line>)],
 ) -> Result<()> {
@@ -77,7 +89,7 @@ pub fn rate_panels(
             .map_err(|e| anyhow!("{e}"))?;
         chart
             .configure_mesh()
-            .x_desc("time (s)")
+            .x_desc(x_label)
             .y_desc(y_label)
             .draw()
             .map_err(|e| anyhow!("{e}"))?;

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::ExitCode,
     time::{Duration, Instant},
 };
 
@@ -18,12 +18,12 @@ use qos_core::{Rate, units::format_bps};
 use serde::Serialize;
 use serde_json::Value;
 use testbeds::{
-    CgroupDir, KillOnDrop, Placement, Sysctl,
+    CgroupDir, Placement, Sysctl,
     fairness::{self, Demand, GroupSpec, Scenario, Windows},
     iperf::{self, Client, ClientOpts, Server},
     net::EgressBed,
     plot::{self, Line},
-    run, wait_for,
+    run,
 };
 
 #[derive(Parser, Debug)]
@@ -404,10 +404,9 @@ fn expected(sc: &Scenario, capacity_bits: u64) -> Vec<u64> {
 /// Mode-specific setup that lives for the run.
 enum Shaping {
     Qosd {
-        daemon: KillOnDrop,
+        daemon: testbeds::daemon::Qosd,
         qosctl: PathBuf,
         socket: PathBuf,
-        _dir: tempfile::TempDir,
     },
     Htb {
         dev: String,
@@ -435,19 +434,14 @@ fn start_qosd(
     bin_dir: &Path,
     groups: &[(String, &GroupSpec)],
 ) -> Result<Shaping> {
-    let dir = tempfile::Builder::new().prefix("qosfair").tempdir()?;
-    let socket = dir.path().join("qosd.sock");
-    let mut config = format!(
-        "[daemon]\nsocket = \"{}\"\nstate_dir = \"{}\"\nlog = \"{}\"\n[net]\ninterface = \"{}\"\n\
+    let mut net = format!(
+        "[net]\ninterface = \"{}\"\n\
          egress_capacity = \"{}\"\ndefault_rate = \"0\"\ncontainer_interfaces = \"auto\"\nbpf_stats = true\n",
-        socket.display(),
-        dir.path().join("state").display(),
-        if args.trace { "debug" } else { "warn" },
         bed.shaped_if(),
         args.capacity
     );
     if is_ingress(args) {
-        config += &format!(
+        net += &format!(
             "ingress_capacity = \"{}\"\ningress_default_rate = \"0\"\n",
             args.capacity
         );
@@ -457,30 +451,14 @@ fn start_qosd(
     } else {
         ("--rate", "--ceil")
     };
-    let cfg_path = dir.path().join("qosd.toml");
-    std::fs::write(&cfg_path, config)?;
-    let log_path = if args.trace {
-        args.out.join("qosd.log")
-    } else {
-        dir.path().join("qosd.log")
-    };
-    let log = std::fs::File::create(&log_path)?;
-    let daemon = KillOnDrop(
-        Command::new(bin_dir.join("qosd"))
-            .arg("--config")
-            .arg(&cfg_path)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting qosd")?,
-    );
+    let daemon = testbeds::daemon::Qosd::start(
+        bin_dir,
+        if args.trace { "debug" } else { "warn" },
+        "",
+        &net,
+    )?;
+    let socket = daemon.socket.clone();
     let qosctl_path = bin_dir.join("qosctl");
-    if !wait_for(Duration::from_secs(10), || {
-        qosctl(&qosctl_path, &socket, &["status"]).is_ok()
-    }) {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        bail!("qosd did not come up:\n{log}");
-    }
     let cap = args.capacity.bits_per_sec();
     for (cg, g) in groups {
         let rate = Rate::from_bits_per_sec(permille(cap, g.quota_permille))?.to_string();
@@ -498,7 +476,6 @@ fn start_qosd(
         daemon,
         qosctl: qosctl_path,
         socket,
-        _dir: dir,
     })
 }
 
@@ -662,13 +639,10 @@ fn htb_drops(text: &str) -> BTreeMap<String, u64> {
 fn stop(shaping: Shaping) {
     match shaping {
         Shaping::Qosd { mut daemon, .. } => {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(daemon.0.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = wait_for(Duration::from_secs(5), || {
-                matches!(daemon.0.try_wait(), Ok(Some(_)))
-            });
+            // Kill and remove what it pinned.
+            if let Err(e) = daemon.cleanup() {
+                eprintln!("net-fairness: {e:#}");
+            }
         }
         Shaping::Htb { dev } => {
             let _ = run("tc", &["qdisc", "del", "dev", &dev, "root"]);

@@ -332,6 +332,38 @@ fn suite(tests: &BTreeMap<String, PathBuf>, bin_dir: &Path) -> Result<Suite> {
         "io-fairness weight, direct (io.weight on iocost)",
         &["--case", "weight", "--writer", "direct"],
     )?);
+    // Restart without disruption with netlink tc filters (no tcx before
+    // 6.6) and the cgroup2 freezer.
+    steps.push(Step {
+        name: "faults sigkill, restarts, io-sigkill".into(),
+        argv: [
+            bin("faults")?.as_str(),
+            "--fault",
+            "sigkill",
+            "--fault",
+            "restarts",
+            "--restarts",
+            "10",
+            "--fault",
+            "io-sigkill",
+            "--capacity",
+            "100mbit",
+            // Emulated CPUs: an egress class misses a window now and then
+            // without any fault (see the excluded share tests).
+            "--tolerate-windows",
+            "2",
+            "--json-only",
+            "--out",
+            "/tmp/faults",
+            "--assert",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        env: env(&[]),
+        timeout_s: 300,
+        json_output: false,
+        show_output: true,
+    });
     Ok(Suite { steps })
 }
 
@@ -412,6 +444,7 @@ fn host(a: &RunArgs) -> Result<bool> {
         "io-fairness",
         "mem-elastic",
         "memhog",
+        "faults",
     ] {
         st.add_executable(&a.bin_dir.join(name))?;
     }

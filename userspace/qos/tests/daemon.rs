@@ -349,6 +349,69 @@ fn oversized_and_malformed_requests_are_refused() -> Result<()> {
 }
 
 #[test]
+fn mutated_requests_on_the_socket_never_break_the_daemon() -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+
+    use proptest::{
+        strategy::{Strategy, ValueTree},
+        test_runner::TestRunner,
+    };
+    if !require_root("mutated_requests_on_the_socket_never_break_the_daemon") {
+        return Ok(());
+    }
+    const SEEDS: &[&str] = &[
+        r#"{"op":"status"}"#,
+        r#"{"op":"metrics"}"#,
+        r#"{"op":"net_set","cgroup":"qos-fuzz-none/a","rate":"100mbit","ceil":"1gbit","priority":2}"#,
+        r#"{"op":"net_unset","cgroup":"qos-fuzz-none/a"}"#,
+        r#"{"op":"mem_set","cgroup":"qos-fuzz-none","guarantee":"1GiB"}"#,
+        r#"{"op":"io_set","cgroup":"qos-fuzz-none","device":"7:0","write_bps":"1MiB"}"#,
+        r#"{"op":"net_show"}"#,
+    ];
+    let d = Daemon::new("1gbit")?;
+    let before = std::fs::read_to_string(d.dir.path().join("state/state.json"))?;
+    let strategy = testbeds::fuzz::mutated(SEEDS);
+    let mut runner = TestRunner::deterministic();
+    let connect = || -> Result<_> {
+        let s = std::os::unix::net::UnixStream::connect(&d.socket)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let r = BufReader::new(s.try_clone()?);
+        Ok((s, r))
+    };
+    let (mut s, mut r) = connect()?;
+    let mut answered = 0;
+    for _ in 0..3000 {
+        let mut line = strategy
+            .new_tree(&mut runner)
+            .map_err(anyhow::Error::msg)?
+            .current();
+        // One request per line: a newline inside would make two.
+        line.retain(|b| *b != b'\n');
+        line.push(b'\n');
+        let mut reply = String::new();
+        let ok = s.write_all(&line).is_ok() && r.read_line(&mut reply).is_ok_and(|n| n > 0);
+        if ok {
+            let v: serde_json::Value = serde_json::from_str(&reply)
+                .with_context(|| format!("reply is not JSON: {reply:?}"))?;
+            assert!(
+                v.get("ok").is_some() || v["error"]["message"].is_string(),
+                "{v}"
+            );
+            answered += 1;
+        } else {
+            // The daemon may hang up (an oversized request); start over.
+            (s, r) = connect()?;
+        }
+    }
+    assert!(answered > 2500, "only {answered} of 3000 answered");
+    d.ok(&["status"])?;
+    let after = std::fs::read_to_string(d.dir.path().join("state/state.json"))?;
+    assert_eq!(before, after, "the state changed");
+    assert!(classes(&d.show()?).iter().all(|c| c == "(default)"));
+    Ok(())
+}
+
+#[test]
 fn only_root_may_use_the_api() -> Result<()> {
     if !require_root("only_root_may_use_the_api") {
         return Ok(());
