@@ -32,6 +32,9 @@ pub struct IoSettings {
     /// current: a controller that dies (SIGKILL) cannot thaw them, the next
     /// one thaws what the file lists. `None`: not recorded.
     pub paused_record: Option<PathBuf>,
+    /// bpffs directory where the tracker is pinned, so that it counts on
+    /// while the daemon restarts; `None`: it goes with the controller.
+    pub pin_root: Option<PathBuf>,
 }
 
 impl Default for IoSettings {
@@ -40,6 +43,7 @@ impl Default for IoSettings {
             interval: Duration::from_millis(50),
             initial_capacity: 64 << 20,
             paused_record: None,
+            pin_root: None,
         }
     }
 }
@@ -168,7 +172,7 @@ impl IoControl {
     /// it only verifies, and a failure to load it is logged.
     pub fn start(h: &Hierarchy, settings: IoSettings) -> Result<Self, BlkioError> {
         let backend = Backend::detect(h)?;
-        let tracker = match (Tracker::load(), backend.mode()) {
+        let tracker = match (Tracker::open(settings.pin_root.as_deref()), backend.mode()) {
             (Ok(t), _) => Some(t),
             (Err(e), IoMode::V1Assisted) => return Err(e),
             (Err(e), IoMode::V2Kernel) => {
@@ -740,6 +744,9 @@ impl IoControl {
                 warn!(cgroup = %name, device = %dev, error = %e, "clearing IO limits");
             }
         }
+        if let Some(t) = self.tracker.take() {
+            t.detach();
+        }
         for name in std::mem::take(&mut self.frozen) {
             let _ = self.backend.set_frozen(&name, false);
         }
@@ -757,6 +764,8 @@ impl IoControl {
         for name in std::mem::take(&mut self.frozen) {
             let _ = self.backend.set_frozen(&name, false);
         }
+        // A pinned tracker counts on; an unpinned one goes.
+        drop(self.tracker.take());
         self.record_paused();
         self.groups.clear();
         self.workers.clear();

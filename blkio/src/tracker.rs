@@ -1,11 +1,17 @@
 //! Loads the writeback attribution tracker and reads what it counted.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader, VerifierLogLevel,
     maps::{HashMap as BpfHashMap, MapData},
-    programs::BtfTracePoint,
+    programs::{
+        BtfTracePoint,
+        links::{FdLink, PinnedLink},
+    },
 };
 use qos_common::io::{
     DEVICE_ENTRIES, DeviceCounters, INODE_ENTRIES, InodeInfo, InodeKey, IoCounters, IoOffsets,
@@ -14,7 +20,10 @@ use qos_common::io::{
 use serde::{Deserialize, Serialize};
 
 use crate::{BlkioError, btf::Btf};
-use qos_core::probe::{ProgramProbe, load_failure};
+use qos_core::{
+    pin::Generation,
+    probe::{ProgramProbe, load_failure},
+};
 
 /// Program name and the kernel tracepoint it attaches to.
 pub const PROGRAMS: [(&str, &str); 2] = [
@@ -150,9 +159,22 @@ pub struct ProgramCost {
     pub run_time_ns: u64,
 }
 
+/// Every map of the object (pinned by name when the tracker is).
+const MAPS: [&str; 5] = [
+    "IO_OFFSETS",
+    "IO_STATS",
+    "IO_DEVICES",
+    "IO_INODES",
+    "IO_RANGES",
+];
+
 pub struct Tracker {
     ebpf: Ebpf,
     kernel: String,
+    /// Where maps and links are pinned; `None`: they go with the tracker.
+    generation: Option<Generation>,
+    /// The attached programs' links (with their pins).
+    links: Vec<(FdLink, Option<PathBuf>)>,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -172,14 +194,31 @@ fn tracker_err(reason: impl std::fmt::Display) -> BlkioError {
 
 impl Tracker {
     /// Loads and attaches both programs. A failure names the program, the
-    /// kernel and, for a rejected program, the verifier's log.
+    /// kernel and, for a rejected program, the verifier's log. Everything
+    /// goes with the tracker.
     pub fn load() -> Result<Self, BlkioError> {
+        Self::open(None)
+    }
+
+    /// As [`Tracker::load`], with maps and links pinned under `pin_root`
+    /// (bpffs) so that counting goes on while the daemon restarts; what an
+    /// earlier daemon of the same build pinned there is adopted (its
+    /// counters continue), other builds' trackers are replaced.
+    pub fn open(pin_root: Option<&Path>) -> Result<Self, BlkioError> {
         let kernel = kernel_release();
         let btf = Btf::from_kernel()?;
         let offsets = resolve_offsets(&btf)?;
         let kernel_btf = aya::Btf::from_sys_fs().map_err(tracker_err)?;
-        let mut ebpf = EbpfLoader::new()
-            .verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS)
+        let generation = pin_root.map(|root| Generation::of(root, "io", qos_bpf::IO));
+        let mut loader = EbpfLoader::new();
+        loader.verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS);
+        if let Some(g) = &generation {
+            g.create().map_err(tracker_err)?;
+            for name in MAPS {
+                loader.map_pin_path(name, g.map(name));
+            }
+        }
+        let mut ebpf = loader
             .load(qos_bpf::IO)
             .map_err(|e| tracker_err(format!("loading the object: {e}")))?;
         {
@@ -189,6 +228,7 @@ impl Tracker {
             let mut arr = aya::maps::Array::<_, IoOffsets>::try_from(map).map_err(tracker_err)?;
             arr.set(0, offsets, 0).map_err(tracker_err)?;
         }
+        let mut links = Vec::new();
         for (name, tracepoint) in PROGRAMS {
             let prog: &mut BtfTracePoint = ebpf
                 .program_mut(name)
@@ -206,12 +246,63 @@ impl Tracker {
                     "program {name} (tp_btf/{tracepoint}) failed to load: {e}{log}"
                 ))
             })?;
-            prog.attach().map_err(|e| {
+            let pin = generation.as_ref().map(|g| g.link(name));
+            if let Some(p) = pin.as_ref().filter(|p| p.exists()) {
+                match PinnedLink::from_pin(p) {
+                    Ok(l) => {
+                        // The earlier daemon's program goes on counting.
+                        links.push((l.into(), pin.clone()));
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(pin = %p.display(), error = %e, "unusable pinned link; attaching afresh");
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+            }
+            let id = prog.attach().map_err(|e| {
                 tracker_err(format!("attaching {name} to tp_btf/{tracepoint}: {e}"))
             })?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| tracker_err(format!("{name}: {e}")))?
+                .into();
+            match &pin {
+                Some(p) => {
+                    let pinned = link
+                        .pin(p)
+                        .map_err(|e| tracker_err(format!("pinning {name}: {e}")))?;
+                    links.push((pinned.into(), pin.clone()));
+                }
+                None => links.push((link, None)),
+            }
         }
-        tracing::info!(kernel = %kernel, "writeback tracker attached");
-        Ok(Self { ebpf, kernel })
+        if let Some(g) = &generation {
+            for old in g.others() {
+                tracing::info!(dir = %old.dir().display(), "replacing the pinned tracker of another qosd build");
+                let _ = old.remove();
+            }
+        }
+        tracing::info!(kernel = %kernel, pinned = generation.is_some(), "writeback tracker attached");
+        Ok(Self {
+            ebpf,
+            kernel,
+            generation,
+            links,
+        })
+    }
+
+    /// Detaches both programs and removes the pins (the whole generation).
+    pub fn detach(mut self) {
+        for (link, pin) in std::mem::take(&mut self.links) {
+            if let Some(p) = pin {
+                let _ = std::fs::remove_file(p);
+            }
+            drop(link);
+        }
+        if let Some(g) = self.generation.take() {
+            let _ = g.remove();
+        }
     }
 
     pub fn kernel(&self) -> &str {

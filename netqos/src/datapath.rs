@@ -201,7 +201,7 @@ struct Attachment {
 enum AttachedLink {
     /// tcx and cgroup links: closing the last reference (fd or pin)
     /// detaches.
-    Fd(#[expect(dead_code, reason = "held for its reference")] FdLink),
+    Fd(FdLink),
     /// A cls_bpf filter (netlink); dropping the link detaches it.
     Tc(SchedClassifierLink),
 }
@@ -718,13 +718,36 @@ impl Datapath {
             .collect()
     }
 
+    /// The program instance that is attached for `name`, when it is a
+    /// bpf link: after an adoption, the earlier daemon's instance.
+    fn attached_program_id(&self, name: &str) -> Option<u32> {
+        let a = match name {
+            programs::EGRESS => self.egress.as_ref(),
+            programs::PACER => self.pacer.as_ref(),
+            programs::INGRESS_TAGGER => self.ingress.as_ref().map(|(t, _)| t),
+            programs::INGRESS => self.ingress.as_ref().map(|(_, a)| a),
+            _ => self.taggers.values().next().map(|(_, a)| a),
+        }?;
+        match &a.link {
+            AttachedLink::Fd(l) => l.info().ok().map(|i| i.program_id()),
+            AttachedLink::Tc(_) => None,
+        }
+    }
+
+    /// Run counts and times of the attached programs (the earlier daemon's
+    /// instances after an adoption; the loaded ones otherwise).
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         let mut out = Vec::new();
         for name in ALL_PROGRAMS {
             let Some(p) = self.ebpf.program(name) else {
                 continue;
             };
-            match p.info() {
+            let attached = self.attached_program_id(name).and_then(|id| {
+                aya::programs::loaded_programs()
+                    .filter_map(Result::ok)
+                    .find(|i| i.id() == id)
+            });
+            match attached.map_or_else(|| p.info(), Ok) {
                 Ok(info) => out.push(ProgramStats {
                     name: name.to_owned(),
                     run_count: info.run_count(),

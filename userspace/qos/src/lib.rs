@@ -267,6 +267,8 @@ impl Qos {
                 paused_record: store
                     .as_ref()
                     .map(|_| config.daemon.state_dir.join("io-paused")),
+                // The tracker counts on while qosd restarts.
+                pin_root: pin_root.clone(),
             };
             Some(Arc::new(Mutex::new(IoControl::start(
                 &hierarchy, settings,

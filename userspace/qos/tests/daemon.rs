@@ -1329,6 +1329,23 @@ fn io_limits_set_show_unset_persist_and_every_bad_input() -> Result<()> {
     d.stop()?;
     let state = std::fs::read_to_string(d.dir.path().join("state/state.json"))?;
     assert!(!state.contains(a) && !state.contains(&w), "{state}");
+    // The writeback tracker stays attached (pinned) while qosd is down.
+    let io_links: Vec<String> = std::fs::read_dir(&d.pins)?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("io-"))
+        .flat_map(|e| {
+            std::fs::read_dir(e.path().join("links"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|l| l.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        io_links.contains(&"qos_io_dirty".to_owned())
+            && io_links.contains(&"qos_io_bio".to_owned()),
+        "{io_links:?}"
+    );
     // --cleanup takes what qosd left in the kernel out; the desired state
     // stays for the next start.
     assert_eq!(write_bps_rule(&dir(b), &devno)?, Some(3 << 20));
@@ -1339,6 +1356,7 @@ fn io_limits_set_show_unset_persist_and_every_bad_input() -> Result<()> {
         .output()?;
     assert!(o.status.success(), "{o:?}");
     assert_eq!(write_bps_rule(&dir(b), &devno)?, None, "left by --cleanup");
+    assert!(!d.pins.exists(), "pins left by --cleanup");
     let state = std::fs::read_to_string(d.dir.path().join("state/state.json"))?;
     assert!(state.contains(b), "{state}");
     Ok(())
