@@ -5,6 +5,7 @@
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
@@ -21,6 +22,8 @@ pub struct LoopFs {
     mount: PathBuf,
     major: u32,
     minor: u32,
+    /// Still mounted and attached.
+    attached: bool,
 }
 
 impl LoopFs {
@@ -51,6 +54,7 @@ impl LoopFs {
             mount,
             major: 0,
             minor: 0,
+            attached: true,
         };
         let mkfs = match fs {
             "ext4" => run("mkfs.ext4", &["-q", "-F", &me.device]),
@@ -102,10 +106,64 @@ impl LoopFs {
     }
 }
 
+impl LoopFs {
+    /// Unmounts and detaches the device, then deletes the loop device itself
+    /// (`LOOP_CTL_REMOVE`): a disk that goes away, its node and
+    /// `/sys/dev/block` entry with it.
+    pub fn remove_device(&mut self) -> Result<()> {
+        let mount = self.mount.display().to_string();
+        if !crate::wait_for(Duration::from_secs(10), || {
+            run("umount", &[mount.as_str()]).is_ok()
+        }) {
+            bail!(
+                "{mount} stays busy: {}",
+                run("fuser", &["-vm", mount.as_str()]).unwrap_or_default()
+            );
+        }
+        self.detach();
+        // LOOP_CTL_REMOVE from <linux/loop.h>.
+        const LOOP_CTL_REMOVE: nix::libc::c_ulong = 0x4C81;
+        let ctl = std::fs::File::open("/dev/loop-control").context("opening /dev/loop-control")?;
+        // The device may still be busy for a moment after the lazy unmount.
+        let removed = crate::wait_for(Duration::from_secs(5), || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: LOOP_CTL_REMOVE takes the minor number by value and
+            // touches no memory of ours.
+            unsafe {
+                nix::libc::ioctl(
+                    ctl.as_raw_fd(),
+                    LOOP_CTL_REMOVE,
+                    self.minor as nix::libc::c_ulong,
+                ) == 0
+            }
+        });
+        if !removed {
+            bail!(
+                "{} could not be removed: {}",
+                self.device,
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self) {
+        if std::mem::take(&mut self.attached) {
+            let quiet = |c: &mut Command| {
+                let _ = c
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            };
+            quiet(Command::new("umount").arg("-l").arg(&self.mount));
+            quiet(Command::new("losetup").arg("-d").arg(&self.device));
+        }
+    }
+}
+
 impl Drop for LoopFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+        self.detach();
     }
 }
 

@@ -27,6 +27,9 @@
 //! - `io-sigkill`: a buffered writer under an IO limit on a loop device;
 //!   qosd is SIGKILLed: the limit stays in the kernel while it is down, the
 //!   writer is not left paused after the restart, the limit is shown again.
+//! - `device-vanish`: the loop device under an IO limit is detached while a
+//!   writer runs: qosd keeps serving, counts the degradation, and the limit
+//!   waits in the desired state for the device.
 
 use std::{
     path::{Path, PathBuf},
@@ -49,13 +52,14 @@ use testbeds::{
     run, wait_for,
 };
 
-const FAULTS: [&str; 6] = [
+const FAULTS: [&str; 7] = [
     "sigkill",
     "cgroup-removed",
     "iface-down-up",
     "restarts",
     "cgroup-cycles",
     "io-sigkill",
+    "device-vanish",
 ];
 
 #[derive(Parser, Debug)]
@@ -131,6 +135,7 @@ fn run_all(args: &Args) -> Result<bool> {
             "restarts" => restarts(args, &bins),
             "cgroup-cycles" => cgroup_cycles(args, &bins),
             "io-sigkill" => io_sigkill(&bins),
+            "device-vanish" => device_vanish(&bins),
             _ => unreachable!("clap checks the names"),
         }
         .with_context(|| format!("fault {fault}"))?;
@@ -684,27 +689,95 @@ fn io_sigkill(bins: &Path) -> Result<Value> {
     ])?;
     let _writer = KillOnDrop(g.spawn(&mut dd(&fs.mount().join("w.bin"), 300, false))?);
     let rule = || kernel_write_rule(&g, &fs.devno());
-    // Under load, so that the writers get paused at times (v1).
-    std::thread::sleep(Duration::from_secs(2));
+    // Under load; where qosd pauses writers (v1), kill it while it does.
+    let paused_at_kill = wait_for(Duration::from_secs(5), || g.frozen());
     q.kill()?;
     let kept_while_down = rule() == Some(8 * MIB);
+    let left_paused = g.frozen();
     std::thread::sleep(Duration::from_millis(500));
     q.restart()?;
-    let thawed = wait_for(Duration::from_secs(5), || !g.frozen());
+    // Writers the dead qosd left paused are thawed at start; the new qosd
+    // may pause them again itself, which its status then says.
+    let thawed_at_start = !left_paused
+        || q.log()
+            .contains("thawed writers a previous qosd left paused");
+    let consistent = wait_for(Duration::from_secs(5), || {
+        !g.frozen()
+            || q.json(&["io", "show"]).is_ok_and(|v| {
+                v["groups"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|x| x["cgroup"] == g.name() && x["state"] != "running")
+                })
+            })
+    });
     let v = q.json(&["io", "show"])?;
     let shown = v["groups"]
         .as_array()
         .is_some_and(|a| a.iter().any(|x| x["cgroup"] == g.name()));
     Ok(json!({
         "fault": "io-sigkill",
-        "enforcement_continued": kept_while_down && thawed,
+        "enforcement_continued": kept_while_down && thawed_at_start && consistent,
         "state_kept": shown,
         "limit_in_kernel_while_down": kept_while_down,
-        "writers_running_after_restart": thawed,
+        "writers_paused_when_killed": paused_at_kill,
+        "writers_left_paused_by_the_dead_qosd": left_paused,
+        "thawed_at_start": thawed_at_start,
+        "pause_state_matches_the_new_qosd": consistent,
         "summary": format!(
-            "limit {} in the kernel while qosd was down; writers {} after the restart",
+            "limit {} in the kernel while qosd was down; writers {} when it was killed, {} at the restart",
             if kept_while_down { "stayed" } else { "was LOST" },
-            if thawed { "running" } else { "still PAUSED" }
+            if left_paused { "paused" } else { "running" },
+            if !left_paused {
+                "nothing to thaw"
+            } else if thawed_at_start {
+                "thawed"
+            } else {
+                "NOT thawed"
+            }
+        ),
+    }))
+}
+
+fn device_vanish(bins: &Path) -> Result<Value> {
+    let mut fs = LoopFs::new("ext4", 256, true)?;
+    let g = IoCgroup::new("qos-faults-io-")?;
+    let q = Qosd::start(bins, "info", "", "[io]\nenabled = true\n")?;
+    let devno = fs.devno();
+    q.ok(&[
+        "io",
+        "set",
+        g.name(),
+        "--device",
+        &devno,
+        "--write-bps",
+        "8MiB",
+    ])?;
+    // A loop device can only go once nothing holds it: the writer's data
+    // is written back first (16 MiB at the limit: about 2 s).
+    let mut writer = KillOnDrop(g.spawn(&mut dd(&fs.mount().join("w.bin"), 16, false))?);
+    writer.0.wait()?;
+    run("sync", &["-f", &fs.mount().display().to_string()])?;
+    fs.remove_device()?;
+    let waiting = format!("{} on {devno} (io)", g.name());
+    let waits = wait_for(Duration::from_secs(5), || {
+        q.json(&["status"]).is_ok_and(|s| {
+            s["waiting"]
+                .as_array()
+                .is_some_and(|w| w.iter().any(|x| x == waiting.as_str()))
+        })
+    });
+    let serving = q.ok(&["io", "show"]).is_ok() && q.pid().is_some();
+    let degradations = metrics(&q)?["daemon"]["degradations"].clone();
+    Ok(json!({
+        "fault": "device-vanish",
+        "state_kept": waits && serving,
+        "limit_waits_for_the_device": waits,
+        "daemon_serving": serving,
+        "degradations": degradations,
+        "summary": format!(
+            "limit {} for the device; qosd {}; degradations {degradations}",
+            if waits { "waits" } else { "was NOT kept waiting" },
+            if serving { "serving" } else { "NOT serving" }
         ),
     }))
 }

@@ -762,6 +762,51 @@ fn vanished_cgroups_are_forgotten_when_recreated_ones_are_not_followed() -> Resu
 }
 
 #[test]
+fn a_datapath_pinned_by_another_build_is_replaced() -> Result<()> {
+    use netqos::datapath::{PinnedNet, link_exists};
+    if !require_root("a_datapath_pinned_by_another_build_is_replaced") {
+        return Ok(());
+    }
+    let mut d = Daemon::new("1gbit")?;
+    let cg = CgroupDir::new("qos-test-")?;
+    let name = cg.name();
+    d.ok(&["net", "set", &name, "--rate", "100mbit"])?;
+    d.kill()?;
+    // What another build would have left: the same layout under another
+    // object hash.
+    let mine = PinnedNet::find(&d.pins).context("nothing pinned")?;
+    let old_links = mine.links();
+    let other = d.pins.join("net-00000000deadbeef");
+    std::fs::rename(mine.dir(), &other)?;
+    assert!(PinnedNet::find(&d.pins).is_none());
+
+    d.start()?;
+    let new = PinnedNet::find(&d.pins).context("the new build pinned nothing")?;
+    assert!(
+        !other.exists(),
+        "the other build's datapath was not retired"
+    );
+    for l in &old_links {
+        assert!(
+            !link_exists(l.link_id),
+            "{} of the other build still attached",
+            l.name
+        );
+    }
+    let names: Vec<String> = new.links().into_iter().map(|l| l.name).collect();
+    assert!(names.iter().any(|n| n == "pacer"), "{names:?}");
+    // The quota came from the state file, into the new maps.
+    assert!(classes(&d.show()?).contains(&name));
+    assert!(
+        d.log()
+            .contains("replacing the pinned datapath of another qosd build"),
+        "{}",
+        d.log()
+    );
+    Ok(())
+}
+
+#[test]
 fn a_recreated_shaped_interface_is_followed_and_its_absence_counted() -> Result<()> {
     use netqos::datapath::PinnedNet;
     if !require_root("a_recreated_shaped_interface_is_followed_and_its_absence_counted") {
