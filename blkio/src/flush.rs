@@ -13,6 +13,7 @@ use std::{
     path::PathBuf,
     sync::{Arc, Condvar, Mutex, PoisonError},
     thread::JoinHandle,
+    time::Duration,
 };
 
 use qos_common::io::{InodeKey, RANGE_SHIFT};
@@ -135,10 +136,24 @@ fn run(slot: &Slot, placement: &Placement) {
                 }
                 if let Some(w) = g.work.take() {
                     g.busy = true;
-                    break w;
+                    break Some(w);
                 }
-                g = slot.1.wait(g).unwrap_or_else(PoisonError::into_inner);
+                let (next, wait) = slot
+                    .1
+                    .wait_timeout(g, IDLE_RELEASE)
+                    .unwrap_or_else(PoisonError::into_inner);
+                g = next;
+                if wait.timed_out() && g.work.is_none() && !g.stop {
+                    break None;
+                }
             }
+        };
+        let Some(work) = work else {
+            // Idle: let go of the files and mount points it held open, so
+            // that the filesystem can be unmounted.
+            files.clear();
+            mounts.by_dev.clear();
+            continue;
         };
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
@@ -219,6 +234,10 @@ fn flush_one(
     }
     FlushOutcome::Flushed(item)
 }
+
+/// A helper with no work for this long closes the files and mount points it
+/// kept open between batches.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
 
 /// Mount points by device, opened once, for `open_by_handle_at`.
 #[derive(Debug, Default)]
