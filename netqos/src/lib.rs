@@ -16,8 +16,8 @@ use std::path::PathBuf;
 pub use datapath::Direction;
 pub use ifaces::ContainerInterfaces;
 pub use shaper::{
-    DirQuota, IngressStatus, InterfaceEvent, NetClassStatus, NetQuota, NetStatus, ProgramStatsOut,
-    Shaper, ShaperSettings, TICK,
+    DirQuota, IngressStatus, InterfaceEvent, MAX_QUOTAS, NetClassStatus, NetQuota, NetStatus,
+    ProgramStatsOut, Shaper, ShaperSettings, TICK,
 };
 
 /// Everything that can go wrong in the network subsystem.
@@ -63,7 +63,7 @@ pub enum NetError {
     IngressNotConfigured,
     #[error("cgroup '{0}' has no network quota")]
     NotConfigured(String),
-    #[error("all {0} class slots are in use")]
+    #[error("all {0} quota slots of this direction are in use ([net] max_quotas)")]
     NoSlots(u32),
     #[error("pinning the network datapath: {0}")]
     Pin(String),

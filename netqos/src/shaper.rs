@@ -72,7 +72,13 @@ pub struct ShaperSettings {
     /// bpffs directory where the datapath is pinned so that it outlives
     /// the process (a daemon restart); `None`: it goes with the shaper.
     pub pin_root: Option<PathBuf>,
+    /// Most quotas per direction, 1 ..= `MAX_CLASSES - 1` (slot 0 is the
+    /// default class); each costs map reads every control step.
+    pub max_quotas: u32,
 }
+
+/// The most quotas one direction can hold.
+pub const MAX_QUOTAS: u32 = MAX_CLASSES - 1;
 
 /// A cgroup's network quota, per direction. A direction without a rate is
 /// not shaped for this cgroup (its traffic counts as the default class).
@@ -443,6 +449,8 @@ struct ClassTable {
     free: Vec<u32>,
     quarantine: Vec<(Instant, u32)>,
     next_slot: u32,
+    /// One past the highest slot this table may use.
+    slot_limit: u32,
     /// cgroup id → slot that an earlier daemon left in the adopted maps,
     /// not yet claimed by a quota of ours.
     adopted: BTreeMap<u64, u32>,
@@ -523,6 +531,7 @@ impl ClassTable {
             free: Vec::new(),
             quarantine: Vec::new(),
             next_slot: adopted.values().max().map_or(DEFAULT_SLOT, |m| *m) + 1,
+            slot_limit: settings.max_quotas.clamp(1, MAX_QUOTAS) + 1,
             adopted,
         })
     }
@@ -698,11 +707,11 @@ impl ClassTable {
         if let Some(s) = self.free.pop() {
             return Ok(s);
         }
-        if self.next_slot < MAX_CLASSES {
+        if self.next_slot < self.slot_limit {
             self.next_slot += 1;
             return Ok(self.next_slot - 1);
         }
-        Err(NetError::NoSlots(MAX_CLASSES))
+        Err(NetError::NoSlots(self.slot_limit - 1))
     }
 
     /// One control step: measure every class, share the spare capacity,

@@ -65,6 +65,7 @@ fn settings(iface: &str) -> Result<ShaperSettings> {
         replace_bbr: true,
         tuning: Tuning::default(),
         pin_root: None,
+        max_quotas: netqos::MAX_QUOTAS,
     })
 }
 

@@ -30,6 +30,9 @@
 //! - `device-vanish`: the loop device under an IO limit is detached while a
 //!   writer runs: qosd keeps serving, counts the degradation, and the limit
 //!   waits in the desired state for the device.
+//! - `full-table`: quotas on 4095 cgroups, the most a direction holds: the
+//!   4096th is refused with a message; the control step's duration and the
+//!   API's latency at that size are reported.
 
 use std::{
     path::{Path, PathBuf},
@@ -52,7 +55,7 @@ use testbeds::{
     run, wait_for,
 };
 
-const FAULTS: [&str; 7] = [
+const FAULTS: [&str; 8] = [
     "sigkill",
     "cgroup-removed",
     "iface-down-up",
@@ -60,6 +63,7 @@ const FAULTS: [&str; 7] = [
     "cgroup-cycles",
     "io-sigkill",
     "device-vanish",
+    "full-table",
 ];
 
 #[derive(Parser, Debug)]
@@ -136,6 +140,7 @@ fn run_all(args: &Args) -> Result<bool> {
             "cgroup-cycles" => cgroup_cycles(args, &bins),
             "io-sigkill" => io_sigkill(&bins),
             "device-vanish" => device_vanish(&bins),
+            "full-table" => full_table(&bins),
             _ => unreachable!("clap checks the names"),
         }
         .with_context(|| format!("fault {fault}"))?;
@@ -778,6 +783,83 @@ fn device_vanish(bins: &Path) -> Result<Value> {
             "limit {} for the device; qosd {}; degradations {degradations}",
             if waits { "waits" } else { "was NOT kept waiting" },
             if serving { "serving" } else { "NOT serving" }
+        ),
+    }))
+}
+
+fn full_table(bins: &Path) -> Result<Value> {
+    let bed = EgressBed::new(1, 0)?;
+    let parent = CgroupDir::new("qos-faults-")?;
+    let q = Qosd::start(
+        bins,
+        "warn",
+        "",
+        &format!(
+            "[net]\ninterface = \"{}\"\negress_capacity = \"1000gbit\"\ndefault_rate = \"0\"\ncontainer_interfaces = \"none\"\n",
+            bed.shaped_if()
+        ),
+    )?;
+    let mut client = qos::client::Client::connect(&q.socket)?;
+    let mut set = |i: u32| -> Result<std::result::Result<(), String>> {
+        let name = format!("c{i}");
+        parent.child(&name)?;
+        Ok(client
+            .call(&qos::protocol::Request::NetSet {
+                cgroup: parent.child_name(&name),
+                rate: Some("1mbit".parse()?),
+                ceil: None,
+                priority: 0,
+                ingress_rate: None,
+                ingress_ceil: None,
+            })
+            .map(|_| ())
+            .map_err(|e| e.to_string()))
+    };
+    let max = netqos::MAX_QUOTAS;
+    let mut latencies = Vec::new();
+    let t = Instant::now();
+    for i in 0..max {
+        let call = Instant::now();
+        if let Err(e) = set(i)? {
+            bail!("quota {i} of {max} refused: {e}");
+        }
+        latencies.push(call.elapsed().as_secs_f64() * 1000.0);
+    }
+    let fill_s = t.elapsed().as_secs_f64();
+    let refused = set(max)?;
+    // A few seconds at full size for the step figures.
+    std::thread::sleep(Duration::from_secs(3));
+    let m = metrics(&q)?;
+    let mut probe = Vec::new();
+    for _ in 0..20 {
+        let call = Instant::now();
+        q.ok(&["status"])?;
+        probe.push(call.elapsed().as_secs_f64() * 1000.0);
+    }
+    probe.sort_by(f64::total_cmp);
+    latencies.sort_by(f64::total_cmp);
+    let refused_ok = refused
+        .as_ref()
+        .err()
+        .is_some_and(|e| e.contains("quota slots of this direction are in use"));
+    let step_last = m["daemon"]["control_step_last_ms"].as_f64().unwrap_or(0.0);
+    let step_max = m["daemon"]["control_step_max_ms"].as_f64().unwrap_or(0.0);
+    let status_p50 = fairness::percentile(&probe, 50.0).unwrap_or(0.0);
+    let set_p99 = fairness::percentile(&latencies, 99.0).unwrap_or(0.0);
+    Ok(json!({
+        "fault": "full-table",
+        "state_kept": refused_ok,
+        "quotas": max,
+        "fill_seconds": fill_s,
+        "set_latency_ms_p50": fairness::percentile(&latencies, 50.0),
+        "set_latency_ms_p99": set_p99,
+        "status_latency_ms_p50_full": status_p50,
+        "control_step_last_ms": step_last,
+        "control_step_max_ms": step_max,
+        "refused": refused.err(),
+        "summary": format!(
+            "{max} quotas set in {fill_s:.0} s (p99 {set_p99:.1} ms per call), the next refused{}; at full size a control step takes {step_last:.1} ms (due every 10 ms), qosctl status {status_p50:.0} ms",
+            if refused_ok { "" } else { " NOT" }
         ),
     }))
 }

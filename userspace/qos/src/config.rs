@@ -98,6 +98,9 @@ pub struct NetConfig {
     /// Switch shaped flows that use BBR to CUBIC: BBR paces itself at the
     /// rate it has delivered and never follows a pacing cap that rises.
     pub replace_bbr: bool,
+    /// Most quotas per direction (1..=4095). Every quota costs map reads in
+    /// each 10 ms control step.
+    pub max_quotas: u32,
     /// Quotas applied at start, before the persisted state.
     pub quota: Vec<QuotaEntry>,
 }
@@ -115,6 +118,7 @@ impl Default for NetConfig {
             container_interfaces: ContainerInterfaces::default(),
             bpf_stats: false,
             replace_bbr: true,
+            max_quotas: netqos::MAX_QUOTAS,
             quota: Vec::new(),
         }
     }
@@ -314,6 +318,13 @@ impl Config {
         {
             return Err(format!(
                 "[net] default_rate {r} exceeds egress_capacity {cap}"
+            ));
+        }
+        if !(1..=netqos::MAX_QUOTAS).contains(&n.max_quotas) {
+            return Err(format!(
+                "[net] max_quotas {} is out of range 1..={}",
+                n.max_quotas,
+                netqos::MAX_QUOTAS
             ));
         }
         if n.default_priority > 7 {

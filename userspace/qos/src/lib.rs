@@ -180,6 +180,8 @@ pub struct Qos {
     /// cgroup vanished since (what `forget_vanished` drops).
     mem_seen: std::collections::BTreeSet<String>,
     io_vanished: Vec<(String, String)>,
+    step_last: Duration,
+    step_max: Duration,
 }
 
 impl Qos {
@@ -238,6 +240,7 @@ impl Qos {
                     replace_bbr: config.net.replace_bbr,
                     tuning: Tuning::default(),
                     pin_root: pin_root.clone(),
+                    max_quotas: config.net.max_quotas,
                 };
                 let mut s = Shaper::start(settings, hierarchy.unified_root()?)?;
                 if config.net.bpf_stats {
@@ -302,6 +305,8 @@ impl Qos {
             degradations: BTreeMap::new(),
             mem_seen: Default::default(),
             io_vanished: Vec::new(),
+            step_last: Duration::ZERO,
+            step_max: Duration::ZERO,
         };
         let mut wanted: Vec<(String, NetQuota)> = qos
             .config
@@ -851,6 +856,12 @@ impl Qos {
         }
     }
 
+    /// Records how long a control step took (health metrics).
+    pub fn record_step(&mut self, took: Duration) {
+        self.step_last = took;
+        self.step_max = self.step_max.max(took);
+    }
+
     /// Counts a degradation: something qosd could not do and logged.
     pub fn degrade(&mut self, kind: &str) {
         *self.degradations.entry(kind.to_owned()).or_default() += 1;
@@ -924,6 +935,8 @@ impl Qos {
                 request_errors: self.request_errors,
                 waiting: self.status().waiting.len() as u64,
                 net_cgroup_entries: net_entries as u64,
+                control_step_last_ms: self.step_last.as_secs_f64() * 1000.0,
+                control_step_max_ms: self.step_max.as_secs_f64() * 1000.0,
                 degradations: self.degradations.clone(),
             },
             cgroups,

@@ -77,6 +77,12 @@ pub struct Health {
     pub waiting: u64,
     /// Entries in the datapath's cgroup map (both directions).
     pub net_cgroup_entries: u64,
+    /// Duration of the last and the longest network control step (one is
+    /// due every 10 ms).
+    #[serde(default)]
+    pub control_step_last_ms: f64,
+    #[serde(default)]
+    pub control_step_max_ms: f64,
     /// Degradations: something could not be done and was logged, by kind
     /// (e.g. `net_apply`, `io_apply`, `control_step`).
     pub degradations: BTreeMap<String, u64>,
@@ -188,6 +194,18 @@ impl Collector for SnapshotCollector {
                 help: "Entries in the network datapath's cgroup maps.",
                 counter: false,
                 samples: one(d.net_cgroup_entries as f64),
+            },
+            Family {
+                name: "daemon_control_step_last_ms",
+                help: "Duration of the last network control step (due every 10 ms).",
+                counter: false,
+                samples: one(d.control_step_last_ms),
+            },
+            Family {
+                name: "daemon_control_step_max_ms",
+                help: "Longest network control step since start.",
+                counter: false,
+                samples: one(d.control_step_max_ms),
             },
             Family {
                 name: "daemon_degradations",

@@ -254,7 +254,8 @@ pub fn kind_of(e: &QosError) -> ErrorKind {
         ) => ErrorKind::Internal,
         QosError::Cgroup(_) => ErrorKind::Invalid,
         QosError::Net(NetError::InvalidQuota(_)) => ErrorKind::Invalid,
-        QosError::Net(NetError::Admission(_)) => ErrorKind::Admission,
+        // A full class table is a capacity refusal too.
+        QosError::Net(NetError::Admission(_) | NetError::NoSlots(_)) => ErrorKind::Admission,
         QosError::Net(NetError::NotConfigured(_)) => ErrorKind::NotFound,
         QosError::NetNotConfigured | QosError::MemNotConfigured | QosError::IoNotConfigured => {
             ErrorKind::NotConfigured

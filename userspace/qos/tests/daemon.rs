@@ -860,6 +860,54 @@ fn a_recreated_shaped_interface_is_followed_and_its_absence_counted() -> Result<
     Ok(())
 }
 
+#[test]
+fn a_full_class_table_is_refused_with_a_message_naming_the_limit() -> Result<()> {
+    use qos::{
+        client::Client,
+        protocol::{Reply, Request},
+    };
+    if !require_root("a_full_class_table_is_refused_with_a_message_naming_the_limit") {
+        return Ok(());
+    }
+    // The table is 4095 quotas by default; a smaller one fills the same way.
+    let d = Daemon::with("1000gbit", "max_quotas = 16")?;
+    let parent = CgroupDir::new("qos-test-")?;
+    let mut client = Client::connect(&d.socket)?;
+    let set = |client: &mut Client, i: usize| -> Result<Result<Reply, qos::client::ClientError>> {
+        parent.child(&format!("c{i}"))?;
+        Ok(client.call(&Request::NetSet {
+            cgroup: parent.child_name(&format!("c{i}")),
+            rate: Some("1mbit".parse()?),
+            ceil: None,
+            priority: 0,
+            ingress_rate: None,
+            ingress_ceil: None,
+        }))
+    };
+    let slots = 16;
+    for i in 0..slots {
+        set(&mut client, i)?.with_context(|| format!("class {i} of {slots}"))?;
+    }
+    let e = set(&mut client, slots)?.expect_err("one class too many");
+    assert!(
+        e.to_string()
+            .contains("all 16 quota slots of this direction are in use ([net] max_quotas)"),
+        "{e}"
+    );
+    assert_eq!(e.exit_code(), 4, "{e}");
+    // Nothing half-applied; the daemon serves on; a freed slot is used
+    // again (after its quarantine).
+    let v = d.show()?;
+    assert_eq!(classes(&v).len(), slots + 1);
+    d.ok(&["net", "unset", &parent.child_name("c0")])?;
+    assert!(
+        wait_for(Duration::from_secs(5), || set(&mut client, slots + 1)
+            .is_ok_and(|r| r.is_ok())),
+        "a freed slot was not reused"
+    );
+    Ok(())
+}
+
 /// A TCP port free right now on loopback.
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

@@ -141,17 +141,23 @@ fn run() -> Result<()> {
                 while !stop.load(Ordering::Relaxed) {
                     {
                         let mut q = qos.lock().unwrap_or_else(|p| p.into_inner());
+                        let started = Instant::now();
                         if let Err(e) = q.tick() {
                             warn!(error = %e, "control step");
                             q.degrade("control_step");
                         }
+                        q.record_step(started.elapsed());
                     }
                     next += netqos::TICK;
                     let now = Instant::now();
                     if next > now {
                         std::thread::sleep(next - now);
                     } else {
+                        // Behind (a step took longer than a tick: thousands
+                        // of quotas on a small host): still let waiting API
+                        // calls have the lock before the next step.
                         next = now;
+                        std::thread::sleep(std::time::Duration::from_millis(1));
                     }
                 }
             })?
