@@ -615,33 +615,39 @@ impl Datapath {
             return Ok(None);
         }
         let iface = self.iface.clone();
-        if let Some(old) = self.egress.take() {
-            old.remove();
-        }
-        self.ifindex = now;
-        self.egress = Some(self.attach_tc_kept(
+        // Attach to the new device first; the ifindex moves on only when all
+        // of it is attached, so a failure is retried at the next check.
+        let egress = self.attach_tc_kept(
             programs::EGRESS,
             "egress",
             &iface,
             now,
             TcAttachType::Egress,
-        )?);
-        if let Some((tag, acct)) = self.ingress.take() {
-            tag.remove();
-            match self.attach_tc_kept(
+        )?;
+        let tag = match &self.ingress {
+            Some(_) => match self.attach_tc_kept(
                 programs::INGRESS_TAGGER,
                 "ingress-tag",
                 &iface,
                 now,
                 TcAttachType::Ingress,
             ) {
-                Ok(tag) => self.ingress = Some((tag, acct)),
+                Ok(t) => Some(t),
                 Err(e) => {
-                    acct.remove();
+                    egress.remove();
                     return Err(e);
                 }
-            }
+            },
+            None => None,
+        };
+        // The old attachments went with the old device; their pins go now.
+        if let Some(old) = self.egress.replace(egress) {
+            old.remove();
         }
+        if let (Some(tag), Some((old_tag, _))) = (tag, self.ingress.as_mut()) {
+            std::mem::replace(old_tag, tag).remove();
+        }
+        self.ifindex = now;
         info!(
             iface,
             ifindex = now,

@@ -549,7 +549,12 @@ impl ClassTable {
         }
         let used: Vec<u32> = self.classes.values().map(|c| c.slot).collect();
         for slot in DEFAULT_SLOT + 1..self.next_slot {
-            if !used.contains(&slot) && !self.free.contains(&slot) {
+            // Neither in use nor already waiting to be: a gap the earlier
+            // daemon left.
+            if !used.contains(&slot)
+                && !self.free.contains(&slot)
+                && !self.quarantine.iter().any(|(_, s)| *s == slot)
+            {
                 maps.write_class(slot, &ClassConfig::default())?;
                 self.quarantine.push((Instant::now(), slot));
             }
@@ -595,6 +600,11 @@ impl ClassTable {
         let dir = self.dir;
         if let Some(c) = self.classes.get_mut(&cg.name) {
             if c.cgroup.as_ref().is_some_and(|old| old.id == cg.id) {
+                if c.quota == quota {
+                    // Unchanged (a config quota the state file repeats):
+                    // the class keeps what the controller gave it.
+                    return Ok(());
+                }
                 let cfg = policy::class_params(
                     bytes(quota.rate),
                     ceil,
@@ -653,8 +663,9 @@ impl ClassTable {
         })();
         if let Err(e) = applied {
             // Leave nothing half-applied (an adopted class is left as the
-            // earlier daemon had it).
+            // earlier daemon had it, still waiting to be claimed).
             if !fresh {
+                self.adopted.insert(cg.id, slot);
                 return Err(e);
             }
             let _ = maps.unmap_cgroup(cg.id);
@@ -1153,13 +1164,16 @@ impl Shaper {
     /// attachments nothing uses any more, then retires the pinned datapaths
     /// of other builds (this one is attached by now).
     pub fn finish_start(&mut self) -> Result<(), NetError> {
-        self.egress.finish_adoption(&mut self.dp)?;
-        if let Some(t) = self.ingress.as_mut() {
-            t.finish_adoption(&mut self.dp)?;
-        }
+        // Each step on its own: another build's datapath must go even when
+        // an adopted class could not be dropped.
+        let egress = self.egress.finish_adoption(&mut self.dp);
+        let ingress = match self.ingress.as_mut() {
+            Some(t) => t.finish_adoption(&mut self.dp),
+            None => Ok(()),
+        };
         self.dp.drop_unclaimed();
         self.dp.retire_other_generations();
-        Ok(())
+        egress.and(ingress)
     }
 
     /// Leaves shaping running without a controller (a daemon restart): the
