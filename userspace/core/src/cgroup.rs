@@ -103,24 +103,29 @@ pub struct CgroupRef {
 }
 
 fn unescape_mount_field(s: &str) -> String {
-    // mountinfo escapes space, tab, newline and backslash as \ooo.
-    let mut out = String::with_capacity(s.len());
+    // mountinfo escapes space, tab, newline and backslash as \ooo (one
+    // byte); other bytes, UTF-8 included, are as they are.
     let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v as char);
-            i += 4;
-        } else {
-            out.push(b[i] as char);
-            i += 1;
+        let octal = (b[i] == b'\\' && i + 4 <= b.len())
+            .then(|| &b[i + 1..i + 4])
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u16, |v, c| v * 8 + u16::from(c - b'0')))
+            .and_then(|v| u8::try_from(v).ok());
+        match octal {
+            Some(v) => {
+                out.push(v);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
         }
     }
-    out
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl Hierarchy {
@@ -404,6 +409,20 @@ impl CgroupRef {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn mount_fields_are_unescaped_bytewise() {
+        assert_eq!(unescape_mount_field("a\\040b"), "a b");
+        assert_eq!(unescape_mount_field("end\\134"), "end\\");
+        // Not a byte (found by fuzz_mountinfo: it overflowed): kept as is.
+        assert_eq!(unescape_mount_field("x\\777y"), "x\\777y");
+        assert_eq!(unescape_mount_field("\\04"), "\\04");
+        // UTF-8 paths are not turned into Latin-1.
+        assert_eq!(
+            unescape_mount_field("/sys/fs/cgroup/caf\u{e9}"),
+            "/sys/fs/cgroup/caf\u{e9}"
+        );
+    }
     use super::*;
 
     const HYBRID: &str = "\
