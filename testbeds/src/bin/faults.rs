@@ -179,19 +179,15 @@ struct TrafficBed {
     qosd: Qosd,
 }
 
-fn traffic_bed(args: &Args, bins: &Path, daemon_extra: &str) -> Result<TrafficBed> {
+fn traffic_bed(args: &Args, bins: &Path) -> Result<TrafficBed> {
     let bed = EgressBed::new(2, 0)?;
     let parent = CgroupDir::new("qos-faults-")?;
     let cap = args.capacity.bits_per_sec();
     let qosd = Qosd::start(
         bins,
         "info",
-        daemon_extra,
-        &format!(
-            "[net]\ninterface = \"{}\"\negress_capacity = \"{}\"\ndefault_rate = \"0\"\ncontainer_interfaces = \"none\"\n",
-            bed.shaped_if(),
-            args.capacity
-        ),
+        "",
+        &shaping(bed.shaped_if(), &args.capacity.to_string()),
     )?;
     let mut dirs = Vec::new();
     let mut names = Vec::new();
@@ -317,7 +313,7 @@ fn peak_total(windows: &[Windows], from: f64) -> f64 {
 }
 
 fn traffic_fault(fault: &str, args: &Args, bins: &Path) -> Result<Value> {
-    let mut tb = traffic_bed(args, bins, "")?;
+    let mut tb = traffic_bed(args, bins)?;
     let cap = args.capacity.bits_per_sec() as f64;
     let mut at_fault = |tb: &mut TrafficBed, clients: &mut [Option<Client>]| -> Result<Value> {
         match fault {
@@ -453,6 +449,14 @@ fn remove_cgroup(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The `[net]` table of a qosd shaping `iface` (no default guarantee, no
+/// container taggers).
+fn shaping(iface: &str, capacity: &str) -> String {
+    format!(
+        "[net]\ninterface = \"{iface}\"\negress_capacity = \"{capacity}\"\ndefault_rate = \"0\"\ncontainer_interfaces = \"none\"\n"
+    )
+}
+
 fn classes(v: &Value) -> Vec<String> {
     v["classes"]
         .as_array()
@@ -475,15 +479,7 @@ fn metrics(q: &Qosd) -> Result<Value> {
 fn restarts(args: &Args, bins: &Path) -> Result<Value> {
     let bed = EgressBed::new(1, 0)?;
     let parent = CgroupDir::new("qos-faults-")?;
-    let mut q = Qosd::start(
-        bins,
-        "warn",
-        "",
-        &format!(
-            "[net]\ninterface = \"{}\"\negress_capacity = \"1gbit\"\ndefault_rate = \"0\"\ncontainer_interfaces = \"none\"\n",
-            bed.shaped_if()
-        ),
-    )?;
+    let mut q = Qosd::start(bins, "warn", "", &shaping(bed.shaped_if(), "1gbit"))?;
     let mut names = Vec::new();
     for i in 0..8 {
         parent.child(&format!("c{i}"))?;
@@ -570,10 +566,7 @@ fn cgroup_cycles(args: &Args, bins: &Path) -> Result<Value> {
         bins,
         "warn",
         "follow_recreated_cgroups = false",
-        &format!(
-            "[net]\ninterface = \"{}\"\negress_capacity = \"100gbit\"\ndefault_rate = \"0\"\ncontainer_interfaces = \"none\"\n",
-            bed.shaped_if()
-        ),
+        &shaping(bed.shaped_if(), "100gbit"),
     )?;
     let m0 = metrics(&q)?;
     let entries0 = m0["daemon"]["net_cgroup_entries"].as_u64().unwrap_or(0);
@@ -798,15 +791,7 @@ fn device_vanish(bins: &Path) -> Result<Value> {
 fn full_table(bins: &Path) -> Result<Value> {
     let bed = EgressBed::new(1, 0)?;
     let parent = CgroupDir::new("qos-faults-")?;
-    let q = Qosd::start(
-        bins,
-        "warn",
-        "",
-        &format!(
-            "[net]\ninterface = \"{}\"\negress_capacity = \"1000gbit\"\ndefault_rate = \"0\"\ncontainer_interfaces = \"none\"\n",
-            bed.shaped_if()
-        ),
-    )?;
+    let q = Qosd::start(bins, "warn", "", &shaping(bed.shaped_if(), "1000gbit"))?;
     let mut client = qos::client::Client::connect(&q.socket)?;
     let mut set = |i: u32| -> Result<std::result::Result<(), String>> {
         let name = format!("c{i}");
