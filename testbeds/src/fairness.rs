@@ -34,6 +34,9 @@ pub struct Scenario {
     pub groups: Vec<GroupSpec>,
     /// Senders in their own network namespaces (containers).
     pub containers: bool,
+    /// Ingress runs: a small request/response probe shares the first
+    /// group's cgroup (and address) with its bulk traffic.
+    pub rr_probe: bool,
 }
 
 const fn g(name: &'static str, quota: u64, priority: u32, demand: Demand) -> GroupSpec {
@@ -65,6 +68,7 @@ pub fn ingress_scenarios() -> Vec<Scenario> {
             g("guaranteed", 500, 0, Busy),
         ],
         containers: false,
+        rr_probe: false,
     });
     v.push(Scenario {
         name: "no-ecn",
@@ -77,6 +81,7 @@ pub fn ingress_scenarios() -> Vec<Scenario> {
             g("ecn", 700, 0, Busy),
         ],
         containers: false,
+        rr_probe: false,
     });
     v
 }
@@ -94,6 +99,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 g("c", 600, 0, Busy),
             ],
             containers: false,
+            rr_probe: true,
         },
         Scenario {
             name: "one-idle",
@@ -104,6 +110,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 g("c", 600, 0, Idle),
             ],
             containers: false,
+            rr_probe: false,
         },
         Scenario {
             name: "priority",
@@ -117,6 +124,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 g("c", 600, 0, Idle),
             ],
             containers: false,
+            rr_probe: false,
         },
         Scenario {
             name: "proportional",
@@ -127,6 +135,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 g("c", 300, 0, Busy),
             ],
             containers: false,
+            rr_probe: false,
         },
         Scenario {
             name: "on-off",
@@ -137,6 +146,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 g("c", 600, 0, OnOff),
             ],
             containers: false,
+            rr_probe: false,
         },
         Scenario {
             name: "many-flows",
@@ -149,6 +159,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 g("one", 400, 0, Busy),
             ],
             containers: false,
+            rr_probe: false,
         },
         Scenario {
             name: "udp",
@@ -161,6 +172,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 g("tcp", 500, 0, Busy),
             ],
             containers: false,
+            rr_probe: false,
         },
         Scenario {
             name: "containers",
@@ -171,6 +183,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 g("c", 600, 0, Busy),
             ],
             containers: true,
+            rr_probe: true,
         },
     ]
 }

@@ -85,18 +85,7 @@ impl Server {
         .stdin(Stdio::null());
         let child = KillOnDrop(spawn(place, &mut cmd)?);
         let s = Self { child, out, port };
-        // Listening shows in /proc/net/tcp of the server's namespace; the
-        // cheapest check without entering it is the process's own view.
-        let pid = s.child.0.id();
-        let hex_port = format!(":{:04X} ", port);
-        if !wait_for(Duration::from_secs(5), || {
-            std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))
-                .map(|t| {
-                    t.lines()
-                        .any(|l| l.contains(&hex_port) && l.split_whitespace().nth(3) == Some("0A"))
-                })
-                .unwrap_or(false)
-        }) {
+        if !wait_listening(s.child.0.id(), port) {
             bail!("iperf3 server on port {port} did not start listening");
         }
         Ok(s)
@@ -107,6 +96,21 @@ impl Server {
         let text = wait_for_report(&mut self.child, &self.out, timeout, "server")?;
         parse_server(&text).with_context(|| format!("parsing {}", self.out.display()))
     }
+}
+
+/// Waits (up to 5 s) until process `pid` listens on TCP `port`. Listening
+/// shows in /proc/net/tcp of the process's namespace; the cheapest check
+/// without entering it is the process's own view.
+pub fn wait_listening(pid: u32, port: u16) -> bool {
+    let hex_port = format!(":{:04X} ", port);
+    wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))
+            .map(|t| {
+                t.lines()
+                    .any(|l| l.contains(&hex_port) && l.split_whitespace().nth(3) == Some("0A"))
+            })
+            .unwrap_or(false)
+    })
 }
 
 /// Waits for an iperf3 process to exit and returns its JSON report.

@@ -14,6 +14,7 @@ pub mod mem;
 pub mod memload;
 pub mod net;
 pub mod plot;
+pub mod rr;
 pub mod vm;
 
 use std::{

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::ExitCode,
+    process::{Command, ExitCode, Stdio},
     time::{Duration, Instant},
 };
 
@@ -18,11 +18,12 @@ use qos_core::{Rate, units::format_bps};
 use serde::Serialize;
 use serde_json::Value;
 use testbeds::{
-    CgroupDir, Placement, Sysctl,
+    CgroupDir, KillOnDrop, Placement, Sysctl,
     fairness::{self, Demand, GroupSpec, Scenario, Windows},
     iperf::{self, Client, ClientOpts, Server},
     net::EgressBed,
     plot::{self, Line},
+    rr::RrStats,
     run,
 };
 
@@ -61,6 +62,10 @@ struct Args {
     /// accuracy is HTB's, which varies by host).
     #[arg(long, value_name = "FRACTION")]
     assert_shares: Option<f64>,
+    /// Leave out the request/response probe of the ingress scenarios that
+    /// run one.
+    #[arg(long)]
+    no_probe: bool,
     /// Modes to run: qosd and htb (egress) or htb-ifb (ingress); "htb"
     /// means htb-ifb with --direction ingress.
     #[arg(long = "mode", default_values_t = ["qosd".to_string(), "htb".to_string()])]
@@ -104,6 +109,17 @@ struct RunResult {
     /// Datapath cost (qosd): ns per program run from the kernel's BPF stats.
     datapath_ns: BTreeMap<String, f64>,
     targets: Targets,
+    /// Round trips of a small request/response flow sharing a busy group's
+    /// cgroup (ingress scenarios that run one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rr_probe: Option<RrProbe>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+struct RrProbe {
+    group: String,
+    #[serde(flatten)]
+    stats: RrStats,
 }
 
 #[derive(Serialize, Debug, Clone, Default)]
@@ -197,7 +213,7 @@ fn real_main() -> Result<ExitCode> {
             .context("exe dir")?
             .to_owned(),
     };
-    for b in ["qosd", "qosctl"] {
+    for b in ["qosd", "qosctl", "rr-probe"] {
         if !bin_dir.join(b).exists() {
             bail!(
                 "{} not found; build it (cargo build --release) or pass --bin-dir",
@@ -362,6 +378,12 @@ fn print_table(r: &ScenarioResult) {
             run.jain_by_priority,
             run.datapath_ns
         );
+        if let Some(p) = &run.rr_probe {
+            println!(
+                "{:<6} request/response in {}: {} round trips, p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+                run.mode, p.group, p.stats.samples, p.stats.p50_us, p.stats.p99_us, p.stats.max_us
+            );
+        }
     }
 }
 
@@ -698,7 +720,9 @@ fn run_scenario(sc: &Scenario, mode: &str, args: &Args, bin_dir: &Path) -> Resul
         "qosd" => start_qosd(&bed, args, bin_dir, &groups)?,
         _ => start_htb(&bed, args, &sc.groups.iter().collect::<Vec<_>>(), &sources)?,
     };
-    let result = traffic(sc, mode, args, &bed, &places, &sources, &cgroups, &shaping);
+    let result = traffic(
+        sc, mode, args, bin_dir, &bed, &places, &sources, &cgroups, &shaping,
+    );
     stop(shaping);
     result
 }
@@ -708,6 +732,7 @@ fn traffic(
     sc: &Scenario,
     mode: &str,
     args: &Args,
+    bin_dir: &Path,
     bed: &EgressBed,
     places: &[Placement],
     sources: &[std::net::Ipv4Addr],
@@ -753,6 +778,20 @@ fn traffic(
         }
         pending.push(v);
     }
+    // The probe's responses are received traffic of the first group.
+    let probe = if ingress && sc.rr_probe && !args.no_probe {
+        Some(Probe::start(
+            bin_dir,
+            &peer,
+            bed.peer_ip,
+            &places[0],
+            sources[0],
+            d,
+            tmp,
+        )?)
+    } else {
+        None
+    };
     let t0 = Instant::now();
     let stop_trace = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tracer = match (args.trace, shaping) {
@@ -840,6 +879,13 @@ fn traffic(
         per_group.push((w, payload, retx, segments));
         starts.push(spans);
     }
+    let rr_probe = match probe {
+        Some(p) => Some(RrProbe {
+            group: sc.groups[0].name.into(),
+            stats: p.finish(Duration::from_secs_f64(d + 20.0))?,
+        }),
+        None => None,
+    };
     stop_trace.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(t) = tracer {
         let _ = t.join();
@@ -952,5 +998,77 @@ fn traffic(
         groups,
         datapath_ns,
         targets,
+        rr_probe,
     })
+}
+
+/// A request/response probe (`rr-probe`): server in the peer, client in a
+/// group's cgroup (or container), one request every 5 ms.
+struct Probe {
+    _server: KillOnDrop,
+    client: KillOnDrop,
+    out: PathBuf,
+}
+
+const PROBE_PORT: u16 = 5300;
+
+impl Probe {
+    fn start(
+        bin_dir: &Path,
+        peer: &Placement,
+        peer_ip: std::net::Ipv4Addr,
+        place: &Placement,
+        bind: std::net::Ipv4Addr,
+        secs: f64,
+        tmp: &Path,
+    ) -> Result<Self> {
+        let bin = bin_dir.join("rr-probe");
+        let port = PROBE_PORT.to_string();
+        let mut cmd = Command::new(&bin);
+        cmd.args(["serve", "--bind", &peer_ip.to_string(), "--port", &port])
+            .stdin(Stdio::null());
+        let server = KillOnDrop(testbeds::spawn(peer, &mut cmd)?);
+        if !iperf::wait_listening(server.0.id(), PROBE_PORT) {
+            bail!("rr-probe server on port {PROBE_PORT} did not start listening");
+        }
+        let out = tmp.join("rr-probe.json");
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            "client",
+            "--server",
+            &format!("{peer_ip}:{port}"),
+            "--bind",
+            &bind.to_string(),
+            "--seconds",
+            &secs.to_string(),
+            "--out",
+        ])
+        .arg(&out)
+        .stdin(Stdio::null());
+        let client = KillOnDrop(testbeds::spawn(place, &mut cmd)?);
+        Ok(Self {
+            _server: server,
+            client,
+            out,
+        })
+    }
+
+    fn finish(mut self, timeout: Duration) -> Result<RrStats> {
+        let end = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.client.0.try_wait()? {
+                break s;
+            }
+            if Instant::now() >= end {
+                bail!("rr-probe client did not finish within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if !status.success() {
+            bail!("rr-probe client failed ({status}); see its stderr above");
+        }
+        let text = std::fs::read_to_string(&self.out)
+            .with_context(|| format!("reading {}", self.out.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", self.out.display()))
+    }
 }
