@@ -28,7 +28,10 @@ use qos_core::{
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::{NetError, ifaces};
+use crate::{
+    NetError, ifaces,
+    qdisc::{self, AckQdisc},
+};
 
 /// Direction of traffic through the shaped interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -261,6 +264,9 @@ pub struct Datapath {
     ingress: Option<(Attachment, Attachment)>,
     taggers: BTreeMap<u32, (String, Attachment)>,
     stats_fd: Option<OwnedFd>,
+    /// Ingress ACK pacing: fq (ours) is at the shaped interface's root;
+    /// its record in the generation, when pinned.
+    ack_qdisc: Option<Option<PathBuf>>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -327,6 +333,7 @@ impl Datapath {
             egress: None,
             pacer: None,
             ingress: None,
+            ack_qdisc: None,
             taggers: BTreeMap::new(),
             stats_fd: None,
         };
@@ -527,6 +534,7 @@ impl Datapath {
             .chain(self.ingress.iter().flat_map(|(a, b)| [a, b]))
             .chain(self.taggers.values().map(|(_, a)| a))
             .filter_map(|a| a.pin.as_deref())
+            .chain(self.ack_qdisc.iter().flatten().map(PathBuf::as_path))
             .collect();
         for name in g.pinned_links() {
             let pin = g.link(&name);
@@ -540,8 +548,8 @@ impl Datapath {
             if claimed.contains(&record.as_path()) {
                 continue;
             }
-            info!(record = %record.display(), "removing an unclaimed tc filter");
-            detach_recorded(&rec);
+            info!(record = %record.display(), "removing an unclaimed tc record");
+            detach_recorded(&rec, true);
             let _ = std::fs::remove_dir(&record);
         }
     }
@@ -553,7 +561,9 @@ impl Datapath {
         let Some(g) = &self.generation else { return };
         for old in g.others() {
             info!(dir = %old.dir().display(), "replacing the pinned datapath of another qosd build");
-            retire(&old);
+            // The fq qdisc is shared by every build (known by its handle):
+            // ours may be using it.
+            retire(&old, false);
         }
     }
 
@@ -602,6 +612,29 @@ impl Datapath {
                 Err(e)
             }
         }
+    }
+
+    /// Puts fq (ours) at the root of the shaped interface, where the ACK
+    /// departure times the datapath sets are honoured (ingress ACK pacing),
+    /// and records it so that `qosd --cleanup` removes it. Called again
+    /// after the interface was re-created.
+    pub fn ensure_ack_qdisc(&mut self) -> AckQdisc {
+        let state = qdisc::ensure_fq(&self.iface);
+        if matches!(state, AckQdisc::Ready { .. }) {
+            let record = self.generation.as_ref().and_then(|g| {
+                g.record_tc_filter(&TcFilterRecord {
+                    what: FQ_RECORD.into(),
+                    ifindex: self.ifindex,
+                    priority: 0,
+                    handle: 0,
+                })
+                .map_err(|e| warn!(error = %e, "recording the fq qdisc"))
+                .ok()
+            });
+            // A record of the interface's earlier ifindex is unclaimed now.
+            self.ack_qdisc = Some(record);
+        }
+        state
     }
 
     /// Follows the shaped interface when it was deleted and created again
@@ -776,6 +809,12 @@ impl Datapath {
         if let Some(a) = self.egress.take() {
             a.remove();
         }
+        if let Some(record) = self.ack_qdisc.take() {
+            qdisc::remove_ours(&self.iface);
+            if let Some(r) = record {
+                let _ = std::fs::remove_dir(r);
+            }
+        }
         if let Some((tag, acct)) = self.ingress.take() {
             acct.remove();
             tag.remove();
@@ -832,11 +871,21 @@ impl Drop for Datapath {
     }
 }
 
-/// Detaches the tc filter of a record (netlink; the device may be gone).
-fn detach_recorded(rec: &TcFilterRecord) {
+/// Record name of the fq qdisc installed for ACK pacing.
+const FQ_RECORD: &str = "fq";
+
+/// Detaches the tc filter of a record (netlink; the device may be gone),
+/// or removes the fq qdisc of a record when `qdisc`.
+fn detach_recorded(rec: &TcFilterRecord, qdisc: bool) {
     let Some(name) = ifaces::name_of(rec.ifindex) else {
         return;
     };
+    if rec.what == FQ_RECORD {
+        if qdisc {
+            qdisc::remove_ours(&name);
+        }
+        return;
+    }
     let kind = if rec.what == "egress" {
         TcAttachType::Egress
     } else {
@@ -850,10 +899,10 @@ fn detach_recorded(rec: &TcFilterRecord) {
 }
 
 /// Detaches and unpins a whole generation (another build's, or ours on
-/// cleanup).
-pub fn retire(g: &Generation) {
+/// cleanup); `qdisc`: also the fq qdisc it recorded (cleanup).
+pub fn retire(g: &Generation, qdisc: bool) {
     for rec in g.tc_filters() {
-        detach_recorded(&rec);
+        detach_recorded(&rec, qdisc);
     }
     if let Err(e) = g.remove() {
         warn!(error = %e, "removing a pinned datapath");

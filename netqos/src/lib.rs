@@ -9,6 +9,7 @@
 pub mod datapath;
 pub mod ifaces;
 pub mod policy;
+pub mod qdisc;
 mod shaper;
 
 use std::path::PathBuf;

@@ -10,8 +10,9 @@ use std::{
 
 use qos_common::{
     net::{
-        ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_CLAMP_ECN, GLOBAL_ENABLED,
-        GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, LOWEST_PRIORITY, MAX_CLASSES, NetGlobal,
+        ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ACK_PACING, GLOBAL_CLAMP_ECN,
+        GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, LOWEST_PRIORITY, MAX_CLASSES,
+        NetGlobal,
     },
     policy::{UNIT, class_fill, earned},
 };
@@ -24,6 +25,7 @@ use crate::{
     datapath::{ClassMaps, Datapath, Direction, ProgramStats},
     ifaces::{self, ContainerInterfaces},
     policy::{self, ClassDemand, Observation, Tuning},
+    qdisc::AckQdisc,
 };
 
 /// How often the allocator runs.
@@ -64,6 +66,9 @@ pub struct ShaperSettings {
     pub ingress_default_rate: Option<Rate>,
     /// Clamp the receive window of ECN flows too (see `GLOBAL_CLAMP_ECN`).
     pub ingress_clamp_ecn: bool,
+    /// Pace received TCP flows by their ACKs (fq at the interface's root;
+    /// see [`crate::qdisc`]).
+    pub ingress_ack_pacing: bool,
     pub default_priority: u32,
     pub container_interfaces: ContainerInterfaces,
     /// Switch shaped BBR flows to CUBIC (see `GLOBAL_REPLACE_BBR`).
@@ -242,6 +247,9 @@ pub struct IngressStatus {
     pub capacity_bps: u64,
     pub classes: Vec<NetClassStatus>,
     pub pool_tokens: i64,
+    /// "on", or "off: <why>".
+    #[serde(default)]
+    pub ack_pacing: String,
 }
 
 /// What `net show` reports.
@@ -836,6 +844,8 @@ pub struct Shaper {
     last_scan: Option<Instant>,
     /// The shaped interface was found missing (reported once).
     iface_missing: bool,
+    /// Whether received TCP flows are paced by their ACKs, or why not.
+    ack_pacing: AckQdisc,
 }
 
 /// What [`Shaper::check_interface`] found.
@@ -883,17 +893,31 @@ impl Shaper {
             &settings,
             &mut dp,
         )?;
+        let mut ack_pacing = AckQdisc::Unavailable("ingress is not shaped".into());
         let ingress = match settings.ingress_capacity {
             Some(cap) => {
+                let mut flags = flags;
+                if settings.ingress_clamp_ecn {
+                    flags |= GLOBAL_CLAMP_ECN;
+                }
+                ack_pacing = if settings.ingress_ack_pacing {
+                    dp.ensure_ack_qdisc()
+                } else {
+                    AckQdisc::Unavailable("turned off ([net] ingress_ack_pacing)".into())
+                };
+                match &ack_pacing {
+                    AckQdisc::Ready { .. } => flags |= GLOBAL_ACK_PACING,
+                    AckQdisc::Unavailable(why) if settings.ingress_ack_pacing => {
+                        warn!(iface = %settings.interface, reason = %why,
+                            "ingress ACK pacing unavailable: received flows are held by CE marks, window clamps and drops only");
+                    }
+                    AckQdisc::Unavailable(_) => {}
+                }
                 let t = ClassTable::start(
                     Direction::Ingress,
                     cap,
                     settings.ingress_default_rate,
-                    if settings.ingress_clamp_ecn {
-                        flags | GLOBAL_CLAMP_ECN
-                    } else {
-                        flags
-                    },
+                    flags,
                     &settings,
                     &mut dp,
                 )?;
@@ -913,6 +937,7 @@ impl Shaper {
             last_epoch: now,
             last_scan: None,
             iface_missing: false,
+            ack_pacing,
         };
         shaper.scan_interfaces();
         info!(
@@ -1086,6 +1111,17 @@ impl Shaper {
             }
             Ok(Some(ifindex)) => {
                 self.iface_missing = false;
+                if let Some(t) = self.ingress.as_mut()
+                    && self.settings.ingress_ack_pacing
+                {
+                    // The new device has the default qdisc again.
+                    self.ack_pacing = self.dp.ensure_ack_qdisc();
+                    if matches!(self.ack_pacing, AckQdisc::Ready { .. }) {
+                        t.global.flags |= GLOBAL_ACK_PACING;
+                    } else {
+                        t.global.flags &= !GLOBAL_ACK_PACING;
+                    }
+                }
                 let mut tables: Vec<&mut ClassTable> = vec![&mut self.egress];
                 if let Some(t) = self.ingress.as_mut() {
                     tables.push(t);
@@ -1140,6 +1176,10 @@ impl Shaper {
                 capacity_bps: t.capacity.bits_per_sec(),
                 classes: t.status(),
                 pool_tokens: maps.read_pool().map(|p| p.tokens).unwrap_or(0),
+                ack_pacing: match &self.ack_pacing {
+                    AckQdisc::Ready { .. } => "on".into(),
+                    AckQdisc::Unavailable(why) => format!("off: {why}"),
+                },
             }
         });
         NetStatus {

@@ -56,6 +56,7 @@ fn settings(iface: &str, containers: bool) -> Result<ShaperSettings> {
         ingress_capacity: None,
         ingress_default_rate: None,
         ingress_clamp_ecn: false,
+        ingress_ack_pacing: true,
         default_priority: 7,
         container_interfaces: if containers {
             ContainerInterfaces::Patterns(vec!["qch*".into()])

@@ -1,9 +1,9 @@
 //! Scenarios and figures of the bandwidth fairness script (pure parts).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How a group's sender behaves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Demand {
     Busy,

@@ -195,3 +195,25 @@ impl EgressBed {
         Ok(())
     }
 }
+
+/// Whether the kernel has the fq qdisc (what ingress ACK pacing needs):
+/// tried on a throwaway veth pair.
+pub fn fq_available() -> Result<bool> {
+    let name = crate::unique("qfq");
+    crate::run(
+        "ip",
+        &[
+            "link",
+            "add",
+            &name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{name}p"),
+        ],
+    )?;
+    let ok = crate::run("tc", &["qdisc", "add", "dev", &name, "root", "fq"]).is_ok();
+    let _ = crate::run("ip", &["link", "del", &name]);
+    Ok(ok)
+}

@@ -107,6 +107,10 @@ pub const GLOBAL_REPLACE_BBR: u32 = 4;
 /// negotiated ECN as well. On microsecond round trips CE marks alone cannot
 /// hold a flow below what two segments per round trip make; the clamp can.
 pub const GLOBAL_CLAMP_ECN: u32 = 8;
+/// `NetGlobal::flags` bit (ingress): pace received TCP flows by their ACKs
+/// (fq is at the shaped interface's root, which honours the ACKs'
+/// departure times; see `policy::ack_release`).
+pub const GLOBAL_ACK_PACING: u32 = 16;
 
 /// Host-wide settings of the egress shaper (array map, one entry).
 #[repr(C)]
@@ -260,6 +264,12 @@ pub struct SockClass {
     /// Ingress: bytes received and time at the last window-clamp step.
     pub step_bytes: u64,
     pub step_ns: u64,
+    /// Ingress ACK pacing: when the flow's next received packet may be
+    /// acknowledged at the earliest (its virtual clock at the flow's rate).
+    pub ack_next_ns: u64,
+    /// Ingress ACK pacing: earliest departure of the ACKs the socket sends
+    /// for what it has received so far.
+    pub ack_at_ns: u64,
 }
 
 #[cfg(feature = "user")]

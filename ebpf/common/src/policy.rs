@@ -375,6 +375,43 @@ pub const fn next_window_clamp(
     min_u64(max_u64(next, floor), ceiling)
 }
 
+/// Lead (ns) of a received flow's ACK clock over real time, beyond two
+/// packet times, past which an ECN-capable packet is CE-marked (see
+/// [`ack_lead_marks`]). The window clamp normally keeps the lead below
+/// this (it is at most the flow's rate × 10 ms); marks are the backstop.
+pub const ACK_LEAD_MARK_NS: u64 = 20_000_000;
+/// Lead past which a received packet is dropped (a sender that neither
+/// answers CE nor respects the window).
+pub const ACK_LEAD_DROP_NS: u64 = 500_000_000;
+/// Queueing allowance (µs) the receive window of an ACK-paced flow without
+/// ECN is sized for, on top of its round trip.
+pub const ACK_LEAD_WINDOW_US: u64 = 2_000;
+
+/// ACK pacing of a received TCP flow held at `rate` (wire bytes/s): the
+/// packet of `wire` bytes arriving at `now` is acknowledged no earlier than
+/// the flow's virtual clock `next` (never earlier than `now`), which then
+/// advances by the packet's time at the rate. A sender clocked by its ACKs
+/// then sends at the rate whatever the round trip. Returns (earliest ACK
+/// departure, next virtual clock).
+#[inline(always)]
+pub const fn ack_release(next: u64, now: u64, wire: u64, rate: u64) -> (u64, u64) {
+    let start = max_u64(next, now);
+    let rate = max_u64(rate, 1);
+    // wire ≤ 2^32 (skb length), × 1e9 fits in u64 below 1.8e19.
+    let dur = min_u64(wire, 1 << 32) * NS_PER_SEC / rate;
+    (start, start.saturating_add(min_u64(dur, NS_PER_SEC)))
+}
+
+/// Whether a packet whose ACK waits `lead` ns (the ACKs queued ahead of
+/// it) is CE-marked, `packet_ns` being its own time at the flow's rate.
+/// Two packets of allowance, because at low rates one packet alone takes
+/// longer than the threshold, and a window cut below two packets leaves
+/// the ACK clock idle (the flow would fall below its rate).
+#[inline(always)]
+pub const fn ack_lead_marks(lead: u64, packet_ns: u64) -> bool {
+    lead > ACK_LEAD_MARK_NS.saturating_add(packet_ns.saturating_mul(2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -704,7 +741,54 @@ mod tests {
         assert!(wire_to_tcp_rate(u64::MAX) <= MAX_RATE);
     }
 
+    #[test]
+    fn ack_clock_holds_a_flow_at_its_rate() {
+        // 100 Mbit/s on the wire = 12.5 MB/s: a 64 KB packet takes 5.24 ms.
+        let rate = 12_500_000;
+        // Under its rate: acknowledged at once, the clock one packet ahead.
+        let (at, next) = ack_release(0, 1_000_000, 65_536, rate);
+        assert_eq!(at, 1_000_000);
+        assert_eq!(next, 1_000_000 + 5_242_880);
+        // A second packet right behind it waits for the first one's time.
+        let (at2, next2) = ack_release(next, 1_000_100, 65_536, rate);
+        assert_eq!(at2, next);
+        assert_eq!(next2, next + 5_242_880);
+        // A burst of 100 such packets at one instant: the last ACK leaves
+        // 99 packet times later, i.e. the burst is acknowledged at the rate.
+        let mut clock = 0;
+        let mut last = 0;
+        for _ in 0..100 {
+            (last, clock) = ack_release(clock, 10, 65_536, rate);
+        }
+        assert_eq!(last, 10 + 99 * 5_242_880);
+        // Idle time is not banked: after a pause the clock restarts at now.
+        let (at, _) = ack_release(clock, clock + 1_000_000_000, 1500, rate);
+        assert_eq!(at, clock + 1_000_000_000);
+        // A zero rate does not divide by zero; one packet never holds the
+        // clock more than a second.
+        let (at, next) = ack_release(0, 5, 65_536, 0);
+        assert_eq!((at, next), (5, 5 + NS_PER_SEC));
+        const { assert!(ACK_LEAD_MARK_NS < ACK_LEAD_DROP_NS) };
+        // Marking: 20 ms plus two packet times of queued ACKs.
+        assert!(!ack_lead_marks(20_000_000, 0));
+        assert!(ack_lead_marks(20_000_001, 0));
+        // A 64 KB packet at 10 Mbit/s takes 52 ms: two of them queued are
+        // not yet a reason to mark.
+        assert!(!ack_lead_marks(120_000_000, 52_428_800));
+        assert!(ack_lead_marks(125_000_000, 52_428_800));
+        assert!(!ack_lead_marks(u64::MAX - 1, u64::MAX));
+    }
+
     proptest! {
+        #[test]
+        fn ack_clock_is_monotonic_and_bounded(next in any::<u64>(), now in any::<u64>(),
+                                              wire in any::<u64>(), rate in any::<u64>()) {
+            let (at, n) = ack_release(next, now, wire, rate);
+            prop_assert!(at >= now && at >= next);
+            prop_assert!(n >= at);
+            prop_assert!(n - at <= NS_PER_SEC || n == u64::MAX);
+        }
+
         #[test]
         fn earned_never_overflows(el in any::<u64>(), rate in any::<u64>()) {
             let e = earned(el, rate);

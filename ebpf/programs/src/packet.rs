@@ -97,6 +97,21 @@ pub fn l3_ecn_capable(skb: &SkBuff, ethertype_be: u32) -> bool {
     ecn != 0
 }
 
+/// Whether a packet whose data starts at the network header is TCP (IPv6
+/// extension headers are not followed).
+#[inline(always)]
+pub fn l3_is_tcp(skb: &SkBuff, ethertype_be: u32) -> bool {
+    let ethertype = u16::from_be(ethertype_be as u16);
+    let proto = if ethertype == ETH_P_IP {
+        load_u8(skb, 9)
+    } else if ethertype == ETH_P_IPV6 {
+        load_u8(skb, 6)
+    } else {
+        None
+    };
+    proto == Some(IPPROTO_TCP)
+}
+
 /// Per-frame header bytes on the wire (Ethernet included) of a packet whose
 /// data starts at the network header, as cgroup_skb programs see it.
 /// `ethertype` is `__sk_buff::protocol` (network order).

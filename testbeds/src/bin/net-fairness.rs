@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use netqos::policy::{ClassDemand, share_spare};
 use qos_core::{Rate, units::format_bps};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use testbeds::{
     CgroupDir, KillOnDrop, Placement, Sysctl,
@@ -47,6 +47,11 @@ struct Args {
     /// Write the JSON files only (no PNG, no table).
     #[arg(long)]
     json_only: bool,
+    /// Run nothing: draw the PNG and print the table of each
+    /// `<direction>-<scenario>.json` already in --out (results measured
+    /// elsewhere, e.g. in the VM).
+    #[arg(long, conflicts_with = "json_only")]
+    plot_only: bool,
     /// Output directory.
     #[arg(long, default_value = "results/net-fairness")]
     out: PathBuf,
@@ -67,12 +72,13 @@ struct Args {
     #[arg(long)]
     no_probe: bool,
     /// Modes to run: qosd and htb (egress) or htb-ifb (ingress); "htb"
-    /// means htb-ifb with --direction ingress.
+    /// means htb-ifb with --direction ingress. qosd-no-ack-pacing
+    /// (ingress): qosd with `ingress_ack_pacing = false`.
     #[arg(long = "mode", default_values_t = ["qosd".to_string(), "htb".to_string()])]
     modes: Vec<String>,
 }
 
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 struct GroupResult {
     name: String,
     quota_bps: u64,
@@ -80,7 +86,7 @@ struct GroupResult {
     priority: u32,
     demand: Demand,
     flows: u32,
-    protocol: &'static str,
+    protocol: String,
     /// What the semantics promise this group (guarantee + its share of the spare).
     expected_bps: u64,
     mean_bps: f64,
@@ -96,7 +102,7 @@ struct GroupResult {
     series: Vec<(f64, f64)>,
 }
 
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 struct RunResult {
     mode: String,
     direction: String,
@@ -113,16 +119,19 @@ struct RunResult {
     /// cgroup (ingress scenarios that run one).
     #[serde(skip_serializing_if = "Option::is_none")]
     rr_probe: Option<RrProbe>,
+    /// qosd ingress: "on", or "off: <why>" (`qosctl net show`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack_pacing: Option<String>,
 }
 
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 struct RrProbe {
     group: String,
     #[serde(flatten)]
     stats: RrStats,
 }
 
-#[derive(Serialize, Debug, Clone, Default)]
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
 struct Targets {
     /// Every busy group's p5 ≥ 98 % of its guarantee.
     p5_at_least_98pct_of_guarantee: bool,
@@ -135,7 +144,7 @@ struct Targets {
     recovery_at_most_300ms: Option<bool>,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Deserialize, Debug)]
 struct ScenarioResult {
     scenario: String,
     about: String,
@@ -166,17 +175,17 @@ fn real_main() -> Result<ExitCode> {
             }
         }
     }
-    if !testbeds::require_root("net-fairness") {
+    if !args.plot_only && !testbeds::require_root("net-fairness") {
         bail!("net-fairness needs root");
     }
     if args.duration < 4.0 {
         bail!("--duration must be at least 4 s (1 s warm-up plus an on/off cycle)");
     }
     for m in &args.modes {
-        let known = if ingress {
-            ["qosd", "htb-ifb"]
+        let known: &[&str] = if ingress {
+            &["qosd", "htb-ifb", NO_ACK_PACING]
         } else {
-            ["qosd", "htb"]
+            &["qosd", "htb"]
         };
         if !known.contains(&m.as_str()) {
             bail!(
@@ -206,6 +215,24 @@ fn real_main() -> Result<ExitCode> {
             })
             .collect::<Result<_>>()?
     };
+    if args.plot_only {
+        let explicit = !args.scenarios.is_empty();
+        for sc in &chosen {
+            let json = args
+                .out
+                .join(format!("{}-{}.json", args.direction, sc.name));
+            let bytes = match std::fs::read(&json) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => continue,
+                Err(e) => return Err(e).with_context(|| format!("reading {}", json.display())),
+            };
+            let result: ScenarioResult = serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing {}", json.display()))?;
+            draw(&args, &result)?;
+            print_table(&result);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let bin_dir = match &args.bin_dir {
         Some(d) => d.clone(),
         None => std::env::current_exe()?
@@ -244,33 +271,7 @@ fn real_main() -> Result<ExitCode> {
             .join(format!("{}-{}.json", args.direction, sc.name));
         std::fs::write(&json, serde_json::to_vec_pretty(&result)?)?;
         if !args.json_only {
-            let png = args.out.join(format!("{}-{}.png", args.direction, sc.name));
-            let panels: Vec<(String, Vec<Line>)> = result
-                .runs
-                .iter()
-                .map(|r| {
-                    let lines = r
-                        .groups
-                        .iter()
-                        .map(|g| Line {
-                            label: format!("{} (quota {})", g.name, format_bps(g.quota_bps as f64)),
-                            points: g.series.iter().map(|(t, b)| (*t, b / 1e6)).collect(),
-                            expected: (g.demand != Demand::Idle)
-                                .then_some(g.expected_bps as f64 / 1e6),
-                        })
-                        .collect();
-                    (
-                        format!("{} — utilization {:.1} %", r.mode, r.utilization * 100.0),
-                        lines,
-                    )
-                })
-                .collect();
-            plot::rate_panels(
-                &png,
-                &format!("{}: {}", sc.name, sc.about),
-                "Mbit/s (wire)",
-                &panels,
-            )?;
+            draw(&args, &result)?;
             print_table(&result);
         }
         summary.push(result);
@@ -311,7 +312,7 @@ fn real_main() -> Result<ExitCode> {
 fn check_shares(summary: &[ScenarioResult], tol: f64) -> bool {
     let mut bad = Vec::new();
     for r in summary {
-        for run in r.runs.iter().filter(|run| run.mode == "qosd") {
+        for run in r.runs.iter().filter(|run| run.mode.starts_with("qosd")) {
             for g in run.groups.iter().filter(|g| g.demand == Demand::Busy) {
                 let share = g.mean_bps / g.expected_bps as f64;
                 if (share - 1.0).abs() > tol {
@@ -340,6 +341,39 @@ fn check_shares(summary: &[ScenarioResult], tol: f64) -> bool {
         tol * 100.0
     );
     true
+}
+
+/// The PNG of one scenario: one panel per mode, a line per group.
+fn draw(args: &Args, result: &ScenarioResult) -> Result<()> {
+    let png = args
+        .out
+        .join(format!("{}-{}.png", args.direction, result.scenario));
+    let panels: Vec<(String, Vec<Line>)> = result
+        .runs
+        .iter()
+        .map(|r| {
+            let lines = r
+                .groups
+                .iter()
+                .map(|g| Line {
+                    label: format!("{} (quota {})", g.name, format_bps(g.quota_bps as f64)),
+                    points: g.series.iter().map(|(t, b)| (*t, b / 1e6)).collect(),
+                    expected: (g.demand != Demand::Idle).then_some(g.expected_bps as f64 / 1e6),
+                })
+                .collect();
+            (
+                format!("{} — utilization {:.1} %", r.mode, r.utilization * 100.0),
+                lines,
+            )
+        })
+        .collect();
+    plot::rate_panels(
+        &png,
+        &format!("{}: {}", result.scenario, result.about),
+        "Mbit/s (wire)",
+        &panels,
+    )?;
+    Ok(())
 }
 
 fn print_table(r: &ScenarioResult) {
@@ -378,6 +412,9 @@ fn print_table(r: &ScenarioResult) {
             run.jain_by_priority,
             run.datapath_ns
         );
+        if let Some(a) = &run.ack_pacing {
+            println!("{:<6} ingress ACK pacing {a}", run.mode);
+        }
         if let Some(p) = &run.rr_probe {
             println!(
                 "{:<6} request/response in {}: {} round trips, p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
@@ -441,6 +478,9 @@ enum Shaping {
     },
 }
 
+/// Mode: qosd with ingress ACK pacing turned off.
+const NO_ACK_PACING: &str = "qosd-no-ack-pacing";
+
 fn is_ingress(args: &Args) -> bool {
     args.direction == "ingress"
 }
@@ -455,6 +495,7 @@ fn start_qosd(
     args: &Args,
     bin_dir: &Path,
     groups: &[(String, &GroupSpec)],
+    ack_pacing: bool,
 ) -> Result<Shaping> {
     let mut net = format!(
         "[net]\ninterface = \"{}\"\n\
@@ -464,7 +505,7 @@ fn start_qosd(
     );
     if is_ingress(args) {
         net += &format!(
-            "ingress_capacity = \"{}\"\ningress_default_rate = \"0\"\n",
+            "ingress_capacity = \"{}\"\ningress_default_rate = \"0\"\ningress_ack_pacing = {ack_pacing}\n",
             args.capacity
         );
     }
@@ -582,7 +623,9 @@ fn with_gaps(w: &Windows) -> Vec<(f64, f64)> {
 }
 
 /// Drops and CE marks per group, and ns per run of each program.
-type EndCounters = (Vec<u64>, Vec<u64>, BTreeMap<String, f64>);
+/// Drops and CE marks per group, ns per program run, how ingress ACK
+/// pacing stood.
+type EndCounters = (Vec<u64>, Vec<u64>, BTreeMap<String, f64>, Option<String>);
 
 /// (drops, CE marks) per group at the end of a run.
 fn counters(shaping: &Shaping, cgroups: &[String]) -> Result<EndCounters> {
@@ -624,7 +667,8 @@ fn counters(shaping: &Shaping, cgroups: &[String]) -> Result<EndCounters> {
                     );
                 }
             }
-            Ok((drops, ce, ns))
+            let ack = v["ingress"]["ack_pacing"].as_str().map(str::to_owned);
+            Ok((drops, ce, ns, ack))
         }
         Shaping::Htb { dev } | Shaping::HtbIfb { ifb: dev, .. } => {
             // `tc -j` has no JSON for htb classes in iproute2 6.1: parse text.
@@ -633,7 +677,7 @@ fn counters(shaping: &Shaping, cgroups: &[String]) -> Result<EndCounters> {
             let drops = (0..cgroups.len())
                 .map(|i| by_class.get(&format!("1:{}", 10 + i)).copied().unwrap_or(0))
                 .collect();
-            Ok((drops, vec![0; cgroups.len()], BTreeMap::new()))
+            Ok((drops, vec![0; cgroups.len()], BTreeMap::new(), None))
         }
     }
 }
@@ -717,7 +761,8 @@ fn run_scenario(sc: &Scenario, mode: &str, args: &Args, bin_dir: &Path) -> Resul
     }
     let groups: Vec<(String, &GroupSpec)> = cgroups.iter().cloned().zip(sc.groups.iter()).collect();
     let shaping = match mode {
-        "qosd" => start_qosd(&bed, args, bin_dir, &groups)?,
+        "qosd" => start_qosd(&bed, args, bin_dir, &groups, true)?,
+        NO_ACK_PACING => start_qosd(&bed, args, bin_dir, &groups, false)?,
         _ => start_htb(&bed, args, &sc.groups.iter().collect::<Vec<_>>(), &sources)?,
     };
     let result = traffic(
@@ -890,7 +935,7 @@ fn traffic(
     if let Some(t) = tracer {
         let _ = t.join();
     }
-    let (drops, ce, datapath_ns) = counters(shaping, cgroups)?;
+    let (drops, ce, datapath_ns, ack_pacing) = counters(shaping, cgroups)?;
     let expect = expected(sc, cap);
 
     let mut groups = Vec::new();
@@ -934,7 +979,7 @@ fn traffic(
             priority: g.priority,
             demand: g.demand,
             flows: g.flows,
-            protocol: if g.udp { "udp" } else { "tcp" },
+            protocol: if g.udp { "udp" } else { "tcp" }.into(),
             expected_bps: expect[i],
             mean_bps: mean,
             goodput_bps: if busy_secs > 0.0 {
@@ -999,6 +1044,7 @@ fn traffic(
         datapath_ns,
         targets,
         rr_probe,
+        ack_pacing,
     })
 }
 

@@ -90,6 +90,12 @@ pub struct NetConfig {
     /// without ECN (for senders on microsecond round trips, where CE marks
     /// cannot slow a flow below two segments per round trip).
     pub ingress_clamp_ecn: bool,
+    /// Pace received TCP flows by holding their ACKs until the flow's rate
+    /// allows them: qosd puts fq at the shaped interface's root when the
+    /// root is the kernel's default (fq honours the ACKs' departure times).
+    /// Off, or without the fq qdisc, flows are held by CE marks, window
+    /// clamps and drops only.
+    pub ingress_ack_pacing: bool,
     /// Interfaces where container traffic enters the host: "auto" (every
     /// veth), "none", or a list of name patterns (`*` wildcard).
     pub container_interfaces: ContainerInterfaces,
@@ -115,6 +121,7 @@ impl Default for NetConfig {
             ingress_capacity: None,
             ingress_default_rate: Rate::from_bits_per_sec(10_000_000).ok(),
             ingress_clamp_ecn: false,
+            ingress_ack_pacing: true,
             container_interfaces: ContainerInterfaces::default(),
             bpf_stats: false,
             replace_bbr: true,

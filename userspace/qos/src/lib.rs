@@ -235,6 +235,7 @@ impl Qos {
                         .ingress_capacity
                         .and(config.net.ingress_default_rate),
                     ingress_clamp_ecn: config.net.ingress_clamp_ecn,
+                    ingress_ack_pacing: config.net.ingress_ack_pacing,
                     default_priority: config.net.default_priority,
                     container_interfaces: config.net.container_interfaces.clone(),
                     replace_bbr: config.net.replace_bbr,
@@ -1139,7 +1140,7 @@ pub fn remove_pins(root: &std::path::Path) {
         if let Some(name) = e.file_name().to_str() {
             let g = qos_core::pin::Generation::at(&e.path());
             info!(pin = %root.join(name).display(), "removing");
-            netqos::datapath::retire(&g);
+            netqos::datapath::retire(&g, true);
         }
     }
     if let Err(e) = std::fs::remove_dir(root)

@@ -16,7 +16,12 @@
 //! - `qos_ingress` (cgroup_skb ingress on the cgroup2 root) runs the same
 //!   buckets for received traffic, classified by the receiving socket's
 //!   cgroup (host and container sockets alike): CE-marks ECN-capable packets
-//!   out of profile, drops only past the drop threshold.
+//!   out of profile, drops only past the drop threshold. With ACK pacing on
+//!   (fq at the shaped interface's root) it also runs each received TCP
+//!   flow's ACK clock at the flow's rate; `qos_egress` (host sockets) and
+//!   `qos_tag` (container sockets) give the ACKs the receiver sends that
+//!   clock's time as their earliest departure, so an ACK-clocked sender
+//!   sends at the rate whatever the round trip.
 //!
 //! Slow decisions (who deserves how much of the spare capacity, how many
 //! flows are active) are made in user space and arrive through the maps.
@@ -34,7 +39,7 @@ use aya_ebpf::{
     },
     helpers::generated::{
         bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt,
-        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_ecn_set_ce,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_ecn_set_ce, bpf_skb_set_tstamp,
     },
     macros::{cgroup_skb, classifier, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -42,15 +47,16 @@ use aya_ebpf::{
 };
 use qos_common::{
     net::{
-        CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_CLAMP_ECN,
-        GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, MAX_CGROUP_DEPTH, MAX_CLASSES,
-        NetGlobal, PoolState, SOCK_CACHE_ENTRIES, SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass,
-        TAG_INGRESS, TAG_OFFSET, TAG_PACED,
+        CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT,
+        GLOBAL_ACK_PACING, GLOBAL_CLAMP_ECN, GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR,
+        MAX_CGROUP_DEPTH, MAX_CLASSES, NetGlobal, PoolState, SOCK_CACHE_ENTRIES,
+        SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_INGRESS, TAG_OFFSET, TAG_PACED,
     },
     policy::{
-        self, CLAMP_STEP_NS, CONTROL_INTERVAL_NS, Levels, Limits, UNIT, Verdict, decide, earned,
-        flow_share, next_multiplier, next_window_clamp, overflow_correction, pacing_changed,
-        pacing_rate, underflow_correction, window_clamp, wire_len, wire_to_tcp_rate,
+        self, ACK_LEAD_DROP_NS, ACK_LEAD_WINDOW_US, CLAMP_STEP_NS, CONTROL_INTERVAL_NS, Levels,
+        Limits, UNIT, Verdict, ack_lead_marks, decide, earned, flow_share, next_multiplier,
+        next_window_clamp, overflow_correction, pacing_changed, pacing_rate, underflow_correction,
+        window_clamp, wire_len, wire_to_tcp_rate,
     },
 };
 use qos_ebpf::{
@@ -422,6 +428,10 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
     let class_tag = tag & !(TAG_PACED | TAG_INGRESS);
     let (slot, paced) = if cgroup != 0 {
         let v = socket_view(&d, skb, g, None);
+        if ack_pacing() {
+            // SAFETY: helper on the program's own skb.
+            hold_acks(skb, unsafe { bpf_get_socket_cookie(skb.cast()) });
+        }
         (v.slot, v.paced)
     } else if ingress_if != 0 && (TAG_OFFSET..MAX_CLASSES + TAG_OFFSET).contains(&class_tag) {
         (class_tag - TAG_OFFSET, tag & TAG_PACED != 0)
@@ -485,11 +495,84 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
     // A flow that answers CE marks (or whose window is clamped) slows down by
     // itself: it is dropped only far past the drop threshold, because every
     // drop stalls a receive flow for at least a loss-probe timeout.
-    let responsive = v.paced || packet::l3_ecn_capable(&ctx.skb, proto);
-    if account(&d, g, skb, v.slot, wire, responsive) {
-        SKB_PASS
-    } else {
-        SKB_DROP
+    let ecn = packet::l3_ecn_capable(&ctx.skb, proto);
+    let tcp = g.flags & GLOBAL_ACK_PACING != 0 && packet::l3_is_tcp(&ctx.skb, proto);
+    // TCP flows are held by the clock of their ACKs, which the decision
+    // below must not undercut: they count as paced.
+    let responsive = v.paced || ecn || tcp;
+    if !account(&d, g, skb, v.slot, wire, responsive) {
+        return SKB_DROP;
+    }
+    if tcp && !pace_acks(&d, g, skb, wire, ecn) {
+        return SKB_DROP;
+    }
+    SKB_PASS
+}
+
+/// Advances the ACK clock of a received TCP flow by one packet at the
+/// flow's rate (see `policy::ack_release`); the ACKs its socket sends leave
+/// no earlier than that clock (`qos_egress`, `qos_tag`). CE-marks an
+/// ECN-capable packet when the clock runs too far ahead; false: drop.
+#[inline(always)]
+fn pace_acks(d: &Dir, g: &NetGlobal, skb: *mut __sk_buff, wire: u64, ecn: bool) -> bool {
+    // SAFETY: helper on the program's own skb.
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    let Some(sc) = d.socks.get_ptr_mut(cookie) else {
+        return true;
+    };
+    let Some((slot, rate)) = flow_rate(d, g, sc) else {
+        return true;
+    };
+    // SAFETY: helper without arguments; pointer into the socket map value.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        let (at, next) = policy::ack_release((*sc).ack_next_ns, now, wire, rate);
+        let lead = at - now;
+        if lead > ACK_LEAD_DROP_NS {
+            if let Some(ct) = d.counters.get_ptr_mut(slot) {
+                (*ct).drops += 1;
+                (*ct).drop_bytes += wire;
+            }
+            return false;
+        }
+        (*sc).ack_next_ns = next;
+        (*sc).ack_at_ns = at;
+        if ecn
+            && ack_lead_marks(lead, next - at)
+            && bpf_skb_ecn_set_ce(skb) == 1
+            && let Some(ct) = d.counters.get_ptr_mut(slot)
+        {
+            (*ct).ce_marks += 1;
+        }
+    }
+    true
+}
+
+/// Whether received TCP flows are paced by their ACKs.
+#[inline(always)]
+fn ack_pacing() -> bool {
+    global(&ingress()).is_some_and(|g| g.flags & GLOBAL_ACK_PACING != 0)
+}
+
+/// `BPF_SKB_CLOCK_MONOTONIC` (formerly `BPF_SKB_TSTAMP_DELIVERY_MONO`).
+const TSTAMP_MONO: u32 = 1;
+
+/// Holds a segment the receiving socket `cookie` sends (its ACKs) until the
+/// flow's ACK clock allows it: an earliest departure time that the fq
+/// qdisc on the shaped interface honours.
+#[inline(always)]
+fn hold_acks(skb: *mut __sk_buff, cookie: u64) {
+    // SAFETY: read-only lookup.
+    let Some(sc) = (unsafe { ING_SOCK_CLASS.get(cookie) }) else {
+        return;
+    };
+    let at = sc.ack_at_ns;
+    // SAFETY: helper without arguments; field read and helper on the
+    // program's own skb.
+    unsafe {
+        if at > bpf_ktime_get_ns() && at > (*skb).tstamp {
+            bpf_skb_set_tstamp(skb, at, TSTAMP_MONO);
+        }
     }
 }
 
@@ -503,6 +586,12 @@ pub fn qos_tag(ctx: TcContext) -> i32 {
         return PASS;
     }
     let v = socket_view(&d, skb, g, Some(&ctx));
+    if ack_pacing() {
+        // A container's ACKs: the time set here survives forwarding to the
+        // shaped interface.
+        // SAFETY: helper on the program's own skb.
+        hold_acks(skb, unsafe { bpf_get_socket_cookie(skb.cast()) });
+    }
     if v.shaped {
         let paced = if v.paced { TAG_PACED } else { 0 };
         // SAFETY: tc programs may write tc_index.
@@ -714,7 +803,11 @@ fn on_send(ctx: &SockOpsContext) {
             (*ctx.ops).bytes_received,
         )
     };
-    if g.flags & GLOBAL_ENABLED == 0 || (ecn & TCP_ECN_OK != 0 && g.flags & GLOBAL_CLAMP_ECN == 0) {
+    // ECN flows are slowed by CE marks, unless their ACKs are paced: then
+    // the clamp bounds the ACKs queued for them (a CE mark would halve the
+    // window and leave the ACK clock idle).
+    let clamp_ecn = GLOBAL_CLAMP_ECN | GLOBAL_ACK_PACING;
+    if g.flags & GLOBAL_ENABLED == 0 || (ecn & TCP_ECN_OK != 0 && g.flags & clamp_ecn == 0) {
         return;
     }
     // SAFETY: helper without arguments; pointer into the socket map value.
@@ -736,9 +829,15 @@ fn on_send(ctx: &SockOpsContext) {
     } else {
         received.wrapping_sub(step_bytes) * 1_000_000 / ((now - step_ns) / 1000).max(1)
     };
-    // First clamp: the share × the handshake RTT (srtt_us is kept ×8); later
-    // ones follow the measured rate, which sees the RTT under load.
-    let initial = window_clamp(rate, (srtt >> 3) as u64, mss as u64);
+    // First clamp: the share × the handshake RTT (srtt_us is kept ×8), plus
+    // the ACK queueing an ACK-paced flow is allowed. Later ones follow the
+    // measured rate, which sees the RTT under load.
+    let lead_us = if g.flags & GLOBAL_ACK_PACING != 0 {
+        ACK_LEAD_WINDOW_US
+    } else {
+        0
+    };
+    let initial = window_clamp(rate, (srtt >> 3) as u64 + lead_us, mss as u64);
     let clamp = next_window_clamp(
         applied,
         measured,

@@ -800,7 +800,10 @@ fn net_table(s: &NetStatus) -> String {
     let mut out = format!("{} egress {}\n", s.interface, s.capacity);
     out += &class_table(&s.classes, "PACED");
     if let Some(i) = &s.ingress {
-        out += &format!("\n{} ingress {}\n", s.interface, i.capacity);
+        out += &format!(
+            "\n{} ingress {} (ACK pacing {})\n",
+            s.interface, i.capacity, i.ack_pacing
+        );
         out += &class_table(&i.classes, "CLAMPS");
     }
     out
