@@ -1049,7 +1049,9 @@ fn traffic(
 }
 
 /// A request/response probe (`rr-probe`): server in the peer, client in a
-/// group's cgroup (or container), one request every 5 ms.
+/// group's cgroup (or container): 64 B requests, 256 B responses, one
+/// exchange every 10 ms (0.26 Mbit/s on the wire, which counts against the
+/// group's guarantee like its bulk traffic).
 struct Probe {
     _server: KillOnDrop,
     client: KillOnDrop,

@@ -29,7 +29,7 @@ enum Cmd {
         port: u16,
         #[arg(long, default_value_t = 64)]
         request: usize,
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 256)]
         response: usize,
     },
     /// Send a request every `--interval-ms` for `--seconds`; write the
@@ -42,11 +42,11 @@ enum Cmd {
         bind: Option<Ipv4Addr>,
         #[arg(long)]
         seconds: f64,
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 10)]
         interval_ms: u64,
         #[arg(long, default_value_t = 64)]
         request: usize,
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 256)]
         response: usize,
         #[arg(long)]
         out: PathBuf,
