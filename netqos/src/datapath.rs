@@ -562,8 +562,8 @@ impl Datapath {
         for old in g.others() {
             info!(dir = %old.dir().display(), "replacing the pinned datapath of another qosd build");
             // The fq qdisc is shared by every build (known by its handle):
-            // ours may be using it.
-            retire(&old, false);
+            // it stays when this datapath uses it, goes when it does not.
+            retire(&old, self.ack_qdisc.is_none());
         }
     }
 
@@ -620,7 +620,7 @@ impl Datapath {
     /// after the interface was re-created.
     pub fn ensure_ack_qdisc(&mut self) -> AckQdisc {
         let state = qdisc::ensure_fq(&self.iface);
-        if matches!(state, AckQdisc::Ready { .. }) {
+        if state.is_ready() {
             let record = self.generation.as_ref().and_then(|g| {
                 g.record_tc_filter(&TcFilterRecord {
                     what: FQ_RECORD.into(),

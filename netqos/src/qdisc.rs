@@ -57,6 +57,23 @@ pub enum AckQdisc {
     Ready { installed: bool },
     /// It cannot be: why, in words for the operator.
     Unavailable(String),
+    /// Installing it failed for a reason that may pass (the device was
+    /// just created, ...): worth another try later.
+    Failed(String),
+}
+
+impl AckQdisc {
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Self::Ready { .. })
+    }
+
+    /// "on", or "off: <why>".
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Ready { .. } => "on".into(),
+            Self::Unavailable(why) | Self::Failed(why) => format!("off: {why}"),
+        }
+    }
 }
 
 fn tc(args: &[&str]) -> Result<String, String> {
@@ -99,7 +116,7 @@ fn tx_queues(iface: &str) -> usize {
 pub fn ensure_fq(iface: &str) -> AckQdisc {
     let current = match root(iface) {
         Ok(r) => r,
-        Err(e) => return AckQdisc::Unavailable(e),
+        Err(e) => return AckQdisc::Failed(e),
     };
     if current.is_ours() {
         return AckQdisc::Ready { installed: false };
@@ -112,10 +129,13 @@ pub fn ensure_fq(iface: &str) -> AckQdisc {
         ));
     }
     let queues = tx_queues(iface);
+    // `add`, not `replace`, at the root: the kernel lets it take the place
+    // of the default qdisc but refuses it over a configured one, so a qdisc
+    // configured since the check above is never replaced.
     let result = if queues == 1 {
         tc(&[
             "qdisc",
-            "replace",
+            "add",
             "dev",
             iface,
             "root",
@@ -129,7 +149,7 @@ pub fn ensure_fq(iface: &str) -> AckQdisc {
     } else {
         // One fq per transmit queue keeps the device's queues parallel.
         tc(&[
-            "qdisc", "replace", "dev", iface, "root", "handle", OUR_HANDLE, "mq",
+            "qdisc", "add", "dev", iface, "root", "handle", OUR_HANDLE, "mq",
         ])
         .and_then(|_| {
             (1..=queues).try_for_each(|q| {
@@ -162,12 +182,13 @@ pub fn ensure_fq(iface: &str) -> AckQdisc {
             if root(iface).is_ok_and(|r| r.is_ours()) {
                 let _ = tc(&["qdisc", "del", "dev", iface, "root"]);
             }
-            let why = if e.contains("kind is unknown") {
-                format!("the kernel has no fq qdisc (sch_fq): {e}")
+            if e.contains("kind is unknown") {
+                AckQdisc::Unavailable(format!("the kernel has no fq qdisc (sch_fq): {e}"))
+            } else if e.contains("running tc") {
+                AckQdisc::Unavailable(e)
             } else {
-                e
-            };
-            AckQdisc::Unavailable(why)
+                AckQdisc::Failed(e)
+            }
         }
     }
 }

@@ -905,13 +905,11 @@ impl Shaper {
                 } else {
                     AckQdisc::Unavailable("turned off ([net] ingress_ack_pacing)".into())
                 };
-                match &ack_pacing {
-                    AckQdisc::Ready { .. } => flags |= GLOBAL_ACK_PACING,
-                    AckQdisc::Unavailable(why) if settings.ingress_ack_pacing => {
-                        warn!(iface = %settings.interface, reason = %why,
-                            "ingress ACK pacing unavailable: received flows are held by CE marks, window clamps and drops only");
-                    }
-                    AckQdisc::Unavailable(_) => {}
+                if ack_pacing.is_ready() {
+                    flags |= GLOBAL_ACK_PACING;
+                } else if settings.ingress_ack_pacing {
+                    warn!(iface = %settings.interface, reason = %ack_pacing.describe(),
+                        "ingress ACK pacing unavailable: received flows are held by CE marks, window clamps and drops only");
                 }
                 let t = ClassTable::start(
                     Direction::Ingress,
@@ -924,7 +922,18 @@ impl Shaper {
                 dp.attach_ingress()?;
                 Some(t)
             }
-            None => None,
+            None => {
+                // An earlier daemon's pinned ingress half may still be
+                // enabled: turn it off (the pacer then lifts the window
+                // clamps it set as those sockets send).
+                let maps = dp.maps(Direction::Ingress);
+                let mut g = maps.read_global()?;
+                if g.flags & GLOBAL_ENABLED != 0 {
+                    g.flags = GLOBAL_RELEASE;
+                    maps.write_global(&g)?;
+                }
+                None
+            }
         };
         let now = Instant::now();
         let mut shaper = Self {
@@ -1116,7 +1125,7 @@ impl Shaper {
                 {
                     // The new device has the default qdisc again.
                     self.ack_pacing = self.dp.ensure_ack_qdisc();
-                    if matches!(self.ack_pacing, AckQdisc::Ready { .. }) {
+                    if self.ack_pacing.is_ready() {
                         t.global.flags |= GLOBAL_ACK_PACING;
                     } else {
                         t.global.flags &= !GLOBAL_ACK_PACING;
@@ -1152,6 +1161,7 @@ impl Shaper {
     /// vanished ones.
     pub fn scan_interfaces(&mut self) {
         self.last_scan = Some(Instant::now());
+        self.retry_ack_qdisc();
         let all = ifaces::list(Path::new("/sys/class/net"));
         let wanted = self.settings.container_interfaces.select(
             &all,
@@ -1167,6 +1177,25 @@ impl Shaper {
         }
     }
 
+    /// Tries again to install fq for ACK pacing after a failure that may
+    /// have passed.
+    fn retry_ack_qdisc(&mut self) {
+        if !matches!(self.ack_pacing, AckQdisc::Failed(_)) {
+            return;
+        }
+        let Some(t) = self.ingress.as_mut() else {
+            return;
+        };
+        self.ack_pacing = self.dp.ensure_ack_qdisc();
+        if self.ack_pacing.is_ready() {
+            t.global.flags |= GLOBAL_ACK_PACING;
+            match self.dp.maps(t.dir).write_global(&t.global) {
+                Ok(()) => info!(iface = %self.settings.interface, "ingress ACK pacing on"),
+                Err(e) => warn!(error = %e, "enabling ingress ACK pacing"),
+            }
+        }
+    }
+
     pub fn status(&self) -> NetStatus {
         let egress_maps = self.dp.maps_ref(Direction::Egress);
         let ingress = self.ingress.as_ref().map(|t| {
@@ -1176,10 +1205,7 @@ impl Shaper {
                 capacity_bps: t.capacity.bits_per_sec(),
                 classes: t.status(),
                 pool_tokens: maps.read_pool().map(|p| p.tokens).unwrap_or(0),
-                ack_pacing: match &self.ack_pacing {
-                    AckQdisc::Ready { .. } => "on".into(),
-                    AckQdisc::Unavailable(why) => format!("off: {why}"),
-                },
+                ack_pacing: self.ack_pacing.describe(),
             }
         });
         NetStatus {

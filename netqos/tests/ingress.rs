@@ -425,3 +425,55 @@ fn ack_pacing_holds_received_flows_at_their_shares_without_drops() -> Result<()>
     }
     Ok(())
 }
+
+#[test]
+fn an_upload_is_not_held_by_its_cgroups_ingress_quota() -> Result<()> {
+    if !require_root("an_upload_is_not_held_by_its_cgroups_ingress_quota") {
+        return Ok(());
+    }
+    let _one_at_a_time = TRAFFIC.lock().unwrap_or_else(|p| p.into_inner());
+    // A cgroup with a small ingress quota sends (its egress is not shaped):
+    // the ACKs it receives must not run an ACK clock that holds its data.
+    let bed = EgressBed::new(1, 0)?;
+    let tmp = tempfile::tempdir()?;
+    let parent = CgroupDir::new("qos-test-")?;
+    let h = qos_core::Hierarchy::detect()?;
+    let mut shaper = Shaper::start(settings(bed.shaped_if())?, &testbeds::cgroup2_root()?)?;
+    let dir = parent.child("up")?;
+    let cg = h.resolve(&parent.child_name("up"))?;
+    let ingress_quota = common::scaled("5mbit")?;
+    shaper.set(&cg, NetQuota::ingress(ingress_quota, None, 0))?;
+    let ack = ingress(&shaper.status()).ack_pacing.clone();
+    let (stop, handle) = control_loop(shaper);
+    let peer = Placement {
+        cgroup: None,
+        netns: Some(bed.peer.path()),
+    };
+    let server = Server::start(&peer, bed.peer_ip, 5461, tmp.path(), 0.1)?;
+    let opts = ClientOpts {
+        seconds: 3.0,
+        parallel: 1,
+        udp_bps: None,
+        bind: Some(bed.sender_ips[0]),
+        tos: None,
+    };
+    let uploader = Placement {
+        cgroup: Some(dir),
+        netns: None,
+    };
+    let client = Client::start(&uploader, bed.peer_ip, 5461, &opts, tmp.path())?;
+    client.finish(Duration::from_secs(30))?;
+    let r = server.finish(Duration::from_secs(20))?;
+    stop.store(true, Ordering::Relaxed);
+    handle.join().expect("control thread").stop();
+    let mbit = wire_bytes(r.bytes, false) as f64 * 8.0 / 3.0 / 1e6;
+    let quota = ingress_quota.bits_per_sec() as f64 / 1e6;
+    eprintln!("upload {mbit:.1} Mbit/s, ingress quota {quota:.1}, ACK pacing {ack}");
+    // Held by its ACKs' clock, an upload would get about 20× the ingress
+    // quota (1448 payload bytes per 66-byte ACK); unshaped it gets far more.
+    assert!(
+        mbit > 60.0 * quota,
+        "upload {mbit:.1} Mbit/s with an ingress quota of {quota:.1} (ACK pacing {ack})"
+    );
+    Ok(())
+}

@@ -241,6 +241,9 @@ pub struct PoolState {
 pub const SOCK_SHAPED: u32 = 1;
 /// `SockClass::flags` bit: the flow was routed elsewhere; not paced.
 pub const SOCK_ROUTED_ELSEWHERE: u32 = 2;
+/// `SockClass::flags` bit (ingress): the socket's ACKs have been held by
+/// ACK pacing (its ACKs pass an fq that honours their departure time).
+pub const SOCK_ACKS_HELD: u32 = 4;
 
 /// Cached classification of one socket (LRU hash keyed by socket cookie).
 #[repr(C)]

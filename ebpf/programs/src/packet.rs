@@ -97,19 +97,20 @@ pub fn l3_ecn_capable(skb: &SkBuff, ethertype_be: u32) -> bool {
     ecn != 0
 }
 
-/// Whether a packet whose data starts at the network header is TCP (IPv6
-/// extension headers are not followed).
+/// TCP payload bytes of a packet whose data starts at the network header
+/// (cgroup_skb); None when it is not TCP (IPv6 extension headers are not
+/// followed).
 #[inline(always)]
-pub fn l3_is_tcp(skb: &SkBuff, ethertype_be: u32) -> bool {
-    let ethertype = u16::from_be(ethertype_be as u16);
-    let proto = if ethertype == ETH_P_IP {
-        load_u8(skb, 9)
-    } else if ethertype == ETH_P_IPV6 {
-        load_u8(skb, 6)
-    } else {
-        None
-    };
-    proto == Some(IPPROTO_TCP)
+pub fn l3_tcp_payload(skb: &SkBuff, ethertype_be: u32) -> Option<u32> {
+    let h = headers_from(skb, 0, u16::from_be(ethertype_be as u16))?;
+    (h.protocol == IPPROTO_TCP).then(|| skb.len().saturating_sub(h.len))
+}
+
+/// TCP payload bytes of an Ethernet frame (tc); None when it is not TCP.
+#[inline(always)]
+pub fn tcp_payload(ctx: &TcContext) -> Option<u32> {
+    let h = headers(ctx)?;
+    (h.protocol == IPPROTO_TCP).then(|| ctx.len().saturating_sub(h.len))
 }
 
 /// Per-frame header bytes on the wire (Ethernet included) of a packet whose

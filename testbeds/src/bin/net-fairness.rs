@@ -217,6 +217,7 @@ fn real_main() -> Result<ExitCode> {
     };
     if args.plot_only {
         let explicit = !args.scenarios.is_empty();
+        let mut drawn = 0;
         for sc in &chosen {
             let json = args
                 .out
@@ -230,6 +231,14 @@ fn real_main() -> Result<ExitCode> {
                 .with_context(|| format!("parsing {}", json.display()))?;
             draw(&args, &result)?;
             print_table(&result);
+            drawn += 1;
+        }
+        if drawn == 0 {
+            bail!(
+                "--plot-only: no {}-<scenario>.json in {}",
+                args.direction,
+                args.out.display()
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }

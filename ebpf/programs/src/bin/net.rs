@@ -49,7 +49,7 @@ use qos_common::{
     net::{
         CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT,
         GLOBAL_ACK_PACING, GLOBAL_CLAMP_ECN, GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR,
-        MAX_CGROUP_DEPTH, MAX_CLASSES, NetGlobal, PoolState, SOCK_CACHE_ENTRIES,
+        MAX_CGROUP_DEPTH, MAX_CLASSES, NetGlobal, PoolState, SOCK_ACKS_HELD, SOCK_CACHE_ENTRIES,
         SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_INGRESS, TAG_OFFSET, TAG_PACED,
     },
     policy::{
@@ -430,7 +430,7 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
         let v = socket_view(&d, skb, g, None);
         if ack_pacing() {
             // SAFETY: helper on the program's own skb.
-            hold_acks(skb, unsafe { bpf_get_socket_cookie(skb.cast()) });
+            hold_acks(&ctx, unsafe { bpf_get_socket_cookie(skb.cast()) }, true);
         }
         (v.slot, v.paced)
     } else if ingress_if != 0 && (TAG_OFFSET..MAX_CLASSES + TAG_OFFSET).contains(&class_tag) {
@@ -496,56 +496,88 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
     // itself: it is dropped only far past the drop threshold, because every
     // drop stalls a receive flow for at least a loss-probe timeout.
     let ecn = packet::l3_ecn_capable(&ctx.skb, proto);
-    let tcp = g.flags & GLOBAL_ACK_PACING != 0 && packet::l3_is_tcp(&ctx.skb, proto);
-    // TCP flows are held by the clock of their ACKs, which the decision
-    // below must not undercut: they count as paced.
-    let responsive = v.paced || ecn || tcp;
+    // TCP data (not the ACKs an upload receives) runs its flow's ACK clock.
+    let clock = if g.flags & GLOBAL_ACK_PACING != 0
+        && packet::l3_tcp_payload(&ctx.skb, proto).is_some_and(|p| p > 0)
+    {
+        ack_clock(&d, g, skb, wire)
+    } else {
+        None
+    };
+    if let Some(c) = &clock
+        && c.at - c.now > ACK_LEAD_DROP_NS
+    {
+        // A sender that neither answers CE nor respects the window.
+        if let Some(ct) = d.counters.get_ptr_mut(c.slot) {
+            // SAFETY: pointer into the counters map.
+            unsafe {
+                (*ct).drops += 1;
+                (*ct).drop_bytes += wire;
+            }
+        }
+        return SKB_DROP;
+    }
+    // A flow whose ACKs are held slows down by itself: the decision below
+    // must not undercut it (it counts as paced).
+    let responsive = v.paced || ecn || clock.as_ref().is_some_and(|c| c.held);
     if !account(&d, g, skb, v.slot, wire, responsive) {
         return SKB_DROP;
     }
-    if tcp && !pace_acks(&d, g, skb, wire, ecn) {
-        return SKB_DROP;
+    if let Some(c) = clock {
+        // SAFETY: pointer into the socket map value, valid for this run.
+        unsafe {
+            (*c.sc).ack_next_ns = c.next;
+            (*c.sc).ack_at_ns = c.at;
+        }
+        // SAFETY: helper on the program's own skb; pointer into the
+        // counters map.
+        unsafe {
+            if ecn
+                && ack_lead_marks(c.at - c.now, c.next - c.at)
+                && bpf_skb_ecn_set_ce(skb) == 1
+                && let Some(ct) = d.counters.get_ptr_mut(c.slot)
+            {
+                (*ct).ce_marks += 1;
+            }
+        }
     }
     SKB_PASS
 }
 
-/// Advances the ACK clock of a received TCP flow by one packet at the
-/// flow's rate (see `policy::ack_release`); the ACKs its socket sends leave
-/// no earlier than that clock (`qos_egress`, `qos_tag`). CE-marks an
-/// ECN-capable packet when the clock runs too far ahead; false: drop.
+/// Where a received TCP packet falls on its flow's ACK clock.
+struct AckClock {
+    sc: *mut SockClass,
+    slot: u32,
+    now: u64,
+    /// Earliest departure of the ACK for this packet (≥ `now`).
+    at: u64,
+    /// The clock after this packet (≥ `at`).
+    next: u64,
+    /// The socket's ACKs have been held before.
+    held: bool,
+}
+
+/// The ACK clock of a received TCP flow advanced by one packet at the
+/// flow's rate (see `policy::ack_release`); committed by the caller once the
+/// packet passes. The ACKs its socket sends leave no earlier than that
+/// clock (`hold_acks`).
 #[inline(always)]
-fn pace_acks(d: &Dir, g: &NetGlobal, skb: *mut __sk_buff, wire: u64, ecn: bool) -> bool {
+fn ack_clock(d: &Dir, g: &NetGlobal, skb: *mut __sk_buff, wire: u64) -> Option<AckClock> {
     // SAFETY: helper on the program's own skb.
     let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
-    let Some(sc) = d.socks.get_ptr_mut(cookie) else {
-        return true;
-    };
-    let Some((slot, rate)) = flow_rate(d, g, sc) else {
-        return true;
-    };
+    let sc = d.socks.get_ptr_mut(cookie)?;
+    let (slot, rate) = flow_rate(d, g, sc)?;
     // SAFETY: helper without arguments; pointer into the socket map value.
-    unsafe {
-        let now = bpf_ktime_get_ns();
-        let (at, next) = policy::ack_release((*sc).ack_next_ns, now, wire, rate);
-        let lead = at - now;
-        if lead > ACK_LEAD_DROP_NS {
-            if let Some(ct) = d.counters.get_ptr_mut(slot) {
-                (*ct).drops += 1;
-                (*ct).drop_bytes += wire;
-            }
-            return false;
-        }
-        (*sc).ack_next_ns = next;
-        (*sc).ack_at_ns = at;
-        if ecn
-            && ack_lead_marks(lead, next - at)
-            && bpf_skb_ecn_set_ce(skb) == 1
-            && let Some(ct) = d.counters.get_ptr_mut(slot)
-        {
-            (*ct).ce_marks += 1;
-        }
-    }
-    true
+    let (now, next, flags) = unsafe { (bpf_ktime_get_ns(), (*sc).ack_next_ns, (*sc).flags) };
+    let (at, next) = policy::ack_release(next, now, wire, rate);
+    Some(AckClock {
+        sc,
+        slot,
+        now,
+        at,
+        next,
+        held: flags & SOCK_ACKS_HELD != 0,
+    })
 }
 
 /// Whether received TCP flows are paced by their ACKs.
@@ -557,21 +589,36 @@ fn ack_pacing() -> bool {
 /// `BPF_SKB_CLOCK_MONOTONIC` (formerly `BPF_SKB_TSTAMP_DELIVERY_MONO`).
 const TSTAMP_MONO: u32 = 1;
 
-/// Holds a segment the receiving socket `cookie` sends (its ACKs) until the
-/// flow's ACK clock allows it: an earliest departure time that the fq
-/// qdisc on the shaped interface honours.
+/// Holds a pure ACK the receiving socket `cookie` sends until the flow's
+/// ACK clock allows it: an earliest departure time that the fq qdisc on the
+/// shaped interface honours. Data segments (an upload, a request on the
+/// same connection) are not held. `egress`: a later departure time TCP set
+/// itself is kept (at tc ingress the field may hold a receive timestamp of
+/// another clock instead).
 #[inline(always)]
-fn hold_acks(skb: *mut __sk_buff, cookie: u64) {
-    // SAFETY: read-only lookup.
-    let Some(sc) = (unsafe { ING_SOCK_CLASS.get(cookie) }) else {
+fn hold_acks(ctx: &TcContext, cookie: u64, egress: bool) {
+    let Some(sc) = ING_SOCK_CLASS.get_ptr_mut(cookie) else {
         return;
     };
-    let at = sc.ack_at_ns;
-    // SAFETY: helper without arguments; field read and helper on the
-    // program's own skb.
+    let skb = ctx.skb.skb;
+    // SAFETY: pointer into the socket map value; helper without arguments;
+    // field read of the program's own skb.
+    let (at, flags, now, tstamp) = unsafe {
+        (
+            (*sc).ack_at_ns,
+            (*sc).flags,
+            bpf_ktime_get_ns(),
+            (*skb).tstamp,
+        )
+    };
+    if at <= now || (egress && at <= tstamp) || packet::tcp_payload(ctx) != Some(0) {
+        return;
+    }
+    // SAFETY: helper on the program's own skb; pointer into the map value.
     unsafe {
-        if at > bpf_ktime_get_ns() && at > (*skb).tstamp {
-            bpf_skb_set_tstamp(skb, at, TSTAMP_MONO);
+        bpf_skb_set_tstamp(skb, at, TSTAMP_MONO);
+        if flags & SOCK_ACKS_HELD == 0 {
+            (*sc).flags = flags | SOCK_ACKS_HELD;
         }
     }
 }
@@ -590,7 +637,7 @@ pub fn qos_tag(ctx: TcContext) -> i32 {
         // A container's ACKs: the time set here survives forwarding to the
         // shaped interface.
         // SAFETY: helper on the program's own skb.
-        hold_acks(skb, unsafe { bpf_get_socket_cookie(skb.cast()) });
+        hold_acks(&ctx, unsafe { bpf_get_socket_cookie(skb.cast()) }, false);
     }
     if v.shaped {
         let paced = if v.paced { TAG_PACED } else { 0 };
