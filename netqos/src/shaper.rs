@@ -25,7 +25,7 @@ use crate::{
     datapath::{ClassMaps, Datapath, Direction, ProgramStats},
     ifaces::{self, ContainerInterfaces},
     policy::{self, ClassDemand, Observation, Tuning},
-    qdisc::AckQdisc,
+    qdisc::{self, AckQdisc},
 };
 
 /// How often the allocator runs.
@@ -1161,7 +1161,7 @@ impl Shaper {
     /// vanished ones.
     pub fn scan_interfaces(&mut self) {
         self.last_scan = Some(Instant::now());
-        self.retry_ack_qdisc();
+        self.keep_ack_qdisc();
         let all = ifaces::list(Path::new("/sys/class/net"));
         let wanted = self.settings.container_interfaces.select(
             &all,
@@ -1177,22 +1177,44 @@ impl Shaper {
         }
     }
 
-    /// Tries again to install fq for ACK pacing after a failure that may
-    /// have passed.
-    fn retry_ack_qdisc(&mut self) {
-        if !matches!(self.ack_pacing, AckQdisc::Failed(_)) {
-            return;
-        }
+    /// Keeps ACK pacing in step with the qdisc (every interface scan): when
+    /// our fq was replaced or deleted (by hand, by a network manager) ACK
+    /// pacing goes off at once; after a failure that may pass (the default
+    /// qdisc is back, the device was just created) fq is installed again.
+    fn keep_ack_qdisc(&mut self) {
         let Some(t) = self.ingress.as_mut() else {
             return;
         };
-        self.ack_pacing = self.dp.ensure_ack_qdisc();
-        if self.ack_pacing.is_ready() {
-            t.global.flags |= GLOBAL_ACK_PACING;
-            match self.dp.maps(t.dir).write_global(&t.global) {
-                Ok(()) => info!(iface = %self.settings.interface, "ingress ACK pacing on"),
-                Err(e) => warn!(error = %e, "enabling ingress ACK pacing"),
+        let iface = &self.settings.interface;
+        match &self.ack_pacing {
+            AckQdisc::Ready { .. } => match qdisc::root(iface) {
+                Ok(r) if !r.is_ours() => {
+                    warn!(iface = %iface, now = %format!("{} {}", r.kind, r.handle),
+                        "the fq qdisc ACK pacing needs was replaced; ACK pacing off");
+                    self.ack_pacing = AckQdisc::Failed(format!(
+                        "fq at the root of {iface} was replaced by {} {}",
+                        r.kind, r.handle
+                    ));
+                    t.global.flags &= !GLOBAL_ACK_PACING;
+                    if let Err(e) = self.dp.maps(t.dir).write_global(&t.global) {
+                        warn!(error = %e, "turning ingress ACK pacing off");
+                    }
+                }
+                // Ours, or not readable now (the device is being replaced:
+                // `check_interface` follows that).
+                _ => {}
+            },
+            AckQdisc::Failed(_) => {
+                self.ack_pacing = self.dp.ensure_ack_qdisc();
+                if self.ack_pacing.is_ready() {
+                    t.global.flags |= GLOBAL_ACK_PACING;
+                    match self.dp.maps(t.dir).write_global(&t.global) {
+                        Ok(()) => info!(iface = %iface, "ingress ACK pacing on"),
+                        Err(e) => warn!(error = %e, "enabling ingress ACK pacing"),
+                    }
+                }
             }
+            AckQdisc::Unavailable(_) => {}
         }
     }
 

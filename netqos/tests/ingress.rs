@@ -312,6 +312,15 @@ fn stopping_removes_every_ingress_attachment() -> Result<()> {
     if testbeds::net::fq_available()? {
         assert_eq!(ack, "on");
         assert!(netqos::qdisc::root(dev).unwrap().is_ours());
+        // Deleted by hand: ACK pacing goes off at the next interface scan,
+        // and fq is back at the one after (the default qdisc returned).
+        testbeds::run("tc", &["qdisc", "del", "dev", dev, "root"])?;
+        shaper.scan_interfaces();
+        let ack = ingress(&shaper.status()).ack_pacing.clone();
+        assert!(ack.starts_with("off: fq at the root"), "{ack}");
+        shaper.scan_interfaces();
+        assert_eq!(ingress(&shaper.status()).ack_pacing, "on");
+        assert!(netqos::qdisc::root(dev).unwrap().is_ours());
     } else {
         assert!(ack.starts_with("off: the kernel has no fq qdisc"), "{ack}");
         assert!(netqos::qdisc::root(dev).unwrap().is_default());
