@@ -1120,15 +1120,11 @@ impl Shaper {
             }
             Ok(Some(ifindex)) => {
                 self.iface_missing = false;
-                if let Some(t) = self.ingress.as_mut()
-                    && self.settings.ingress_ack_pacing
-                {
+                if self.ingress.is_some() && self.settings.ingress_ack_pacing {
                     // The new device has the default qdisc again.
-                    self.ack_pacing = self.dp.ensure_ack_qdisc();
-                    if self.ack_pacing.is_ready() {
-                        t.global.flags |= GLOBAL_ACK_PACING;
-                    } else {
-                        t.global.flags &= !GLOBAL_ACK_PACING;
+                    let state = self.dp.ensure_ack_qdisc();
+                    if let Err(e) = self.set_ack_pacing(state) {
+                        return InterfaceEvent::Failed(e.to_string());
                     }
                 }
                 let mut tables: Vec<&mut ClassTable> = vec![&mut self.egress];
@@ -1182,40 +1178,50 @@ impl Shaper {
     /// pacing goes off at once; after a failure that may pass (the default
     /// qdisc is back, the device was just created) fq is installed again.
     fn keep_ack_qdisc(&mut self) {
-        let Some(t) = self.ingress.as_mut() else {
+        if self.ingress.is_none() {
             return;
-        };
+        }
         let iface = &self.settings.interface;
-        match &self.ack_pacing {
+        let next = match &self.ack_pacing {
             AckQdisc::Ready { .. } => match qdisc::root(iface) {
                 Ok(r) if !r.is_ours() => {
                     warn!(iface = %iface, now = %format!("{} {}", r.kind, r.handle),
                         "the fq qdisc ACK pacing needs was replaced; ACK pacing off");
-                    self.ack_pacing = AckQdisc::Failed(format!(
+                    AckQdisc::Failed(format!(
                         "fq at the root of {iface} was replaced by {} {}",
                         r.kind, r.handle
-                    ));
-                    t.global.flags &= !GLOBAL_ACK_PACING;
-                    if let Err(e) = self.dp.maps(t.dir).write_global(&t.global) {
-                        warn!(error = %e, "turning ingress ACK pacing off");
-                    }
+                    ))
                 }
                 // Ours, or not readable now (the device is being replaced:
                 // `check_interface` follows that).
-                _ => {}
+                _ => return,
             },
-            AckQdisc::Failed(_) => {
-                self.ack_pacing = self.dp.ensure_ack_qdisc();
-                if self.ack_pacing.is_ready() {
-                    t.global.flags |= GLOBAL_ACK_PACING;
-                    match self.dp.maps(t.dir).write_global(&t.global) {
-                        Ok(()) => info!(iface = %iface, "ingress ACK pacing on"),
-                        Err(e) => warn!(error = %e, "enabling ingress ACK pacing"),
-                    }
-                }
-            }
-            AckQdisc::Unavailable(_) => {}
+            AckQdisc::Failed(_) => self.dp.ensure_ack_qdisc(),
+            AckQdisc::Unavailable(_) => return,
+        };
+        if let Err(e) = self.set_ack_pacing(next) {
+            warn!(iface = %self.settings.interface, error = %e, "switching ingress ACK pacing");
         }
+    }
+
+    /// Records how ACK pacing stands and sets the datapath's flag to match.
+    fn set_ack_pacing(&mut self, state: AckQdisc) -> Result<(), NetError> {
+        self.ack_pacing = state;
+        let Some(t) = self.ingress.as_mut() else {
+            return Ok(());
+        };
+        let flags = if self.ack_pacing.is_ready() {
+            t.global.flags | GLOBAL_ACK_PACING
+        } else {
+            t.global.flags & !GLOBAL_ACK_PACING
+        };
+        if flags == t.global.flags {
+            return Ok(());
+        }
+        t.global.flags = flags;
+        self.dp.maps(t.dir).write_global(&t.global)?;
+        info!(iface = %self.settings.interface, state = %self.ack_pacing.describe(), "ingress ACK pacing");
+        Ok(())
     }
 
     pub fn status(&self) -> NetStatus {

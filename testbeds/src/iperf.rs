@@ -5,7 +5,7 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
@@ -120,13 +120,7 @@ fn wait_for_report(
     timeout: Duration,
     what: &str,
 ) -> Result<String> {
-    let end = Instant::now() + timeout;
-    while child.0.try_wait()?.is_none() {
-        if Instant::now() > end {
-            bail!("iperf3 {what} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    child.wait_exit(timeout, &format!("iperf3 {what}"))?;
     std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))
 }
 

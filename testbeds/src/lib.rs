@@ -345,6 +345,23 @@ pub fn spawn_in(
 #[derive(Debug)]
 pub struct KillOnDrop(pub Child);
 
+impl KillOnDrop {
+    /// Waits up to `timeout` for the process to exit; `what` names it in
+    /// the error.
+    pub fn wait_exit(&mut self, timeout: Duration, what: &str) -> Result<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.0.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > end {
+                bail!("{what} did not finish within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();

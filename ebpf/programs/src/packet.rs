@@ -83,7 +83,7 @@ fn headers_from(skb: &SkBuff, l3: usize, ethertype: u16) -> Option<Headers> {
 
 /// Whether a packet whose data starts at the network header is ECN-capable
 /// (ECT(0), ECT(1) or already CE). `ethertype_be` as in
-/// [`l3_frame_header_len`].
+/// [`l3_headers`].
 #[inline(always)]
 pub fn l3_ecn_capable(skb: &SkBuff, ethertype_be: u32) -> bool {
     let ethertype = u16::from_be(ethertype_be as u16);
@@ -97,28 +97,28 @@ pub fn l3_ecn_capable(skb: &SkBuff, ethertype_be: u32) -> bool {
     ecn != 0
 }
 
-/// TCP payload bytes of a packet whose data starts at the network header
-/// (cgroup_skb); None when it is not TCP (IPv6 extension headers are not
-/// followed).
-#[inline(always)]
-pub fn l3_tcp_payload(skb: &SkBuff, ethertype_be: u32) -> Option<u32> {
-    let h = headers_from(skb, 0, u16::from_be(ethertype_be as u16))?;
-    (h.protocol == IPPROTO_TCP).then(|| skb.len().saturating_sub(h.len))
+impl Headers {
+    /// TCP payload bytes of a packet of `skb_len` bytes with these headers;
+    /// None when it is not TCP.
+    #[inline(always)]
+    pub fn tcp_payload(&self, skb_len: u32) -> Option<u32> {
+        (self.protocol == IPPROTO_TCP).then(|| skb_len.saturating_sub(self.len))
+    }
 }
 
-/// TCP payload bytes of an Ethernet frame (tc); None when it is not TCP.
+/// Parses the L3/L4 headers of a packet whose data starts at the network
+/// header, as cgroup_skb programs see it (IPv6 extension headers are not
+/// followed). `ethertype` is `__sk_buff::protocol` (network order).
 #[inline(always)]
-pub fn tcp_payload(ctx: &TcContext) -> Option<u32> {
-    let h = headers(ctx)?;
-    (h.protocol == IPPROTO_TCP).then(|| ctx.len().saturating_sub(h.len))
+pub fn l3_headers(skb: &SkBuff, ethertype_be: u32) -> Option<Headers> {
+    headers_from(skb, 0, u16::from_be(ethertype_be as u16))
 }
 
 /// Per-frame header bytes on the wire (Ethernet included) of a packet whose
-/// data starts at the network header, as cgroup_skb programs see it.
-/// `ethertype` is `__sk_buff::protocol` (network order).
+/// data starts at the network header, from its [`l3_headers`].
 #[inline(always)]
-pub fn l3_frame_header_len(skb: &SkBuff, ethertype_be: u32) -> u32 {
-    match headers_from(skb, 0, u16::from_be(ethertype_be as u16)) {
+pub fn l3_frame_header_len(h: Option<Headers>) -> u32 {
+    match h {
         Some(h) if h.len > 0 => h.len + ETH_HLEN as u32,
         _ => FALLBACK_HEADER_LEN,
     }

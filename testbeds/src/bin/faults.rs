@@ -577,14 +577,7 @@ fn cgroup_cycles(args: &Args, bins: &Path) -> Result<Value> {
     for i in 0..args.cycles {
         let name = format!("cycle{i}");
         let dir = parent.child(&name)?;
-        client.call(&qos::protocol::Request::NetSet {
-            cgroup: parent.child_name(&name),
-            rate: Some("1mbit".parse()?),
-            ceil: None,
-            priority: 0,
-            ingress_rate: None,
-            ingress_ceil: None,
-        })?;
+        client.call(&egress_1mbit(parent.child_name(&name))?)?;
         std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
         if i % step == 0 || i + 1 == args.cycles {
             let m = metrics(&q)?;
@@ -797,14 +790,7 @@ fn full_table(bins: &Path) -> Result<Value> {
         let name = format!("c{i}");
         parent.child(&name)?;
         Ok(client
-            .call(&qos::protocol::Request::NetSet {
-                cgroup: parent.child_name(&name),
-                rate: Some("1mbit".parse()?),
-                ceil: None,
-                priority: 0,
-                ingress_rate: None,
-                ingress_ceil: None,
-            })
+            .call(&egress_1mbit(parent.child_name(&name))?)
             .map(|_| ())
             .map_err(|e| e.to_string()))
     };
@@ -870,4 +856,17 @@ fn kernel_write_rule(g: &IoCgroup, devno: &str) -> Option<u64> {
         .find(|l| l.starts_with(&format!("{devno} ")))?
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix("wbps=")?.parse().ok())
+}
+
+/// An egress quota of 1 Mbit/s for `cgroup` (the cycles and the full table
+/// set thousands of them).
+fn egress_1mbit(cgroup: String) -> Result<qos::protocol::Request> {
+    Ok(qos::protocol::Request::NetSet {
+        cgroup,
+        rate: Some("1mbit".parse()?),
+        ceil: None,
+        priority: 0,
+        ingress_rate: None,
+        ingress_ceil: None,
+    })
 }

@@ -631,12 +631,11 @@ fn with_gaps(w: &Windows) -> Vec<(f64, f64)> {
     out
 }
 
-/// Drops and CE marks per group, and ns per run of each program.
 /// Drops and CE marks per group, ns per program run, how ingress ACK
 /// pacing stood.
 type EndCounters = (Vec<u64>, Vec<u64>, BTreeMap<String, f64>, Option<String>);
 
-/// (drops, CE marks) per group at the end of a run.
+/// [`EndCounters`] at the end of a run.
 fn counters(shaping: &Shaping, cgroups: &[String]) -> Result<EndCounters> {
     match shaping {
         Shaping::Qosd {
@@ -1111,16 +1110,7 @@ impl Probe {
     }
 
     fn finish(mut self, timeout: Duration) -> Result<RrStats> {
-        let end = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = self.client.0.try_wait()? {
-                break s;
-            }
-            if Instant::now() >= end {
-                bail!("rr-probe client did not finish within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = self.client.wait_exit(timeout, "rr-probe client")?;
         if !status.success() {
             bail!("rr-probe client failed ({status}); see its stderr above");
         }

@@ -179,6 +179,7 @@ fn resolve_cgroup(d: &Dir, skb: *mut __sk_buff) -> u32 {
 /// What the socket cache says about a packet's socket.
 #[derive(Clone, Copy)]
 struct SockView {
+    cookie: u64,
     slot: u32,
     /// The flow leaves through the shaped interface.
     shaped: bool,
@@ -202,6 +203,7 @@ fn socket_view(d: &Dir, skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcCon
                     (*sc).flags = ((*sc).flags | SOCK_SHAPED) & !SOCK_ROUTED_ELSEWHERE;
                 }
                 return SockView {
+                    cookie,
                     slot: (*sc).slot,
                     shaped: (*sc).flags & SOCK_SHAPED != 0,
                     paced: (*sc).pacing != 0,
@@ -232,6 +234,7 @@ fn socket_view(d: &Dir, skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcCon
     };
     let _ = d.socks.insert(cookie, entry, 0);
     SockView {
+        cookie,
         slot,
         shaped: flags & SOCK_SHAPED != 0,
         paced: old.pacing != 0,
@@ -429,8 +432,7 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
     let (slot, paced) = if cgroup != 0 {
         let v = socket_view(&d, skb, g, None);
         if ack_pacing() {
-            // SAFETY: helper on the program's own skb.
-            hold_acks(&ctx, unsafe { bpf_get_socket_cookie(skb.cast()) }, true);
+            hold_acks(&ctx, v.cookie, true);
         }
         (v.slot, v.paced)
     } else if ingress_if != 0 && (TAG_OFFSET..MAX_CLASSES + TAG_OFFSET).contains(&class_tag) {
@@ -484,23 +486,32 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
         return SKB_PASS;
     }
     let v = socket_view(&d, skb, g, None);
-    // The data starts at the network header here: add the Ethernet header
-    // the frame carried on the wire. Headers are parsed only for GSO packets.
-    let hdr = if segs > 1 {
-        packet::l3_frame_header_len(&ctx.skb, proto)
+    let ack_pacing = g.flags & GLOBAL_ACK_PACING != 0;
+    // Headers are parsed only where needed, once: for GSO packets (the data
+    // starts at the network header here: their wire length adds the
+    // Ethernet header the frame carried) and, with ACK pacing, to tell TCP
+    // data (not the ACKs an upload receives) from the rest.
+    let (hdr, tcp_data) = if segs > 1 || ack_pacing {
+        let h = packet::l3_headers(&ctx.skb, proto);
+        (
+            if segs > 1 {
+                packet::l3_frame_header_len(h)
+            } else {
+                0
+            },
+            ack_pacing && h.and_then(|h| h.tcp_payload(len)).is_some_and(|p| p > 0),
+        )
     } else {
-        0
+        (0, false)
     };
     let wire = wire_len(len, segs, hdr) + packet::ETH_HLEN as u64;
     // A flow that answers CE marks (or whose window is clamped) slows down by
     // itself: it is dropped only far past the drop threshold, because every
     // drop stalls a receive flow for at least a loss-probe timeout.
     let ecn = packet::l3_ecn_capable(&ctx.skb, proto);
-    // TCP data (not the ACKs an upload receives) runs its flow's ACK clock.
-    let clock = if g.flags & GLOBAL_ACK_PACING != 0
-        && packet::l3_tcp_payload(&ctx.skb, proto).is_some_and(|p| p > 0)
-    {
-        ack_clock(&d, g, skb, wire)
+    // TCP data runs its flow's ACK clock.
+    let clock = if tcp_data {
+        ack_clock(&d, g, v.cookie, wire)
     } else {
         None
     };
@@ -562,9 +573,7 @@ struct AckClock {
 /// packet passes. The ACKs its socket sends leave no earlier than that
 /// clock (`hold_acks`).
 #[inline(always)]
-fn ack_clock(d: &Dir, g: &NetGlobal, skb: *mut __sk_buff, wire: u64) -> Option<AckClock> {
-    // SAFETY: helper on the program's own skb.
-    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+fn ack_clock(d: &Dir, g: &NetGlobal, cookie: u64, wire: u64) -> Option<AckClock> {
     let sc = d.socks.get_ptr_mut(cookie)?;
     let (slot, rate) = flow_rate(d, g, sc)?;
     // SAFETY: helper without arguments; pointer into the socket map value.
@@ -611,7 +620,10 @@ fn hold_acks(ctx: &TcContext, cookie: u64, egress: bool) {
             (*skb).tstamp,
         )
     };
-    if at <= now || (egress && at <= tstamp) || packet::tcp_payload(ctx) != Some(0) {
+    if at <= now
+        || (egress && at <= tstamp)
+        || packet::headers(ctx).and_then(|h| h.tcp_payload(ctx.len())) != Some(0)
+    {
         return;
     }
     // SAFETY: helper on the program's own skb; pointer into the map value.
@@ -636,8 +648,7 @@ pub fn qos_tag(ctx: TcContext) -> i32 {
     if ack_pacing() {
         // A container's ACKs: the time set here survives forwarding to the
         // shaped interface.
-        // SAFETY: helper on the program's own skb.
-        hold_acks(&ctx, unsafe { bpf_get_socket_cookie(skb.cast()) }, false);
+        hold_acks(&ctx, v.cookie, false);
     }
     if v.shaped {
         let paced = if v.paced { TAG_PACED } else { 0 };
