@@ -63,6 +63,25 @@ pub const fn underflow_correction(level: i64, floor: u64) -> i64 {
     if level < floor { floor - level } else { 0 }
 }
 
+/// Tokens (≥ 0) to move from the borrow bucket (at `borrow`) into the own
+/// bucket (at `own`) to repay its debt. Out-of-profile traffic leaves debt
+/// in the own bucket, which earns only the guarantee: a class with a small
+/// or no guarantee (the default class) would keep a debt for seconds or for
+/// ever, and be slowed and dropped long after it came back within its
+/// allocation. Repaying from the borrow allowance as well clears the debt at
+/// the rate the class is allocated; the class cannot borrow meanwhile,
+/// because it has already spent those bytes.
+#[inline(always)]
+pub const fn debt_repayment(own: i64, borrow: i64) -> i64 {
+    if own >= 0 || borrow <= 0 {
+        return 0;
+    }
+    let debt = own.unsigned_abs();
+    let available = borrow.unsigned_abs();
+    // Both are below 2^63 here.
+    (if debt < available { debt } else { available }) as i64
+}
+
 #[inline(always)]
 const fn min_i64_of_u64(v: u64) -> i64 {
     if v > i64::MAX as u64 {
@@ -124,7 +143,19 @@ pub struct Limits {
     /// packet after its probe timer, hundreds of ms). Such packets are
     /// dropped only past `PACED_DROP_FACTOR` times the drop threshold.
     pub paced: bool,
+    /// The packet carries no payload (a pure TCP ACK, or SYN/FIN/RST): a
+    /// drop would not slow the traffic it is charged to, only the flow in
+    /// the other direction (an upload's ACKs count against the uploader's
+    /// ingress quota). It is charged up to the drop threshold and passes
+    /// uncharged past it ([`Verdict::OverUncharged`]), so the debt stays
+    /// bounded and is never paid for by a drop.
+    pub no_payload: bool,
 }
+
+/// Largest packet that can carry no payload, from its network header: IPv4
+/// and TCP headers of 60 bytes each (IPv6's fixed header is 40). Only
+/// packets up to this size need their headers parsed to find out.
+pub const NO_PAYLOAD_MAX_L3_LEN: u32 = 120;
 
 /// See [`Limits::paced`].
 pub const PACED_DROP_FACTOR: u64 = 4;
@@ -145,6 +176,9 @@ pub enum Verdict {
     OverMark,
     /// Debt past the drop threshold: dropped, not charged.
     Drop,
+    /// Debt past the drop threshold, but the packet has no payload
+    /// ([`Limits::no_payload`]): passes, not charged to the class.
+    OverUncharged,
 }
 
 /// Decides one packet of `len` wire bytes.
@@ -181,7 +215,11 @@ pub const fn decide(levels: &Levels, limits: &Limits, len: u64) -> Verdict {
         (limits.mark_debt, limits.drop_debt)
     };
     if debt > drop_at {
-        Verdict::Drop
+        if limits.no_payload {
+            Verdict::OverUncharged
+        } else {
+            Verdict::Drop
+        }
     } else if debt > mark_at {
         Verdict::OverMark
     } else {
@@ -483,6 +521,7 @@ mod tests {
             mark_debt: 10_000,
             drop_debt: 100_000,
             paced: false,
+            no_payload: false,
         }
     }
 
@@ -614,6 +653,49 @@ mod tests {
         let deep = Levels { own: -399_000, ..l };
         assert_eq!(decide(&deep, &paced, 1000), Verdict::OverMark);
         assert_eq!(decide(&deep, &paced, 1001), Verdict::Drop);
+    }
+
+    #[test]
+    fn debt_is_repaid_from_the_borrow_allowance() {
+        assert_eq!(debt_repayment(-500, 200), 200);
+        assert_eq!(debt_repayment(-500, 900), 500);
+        assert_eq!(debt_repayment(-500, 0), 0);
+        assert_eq!(debt_repayment(-500, -10), 0);
+        assert_eq!(debt_repayment(0, 900), 0);
+        assert_eq!(debt_repayment(10, 900), 0);
+        assert_eq!(debt_repayment(i64::MIN, i64::MAX), i64::MAX);
+        assert_eq!(debt_repayment(-i64::MAX, i64::MAX), i64::MAX);
+    }
+
+    #[test]
+    fn a_packet_without_payload_is_never_dropped() {
+        let ack = Limits {
+            no_payload: true,
+            ..limits()
+        };
+        let l = Levels {
+            own: -99_000,
+            borrow: 0,
+            ceil: 0,
+            pool: 0,
+        };
+        // Below the drop threshold it is charged like any other packet.
+        assert_eq!(decide(&l, &ack, 66), Verdict::OverMark);
+        assert_eq!(
+            decide(&Levels { own: -5_000, ..l }, &ack, 66),
+            Verdict::Over
+        );
+        // Past it, it passes uncharged; paced or not.
+        assert_eq!(decide(&l, &ack, 1001), Verdict::OverUncharged);
+        let deep = Levels {
+            own: -i64::MAX,
+            ..l
+        };
+        assert_eq!(decide(&deep, &ack, 66), Verdict::OverUncharged);
+        let paced_ack = Limits { paced: true, ..ack };
+        assert_eq!(decide(&deep, &paced_ack, 66), Verdict::OverUncharged);
+        // Within profile nothing changes.
+        assert_eq!(decide(&Levels { own: 1, ..l }, &ack, 66), Verdict::Own);
     }
 
     #[test]
@@ -798,8 +880,9 @@ mod tests {
         #[test]
         fn decide_is_total_and_consistent(own in any::<i64>(), borrow in any::<i64>(), ceil in any::<i64>(),
                                           pool in any::<i64>(), prio in 0u32..8, has_ceil in any::<bool>(),
-                                          len in 0u64..200_000, paced in any::<bool>()) {
-            let lim = Limits { priority: prio, has_ceil, paced, ..limits() };
+                                          len in 0u64..200_000, paced in any::<bool>(),
+                                          no_payload in any::<bool>()) {
+            let lim = Limits { priority: prio, has_ceil, paced, no_payload, ..limits() };
             let l = Levels { own, borrow, ceil, pool };
             let v = decide(&l, &lim, len);
             if own > 0 { prop_assert_eq!(v, Verdict::Own); }
@@ -807,12 +890,28 @@ mod tests {
                 prop_assert!(!has_ceil || ceil > 0);
                 prop_assert!(pool > borrow_threshold(prio, lim.prio_step));
             }
+            prop_assert!(!(no_payload && v == Verdict::Drop));
+            if v == Verdict::OverUncharged {
+                prop_assert!(no_payload);
+                prop_assert!(len.saturating_add(own.unsigned_abs()) > lim.drop_debt);
+            }
             if v == Verdict::Drop {
                 prop_assert!(len.saturating_add(own.unsigned_abs()) > lim.drop_debt);
                 if paced {
                     prop_assert!(len.saturating_add(own.unsigned_abs()) > lim.drop_debt * PACED_DROP_FACTOR);
                 }
             }
+        }
+
+        #[test]
+        fn debt_repayment_moves_no_more_than_owed_or_held(own in any::<i64>(), borrow in any::<i64>()) {
+            let r = debt_repayment(own, borrow);
+            prop_assert!(r >= 0);
+            prop_assert!(r as u64 <= own.min(0).unsigned_abs());
+            prop_assert!(r as u64 <= borrow.max(0).unsigned_abs());
+            // After the move neither bucket changes sign the wrong way.
+            prop_assert!(own.saturating_add(r) <= 0 || own > 0);
+            prop_assert!(borrow - r >= 0 || borrow < 0);
         }
 
         #[test]

@@ -8,6 +8,9 @@ use aya_ebpf::{
 };
 
 pub const ETH_HLEN: usize = 14;
+/// Most link-layer bytes [`headers`] parses before the network header
+/// (Ethernet and one VLAN tag).
+pub const MAX_L2_LEN: u32 = ETH_HLEN as u32 + 4;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;

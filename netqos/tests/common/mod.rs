@@ -43,6 +43,24 @@ pub fn tc_programs(iface: &str, kind: aya::programs::TcAttachType) -> anyhow::Re
         .count())
 }
 
+/// Program ids of `ids` the kernel still has loaded, `timeout` after they
+/// were detached. The kernel frees a detached program asynchronously (a
+/// cgroup's program array is released from a work queue), so this polls.
+pub fn still_loaded(ids: &[u32], timeout: std::time::Duration) -> Vec<u32> {
+    let left = || -> Vec<u32> {
+        let loaded: Vec<u32> = aya::programs::loaded_programs()
+            .filter_map(|p| p.ok())
+            .map(|p| p.id())
+            .collect();
+        ids.iter()
+            .copied()
+            .filter(|id| loaded.contains(id))
+            .collect()
+    };
+    testbeds::wait_for(timeout, || left().is_empty());
+    left()
+}
+
 /// Every rate of the traffic tests is multiplied by `QOS_TEST_RATE_SCALE`
 /// (default 1): an emulated VM cannot carry a gigabit, and the shares are
 /// what the tests check. Measured rates are divided by it again, so the

@@ -54,9 +54,10 @@ use qos_common::{
     },
     policy::{
         self, ACK_LEAD_DROP_NS, ACK_LEAD_WINDOW_US, CLAMP_STEP_NS, CONTROL_INTERVAL_NS, Levels,
-        Limits, UNIT, Verdict, ack_lead_marks, decide, earned, flow_share, next_multiplier,
-        next_window_clamp, overflow_correction, pacing_changed, pacing_rate, underflow_correction,
-        window_clamp, wire_len, wire_to_tcp_rate,
+        Limits, NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_marks, debt_repayment, decide,
+        earned, flow_share, next_multiplier, next_window_clamp, overflow_correction,
+        pacing_changed, pacing_rate, underflow_correction, window_clamp, wire_len,
+        wire_to_tcp_rate,
     },
 };
 use qos_ebpf::{
@@ -277,6 +278,11 @@ fn refill_class(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64)
             earned(el, cfg.borrow_rate),
             cfg.borrow_depth,
         );
+        let repay = debt_repayment(read(&(*st).own), read(&(*st).borrow));
+        if repay != 0 {
+            add_fetch_i64(&mut (*st).borrow, -repay);
+            add_fetch_i64(&mut (*st).own, repay);
+        }
         if has_ceil(cfg, g) {
             refill(&mut (*st).ceil, earned(el, cfg.ceil), cfg.ceil_depth);
         }
@@ -328,9 +334,17 @@ fn class_fill(st: *const ClassState, cfg: &ClassConfig) -> i64 {
 
 /// Charges one packet of `wire` bytes to class `slot` of direction `d` and
 /// says whether it passes (CE-marked when out of profile past the mark
-/// threshold and ECN-capable).
+/// threshold and ECN-capable). `paced`, `no_payload`: see [`Limits`].
 #[inline(always)]
-fn account(d: &Dir, g: &NetGlobal, skb: *mut __sk_buff, slot: u32, wire: u64, paced: bool) -> bool {
+fn account(
+    d: &Dir,
+    g: &NetGlobal,
+    skb: *mut __sk_buff,
+    slot: u32,
+    wire: u64,
+    paced: bool,
+    no_payload: bool,
+) -> bool {
     // A slot whose quota was just removed counts as the default class.
     let (slot, cfg) = match d.cfg.get(slot) {
         Some(c) if c.active != 0 => (slot, c),
@@ -371,6 +385,7 @@ fn account(d: &Dir, g: &NetGlobal, skb: *mut __sk_buff, slot: u32, wire: u64, pa
         mark_debt: cfg.mark_debt,
         drop_debt: cfg.drop_debt,
         paced,
+        no_payload,
     };
     let verdict = decide(&levels, &limits, wire);
     let w = wire as i64;
@@ -386,6 +401,7 @@ fn account(d: &Dir, g: &NetGlobal, skb: *mut __sk_buff, slot: u32, wire: u64, pa
                 (*ct).borrowed_bytes += wire;
             }
             Verdict::BorrowExtra => (*ct).borrowed_bytes += wire,
+            Verdict::OverUncharged => (*ct).over_bytes += wire,
             Verdict::Over | Verdict::OverMark => {
                 add_fetch_i64(&mut (*st).own, -w);
                 (*ct).over_bytes += wire;
@@ -440,12 +456,18 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
     } else {
         (DEFAULT_SLOT, false)
     };
-    let hdr = if segs > 1 {
-        packet::gso_header_len(&ctx)
+    // Headers are parsed for GSO packets (their wire length) and for packets
+    // small enough to carry no payload (the ACKs of a download).
+    let (hdr, no_payload) = if segs > 1 {
+        (packet::gso_header_len(&ctx), false)
+    } else if len <= NO_PAYLOAD_MAX_L3_LEN + packet::MAX_L2_LEN {
+        let h = packet::headers(&ctx);
+        (0, h.and_then(|h| h.tcp_payload(len)) == Some(0))
     } else {
-        0
+        (0, false)
     };
-    if account(&d, g, skb, slot, wire_len(len, segs, hdr), paced) {
+    let wire = wire_len(len, segs, hdr);
+    if account(&d, g, skb, slot, wire, paced, no_payload) {
         PASS
     } else {
         DROP
@@ -489,9 +511,10 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
     let ack_pacing = g.flags & GLOBAL_ACK_PACING != 0;
     // Headers are parsed only where needed, once: for GSO packets (the data
     // starts at the network header here: their wire length adds the
-    // Ethernet header the frame carried) and, with ACK pacing, to tell TCP
-    // data (not the ACKs an upload receives) from the rest.
-    let (hdr, tcp_data) = if segs > 1 || ack_pacing {
+    // Ethernet header the frame carried), for packets small enough to carry
+    // no payload (the ACKs an upload receives) and, with ACK pacing, to tell
+    // TCP data from the rest.
+    let (hdr, payload) = if segs > 1 || ack_pacing || len <= NO_PAYLOAD_MAX_L3_LEN {
         let h = packet::l3_headers(&ctx.skb, proto);
         (
             if segs > 1 {
@@ -499,11 +522,13 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
             } else {
                 0
             },
-            ack_pacing && h.and_then(|h| h.tcp_payload(len)).is_some_and(|p| p > 0),
+            h.and_then(|h| h.tcp_payload(len)),
         )
     } else {
-        (0, false)
+        (0, None)
     };
+    let tcp_data = ack_pacing && payload.is_some_and(|p| p > 0);
+    let no_payload = payload == Some(0);
     let wire = wire_len(len, segs, hdr) + packet::ETH_HLEN as u64;
     // A flow that answers CE marks (or whose window is clamped) slows down by
     // itself: it is dropped only far past the drop threshold, because every
@@ -531,7 +556,7 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
     // A flow whose ACKs are held slows down by itself: the decision below
     // must not undercut it (it counts as paced).
     let responsive = v.paced || ecn || clock.as_ref().is_some_and(|c| c.held);
-    if !account(&d, g, skb, v.slot, wire, responsive) {
+    if !account(&d, g, skb, v.slot, wire, responsive, no_payload) {
         return SKB_DROP;
     }
     if let Some(c) = clock {
