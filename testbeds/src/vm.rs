@@ -437,6 +437,12 @@ pub struct Step {
     /// Print the output on the console even when the step passes.
     #[serde(default)]
     pub show_output: bool,
+    /// Runs again after a failure (not after a timeout), this many times at
+    /// most: for measurements on emulated CPUs, where a stall of the
+    /// emulator now and then costs a run its figures. Every failed try is
+    /// kept in the report.
+    #[serde(default)]
+    pub retries: u32,
 }
 
 /// The steps, in order.
@@ -464,6 +470,18 @@ pub struct StepResult {
     pub output_tail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub json: Option<serde_json::Value>,
+    /// Tries that failed before this result (see [`Step::retries`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_tries: Vec<FailedTry>,
+}
+
+/// A failed try of a step that was run again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailedTry {
+    pub exit_code: Option<i32>,
+    pub seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_tail: Option<String>,
 }
 
 /// What the guest prints after the suite.
@@ -500,16 +518,34 @@ pub fn run_suite(suite: &Suite) -> GuestReport {
     let mut steps = Vec::new();
     for step in &suite.steps {
         println!("qos-vm: step {} ...", step.name);
-        let r = run_step(step);
-        println!(
-            "qos-vm: step {}: {:?} in {:.1} s",
-            r.name, r.status, r.seconds
-        );
-        if let Some(tail) = &r.output_tail {
-            for line in tail.lines() {
-                println!("qos-vm: {} | {line}", r.name);
+        let mut failed_tries = Vec::new();
+        let mut r = loop {
+            let r = run_step(step);
+            println!(
+                "qos-vm: step {}: {:?} in {:.1} s",
+                r.name, r.status, r.seconds
+            );
+            if let Some(tail) = &r.output_tail {
+                for line in tail.lines() {
+                    println!("qos-vm: {} | {line}", r.name);
+                }
             }
-        }
+            if r.status != StepStatus::Failed || failed_tries.len() as u32 >= step.retries {
+                break r;
+            }
+            println!(
+                "qos-vm: step {} failed; running it again (try {} of {})",
+                r.name,
+                failed_tries.len() + 2,
+                step.retries + 1
+            );
+            failed_tries.push(FailedTry {
+                exit_code: r.exit_code,
+                seconds: r.seconds,
+                output_tail: r.output_tail,
+            });
+        };
+        r.failed_tries = failed_tries;
         steps.push(r);
     }
     let report = GuestReport {
@@ -535,6 +571,7 @@ fn run_step(step: &Step) -> StepResult {
         seconds: start.elapsed().as_secs_f64(),
         output_tail,
         json,
+        failed_tries: Vec::new(),
     };
     let Some((exe, args)) = step.argv.split_first() else {
         return result(StepStatus::Failed, None, Some("empty command".into()), None);
@@ -640,6 +677,7 @@ mod tests {
                 seconds: 1.0,
                 output_tail: None,
                 json: None,
+                failed_tries: Vec::new(),
             }],
         };
         let lines = vec![
@@ -656,5 +694,49 @@ mod tests {
         let mut failed = parsed.clone();
         failed.steps[0].status = StepStatus::TimedOut;
         assert!(!failed.passed());
+    }
+
+    #[test]
+    fn a_failed_step_runs_again_up_to_its_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("tried");
+        // Fails the first time only.
+        let flaky = format!(
+            "test -e {0} || {{ touch {0}; echo first; exit 3; }}",
+            marker.display()
+        );
+        let step = |name: &str, cmd: &str, retries| Step {
+            name: name.into(),
+            argv: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+            env: Vec::new(),
+            timeout_s: 30,
+            json_output: false,
+            show_output: false,
+            retries,
+        };
+        let suite = Suite {
+            steps: vec![
+                step("flaky", &flaky, 1),
+                step("broken", "exit 4", 2),
+                step("once", "exit 5", 0),
+            ],
+        };
+        let report = run_suite(&suite);
+        let flaky = &report.steps[0];
+        assert_eq!(flaky.status, StepStatus::Passed);
+        assert_eq!(flaky.failed_tries.len(), 1);
+        assert_eq!(flaky.failed_tries[0].exit_code, Some(3));
+        assert!(
+            flaky.failed_tries[0]
+                .output_tail
+                .as_deref()
+                .is_some_and(|t| t.contains("first"))
+        );
+        let broken = &report.steps[1];
+        assert_eq!(broken.status, StepStatus::Failed);
+        assert_eq!(broken.exit_code, Some(4));
+        assert_eq!(broken.failed_tries.len(), 2);
+        assert_eq!(report.steps[2].failed_tries.len(), 0);
+        assert!(!report.passed());
     }
 }

@@ -188,6 +188,10 @@ pub struct ClassState {
     pub mult: u64,
     /// Flows registered minus flows closed.
     pub flows_open: u64,
+    /// Last time (ns) the class's flows were seen held by their ACK clocks
+    /// or window clamps (ingress with ACK pacing; see
+    /// `policy::next_multiplier`).
+    pub held_ns: u64,
 }
 
 /// Per-class counters (per-CPU array indexed by slot; user space sums the

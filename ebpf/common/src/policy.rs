@@ -266,9 +266,18 @@ pub const fn class_fill(own: i64, borrow: i64, cfg: &ClassConfig) -> i64 {
 /// Next pacing multiplier of a class: integral action on the fill of its
 /// buckets. A class whose buckets fill up (flows slower than allowed) speeds
 /// its flows up; one in debt slows them down. `ki` is in 1/1024 per second.
+///
+/// `held`: the class's flows were held by our pacing lately. Only then may
+/// the multiplier rise (anti-windup): a class whose buckets fill because its
+/// flows are not yet held by it (slow start, a flow limited by its own
+/// window or application) would otherwise wind the multiplier up to its
+/// limit and overshoot once they are. It may fall at any time.
 #[inline(always)]
-pub const fn next_multiplier(mult: u64, fill: i64, ki: u64, elapsed_ns: u64) -> u64 {
+pub const fn next_multiplier(mult: u64, fill: i64, ki: u64, elapsed_ns: u64, held: bool) -> u64 {
     let fill = fill - FILL_TARGET;
+    if fill > 0 && !held {
+        return max_u64(min_u64(mult, MULT_MAX), MULT_MIN);
+    }
     let mult = max_u64(min_u64(mult, MULT_MAX), MULT_MIN);
     let dt_us = min_u64(elapsed_ns, MAX_CONTROL_STEP_NS) / 1000; // ≤ 50_000
     let e = fill.unsigned_abs(); // ≤ 1024
@@ -287,17 +296,45 @@ pub const fn next_multiplier(mult: u64, fill: i64, ki: u64, elapsed_ns: u64) -> 
 /// the effect of a rate change later; its gain shrinks in proportion, which
 /// keeps the loop from oscillating with many slow flows.
 pub const KP_FULL_RATE: u64 = 12_500_000;
+/// [`KP_FULL_RATE`] of a flow held by its ACK clock: the clock applies a new
+/// rate at the next received packet, not at the sender's next burst.
+pub const KP_FULL_RATE_ACK: u64 = KP_FULL_RATE / 8;
+
+/// Per-flow rate at which the proportional gain of a class's flows is full.
+/// An ACK-paced class at its guarantee (no borrow allowance to speak of)
+/// gets the ACK clock's; a borrowing one keeps the sender-pacing value,
+/// because its fill comes from the shallow borrow bucket, which moves with
+/// every allocation step. Measured in the 6.1 VM: with the sender-pacing
+/// gain a 10 Mbit/s class of two ACK-paced flows had kp 0.075 against ki
+/// 5/s and swung between 0.6 and 1.4 of its share (~0.7 s period).
+#[inline(always)]
+pub const fn kp_full_rate(cfg: &ClassConfig, ack_paced: bool) -> u64 {
+    if ack_paced && cfg.borrow_rate.saturating_mul(16) < cfg.guarantee {
+        KP_FULL_RATE_ACK
+    } else {
+        KP_FULL_RATE
+    }
+}
 
 /// Pacing rate of one flow: feed-forward share × class multiplier, corrected
 /// in proportion to the class's bucket fill (`kp` in 1/1024, scaled down for
-/// slow flows, see [`KP_FULL_RATE`]), never below a quarter of the
-/// feed-forward share nor above `max`.
+/// flows slower than `full_rate`, see [`kp_full_rate`]), never below a
+/// quarter of the feed-forward share nor above `max`.
 #[inline(always)]
-pub const fn pacing_rate(flow_base: u64, mult: u64, fill: i64, kp: u64, max: u64) -> u64 {
+pub const fn pacing_rate(
+    flow_base: u64,
+    mult: u64,
+    fill: i64,
+    kp: u64,
+    full_rate: u64,
+    max: u64,
+) -> u64 {
     let fill = fill - FILL_TARGET;
     let base = min_u64(flow_base, MAX_RATE) / UNIT * min_u64(mult, MULT_MAX);
     let e = fill.unsigned_abs(); // ≤ 1152
-    let kp = min_u64(kp, 4 * UNIT) * min_u64(base, KP_FULL_RATE) / KP_FULL_RATE;
+    let full_rate = max_u64(min_u64(full_rate, KP_FULL_RATE), 1);
+    // kp ≤ 4096 × full_rate ≤ 12.5e6: fits.
+    let kp = min_u64(kp, 4 * UNIT) * min_u64(base, full_rate) / full_rate;
     // base ≤ 1.25e10 / 1024 * 4096 = 5e10; /1024 * 1152 * kp(≤ 4096) fits.
     let adj = (base / UNIT) * e / UNIT * kp;
     let rate = if fill < 0 {
@@ -378,6 +415,15 @@ pub const fn window_clamp(wire_rate: u64, rtt_us: u64, mss: u64) -> u64 {
 /// How often a receive flow's window clamp is corrected.
 pub const CLAMP_STEP_NS: u64 = 20_000_000;
 
+/// Largest receive-window clamp of a flow held at `target` (wire bytes/s):
+/// `target` × 10 ms, at least two segments. A flow whose clamp sits there
+/// receives less than its target by a window that large: held by a long
+/// round trip (or sending less), not by its clamp.
+#[inline(always)]
+pub const fn window_clamp_ceiling(target: u64, mss: u64) -> u64 {
+    window_clamp(target, 10_000, mss)
+}
+
 /// Next receive-window clamp of a flow held at `target` (wire bytes/s) that
 /// received at `measured` over the last step: the window that gave
 /// `measured` scaled to `target` (rate = window / RTT, so this is target ×
@@ -394,7 +440,7 @@ pub const fn next_window_clamp(
     initial: u64,
 ) -> u64 {
     let floor = window_clamp(0, 0, mss);
-    let ceiling = max_u64(window_clamp(target, 10_000, mss), floor);
+    let ceiling = window_clamp_ceiling(target, mss);
     if clamp == 0 {
         return min_u64(max_u64(initial, floor), ceiling);
     }
@@ -424,6 +470,21 @@ pub const ACK_LEAD_DROP_NS: u64 = 500_000_000;
 /// Queueing allowance (µs) the receive window of an ACK-paced flow without
 /// ECN is sized for, on top of its round trip.
 pub const ACK_LEAD_WINDOW_US: u64 = 2_000;
+/// A class counts as held by its ACK clocks (see [`next_multiplier`]) for
+/// this long after a received packet found its flow's clock ahead of real
+/// time, or a window-clamp step found the clamp at its ceiling.
+pub const HELD_RECENT_NS: u64 = 50_000_000;
+/// The "held" stamp is written at most this often per class (it is one
+/// shared cache line, written from every CPU receiving for the class).
+pub const HELD_STAMP_NS: u64 = 1_000_000;
+
+/// Whether a class whose held stamp is `held_ns` counts as held at `now`.
+/// Without ACK pacing every class does: sender pacing always holds its
+/// flows, and the anti-windup is for the ACK clocks only.
+#[inline(always)]
+pub const fn recently_held(ack_pacing: bool, held_ns: u64, now: u64) -> bool {
+    !ack_pacing || now < held_ns.saturating_add(HELD_RECENT_NS)
+}
 
 /// ACK pacing of a received TCP flow held at `rate` (wire bytes/s): the
 /// packet of `wire` bytes arriving at `now` is acknowledged no earlier than
@@ -481,7 +542,9 @@ mod tests {
             next_window_clamp(floor, 1_000_000_000, 12_500_000, mss, 0),
             floor
         );
-        let ceiling = window_clamp(12_500_000, 10_000, mss);
+        let ceiling = window_clamp_ceiling(12_500_000, mss);
+        assert_eq!(ceiling, window_clamp(12_500_000, 10_000, mss));
+        assert_eq!(window_clamp_ceiling(0, mss), floor);
         assert_eq!(next_window_clamp(ceiling, 1, 12_500_000, mss, 0), ceiling);
         assert_eq!(next_window_clamp(0, 0, 12_500_000, mss, u64::MAX), ceiling);
         // Converges from anywhere within a few steps.
@@ -736,21 +799,87 @@ mod tests {
     #[test]
     fn multiplier_integrates_fill_and_stays_bounded() {
         // Error of a full depth for 10 ms at ki = 5/s: 5 % per 10 ms.
-        let m = next_multiplier(UNIT, 1024 + FILL_TARGET, 5 * UNIT, 10_000_000);
+        let m = next_multiplier(UNIT, 1024 + FILL_TARGET, 5 * UNIT, 10_000_000, true);
         assert_eq!(m, UNIT + UNIT / 20);
-        let m = next_multiplier(UNIT, -1024 + FILL_TARGET, 5 * UNIT, 10_000_000);
+        let m = next_multiplier(UNIT, -1024 + FILL_TARGET, 5 * UNIT, 10_000_000, true);
         assert_eq!(m, UNIT - UNIT / 20);
         assert_eq!(
-            next_multiplier(UNIT, FILL_TARGET, 5 * UNIT, 10_000_000),
+            next_multiplier(UNIT, FILL_TARGET, 5 * UNIT, 10_000_000, true),
             UNIT
         );
-        assert!(next_multiplier(UNIT, 0, 5 * UNIT, 10_000_000) < UNIT);
-        assert_eq!(next_multiplier(MULT_MAX, 1024, 1 << 20, u64::MAX), MULT_MAX);
+        assert!(next_multiplier(UNIT, 0, 5 * UNIT, 10_000_000, true) < UNIT);
         assert_eq!(
-            next_multiplier(MULT_MIN, -1024, 1 << 20, u64::MAX),
+            next_multiplier(MULT_MAX, 1024, 1 << 20, u64::MAX, true),
+            MULT_MAX
+        );
+        assert_eq!(
+            next_multiplier(MULT_MIN, -1024, 1 << 20, u64::MAX, true),
             MULT_MIN
         );
-        assert_eq!(next_multiplier(0, 0, 0, 0), MULT_MIN);
+        assert_eq!(next_multiplier(0, 0, 0, 0, true), MULT_MIN);
+    }
+
+    #[test]
+    fn multiplier_rises_only_while_held() {
+        // Buckets filling while the flows are not held (slow start): no
+        // wind-up.
+        assert_eq!(
+            next_multiplier(UNIT, 1024, 5 * UNIT, 10_000_000, false),
+            UNIT
+        );
+        // It still falls, held or not.
+        assert_eq!(
+            next_multiplier(UNIT, -1024 + FILL_TARGET, 5 * UNIT, 10_000_000, false),
+            UNIT - UNIT / 20
+        );
+        // And stays within bounds when it does not move.
+        assert_eq!(
+            next_multiplier(0, 1024, 5 * UNIT, 10_000_000, false),
+            MULT_MIN
+        );
+        assert_eq!(
+            next_multiplier(u64::MAX, 1024, 5 * UNIT, 10_000_000, false),
+            MULT_MAX
+        );
+    }
+
+    #[test]
+    fn held_is_recent_or_always_without_ack_pacing() {
+        assert!(recently_held(false, 0, u64::MAX));
+        assert!(recently_held(true, 100, 100 + HELD_RECENT_NS - 1));
+        assert!(!recently_held(true, 100, 100 + HELD_RECENT_NS));
+        assert!(!recently_held(true, 0, HELD_RECENT_NS));
+        assert!(recently_held(true, u64::MAX - 1, u64::MAX - 1));
+    }
+
+    #[test]
+    fn ack_paced_classes_at_their_guarantee_get_the_full_gain_sooner() {
+        let at_guarantee = ClassConfig {
+            guarantee: 1_250_000,
+            borrow_rate: 0,
+            ..ClassConfig::default()
+        };
+        let borrowing = ClassConfig {
+            borrow_rate: 1_250_000,
+            ..at_guarantee
+        };
+        assert_eq!(kp_full_rate(&at_guarantee, true), KP_FULL_RATE_ACK);
+        assert_eq!(kp_full_rate(&at_guarantee, false), KP_FULL_RATE);
+        assert_eq!(kp_full_rate(&borrowing, true), KP_FULL_RATE);
+        // An allowance below 1/16 of the guarantee does not count.
+        let tiny = ClassConfig {
+            borrow_rate: 1_250_000 / 17,
+            ..at_guarantee
+        };
+        assert_eq!(kp_full_rate(&tiny, true), KP_FULL_RATE_ACK);
+        // A 12.5 Mbit/s flow gets the full gain from the ACK clock, an
+        // eighth of it from sender pacing.
+        let t = FILL_TARGET;
+        let f = KP_FULL_RATE_ACK;
+        let ack = pacing_rate(f, UNIT, 1024 + t, 1024, KP_FULL_RATE_ACK, 0) - f;
+        let sender = pacing_rate(f, UNIT, 1024 + t, 1024, KP_FULL_RATE, 0) - f;
+        assert!(ack.abs_diff(f) < f / 50, "{ack}");
+        assert!(sender.abs_diff(f / 8) < f / 50, "{sender}");
     }
 
     #[test]
@@ -791,22 +920,34 @@ mod tests {
     fn pacing_rate_follows_base_multiplier_and_fill() {
         let base = 1024 * 25_000; // above KP_FULL_RATE: full gain
         let t = FILL_TARGET;
-        assert_eq!(pacing_rate(base, UNIT, t, 128, 0), base);
-        assert_eq!(pacing_rate(base, 2 * UNIT, t, 128, 0), 2 * base);
+        let full = KP_FULL_RATE;
+        assert_eq!(pacing_rate(base, UNIT, t, 128, full, 0), base);
+        assert_eq!(pacing_rate(base, 2 * UNIT, t, 128, full, 0), 2 * base);
         // A full depth of error with kp = 1/8: ±12.5 %.
-        assert_eq!(pacing_rate(base, UNIT, 1024 + t, 128, 0), base + base / 8);
-        assert_eq!(pacing_rate(base, UNIT, -1024 + t, 128, 0), base - base / 8);
+        assert_eq!(
+            pacing_rate(base, UNIT, 1024 + t, 128, full, 0),
+            base + base / 8
+        );
+        assert_eq!(
+            pacing_rate(base, UNIT, -1024 + t, 128, full, 0),
+            base - base / 8
+        );
         // Never below a quarter of the base, never above max.
-        assert_eq!(pacing_rate(base, MULT_MIN, -1024, 4 * UNIT, 0), base / 4);
-        assert_eq!(pacing_rate(base, MULT_MIN, 0, 0, 0), base / 2);
+        assert_eq!(
+            pacing_rate(base, MULT_MIN, -1024, 4 * UNIT, full, 0),
+            base / 4
+        );
+        assert_eq!(pacing_rate(base, MULT_MIN, 0, 0, full, 0), base / 2);
         // A slow flow gets a proportionally smaller correction.
         let slow = KP_FULL_RATE / 8;
-        let up = pacing_rate(slow, UNIT, 1024 + t, 1024, 0) - slow;
+        let up = pacing_rate(slow, UNIT, 1024 + t, 1024, full, 0) - slow;
         assert!(up.abs_diff(slow / 8) < slow / 50, "{up}");
         assert_eq!(
-            pacing_rate(base, MULT_MAX, 1024, 4 * UNIT, 3 * base),
+            pacing_rate(base, MULT_MAX, 1024, 4 * UNIT, full, 3 * base),
             3 * base
         );
+        // A full rate of 0 is read as 1 (no division by zero).
+        assert!(pacing_rate(base, UNIT, t, 128, 0, 0) >= base / 4);
     }
 
     #[test]
@@ -916,16 +1057,20 @@ mod tests {
 
         #[test]
         fn pacing_rate_is_bounded(base in 0u64..MAX_RATE, mult in any::<u64>(), fill in -1024i64..=1024,
-                                  kp in any::<u64>(), max in any::<u64>()) {
-            let r = pacing_rate(base, mult, fill, kp, max);
+                                  kp in any::<u64>(), full in any::<u64>(), max in any::<u64>()) {
+            let r = pacing_rate(base, mult, fill, kp, full, max);
             if max != 0 { prop_assert!(r <= max); }
             if max == 0 || max >= base / 4 { prop_assert!(r >= base / 4); }
         }
 
         #[test]
-        fn multiplier_is_bounded(m in any::<u64>(), fill in -1024i64..=1024, ki in any::<u64>(), dt in any::<u64>()) {
-            let n = next_multiplier(m, fill, ki, dt);
+        fn multiplier_is_bounded(m in any::<u64>(), fill in -1024i64..=1024, ki in any::<u64>(), dt in any::<u64>(),
+                                 held in any::<bool>()) {
+            let n = next_multiplier(m, fill, ki, dt, held);
             prop_assert!((MULT_MIN..=MULT_MAX).contains(&n));
+            if !held && fill > FILL_TARGET {
+                prop_assert_eq!(n, m.clamp(MULT_MIN, MULT_MAX));
+            }
         }
     }
 }

@@ -53,11 +53,11 @@ use qos_common::{
         SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_INGRESS, TAG_OFFSET, TAG_PACED,
     },
     policy::{
-        self, ACK_LEAD_DROP_NS, ACK_LEAD_WINDOW_US, CLAMP_STEP_NS, CONTROL_INTERVAL_NS, Levels,
-        Limits, NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_marks, debt_repayment, decide,
-        earned, flow_share, next_multiplier, next_window_clamp, overflow_correction,
-        pacing_changed, pacing_rate, underflow_correction, window_clamp, wire_len,
-        wire_to_tcp_rate,
+        self, ACK_LEAD_DROP_NS, ACK_LEAD_WINDOW_US, CLAMP_STEP_NS, CONTROL_INTERVAL_NS,
+        HELD_STAMP_NS, Levels, Limits, NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_marks,
+        debt_repayment, decide, earned, flow_share, kp_full_rate, next_multiplier,
+        next_window_clamp, overflow_correction, pacing_changed, pacing_rate, recently_held,
+        underflow_correction, window_clamp, window_clamp_ceiling, wire_len, wire_to_tcp_rate,
     },
 };
 use qos_ebpf::{
@@ -321,7 +321,23 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
             return;
         }
         let fill = class_fill(st, cfg);
-        (*st).mult = next_multiplier(read(&(*st).mult), fill, g.pacing_ki, now - last);
+        let held = recently_held(g.flags & GLOBAL_ACK_PACING != 0, read(&(*st).held_ns), now);
+        (*st).mult = next_multiplier(read(&(*st).mult), fill, g.pacing_ki, now - last, held);
+    }
+}
+
+/// Records that class `slot`'s flows are held by their ACK clocks or window
+/// clamps (at most once per `HELD_STAMP_NS`: one cache line every receiving
+/// CPU would write).
+#[inline(always)]
+fn stamp_held(d: &Dir, slot: u32, now: u64) {
+    if let Some(st) = d.state.get_ptr_mut(slot) {
+        // SAFETY: pointer into a class state map value.
+        unsafe {
+            if now >= read(&(*st).held_ns).saturating_add(HELD_STAMP_NS) {
+                (*st).held_ns = now;
+            }
+        }
     }
 }
 
@@ -565,6 +581,9 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
             (*c.sc).ack_next_ns = c.next;
             (*c.sc).ack_at_ns = c.at;
         }
+        if c.at > c.now {
+            stamp_held(&d, c.slot, c.now);
+        }
         // SAFETY: helper on the program's own skb; pointer into the
         // counters map.
         unsafe {
@@ -806,9 +825,17 @@ fn flow_rate(d: &Dir, g: &NetGlobal, sc: *mut SockClass) -> Option<(u32, u64)> {
     // The allocator keeps the feed-forward below the ceiling and the ceiling
     // bucket enforces it; clamping the rate at the ceiling as well would
     // keep the multiplier from correcting the wire/TCP byte conversion.
+    let full_rate = kp_full_rate(cfg, g.flags & GLOBAL_ACK_PACING != 0);
     Some((
         slot,
-        pacing_rate(base, mult, class_fill(st, cfg), g.pacing_kp, g.capacity),
+        pacing_rate(
+            base,
+            mult,
+            class_fill(st, cfg),
+            g.pacing_kp,
+            full_rate,
+            g.capacity,
+        ),
     ))
 }
 
@@ -921,13 +948,14 @@ fn on_send(ctx: &SockOpsContext) {
         0
     };
     let initial = window_clamp(rate, (srtt >> 3) as u64 + lead_us, mss as u64);
-    let clamp = next_window_clamp(
-        applied,
-        measured,
-        wire_to_tcp_rate(rate),
-        mss as u64,
-        initial,
-    );
+    let target = wire_to_tcp_rate(rate);
+    let clamp = next_window_clamp(applied, measured, target, mss as u64, initial);
+    // A clamp at its ceiling: the flow is held by its round trip (or sends
+    // less than its rate), which the ACK clock does not see; the pacing
+    // loop may speed it up.
+    if g.flags & GLOBAL_ACK_PACING != 0 && clamp >= window_clamp_ceiling(target, mss as u64) {
+        stamp_held(&d, slot, now);
+    }
     // Rewritten every step: receive-buffer autotuning may have replaced it.
     set_int_option(ctx, SOL_TCP, TCP_WINDOW_CLAMP, clamp as u32);
     // SAFETY: as above.
