@@ -27,6 +27,10 @@ pub const TAG_PACED: u32 = 0x8000;
 /// (tc ingress there); the ingress program only charges packets carrying it,
 /// also after they were forwarded into a container's network namespace.
 pub const TAG_INGRESS: u32 = 0x4000;
+/// `tc_index` bit set by the tagger on a small packet whose socket is a TCP
+/// socket: only then may a segment without payload pass as an ACK (a raw
+/// socket can forge such segments at any rate).
+pub const TAG_TCP_SOCK: u32 = 0x2000;
 
 /// Names of one direction's maps: the egress and the ingress datapath have
 /// the same maps, under different names.

@@ -143,12 +143,13 @@ pub struct Limits {
     /// packet after its probe timer, hundreds of ms). Such packets are
     /// dropped only past `PACED_DROP_FACTOR` times the drop threshold.
     pub paced: bool,
-    /// The packet carries no payload (a pure TCP ACK, or SYN/FIN/RST): a
-    /// drop would not slow the traffic it is charged to, only the flow in
-    /// the other direction (an upload's ACKs count against the uploader's
-    /// ingress quota). It is charged up to the drop threshold and passes
-    /// uncharged past it ([`Verdict::OverUncharged`]), so the debt stays
-    /// bounded and is never paid for by a drop.
+    /// The packet is a TCP segment without payload from a TCP socket (a
+    /// pure ACK, or SYN/FIN/RST): a drop would not slow the traffic it is
+    /// charged to, only the flow in the other direction (an upload's ACKs
+    /// count against the uploader's ingress quota). It is charged up to the
+    /// mark threshold and passes uncharged past it
+    /// ([`Verdict::OverUncharged`]): never dropped, and the debt room up to
+    /// the drop threshold is left to the class's data.
     pub no_payload: bool,
 }
 
@@ -176,8 +177,8 @@ pub enum Verdict {
     OverMark,
     /// Debt past the drop threshold: dropped, not charged.
     Drop,
-    /// Debt past the drop threshold, but the packet has no payload
-    /// ([`Limits::no_payload`]): passes, not charged to the class.
+    /// Debt past the mark threshold, but the packet has no payload
+    /// ([`Limits::no_payload`]): passes, charged to nothing (counted).
     OverUncharged,
 }
 
@@ -214,12 +215,10 @@ pub const fn decide(levels: &Levels, limits: &Limits, len: u64) -> Verdict {
     } else {
         (limits.mark_debt, limits.drop_debt)
     };
-    if debt > drop_at {
-        if limits.no_payload {
-            Verdict::OverUncharged
-        } else {
-            Verdict::Drop
-        }
+    if limits.no_payload && debt > mark_at {
+        Verdict::OverUncharged
+    } else if debt > drop_at {
+        Verdict::Drop
     } else if debt > mark_at {
         Verdict::OverMark
     } else {
@@ -251,16 +250,21 @@ pub const fn fill_ratio(level: i64, depth: u64) -> i64 {
 #[inline(always)]
 pub const fn class_fill(own: i64, borrow: i64, cfg: &ClassConfig) -> i64 {
     let (depth, borrow_depth) = (cfg.depth, cfg.borrow_depth);
-    let (borrow_rate, guarantee) = (cfg.borrow_rate, cfg.guarantee);
     let debt_margin = (depth / 16) as i64;
     let own_fill = fill_ratio(own, depth);
-    // A borrow allowance below 1/16 of the guarantee is noise next to it.
-    if own < -debt_margin || borrow_rate.saturating_mul(16) < guarantee {
+    if own < -debt_margin || borrow_is_noise(cfg) {
         own_fill
     } else {
         let b = fill_ratio(borrow, borrow_depth);
         if b > own_fill { b } else { own_fill }
     }
+}
+
+/// A borrow allowance below 1/16 of the guarantee is noise next to it: the
+/// class is at its guarantee.
+#[inline(always)]
+pub const fn borrow_is_noise(cfg: &ClassConfig) -> bool {
+    cfg.borrow_rate.saturating_mul(16) < cfg.guarantee
 }
 
 /// Next pacing multiplier of a class: integral action on the fill of its
@@ -309,7 +313,7 @@ pub const KP_FULL_RATE_ACK: u64 = KP_FULL_RATE / 8;
 /// 5/s and swung between 0.6 and 1.4 of its share (~0.7 s period).
 #[inline(always)]
 pub const fn kp_full_rate(cfg: &ClassConfig, ack_paced: bool) -> u64 {
-    if ack_paced && cfg.borrow_rate.saturating_mul(16) < cfg.guarantee {
+    if ack_paced && borrow_is_noise(cfg) {
         KP_FULL_RATE_ACK
     } else {
         KP_FULL_RATE
@@ -477,6 +481,14 @@ pub const HELD_RECENT_NS: u64 = 50_000_000;
 /// The "held" stamp is written at most this often per class (it is one
 /// shared cache line, written from every CPU receiving for the class).
 pub const HELD_STAMP_NS: u64 = 1_000_000;
+
+/// Whether a received packet whose ACK waits `lead` ns shows its flow held
+/// by its ACK clock: more than two of its own packet times (`packet_ns`)
+/// ahead, so that one GRO batch or burst does not count.
+#[inline(always)]
+pub const fn ack_lead_holds(lead: u64, packet_ns: u64) -> bool {
+    lead > packet_ns.saturating_mul(2)
+}
 
 /// Whether a class whose held stamp is `held_ns` counts as held at `now`.
 /// Without ACK pacing every class does: sender pacing always holds its
@@ -742,13 +754,22 @@ mod tests {
             ceil: 0,
             pool: 0,
         };
-        // Below the drop threshold it is charged like any other packet.
-        assert_eq!(decide(&l, &ack, 66), Verdict::OverMark);
+        // Below the mark threshold (10_000) it is charged like any other
+        // packet.
         assert_eq!(
             decide(&Levels { own: -5_000, ..l }, &ack, 66),
             Verdict::Over
         );
-        // Past it, it passes uncharged; paced or not.
+        assert_eq!(
+            decide(&Levels { own: -9_934, ..l }, &ack, 66),
+            Verdict::Over
+        );
+        // Past it, it passes uncharged where data would be marked or
+        // dropped; paced (mark threshold = drop threshold) or not.
+        assert_eq!(
+            decide(&Levels { own: -9_935, ..l }, &ack, 66),
+            Verdict::OverUncharged
+        );
         assert_eq!(decide(&l, &ack, 1001), Verdict::OverUncharged);
         let deep = Levels {
             own: -i64::MAX,
@@ -756,6 +777,7 @@ mod tests {
         };
         assert_eq!(decide(&deep, &ack, 66), Verdict::OverUncharged);
         let paced_ack = Limits { paced: true, ..ack };
+        assert_eq!(decide(&l, &paced_ack, 66), Verdict::Over);
         assert_eq!(decide(&deep, &paced_ack, 66), Verdict::OverUncharged);
         // Within profile nothing changes.
         assert_eq!(decide(&Levels { own: 1, ..l }, &ack, 66), Verdict::Own);
@@ -841,6 +863,15 @@ mod tests {
             next_multiplier(u64::MAX, 1024, 5 * UNIT, 10_000_000, false),
             MULT_MAX
         );
+    }
+
+    #[test]
+    fn a_flow_is_held_by_its_clock_only_two_packets_ahead() {
+        assert!(!ack_lead_holds(0, 1_000));
+        assert!(!ack_lead_holds(2_000, 1_000));
+        assert!(ack_lead_holds(2_001, 1_000));
+        assert!(ack_lead_holds(1, 0));
+        assert!(!ack_lead_holds(u64::MAX, u64::MAX));
     }
 
     #[test]
@@ -1031,10 +1062,10 @@ mod tests {
                 prop_assert!(!has_ceil || ceil > 0);
                 prop_assert!(pool > borrow_threshold(prio, lim.prio_step));
             }
-            prop_assert!(!(no_payload && v == Verdict::Drop));
+            prop_assert!(!(no_payload && matches!(v, Verdict::Drop | Verdict::OverMark)));
             if v == Verdict::OverUncharged {
                 prop_assert!(no_payload);
-                prop_assert!(len.saturating_add(own.unsigned_abs()) > lim.drop_debt);
+                prop_assert!(len.saturating_add(own.unsigned_abs()) > lim.mark_debt);
             }
             if v == Verdict::Drop {
                 prop_assert!(len.saturating_add(own.unsigned_abs()) > lim.drop_debt);

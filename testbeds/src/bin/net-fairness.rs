@@ -146,13 +146,15 @@ struct Targets {
     /// `p5_at_least_98pct_of_guarantee`.)
     #[serde(alias = "p5_at_least_98pct_of_guarantee")]
     p5_target_met: bool,
-    #[serde(default)]
+    /// Older results tested 98 % in both directions.
+    #[serde(default = "old_p5_target")]
     p5_target: f64,
     worst_p5_over_guarantee: f64,
     /// ≥ `utilization_target` of the capacity used when demand exceeds it.
     #[serde(alias = "utilization_at_least_97pct")]
     utilization_target_met: bool,
-    #[serde(default)]
+    /// Older results tested 97 % in both directions.
+    #[serde(default = "old_utilization_target")]
     utilization_target: f64,
     jain_at_least_0_99: Option<bool>,
     /// TCP retransmits ≤ 0.1 % of segments.
@@ -1086,6 +1088,14 @@ fn traffic(
     })
 }
 
+fn old_p5_target() -> f64 {
+    0.98
+}
+
+fn old_utilization_target() -> f64 {
+    0.97
+}
+
 /// The p5 (fraction of the guarantee) and utilisation levels of a
 /// direction.
 fn target_levels(ingress: bool) -> (f64, f64) {
@@ -1174,7 +1184,7 @@ mod tests {
         let t: Targets = serde_json::from_str(old).expect("old targets parse");
         assert!(t.p5_target_met);
         assert!(!t.utilization_target_met);
-        assert_eq!(t.p5_target, 0.0);
+        assert_eq!((t.p5_target, t.utilization_target), (0.98, 0.97));
         let round: Targets =
             serde_json::from_str(&serde_json::to_string(&t).expect("serialise")).expect("parse");
         assert!(round.p5_target_met);

@@ -38,7 +38,7 @@ use aya_ebpf::{
         BPF_TCP_CLOSE, SO_MAX_PACING_RATE, SOL_SOCKET, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     helpers::generated::{
-        bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt,
+        bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_fullsock,
         bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_ecn_set_ce, bpf_skb_set_tstamp,
     },
     macros::{cgroup_skb, classifier, map, sock_ops},
@@ -51,11 +51,12 @@ use qos_common::{
         GLOBAL_ACK_PACING, GLOBAL_CLAMP_ECN, GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR,
         MAX_CGROUP_DEPTH, MAX_CLASSES, NetGlobal, PoolState, SOCK_ACKS_HELD, SOCK_CACHE_ENTRIES,
         SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_INGRESS, TAG_OFFSET, TAG_PACED,
+        TAG_TCP_SOCK,
     },
     policy::{
         self, ACK_LEAD_DROP_NS, ACK_LEAD_WINDOW_US, CLAMP_STEP_NS, CONTROL_INTERVAL_NS,
-        HELD_STAMP_NS, Levels, Limits, NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_marks,
-        debt_repayment, decide, earned, flow_share, kp_full_rate, next_multiplier,
+        HELD_STAMP_NS, Levels, Limits, NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds,
+        ack_lead_marks, debt_repayment, decide, earned, flow_share, kp_full_rate, next_multiplier,
         next_window_clamp, overflow_correction, pacing_changed, pacing_rate, recently_held,
         underflow_correction, window_clamp, window_clamp_ceiling, wire_len, wire_to_tcp_rate,
     },
@@ -417,7 +418,14 @@ fn account(
                 (*ct).borrowed_bytes += wire;
             }
             Verdict::BorrowExtra => (*ct).borrowed_bytes += wire,
-            Verdict::OverUncharged => (*ct).over_bytes += wire,
+            Verdict::OverUncharged => {
+                // Charged to nothing: neither the own bucket (whose debt is
+                // left to data) nor the ceiling, which has no floor.
+                (*ct).over_bytes += wire;
+                (*ct).packets += 1;
+                (*ct).bytes += wire;
+                return true;
+            }
             Verdict::Over | Verdict::OverMark => {
                 add_fetch_i64(&mut (*st).own, -w);
                 (*ct).over_bytes += wire;
@@ -460,33 +468,64 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
             (*skb).gso_segs,
         )
     };
-    let class_tag = tag & !(TAG_PACED | TAG_INGRESS);
-    let (slot, paced) = if cgroup != 0 {
+    let class_tag = tag & !(TAG_PACED | TAG_INGRESS | TAG_TCP_SOCK);
+    let payload = small_tcp_payload(&ctx, len, segs);
+    let (slot, paced, tcp_sock) = if cgroup != 0 {
         let v = socket_view(&d, skb, g, None);
         if ack_pacing() {
-            hold_acks(&ctx, v.cookie, true);
+            hold_acks(&ctx, v.cookie, true, payload);
         }
-        (v.slot, v.paced)
+        (v.slot, v.paced, payload == Some(0) && from_tcp_socket(skb))
     } else if ingress_if != 0 && (TAG_OFFSET..MAX_CLASSES + TAG_OFFSET).contains(&class_tag) {
-        (class_tag - TAG_OFFSET, tag & TAG_PACED != 0)
+        (
+            class_tag - TAG_OFFSET,
+            tag & TAG_PACED != 0,
+            tag & TAG_TCP_SOCK != 0,
+        )
     } else {
-        (DEFAULT_SLOT, false)
+        (DEFAULT_SLOT, false, false)
     };
-    // Headers are parsed for GSO packets (their wire length) and for packets
-    // small enough to carry no payload (the ACKs of a download).
-    let (hdr, no_payload) = if segs > 1 {
-        (packet::gso_header_len(&ctx), false)
-    } else if len <= NO_PAYLOAD_MAX_L3_LEN + packet::MAX_L2_LEN {
-        let h = packet::headers(&ctx);
-        (0, h.and_then(|h| h.tcp_payload(len)) == Some(0))
+    // The ACKs of a download, not segments a raw socket forged.
+    let no_payload = payload == Some(0) && tcp_sock;
+    let hdr = if segs > 1 {
+        packet::gso_header_len(&ctx)
     } else {
-        (0, false)
+        0
     };
     let wire = wire_len(len, segs, hdr);
     if account(&d, g, skb, slot, wire, paced, no_payload) {
         PASS
     } else {
         DROP
+    }
+}
+
+/// TCP payload bytes of a packet small enough to carry none (its headers
+/// are parsed only then); None for larger, GSO or non-TCP packets.
+#[inline(always)]
+fn small_tcp_payload(ctx: &TcContext, len: u32, segs: u32) -> Option<u32> {
+    if segs > 1 || len > NO_PAYLOAD_MAX_L3_LEN + packet::MAX_L2_LEN {
+        return None;
+    }
+    packet::headers(ctx).and_then(|h| h.tcp_payload(len))
+}
+
+const IPPROTO_TCP: u32 = 6;
+const SOCK_STREAM: u32 = 1;
+
+/// Whether the packet's own socket is a TCP socket (not a raw one).
+#[inline(always)]
+fn from_tcp_socket(skb: *mut __sk_buff) -> bool {
+    // SAFETY: field read of the program's own skb; the helper takes the
+    // (null-checked) socket pointer the kernel gave us; the returned full
+    // socket is null-checked before its fields are read.
+    unsafe {
+        let sk = (*skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return false;
+        }
+        let full = bpf_sk_fullsock(sk);
+        !full.is_null() && (*full).protocol == IPPROTO_TCP && (*full).type_ == SOCK_STREAM
     }
 }
 
@@ -581,7 +620,7 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
             (*c.sc).ack_next_ns = c.next;
             (*c.sc).ack_at_ns = c.at;
         }
-        if c.at > c.now {
+        if ack_lead_holds(c.at - c.now, c.next - c.at) {
             stamp_held(&d, c.slot, c.now);
         }
         // SAFETY: helper on the program's own skb; pointer into the
@@ -647,9 +686,9 @@ const TSTAMP_MONO: u32 = 1;
 /// shaped interface honours. Data segments (an upload, a request on the
 /// same connection) are not held. `egress`: a later departure time TCP set
 /// itself is kept (at tc ingress the field may hold a receive timestamp of
-/// another clock instead).
+/// another clock instead). `payload`: see [`small_tcp_payload`].
 #[inline(always)]
-fn hold_acks(ctx: &TcContext, cookie: u64, egress: bool) {
+fn hold_acks(ctx: &TcContext, cookie: u64, egress: bool, payload: Option<u32>) {
     let Some(sc) = ING_SOCK_CLASS.get_ptr_mut(cookie) else {
         return;
     };
@@ -664,10 +703,7 @@ fn hold_acks(ctx: &TcContext, cookie: u64, egress: bool) {
             (*skb).tstamp,
         )
     };
-    if at <= now
-        || (egress && at <= tstamp)
-        || packet::headers(ctx).and_then(|h| h.tcp_payload(ctx.len())) != Some(0)
-    {
+    if payload != Some(0) || at <= now || (egress && at <= tstamp) {
         return;
     }
     // SAFETY: helper on the program's own skb; pointer into the map value.
@@ -689,15 +725,21 @@ pub fn qos_tag(ctx: TcContext) -> i32 {
         return PASS;
     }
     let v = socket_view(&d, skb, g, Some(&ctx));
+    let payload = small_tcp_payload(&ctx, ctx.len(), 1);
     if ack_pacing() {
         // A container's ACKs: the time set here survives forwarding to the
         // shaped interface.
-        hold_acks(&ctx, v.cookie, false);
+        hold_acks(&ctx, v.cookie, false, payload);
     }
     if v.shaped {
         let paced = if v.paced { TAG_PACED } else { 0 };
+        let tcp_sock = if payload == Some(0) && from_tcp_socket(skb) {
+            TAG_TCP_SOCK
+        } else {
+            0
+        };
         // SAFETY: tc programs may write tc_index.
-        unsafe { (*skb).tc_index = (v.slot + TAG_OFFSET) | paced };
+        unsafe { (*skb).tc_index = (v.slot + TAG_OFFSET) | paced | tcp_sock };
     }
     PASS
 }
@@ -953,7 +995,13 @@ fn on_send(ctx: &SockOpsContext) {
     // A clamp at its ceiling: the flow is held by its round trip (or sends
     // less than its rate), which the ACK clock does not see; the pacing
     // loop may speed it up.
-    if g.flags & GLOBAL_ACK_PACING != 0 && clamp >= window_clamp_ceiling(target, mss as u64) {
+    let ceiling = window_clamp_ceiling(target, mss as u64);
+    // Below about 2.3 Mbit/s per flow the ceiling is the two-segment floor,
+    // where every clamp sits: no signal.
+    if g.flags & GLOBAL_ACK_PACING != 0
+        && ceiling > window_clamp(0, 0, mss as u64)
+        && clamp >= ceiling
+    {
         stamp_held(&d, slot, now);
     }
     // Rewritten every step: receive-buffer autotuning may have replaced it.
