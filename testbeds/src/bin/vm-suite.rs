@@ -37,6 +37,9 @@ enum Cmd {
 }
 
 /// The integration test targets that run in the VM, as on the host.
+/// Integration tests whose traffic tests measure shares: run once more
+/// after a failure, like the fairness steps.
+const TRAFFIC_TESTS: [&str; 2] = ["datapath", "ingress"];
 const TESTS: [&str; 6] = [
     "datapath", "ingress", "tracker", "enforce", "elastic", "daemon",
 ];
@@ -266,7 +269,8 @@ fn suite(tests: &BTreeMap<String, PathBuf>, bin_dir: &Path) -> Result<Suite> {
             timeout_s: 900,
             json_output: false,
             show_output: false,
-            retries: 0,
+            // Their traffic tests measure shares on emulated CPUs too.
+            retries: u32::from(TRAFFIC_TESTS.contains(&name)),
         });
     }
     let fairness = |direction: &str, share: &str| -> Result<Step> {
