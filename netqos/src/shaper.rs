@@ -14,7 +14,7 @@ use qos_common::{
         GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, LOWEST_PRIORITY, MAX_CLASSES,
         NetGlobal,
     },
-    policy::{UNIT, class_fill, earned},
+    policy::{UNIT, class_fill_at},
 };
 use qos_core::{CgroupRef, Rate};
 use serde::{Deserialize, Serialize};
@@ -393,11 +393,7 @@ impl Class {
         // The datapath refills lazily, on packets: add what an idle class
         // earned since its last packet.
         let since = now_ns.saturating_sub(st.last_ns);
-        let cfg = &self.cfg;
-        let own = (st.own + earned(since, cfg.guarantee) as i64).min(cfg.depth as i64);
-        let borrow =
-            (st.borrow + earned(since, cfg.borrow_rate) as i64).min(cfg.borrow_depth as i64);
-        let fill = class_fill(own, borrow, cfg);
+        let fill = class_fill_at(st.own, st.borrow, since, &self.cfg);
         self.fill = policy::ewma(self.fill, fill as f64 / UNIT as f64, dt_ns, RATE_TAU_NS);
         if epoch_due {
             let act = ct.flow_activations.wrapping_sub(self.activations_mark);
@@ -420,7 +416,7 @@ impl Class {
             let obs = Observation {
                 fill: self.fill,
                 rate: self.rate,
-                alloc: cfg.alloc,
+                alloc: self.cfg.alloc,
                 over_bytes: ct.over_bytes.wrapping_sub(self.counters.over_bytes),
                 dropped_bytes: ct.drop_bytes.wrapping_sub(self.counters.drop_bytes),
                 bytes: d_bytes,

@@ -196,6 +196,9 @@ pub struct ClassState {
     /// or window clamps (ingress with ACK pacing; see
     /// `policy::next_multiplier`).
     pub held_ns: u64,
+    /// Bytes of the last packet charged to the own bucket: the pacing loop
+    /// reads it halfway through that charge (`policy::mid_charge_level`).
+    pub own_charge: u64,
 }
 
 /// Per-class counters (per-CPU array indexed by slot; user space sums the

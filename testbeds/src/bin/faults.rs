@@ -96,6 +96,24 @@ struct Args {
     /// as "continued", beyond those before it (noisy hosts, emulated VMs).
     #[arg(long, default_value_t = 0)]
     tolerate_windows: i64,
+    /// Highest total rate over the groups (three 100 ms windows, fraction of
+    /// the capacity) that still counts as enforcing. A detached datapath
+    /// shows as several times the capacity.
+    #[arg(long, default_value_t = 1.10, value_parser = parse_max_peak)]
+    max_peak: f64,
+}
+
+fn parse_max_peak(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("--max-peak {s:?} is not a number: {e}"))?;
+    if v.is_finite() && v >= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "--max-peak must be at least 1.0 (a fraction of the capacity), got {s}"
+        ))
+    }
 }
 
 fn main() -> ExitCode {
@@ -298,18 +316,27 @@ fn misses(w: &Windows, from: f64, to: f64, target: f64) -> usize {
 /// three 100 ms windows: one window can hold a 64 KB segment more or less
 /// (5 % of 100 Mbit/s), a lost datapath shows as several times the capacity
 /// for as long as it is lost.
-fn peak_total(windows: &[Windows], from: f64) -> f64 {
+/// Windows that end after `to` are left out: in the 6.1 VM the last ones of
+/// the receivers' reports held 1.03-1.15 times the capacity in every run
+/// (the end of the run, not the fault). Also returns where the three
+/// windows start (s), to tell a lasting loss from a burst.
+fn peak_total(windows: &[Windows], from: f64, to: f64) -> (f64, f64) {
     let n = windows.iter().map(Vec::len).max().unwrap_or(0);
-    let totals: Vec<f64> = (0..n)
+    let totals: Vec<(f64, f64)> = (0..n)
         .filter_map(|k| {
-            let start = windows.iter().find_map(|w| w.get(k).map(|x| x.0))?;
-            (start >= from).then(|| windows.iter().filter_map(|w| w.get(k)).map(|x| x.2).sum())
+            let (start, end) = windows.iter().find_map(|w| w.get(k).map(|x| (x.0, x.1)))?;
+            (start >= from && end <= to).then(|| {
+                (
+                    start,
+                    windows.iter().filter_map(|w| w.get(k)).map(|x| x.2).sum(),
+                )
+            })
         })
         .collect();
     totals
         .windows(3)
-        .map(|t| t.iter().sum::<f64>() / 3.0)
-        .fold(0.0, f64::max)
+        .map(|t| (t.iter().map(|x| x.1).sum::<f64>() / 3.0, t[0].0))
+        .fold((0.0, 0.0), |best, x| if x.0 > best.0 { x } else { best })
 }
 
 fn traffic_fault(fault: &str, args: &Args, bins: &Path) -> Result<Value> {
@@ -394,8 +421,9 @@ fn traffic_fault(fault: &str, args: &Args, bins: &Path) -> Result<Value> {
             "windows": w,
         }));
     }
-    let peak = peak_total(&windows, 1.0) / cap;
-    let enforcing = peak <= 1.10 && extra_misses <= args.tolerate_windows;
+    let (peak, peak_at) = peak_total(&windows, 1.0, args.duration - 0.5);
+    let peak = peak / cap;
+    let enforcing = peak <= args.max_peak && extra_misses <= args.tolerate_windows;
     let state_kept = match fault {
         // Both quotas (A's waiting for its cgroup) are still there.
         "cgroup-removed" => {
@@ -429,12 +457,15 @@ fn traffic_fault(fault: &str, args: &Args, bins: &Path) -> Result<Value> {
         "enforcement_continued": enforcing,
         "state_kept": state_kept,
         "peak_total_over_capacity": peak,
+        "peak_at_s": peak_at,
+        "max_peak": args.max_peak,
         "extra_missed_windows": extra_misses,
         "fault_report": said,
         "groups": per_group,
         "summary": format!(
-            "peak total {:.2}x capacity; {} more 100 ms windows below 97 % of a guarantee during the fault than before{}",
+            "peak total {:.2}x capacity at {:.1} s (fault at 3 s); {} more 100 ms windows below 97 % of a guarantee during the fault than before{}",
             peak,
+            peak_at,
             extra_misses.max(0),
             said["removed_after_ms"].as_f64().map_or(String::new(), |ms| format!("; class removed {ms:.0} ms after the cgroup")),
         ),

@@ -111,6 +111,11 @@ struct Dir {
     counters: &'static PerCpuArray<ClassCounters>,
     cgroups: &'static HashMap<u64, u32>,
     socks: &'static LruHashMap<u64, SockClass>,
+    /// The pacing loop reads the own bucket halfway through its last charge
+    /// (`policy::mid_charge_level`). Egress only so far: the ingress loop
+    /// (ACK clocks, window clamps) was tuned and measured on the level
+    /// after the charge; this reading is not measured there yet.
+    fill_mid_charge: bool,
 }
 
 #[inline(always)]
@@ -123,6 +128,7 @@ fn egress() -> Dir {
         counters: &NET_CLASS_COUNTERS,
         cgroups: &NET_CGROUP_CLASS,
         socks: &NET_SOCK_CLASS,
+        fill_mid_charge: true,
     }
 }
 
@@ -136,6 +142,7 @@ fn ingress() -> Dir {
         counters: &ING_CLASS_COUNTERS,
         cgroups: &ING_CGROUP_CLASS,
         socks: &ING_SOCK_CLASS,
+        fill_mid_charge: false,
     }
 }
 
@@ -342,11 +349,19 @@ fn stamp_held(d: &Dir, slot: u32, now: u64) {
     }
 }
 
+/// Fill of a class as the pacing loop reads it (see
+/// [`policy::class_fill_mid_charge`]).
 #[inline(always)]
 fn class_fill(st: *const ClassState, cfg: &ClassConfig) -> i64 {
     // SAFETY: `st` points into a class state map.
-    let (own, borrow) = unsafe { (read(&(*st).own), read(&(*st).borrow)) };
-    policy::class_fill(own, borrow, cfg)
+    let (own, own_charge, borrow) = unsafe {
+        (
+            read(&(*st).own),
+            read(&(*st).own_charge),
+            read(&(*st).borrow),
+        )
+    };
+    policy::class_fill_mid_charge(own, own_charge, borrow, cfg)
 }
 
 /// Charges one packet of `wire` bytes to class `slot` of direction `d` and
@@ -411,6 +426,9 @@ fn account(
         match verdict {
             Verdict::Own => {
                 add_fetch_i64(&mut (*st).own, -w);
+                if d.fill_mid_charge {
+                    (*st).own_charge = wire;
+                }
                 (*ct).own_bytes += wire;
             }
             Verdict::Borrow => {
@@ -428,6 +446,9 @@ fn account(
             }
             Verdict::Over | Verdict::OverMark => {
                 add_fetch_i64(&mut (*st).own, -w);
+                if d.fill_mid_charge {
+                    (*st).own_charge = wire;
+                }
                 (*ct).over_bytes += wire;
                 if verdict == Verdict::OverMark && bpf_skb_ecn_set_ce(skb) == 1 {
                     (*ct).ce_marks += 1;
