@@ -49,6 +49,8 @@ const fn tcp(quota: &'static str) -> Group {
 struct Outcome {
     /// Wire Mbit/s per group, after a 1 s warm-up.
     rates: Vec<f64>,
+    /// Wire bytes each group's receiver took in over the whole run.
+    wire: Vec<u64>,
     status: NetStatus,
 }
 
@@ -149,6 +151,7 @@ fn run(groups: &[Group], containers: bool, ack_pacing: bool, secs: f64) -> Resul
         running.push((server, Client::start(&sender, ip, port, &opts, tmp.path())?));
     }
     let mut rates = Vec::new();
+    let mut wire = Vec::new();
     for (server, client) in running {
         client.finish(Duration::from_secs_f64(secs + 20.0))?;
         let r = server.finish(Duration::from_secs(20))?;
@@ -164,6 +167,7 @@ fn run(groups: &[Group], containers: bool, ack_pacing: bool, secs: f64) -> Resul
             r.bytes,
             wire_bytes(r.bytes, false)
         );
+        wire.push(wire_bytes(r.bytes, false));
     }
     stop.store(true, Ordering::Relaxed);
     let shaper = handle.join().expect("control thread");
@@ -186,7 +190,11 @@ fn run(groups: &[Group], containers: bool, ack_pacing: bool, secs: f64) -> Resul
             c.over_bytes,
         );
     }
-    Ok(Outcome { rates, status })
+    Ok(Outcome {
+        rates,
+        wire,
+        status,
+    })
 }
 
 /// [`run`], once more when the shares miss `shares_ok`: without fq this
@@ -326,15 +334,15 @@ fn ingress_into_containers_is_classified_by_the_receiving_cgroup() -> Result<()>
     if !require_root("ingress_into_containers_is_classified_by_the_receiving_cgroup") {
         return Ok(());
     }
-    // Left in the default class, both would split the link about evenly;
-    // classified, the larger class leads, and the smaller one takes at most
-    // its share plus what the larger left of its guarantee.
+    // The smaller receiver takes at least half its guarantee and at most its
+    // share plus what the larger left of its guarantee. Which one leads is
+    // not asserted: a CI run on a slow day of this host moved only 770-895
+    // of the 1000 Mbit/s, and the larger receiver in its container got 359
+    // and 434 against the smaller one's 412 and 460, with every byte in
+    // the right class. Classification is asserted on the bytes below.
     let quotas = [200.0, 750.0];
-    let shares_ok = |rates: &[f64]| {
-        rates[0] >= 0.5 * 200.0
-            && rates[0] <= upper_bound(rates, &quotas, 0, 1.3)
-            && rates[1] > rates[0]
-    };
+    let shares_ok =
+        |rates: &[f64]| rates[0] >= 0.5 * 200.0 && rates[0] <= upper_bound(rates, &quotas, 0, 1.3);
     let o = run_twice_if_off(
         &[tcp("200mbit"), tcp("750mbit")],
         true,
@@ -342,14 +350,25 @@ fn ingress_into_containers_is_classified_by_the_receiving_cgroup() -> Result<()>
         4.0,
         shares_ok,
     )?;
+    // Classification is what this test checks: each class counted what its
+    // container's receiver took in (within 5 %: the class also counts the
+    // handshakes and iperf's control connection); left in the default class,
+    // both would count nothing. The share bounds are loose because the
+    // smaller receiver in a container gets 130-180 of its 200 on this host
+    // (ingress accuracy is an open item of its own issue).
+    for (i, wire) in o.wire.iter().enumerate() {
+        let counted = class(&o.status, i).bytes;
+        assert!(
+            counted.abs_diff(*wire) * 20 <= *wire,
+            "class {i} counted {counted} bytes, its receiver took in {wire} on the wire"
+        );
+    }
+    let default = ingress(&o.status).classes[0].bytes;
+    let total: u64 = o.wire.iter().sum();
     assert!(
-        class(&o.status, 0).bytes > 0 && class(&o.status, 1).bytes > 0,
-        "bytes received in containers not attributed"
+        default * 100 <= total,
+        "the default class counted {default} of {total} bytes"
     );
-    // Classification is what this test checks: traffic left in the default
-    // class would split about evenly (~475 each). The lower bound is loose
-    // because the smaller receiver in a container gets 130-180 of its 200
-    // on this host (ingress accuracy is an open item of its own issue).
     assert!(shares_ok(&o.rates), "{:?}", o.rates);
     Ok(())
 }
