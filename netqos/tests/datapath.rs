@@ -413,9 +413,13 @@ fn stopping_removes_every_program_and_mapping() -> Result<()> {
     assert_eq!(ids.len(), 5, "every program of the object is loaded");
     shaper.stop();
     assert_eq!(
-        common::tc_programs(bed.shaped_if(), aya::programs::TcAttachType::Egress)?,
+        common::tc_programs_left(
+            bed.shaped_if(),
+            aya::programs::TcAttachType::Egress,
+            Duration::from_secs(5)
+        )?,
         0,
-        "egress program still attached"
+        "egress program still attached 5 s after stop"
     );
     let left = common::still_loaded(&ids, Duration::from_secs(5));
     assert!(

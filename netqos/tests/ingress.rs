@@ -425,9 +425,13 @@ fn stopping_removes_every_ingress_attachment() -> Result<()> {
         .collect();
     shaper.stop();
     assert_eq!(
-        common::tc_programs(bed.shaped_if(), aya::programs::TcAttachType::Ingress)?,
+        common::tc_programs_left(
+            bed.shaped_if(),
+            aya::programs::TcAttachType::Ingress,
+            Duration::from_secs(5)
+        )?,
         0,
-        "ingress tagger still attached"
+        "ingress tagger still attached 5 s after stop"
     );
     let left = netqos::qdisc::root(dev).unwrap();
     assert!(left.is_default(), "root qdisc left behind: {left:?}");

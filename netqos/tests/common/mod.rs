@@ -43,6 +43,20 @@ pub fn tc_programs(iface: &str, kind: aya::programs::TcAttachType) -> anyhow::Re
         .count())
 }
 
+/// [`tc_programs`] once none is left or `timeout` passed. A detached link
+/// lives on while another reference to it does: a child process that
+/// another test thread forked holds a copy of every descriptor until it
+/// execs (seen once in a CI run: the ingress tagger listed right after
+/// stop).
+pub fn tc_programs_left(
+    iface: &str,
+    kind: aya::programs::TcAttachType,
+    timeout: std::time::Duration,
+) -> anyhow::Result<usize> {
+    testbeds::wait_for(timeout, || matches!(tc_programs(iface, kind), Ok(0)));
+    tc_programs(iface, kind)
+}
+
 /// Program ids of `ids` the kernel still has loaded, `timeout` after they
 /// were detached. The kernel frees a detached program asynchronously (a
 /// cgroup's program array is released from a work queue), so this polls.
