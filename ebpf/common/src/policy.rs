@@ -262,8 +262,8 @@ pub const fn class_fill(own: i64, borrow: i64, cfg: &ClassConfig) -> i64 {
 
 /// Level of a bucket the datapath refills lazily (on packets), `since_ns`
 /// after its last refill: what it earned at `rate` meanwhile, clipped at
-/// `depth` like a refill: what a reader at an arbitrary time (the daemon)
-/// should see, not the level right after the last packet's charge. The
+/// `depth` like a refill. This is what a reader at an arbitrary time (the
+/// daemon) should see, not the level right after the last packet's charge. The
 /// pacing loop, which runs on ACKs soon after sends, reads
 /// [`mid_charge_level`] instead.
 #[inline(always)]
@@ -295,7 +295,7 @@ pub const fn class_fill_at(own: i64, borrow: i64, since_ns: u64, cfg: &ClassConf
 /// little more than one GSO packet (75 KB at 30 Mbit/s, 68 KB packets) the
 /// bottom of a full bucket is below the fill target, so a class sending
 /// below its rate, its bucket overflowing, read "too fast" and was slowed
-/// to a third of its share below it (seen in the 6.1 VM, one run in four).
+/// further, down to 17.1 of its 30 Mbit/s (6.1 VM, about one run in four).
 /// Reading a projection to the ACK's time ([`projected_level`]) does not
 /// help: the ACK is too early. Halfway through the charge is the tooth's
 /// average whenever the ACK comes.

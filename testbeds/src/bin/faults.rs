@@ -96,25 +96,11 @@ struct Args {
     /// as "continued", beyond those before it (noisy hosts, emulated VMs).
     #[arg(long, default_value_t = 0)]
     tolerate_windows: i64,
-    /// Highest total rate over the groups (three 100 ms windows, fraction of
-    /// the capacity) that still counts as enforcing. A detached datapath
-    /// shows as several times the capacity.
-    #[arg(long, default_value_t = 1.10, value_parser = parse_max_peak)]
-    max_peak: f64,
 }
 
-fn parse_max_peak(s: &str) -> std::result::Result<f64, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|e| format!("--max-peak {s:?} is not a number: {e}"))?;
-    if v.is_finite() && v >= 1.0 {
-        Ok(v)
-    } else {
-        Err(format!(
-            "--max-peak must be at least 1.0 (a fraction of the capacity), got {s}"
-        ))
-    }
-}
+/// Highest total rate over the groups (three 100 ms windows, fraction of
+/// the capacity) that still counts as enforcing.
+const MAX_PEAK: f64 = 1.10;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -311,11 +297,11 @@ fn misses(w: &Windows, from: f64, to: f64, target: f64) -> usize {
         .count()
 }
 
-/// The highest total rate over the groups in any window from `from` on.
 /// The highest total rate over the groups from `from` on, averaged over
 /// three 100 ms windows: one window can hold a 64 KB segment more or less
 /// (5 % of 100 Mbit/s), a lost datapath shows as several times the capacity
 /// for as long as it is lost.
+///
 /// Windows that end after `to` are left out: in the 6.1 VM the last ones of
 /// the receivers' reports held 1.03-1.15 times the capacity in every run
 /// (the end of the run, not the fault). Also returns where the three
@@ -423,7 +409,7 @@ fn traffic_fault(fault: &str, args: &Args, bins: &Path) -> Result<Value> {
     }
     let (peak, peak_at) = peak_total(&windows, 1.0, args.duration - 0.5);
     let peak = peak / cap;
-    let enforcing = peak <= args.max_peak && extra_misses <= args.tolerate_windows;
+    let enforcing = peak <= MAX_PEAK && extra_misses <= args.tolerate_windows;
     let state_kept = match fault {
         // Both quotas (A's waiting for its cgroup) are still there.
         "cgroup-removed" => {
@@ -458,7 +444,7 @@ fn traffic_fault(fault: &str, args: &Args, bins: &Path) -> Result<Value> {
         "state_kept": state_kept,
         "peak_total_over_capacity": peak,
         "peak_at_s": peak_at,
-        "max_peak": args.max_peak,
+        "max_peak": MAX_PEAK,
         "extra_missed_windows": extra_misses,
         "fault_report": said,
         "groups": per_group,
