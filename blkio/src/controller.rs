@@ -204,6 +204,31 @@ impl IoControl {
         self.record_paused();
     }
 
+    /// Pauses or resumes the writers of `name`, keeping the record a
+    /// superset of what is frozen at every instant: a pause is recorded
+    /// before the freeze and a resume after the thaw, so a qosd killed
+    /// between the two leaves nothing paused that the next one would not
+    /// thaw (a freeze first lost that race once in a fault run).
+    fn set_paused(&mut self, name: &str, paused: bool) -> Result<(), BlkioError> {
+        if paused == self.frozen.contains(name) {
+            return Ok(());
+        }
+        if paused {
+            self.frozen.insert(name.to_owned());
+            self.record_paused();
+            if let Err(e) = self.backend.set_frozen(name, true) {
+                self.frozen.remove(name);
+                self.record_paused();
+                return Err(e);
+            }
+        } else {
+            self.backend.set_frozen(name, false)?;
+            self.frozen.remove(name);
+            self.record_paused();
+        }
+        Ok(())
+    }
+
     /// Writes the set of paused cgroups to the record (atomically).
     fn record_paused(&self) {
         let Some(path) = &self.settings.paused_record else {
@@ -589,23 +614,10 @@ impl IoControl {
             tracing::debug!("{t}");
         }
         for (name, paused) in pause {
-            let was = self.frozen.contains(&name);
-            if paused != was {
-                match self.backend.set_frozen(&name, paused) {
-                    Ok(()) => {
-                        if paused {
-                            self.frozen.insert(name.clone());
-                        } else {
-                            self.frozen.remove(&name);
-                        }
-                        self.record_paused();
-                    }
-                    Err(e) => {
-                        for ((n, _), g) in self.groups.iter_mut() {
-                            if *n == name {
-                                g.degraded = Some(format!("writers cannot be paused: {e}"));
-                            }
-                        }
+            if let Err(e) = self.set_paused(&name, paused) {
+                for ((n, _), g) in self.groups.iter_mut() {
+                    if *n == name {
+                        g.degraded = Some(format!("writers cannot be paused: {e}"));
                     }
                 }
             }
@@ -837,5 +849,42 @@ mod pause_record_tests {
         // Not ours (say, paused by its owner): left alone.
         assert_eq!(state("t/b"), "FROZEN");
         assert_eq!(std::fs::read_to_string(&record).unwrap(), "");
+    }
+
+    #[test]
+    fn a_pause_is_recorded_while_it_holds_and_a_failed_one_is_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let freezer = tmp.path().join("freezer");
+        std::fs::create_dir_all(freezer.join("t/a")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("blkio/t/a")).unwrap();
+        let record = tmp.path().join("io-paused");
+        let backend = Backend::fixture(
+            IoMode::V1Assisted,
+            &tmp.path().join("blkio"),
+            Some(&freezer),
+        );
+        let settings = IoSettings {
+            paused_record: Some(record.clone()),
+            ..IoSettings::default()
+        };
+        let mut ctl = IoControl::with_parts(backend, None, settings);
+        let recorded = || std::fs::read_to_string(&record).unwrap();
+        let state = || std::fs::read_to_string(freezer.join("t/a/freezer.state")).unwrap();
+
+        ctl.set_paused("t/a", true).unwrap();
+        assert_eq!(state(), "FROZEN");
+        assert_eq!(recorded(), "t/a\n");
+        // Pausing again changes nothing.
+        ctl.set_paused("t/a", true).unwrap();
+        assert_eq!(recorded(), "t/a\n");
+
+        // No freezer cgroup: the pause fails and the record is rolled back.
+        let err = ctl.set_paused("t/missing", true).unwrap_err();
+        assert!(err.to_string().contains("t/missing"), "{err}");
+        assert_eq!(recorded(), "t/a\n");
+
+        ctl.set_paused("t/a", false).unwrap();
+        assert_eq!(state(), "THAWED");
+        assert_eq!(recorded(), "");
     }
 }
