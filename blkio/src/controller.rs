@@ -821,6 +821,21 @@ pub fn inode_key(dev: Device, ino: u64) -> InodeKey {
 mod pause_record_tests {
     use super::*;
 
+    /// A v1 controller on the fixture hierarchies `root/blkio` and
+    /// `root/freezer`, recording paused writers in `root/io-paused`.
+    fn v1_with_record(root: &std::path::Path) -> IoControl {
+        let backend = Backend::fixture(
+            IoMode::V1Assisted,
+            &root.join("blkio"),
+            Some(&root.join("freezer")),
+        );
+        let settings = IoSettings {
+            paused_record: Some(root.join("io-paused")),
+            ..IoSettings::default()
+        };
+        IoControl::with_parts(backend, None, settings)
+    }
+
     #[test]
     fn writers_a_killed_controller_left_paused_are_thawed() {
         let tmp = tempfile::tempdir().unwrap();
@@ -833,16 +848,7 @@ mod pause_record_tests {
         let record = tmp.path().join("io-paused");
         // The dead controller had paused a (and a cgroup since removed).
         std::fs::write(&record, "t/a\nt/gone\n").unwrap();
-        let backend = Backend::fixture(
-            IoMode::V1Assisted,
-            &tmp.path().join("blkio"),
-            Some(&freezer),
-        );
-        let settings = IoSettings {
-            paused_record: Some(record.clone()),
-            ..IoSettings::default()
-        };
-        let _ctl = IoControl::with_parts(backend, None, settings);
+        let _ctl = v1_with_record(tmp.path());
         let state =
             |g: &str| std::fs::read_to_string(freezer.join(g).join("freezer.state")).unwrap();
         assert_eq!(state("t/a"), "THAWED");
@@ -858,16 +864,7 @@ mod pause_record_tests {
         std::fs::create_dir_all(freezer.join("t/a")).unwrap();
         std::fs::create_dir_all(tmp.path().join("blkio/t/a")).unwrap();
         let record = tmp.path().join("io-paused");
-        let backend = Backend::fixture(
-            IoMode::V1Assisted,
-            &tmp.path().join("blkio"),
-            Some(&freezer),
-        );
-        let settings = IoSettings {
-            paused_record: Some(record.clone()),
-            ..IoSettings::default()
-        };
-        let mut ctl = IoControl::with_parts(backend, None, settings);
+        let mut ctl = v1_with_record(tmp.path());
         let recorded = || std::fs::read_to_string(&record).unwrap();
         let state = || std::fs::read_to_string(freezer.join("t/a/freezer.state")).unwrap();
 
