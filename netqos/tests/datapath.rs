@@ -329,31 +329,25 @@ fn a_download_is_not_held_by_its_cgroups_egress_quota() -> Result<()> {
     let dir = parent.child("down")?;
     let cg = h.resolve(&parent.child_name("down"))?;
     shaper.set(&cg, NetQuota::egress(egress_quota, None, 0))?;
-    let (stop, handle) = control_loop(shaper);
     let receiver = Placement {
         cgroup: Some(dir),
         netns: None,
-    };
-    let server = Server::start(&receiver, bed.sender_ips[0], 5311, tmp.path(), 0.1)?;
-    let opts = ClientOpts {
-        seconds: 3.0,
-        parallel: 1,
-        udp_bps: None,
-        bind: None,
-        tos: None,
     };
     let peer = Placement {
         cgroup: None,
         netns: Some(bed.peer.path()),
     };
-    let client = Client::start(&peer, bed.sender_ips[0], 5311, &opts, tmp.path())?;
-    client.finish(Duration::from_secs(30))?;
-    let r = server.finish(Duration::from_secs(20))?;
-    stop.store(true, Ordering::Relaxed);
-    let shaper = handle.join().expect("control thread");
+    let (shaper, mbit) = common::one_flow_under_control(
+        shaper,
+        &receiver,
+        bed.sender_ips[0],
+        &peer,
+        None,
+        5311,
+        tmp.path(),
+    )?;
     let status = shaper.status();
     shaper.stop();
-    let mbit = wire_bytes(r.bytes, false) as f64 * 8.0 / 3.0 / 1e6;
     let quota = egress_quota.bits_per_sec() as f64 / 1e6;
     let c = class(&status, 0);
     eprintln!(

@@ -544,31 +544,25 @@ fn an_upload_is_not_held_by_its_cgroups_ingress_quota() -> Result<()> {
     let cg = h.resolve(&parent.child_name("up"))?;
     shaper.set(&cg, NetQuota::ingress(ingress_quota, None, 0))?;
     let ack = ingress(&shaper.status()).ack_pacing.clone();
-    let (stop, handle) = control_loop(shaper);
     let peer = Placement {
         cgroup: None,
         netns: Some(bed.peer.path()),
-    };
-    let server = Server::start(&peer, bed.peer_ip, 5461, tmp.path(), 0.1)?;
-    let opts = ClientOpts {
-        seconds: 3.0,
-        parallel: 1,
-        udp_bps: None,
-        bind: Some(bed.sender_ips[0]),
-        tos: None,
     };
     let uploader = Placement {
         cgroup: Some(dir),
         netns: None,
     };
-    let client = Client::start(&uploader, bed.peer_ip, 5461, &opts, tmp.path())?;
-    client.finish(Duration::from_secs(30))?;
-    let r = server.finish(Duration::from_secs(20))?;
-    stop.store(true, Ordering::Relaxed);
-    let shaper = handle.join().expect("control thread");
+    let (shaper, mbit) = common::one_flow_under_control(
+        shaper,
+        &peer,
+        bed.peer_ip,
+        &uploader,
+        Some(bed.sender_ips[0]),
+        5461,
+        tmp.path(),
+    )?;
     let status = shaper.status();
     shaper.stop();
-    let mbit = wire_bytes(r.bytes, false) as f64 * 8.0 / 3.0 / 1e6;
     let quota = ingress_quota.bits_per_sec() as f64 / 1e6;
     let c = class(&status, 0);
     eprintln!(

@@ -101,3 +101,47 @@ pub fn scaled(rate: &str) -> anyhow::Result<qos_core::Rate> {
         (r.bits_per_sec() as f64 * rate_scale()) as u64,
     )?)
 }
+
+/// One TCP flow of 3 s from `client` (bound to `bind`) to a server at
+/// `server_ip:port` in `server`, with the shaper's control loop running
+/// meanwhile. Returns the shaper again and the Mbit/s the server received
+/// on the wire. The tests of traffic that must not be held by the opposite
+/// direction's quota (a download's ACKs, an upload's ACKs) run one each.
+pub fn one_flow_under_control(
+    shaper: Shaper,
+    server: &testbeds::Placement,
+    server_ip: std::net::Ipv4Addr,
+    client: &testbeds::Placement,
+    bind: Option<std::net::Ipv4Addr>,
+    port: u16,
+    out_dir: &std::path::Path,
+) -> anyhow::Result<(Shaper, f64)> {
+    use std::time::Duration;
+    use testbeds::iperf::{Client, ClientOpts, Server, wire_bytes};
+    const SECS: f64 = 3.0;
+
+    let (stop, handle) = control_loop(shaper);
+    let flow = (|| {
+        let srv = Server::start(server, server_ip, port, out_dir, 0.1)?;
+        let opts = ClientOpts {
+            seconds: SECS,
+            parallel: 1,
+            udp_bps: None,
+            bind,
+            tos: None,
+        };
+        let cl = Client::start(client, server_ip, port, &opts, out_dir)?;
+        cl.finish(Duration::from_secs(30))?;
+        srv.finish(Duration::from_secs(20))
+    })();
+    stop.store(true, Ordering::Relaxed);
+    let shaper = handle.join().expect("control thread");
+    let bytes = match flow {
+        Ok(r) => r.bytes,
+        Err(e) => {
+            shaper.stop();
+            return Err(e);
+        }
+    };
+    Ok((shaper, wire_bytes(bytes, false) as f64 * 8.0 / SECS / 1e6))
+}
