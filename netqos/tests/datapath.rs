@@ -337,7 +337,7 @@ fn a_download_is_not_held_by_its_cgroups_egress_quota() -> Result<()> {
         cgroup: None,
         netns: Some(bed.peer.path()),
     };
-    let (shaper, mbit) = common::one_flow_under_control(
+    let (status, mbit) = common::one_flow_under_control(
         shaper,
         &receiver,
         bed.sender_ips[0],
@@ -346,8 +346,6 @@ fn a_download_is_not_held_by_its_cgroups_egress_quota() -> Result<()> {
         5311,
         tmp.path(),
     )?;
-    let status = shaper.status();
-    shaper.stop();
     let quota = egress_quota.bits_per_sec() as f64 / 1e6;
     let c = class(&status, 0);
     eprintln!(

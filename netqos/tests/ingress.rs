@@ -162,12 +162,9 @@ fn run(groups: &[Group], containers: bool, ack_pacing: bool, secs: f64) -> Resul
             .fold((0u64, 0.0), |(b, t), i| (b + i.2, t + i.1 - i.0));
         // In nominal (unscaled) Mbit/s, what the assertions are written in.
         rates.push(wire_bytes(bytes, false) as f64 * 8.0 / t / 1e6 / common::rate_scale());
-        eprintln!(
-            "receiver bytes {} wire {}",
-            r.bytes,
-            wire_bytes(r.bytes, false)
-        );
-        wire.push(wire_bytes(r.bytes, false));
+        let on_wire = wire_bytes(r.bytes, false);
+        eprintln!("receiver bytes {} wire {on_wire}", r.bytes);
+        wire.push(on_wire);
     }
     stop.store(true, Ordering::Relaxed);
     let shaper = handle.join().expect("control thread");
@@ -552,7 +549,7 @@ fn an_upload_is_not_held_by_its_cgroups_ingress_quota() -> Result<()> {
         cgroup: Some(dir),
         netns: None,
     };
-    let (shaper, mbit) = common::one_flow_under_control(
+    let (status, mbit) = common::one_flow_under_control(
         shaper,
         &peer,
         bed.peer_ip,
@@ -561,8 +558,6 @@ fn an_upload_is_not_held_by_its_cgroups_ingress_quota() -> Result<()> {
         5461,
         tmp.path(),
     )?;
-    let status = shaper.status();
-    shaper.stop();
     let quota = ingress_quota.bits_per_sec() as f64 / 1e6;
     let c = class(&status, 0);
     eprintln!(

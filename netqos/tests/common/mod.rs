@@ -104,8 +104,8 @@ pub fn scaled(rate: &str) -> anyhow::Result<qos_core::Rate> {
 
 /// One TCP flow of 3 s from `client` (bound to `bind`) to a server at
 /// `server_ip:port` in `server`, with the shaper's control loop running
-/// meanwhile. Returns the shaper again and the Mbit/s the server received
-/// on the wire. The tests of traffic that must not be held by the opposite
+/// meanwhile; then stops the shaper. Returns its last status and the Mbit/s
+/// the server received on the wire. The tests of traffic that must not be held by the opposite
 /// direction's quota (a download's ACKs, an upload's ACKs) run one each.
 pub fn one_flow_under_control(
     shaper: Shaper,
@@ -115,7 +115,7 @@ pub fn one_flow_under_control(
     bind: Option<std::net::Ipv4Addr>,
     port: u16,
     out_dir: &std::path::Path,
-) -> anyhow::Result<(Shaper, f64)> {
+) -> anyhow::Result<(netqos::NetStatus, f64)> {
     use std::time::Duration;
     use testbeds::iperf::{Client, ClientOpts, Server, wire_bytes};
     const SECS: f64 = 3.0;
@@ -136,12 +136,8 @@ pub fn one_flow_under_control(
     })();
     stop.store(true, Ordering::Relaxed);
     let shaper = handle.join().expect("control thread");
-    let bytes = match flow {
-        Ok(r) => r.bytes,
-        Err(e) => {
-            shaper.stop();
-            return Err(e);
-        }
-    };
-    Ok((shaper, wire_bytes(bytes, false) as f64 * 8.0 / SECS / 1e6))
+    let status = shaper.status();
+    shaper.stop();
+    let bytes = flow?.bytes;
+    Ok((status, wire_bytes(bytes, false) as f64 * 8.0 / SECS / 1e6))
 }
