@@ -584,3 +584,145 @@ fn an_upload_is_not_held_by_its_cgroups_ingress_quota() -> Result<()> {
     );
     Ok(())
 }
+
+/// A veth pair on the host, deleted on drop.
+struct Veth(String);
+
+impl Veth {
+    fn new(tx_queues: u32) -> Result<Self> {
+        let name = testbeds::unique("qdq");
+        let queues = tx_queues.to_string();
+        testbeds::run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &name,
+                "numtxqueues",
+                &queues,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("{name}p"),
+            ],
+        )?;
+        let veth = Self(name);
+        testbeds::run("ip", &["link", "set", &veth.0, "up"])?;
+        Ok(veth)
+    }
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        let _ = testbeds::run("ip", &["link", "del", &self.0]);
+    }
+}
+
+/// What `tc` (iproute2, a second opinion) lists on `dev`: `(kind, handle,
+/// parent)` of each qdisc, with its flow limit if it has one.
+fn tc_qdiscs(dev: &str) -> Result<Vec<String>> {
+    let out = testbeds::run("tc", &["qdisc", "show", "dev", dev])?;
+    Ok(out
+        .lines()
+        .filter(|l| l.starts_with("qdisc "))
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let limit = w
+                .iter()
+                .position(|x| *x == "flow_limit")
+                .map(|i| format!(" flow_limit {}", w[i + 1]))
+                .unwrap_or_default();
+            format!("{} {} {}{limit}", w[1], w[2], w[3])
+        })
+        .collect())
+}
+
+#[test]
+fn the_ack_pacing_qdisc_is_read_installed_and_removed_over_netlink() -> Result<()> {
+    if !require_root("the_ack_pacing_qdisc_is_read_installed_and_removed_over_netlink") {
+        return Ok(());
+    }
+    use netqos::qdisc::{self, AckQdisc};
+    let fq = testbeds::net::fq_available()?;
+    for queues in [1, 3] {
+        let dev = Veth::new(queues)?;
+        let dev = dev.0.as_str();
+        let root = qdisc::root(dev)?;
+        assert!(root.is_default() && !root.is_ours(), "{root:?}");
+        assert_eq!(root.kind, "noqueue");
+        let state = qdisc::ensure_fq(dev);
+        if fq {
+            assert_eq!(state, AckQdisc::Ready { installed: true });
+            let root = qdisc::root(dev)?;
+            assert!(root.is_ours(), "{root:?}");
+            let listed = tc_qdiscs(dev)?;
+            if queues == 1 {
+                assert_eq!(root.kind, "fq");
+                assert_eq!(listed, ["fq 7105: root flow_limit 1000p"]);
+            } else {
+                // One fq per transmit queue under our mq.
+                assert_eq!(root.kind, "mq");
+                assert_eq!(listed.len(), 4, "{listed:?}");
+                assert_eq!(listed[0], "mq 7105: root");
+                for (q, line) in listed[1..].iter().enumerate() {
+                    assert!(
+                        line.starts_with("fq ")
+                            && line.ends_with(&format!("parent 7105:{:x} flow_limit 1000p", q + 1)),
+                        "{listed:?}"
+                    );
+                }
+            }
+            // Asking again changes nothing.
+            assert_eq!(qdisc::ensure_fq(dev), AckQdisc::Ready { installed: false });
+            qdisc::remove_ours(dev);
+            assert!(qdisc::root(dev)?.is_default());
+        } else {
+            let AckQdisc::Unavailable(why) = &state else {
+                panic!("without sch_fq: {state:?}");
+            };
+            // Under mq, the first fq below it is refused.
+            let refused = if queues == 1 {
+                "qdisc add root fq"
+            } else {
+                "qdisc replace parent 7105:1 fq"
+            };
+            assert!(
+                why.starts_with(&format!(
+                    "the kernel has no fq qdisc (sch_fq): {refused} on {dev}: "
+                )),
+                "{why}"
+            );
+            // Nothing half-installed (under mq, the mq is gone again).
+            assert!(qdisc::root(dev)?.is_default());
+        }
+    }
+
+    // A configured root is reported, never replaced, and outlives
+    // remove_ours.
+    let dev = Veth::new(1)?;
+    let dev = dev.0.as_str();
+    testbeds::run(
+        "tc",
+        &["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb"],
+    )?;
+    let state = qdisc::ensure_fq(dev);
+    let AckQdisc::Unavailable(why) = &state else {
+        panic!("over a configured htb: {state:?}");
+    };
+    assert!(why.contains("configured root qdisc (htb 1:)"), "{why}");
+    qdisc::remove_ours(dev);
+    let root = qdisc::root(dev)?;
+    assert_eq!((root.kind.as_str(), root.handle.as_str()), ("htb", "1:"));
+
+    // A missing interface is named in the error.
+    let gone = testbeds::unique("qdq");
+    let e = qdisc::root(&gone).unwrap_err().to_string();
+    assert!(e.contains(&gone), "{e}");
+    let state = qdisc::ensure_fq(&gone);
+    assert!(
+        matches!(&state, AckQdisc::Failed(why) if why.contains(&gone)),
+        "{state:?}"
+    );
+    Ok(())
+}
