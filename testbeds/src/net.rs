@@ -162,23 +162,35 @@ impl EgressBed {
     /// it reaches a real host. Without it a veth delivers at tens of Gbit/s
     /// with microsecond round trips.
     pub fn peer_link(&self, rate: &str, buffer: &str) -> Result<()> {
-        self.peer.exec(
-            "tc",
-            &[
-                "qdisc",
-                "replace",
-                "dev",
-                self.shaped.peer(),
-                "root",
-                "tbf",
-                "rate",
-                rate,
-                "burst",
-                "16kb",
-                "limit",
-                buffer,
-            ],
-        )?;
+        self.peer_link_with_delay(rate, buffer, 0)
+    }
+
+    /// [`EgressBed::peer_link`] that also delays what it carries by
+    /// `delay_ms` (netem above the tbf): the round trip of a sender across
+    /// a wide-area network. 0: no delay.
+    pub fn peer_link_with_delay(&self, rate: &str, buffer: &str, delay_ms: u32) -> Result<()> {
+        let dev = self.shaped.peer();
+        let mut tbf = vec!["qdisc", "replace", "dev", dev];
+        if delay_ms == 0 {
+            tbf.push("root");
+        } else {
+            // netem holds a round trip's worth of packets of a 10 Gbit/s
+            // link at most; its default limit (1000) drops a fast flow's.
+            let delay = format!("{delay_ms}ms");
+            let limit = (delay_ms.max(1) * 1000).to_string();
+            self.peer
+                .exec(
+                    "tc",
+                    &[
+                        "qdisc", "replace", "dev", dev, "root", "handle", "1:", "netem", "delay",
+                        &delay, "limit", &limit,
+                    ],
+                )
+                .context("netem (sch_netem) for the link's delay")?;
+            tbf.extend(["parent", "1:"]);
+        }
+        tbf.extend(["tbf", "rate", rate, "burst", "16kb", "limit", buffer]);
+        self.peer.exec("tc", &tbf)?;
         Ok(())
     }
 

@@ -69,6 +69,10 @@ struct Args {
     /// `unpaced_ingress_problems`.
     #[arg(long, value_name = "FRACTION")]
     assert_shares: Option<f64>,
+    /// Ingress: delay the senders' link by this many milliseconds (netem),
+    /// the round trip of a download from across a wide-area network.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    rtt_ms: u32,
     /// Leave out the request/response probe of the ingress scenarios that
     /// run one.
     #[arg(long)]
@@ -109,6 +113,9 @@ struct RunResult {
     mode: String,
     direction: String,
     capacity_bps: u64,
+    /// Delay of the ingress senders' link (`--rtt-ms`), when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rtt_ms: Option<u32>,
     duration_s: f64,
     utilization: f64,
     /// Jain index of mean/quota within each priority that has ≥ 2 busy groups.
@@ -197,6 +204,9 @@ fn real_main() -> Result<ExitCode> {
     }
     if !args.plot_only && !testbeds::require_root("net-fairness") {
         bail!("net-fairness needs root");
+    }
+    if args.rtt_ms > 0 && !ingress {
+        bail!("--rtt-ms delays the ingress senders' link: use it with --direction ingress");
     }
     if args.duration < 4.0 {
         bail!("--duration must be at least 4 s (1 s warm-up plus an on/off cycle)");
@@ -845,7 +855,7 @@ fn run_scenario(sc: &Scenario, mode: &str, args: &Args, bin_dir: &Path) -> Resul
         // shared is 95 % of it, so that the shaper, not the upstream buffer,
         // decides the shares (the usual setting for ingress shaping).
         let link = Rate::from_bits_per_sec(args.capacity.bits_per_sec() * 100 / 95)?;
-        bed.peer_link(&link.to_string(), "256kb")?;
+        bed.peer_link_with_delay(&link.to_string(), "256kb", args.rtt_ms)?;
         for (g, ip) in sc.groups.iter().zip(&sources) {
             bed.sender_ecn(*ip, g.ecn)?;
         }
@@ -1142,6 +1152,7 @@ fn traffic(
         mode: mode.into(),
         direction: args.direction.clone(),
         capacity_bps: cap,
+        rtt_ms: (args.rtt_ms > 0).then_some(args.rtt_ms),
         duration_s: d,
         utilization,
         jain_by_priority,
@@ -1263,6 +1274,7 @@ mod tests {
             mode: "qosd".into(),
             direction: "ingress".into(),
             capacity_bps: 1_000_000_000,
+            rtt_ms: None,
             duration_s: 5.0,
             utilization,
             jain_by_priority: BTreeMap::new(),

@@ -114,9 +114,10 @@ const TOOLS: [&str; 12] = [
 /// Modules (with their dependencies) for veth, the qdiscs (fq: ingress ACK
 /// pacing) and classifiers the tests and the HTB anchors use, loop devices,
 /// ext4 and the virtio disk.
-const MODULES: [&str; 13] = [
+const MODULES: [&str; 14] = [
     "veth",
     "sch_fq",
+    "sch_netem",
     "sch_htb",
     "sch_tbf",
     "sch_ingress",
