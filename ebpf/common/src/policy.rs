@@ -480,32 +480,47 @@ pub const fn window_clamp(wire_rate: u64, rtt_us: u64, mss: u64) -> u64 {
 /// How often a receive flow's window clamp is corrected.
 pub const CLAMP_STEP_NS: u64 = 20_000_000;
 
-/// Largest receive-window clamp of a flow held at `target` (wire bytes/s):
-/// `target` × 10 ms, at least two segments. A flow whose clamp sits there
-/// receives less than its target by a window that large: held by a long
-/// round trip (or sending less), not by its clamp.
+/// Room a receive-window clamp's ceiling leaves beyond the round trip.
+pub const CLAMP_CEILING_SLACK_US: u64 = 10_000;
+
+/// Largest receive-window clamp of a flow held at `target` (wire bytes/s)
+/// whose smoothed round trip is `rtt_us` (a receiver's is its handshake's):
+/// `target` × (round trip + 10 ms), at least two segments. A flow whose
+/// clamp sits there receives less than its target by a window that large:
+/// held by a round trip longer than it started with (or sending less), not
+/// by its clamp. An ACK-paced flow's ACKs wait at most the 10 ms (what a
+/// window beyond its round trip holds), below the CE mark threshold. The
+/// round trip counts: with 10 ms alone a download from 60 ms away was held
+/// to a sixth of its rate before the pacing multiplier (at most 4) made up
+/// for part of it.
 #[inline(always)]
-pub const fn window_clamp_ceiling(target: u64, mss: u64) -> u64 {
-    window_clamp(target, 10_000, mss)
+pub const fn window_clamp_ceiling(target: u64, rtt_us: u64, mss: u64) -> u64 {
+    window_clamp(
+        target,
+        min_u64(rtt_us, 10_000_000) + CLAMP_CEILING_SLACK_US,
+        mss,
+    )
 }
 
 /// Next receive-window clamp of a flow held at `target` (wire bytes/s) that
 /// received at `measured` over the last step: the window that gave
 /// `measured` scaled to `target` (rate = window / RTT, so this is target ×
 /// the flow's effective RTT), by at most a factor 2 per step, never below
-/// two segments nor above `target` × 10 ms (a flow that cannot reach its
-/// target is not window-limited; a huge clamp would take many steps to bite
-/// when it becomes so). `clamp` 0 starts from `initial`.
+/// two segments nor above [`window_clamp_ceiling`] for its round trip
+/// `rtt_us` (a flow that cannot reach its target is not window-limited; a
+/// huge clamp would take many steps to bite when it becomes so). `clamp` 0
+/// starts from `initial`.
 #[inline(always)]
 pub const fn next_window_clamp(
     clamp: u64,
     measured: u64,
     target: u64,
     mss: u64,
+    rtt_us: u64,
     initial: u64,
 ) -> u64 {
     let floor = window_clamp(0, 0, mss);
-    let ceiling = window_clamp_ceiling(target, mss);
+    let ceiling = window_clamp_ceiling(target, rtt_us, mss);
     if clamp == 0 {
         return min_u64(max_u64(initial, floor), ceiling);
     }
@@ -513,13 +528,12 @@ pub const fn next_window_clamp(
     let next = if measured == 0 {
         clamp
     } else {
-        // clamp ≤ 2^31, target ≤ 1.25e10: the product fits in u64 after
-        // the ratio is bounded.
-        let lo = clamp / 2;
-        let hi = clamp * 2;
+        // The ratio in 1/1024, bounded to ½ .. 2 first: target ≤ 1.25e10
+        // and clamp < 2^31 keep every product within u64 (no 128-bit
+        // arithmetic, which BPF does not have).
         let t = min_u64(target, MAX_RATE);
-        let scaled = (clamp as u128 * t as u128 / measured as u128) as u64;
-        min_u64(max_u64(scaled, lo), hi)
+        let ratio = min_u64(max_u64(t * 1024 / measured, 512), 2048);
+        clamp * ratio / 1024
     };
     min_u64(max_u64(next, floor), ceiling)
 }
@@ -527,7 +541,8 @@ pub const fn next_window_clamp(
 /// Lead (ns) of a received flow's ACK clock over real time, beyond two
 /// packet times, past which an ECN-capable packet is CE-marked (see
 /// [`ack_lead_marks`]). The window clamp normally keeps the lead below
-/// this (it is at most the flow's rate × 10 ms); marks are the backstop.
+/// this (it is at most the flow's rate × (its round trip + 10 ms)); marks
+/// are the backstop.
 pub const ACK_LEAD_MARK_NS: u64 = 20_000_000;
 /// Lead past which a received packet is dropped (a sender that neither
 /// answers CE nor respects the window).
@@ -592,40 +607,58 @@ mod tests {
     fn window_clamp_steps_towards_the_target_rate() {
         let mss = 1448;
         let floor = 2 * mss;
-        let start = next_window_clamp(0, 0, 12_500_000, mss, 50_000);
+        let start = next_window_clamp(0, 0, 12_500_000, mss, 0, 50_000);
         assert_eq!(start, 50_000);
         // Twice too fast: halved. Four times too fast: halved (bounded step).
         assert_eq!(
-            next_window_clamp(40_000, 25_000_000, 12_500_000, mss, 0),
+            next_window_clamp(40_000, 25_000_000, 12_500_000, mss, 0, 0),
             20_000
         );
         assert_eq!(
-            next_window_clamp(40_000, 50_000_000, 12_500_000, mss, 0),
+            next_window_clamp(40_000, 50_000_000, 12_500_000, mss, 0, 0),
             20_000
         );
         // Slightly slow: opened in proportion.
         assert_eq!(
-            next_window_clamp(40_000, 10_000_000, 12_500_000, mss, 0),
+            next_window_clamp(40_000, 10_000_000, 12_500_000, mss, 0, 0),
             50_000
         );
         // Nothing received: unchanged.
-        assert_eq!(next_window_clamp(40_000, 0, 12_500_000, mss, 0), 40_000);
-        // Bounds: two segments, target × 10 ms.
+        assert_eq!(next_window_clamp(40_000, 0, 12_500_000, mss, 0, 0), 40_000);
+        // Bounds: two segments, target × (round trip + 10 ms).
         assert_eq!(
-            next_window_clamp(floor, 1_000_000_000, 12_500_000, mss, 0),
+            next_window_clamp(floor, 1_000_000_000, 12_500_000, mss, 0, 0),
             floor
         );
-        let ceiling = window_clamp_ceiling(12_500_000, mss);
+        let ceiling = window_clamp_ceiling(12_500_000, 0, mss);
         assert_eq!(ceiling, window_clamp(12_500_000, 10_000, mss));
-        assert_eq!(window_clamp_ceiling(0, mss), floor);
-        assert_eq!(next_window_clamp(ceiling, 1, 12_500_000, mss, 0), ceiling);
-        assert_eq!(next_window_clamp(0, 0, 12_500_000, mss, u64::MAX), ceiling);
+        assert_eq!(window_clamp_ceiling(0, 60_000, mss), floor);
+        assert_eq!(
+            next_window_clamp(ceiling, 1, 12_500_000, mss, 0, 0),
+            ceiling
+        );
+        assert_eq!(
+            next_window_clamp(0, 0, 12_500_000, mss, 0, u64::MAX),
+            ceiling
+        );
+        // A download from 60 ms away may open to its round trip + 10 ms,
+        // and the ceiling stays put under absurd round trips.
+        let far = window_clamp_ceiling(12_500_000, 60_000, mss);
+        assert_eq!(far, window_clamp(12_500_000, 70_000, mss));
+        assert_eq!(
+            next_window_clamp(far / 2 + 1, 1, 12_500_000, mss, 60_000, 0),
+            far
+        );
+        assert_eq!(
+            window_clamp_ceiling(12_500_000, u64::MAX / 2, mss),
+            window_clamp(12_500_000, 10_010_000, mss)
+        );
         // Converges from anywhere within a few steps.
         let mut c = ceiling;
         for _ in 0..12 {
             // A flow whose rate is clamp / 1 ms.
             let measured = c * 1_000;
-            c = next_window_clamp(c, measured, 12_500_000, mss, 0);
+            c = next_window_clamp(c, measured, 12_500_000, mss, 0, 0);
         }
         assert!(c.abs_diff(12_500) < 200, "{c}");
     }

@@ -1011,13 +1011,14 @@ fn on_send(ctx: &SockOpsContext) {
     } else {
         0
     };
-    let initial = window_clamp(rate, (srtt >> 3) as u64 + lead_us, mss as u64);
+    let rtt_us = (srtt >> 3) as u64;
+    let initial = window_clamp(rate, rtt_us + lead_us, mss as u64);
     let target = wire_to_tcp_rate(rate);
-    let clamp = next_window_clamp(applied, measured, target, mss as u64, initial);
+    let clamp = next_window_clamp(applied, measured, target, mss as u64, rtt_us, initial);
     // A clamp at its ceiling: the flow is held by its round trip (or sends
     // less than its rate), which the ACK clock does not see; the pacing
     // loop may speed it up.
-    let ceiling = window_clamp_ceiling(target, mss as u64);
+    let ceiling = window_clamp_ceiling(target, rtt_us, mss as u64);
     // Below about 2.3 Mbit/s per flow the ceiling is the two-segment floor,
     // where every clamp sits: no signal.
     if g.flags & GLOBAL_ACK_PACING != 0
