@@ -525,16 +525,15 @@ pub const fn next_window_clamp(
         return min_u64(max_u64(initial, floor), ceiling);
     }
     let clamp = min_u64(clamp, ceiling);
-    let next = if measured == 0 {
-        clamp
-    } else {
-        // The ratio in 1/1024, bounded to ½ .. 2 first: target ≤ 1.25e10
-        // and clamp < 2^31 keep every product within u64 (no 128-bit
-        // arithmetic, which BPF does not have).
-        let t = min_u64(target, MAX_RATE);
-        let ratio = min_u64(max_u64(t * 1024 / measured, 512), 2048);
-        clamp * ratio / 1024
+    // target / measured in 1/1024, bounded to ½ .. 2 before it scales the
+    // clamp: target ≤ 1.25e10 and clamp < 2^31 keep every product within
+    // u64 (BPF has no 128-bit arithmetic). Nothing received: unchanged.
+    let t = min_u64(target, MAX_RATE);
+    let ratio = match (t * 1024).checked_div(measured) {
+        Some(r) => min_u64(max_u64(r, 512), 2048),
+        None => 1024,
     };
+    let next = clamp * ratio / 1024;
     min_u64(max_u64(next, floor), ceiling)
 }
 

@@ -94,6 +94,10 @@ const EGRESS_RATE_SCALE: &str = "0.1";
 const EGRESS_CAPACITY: &str = "100mbit";
 const INGRESS_RATE_SCALE: &str = "0.05";
 const INGRESS_CAPACITY: &str = "50mbit";
+/// The long-round-trip ingress smoke: 60 ms, at a capacity whose windows
+/// (150 KB) the VM's emulated CPUs keep up with.
+const LONG_RTT_MS: &str = "60";
+const LONG_RTT_CAPACITY: &str = "20mbit";
 
 /// Host tools the tests and fairness programs call.
 const TOOLS: [&str; 12] = [
@@ -277,29 +281,36 @@ fn suite(tests: &BTreeMap<String, PathBuf>, bin_dir: &Path) -> Result<Suite> {
             retries: u32::from(TRAFFIC_TESTS.contains(&name)),
         });
     }
-    let fairness = |direction: &str, capacity: &str, share: &str| -> Result<Step> {
+    let fairness = |direction: &str, capacity: &str, share: &str, extra: &[&str]| -> Result<Step> {
+        let mut argv: Vec<String> = [
+            bin("net-fairness")?.as_str(),
+            "--direction",
+            direction,
+            "--scenario",
+            "all-busy",
+            "--duration",
+            "4",
+            "--capacity",
+            capacity,
+            "--mode",
+            "qosd",
+            "--json-only",
+            "--out",
+            "/tmp/net-fairness",
+            "--assert-shares",
+            share,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        argv.extend(extra.iter().map(|a| (*a).to_owned()));
+        let name = if extra.is_empty() {
+            format!("net-fairness {direction} all-busy")
+        } else {
+            format!("net-fairness {direction} all-busy {}", extra.join(" "))
+        };
         Ok(Step {
-            name: format!("net-fairness {direction} all-busy"),
-            argv: [
-                bin("net-fairness")?.as_str(),
-                "--direction",
-                direction,
-                "--scenario",
-                "all-busy",
-                "--duration",
-                "4",
-                "--capacity",
-                capacity,
-                "--mode",
-                "qosd",
-                "--json-only",
-                "--out",
-                "/tmp/net-fairness",
-                "--assert-shares",
-                share,
-            ]
-            .map(str::to_owned)
-            .to_vec(),
+            name,
+            argv,
             env: env(&[]),
             timeout_s: 300,
             json_output: false,
@@ -309,8 +320,17 @@ fn suite(tests: &BTreeMap<String, PathBuf>, bin_dir: &Path) -> Result<Suite> {
     };
     // The fairness smokes, io-fairness and faults measure on emulated CPUs:
     // each runs once more after a failure (both tries are in the report).
-    steps.push(fairness("egress", EGRESS_CAPACITY, "0.1")?);
-    steps.push(fairness("ingress", INGRESS_CAPACITY, "0.25")?);
+    steps.push(fairness("egress", EGRESS_CAPACITY, "0.1", &[])?);
+    steps.push(fairness("ingress", INGRESS_CAPACITY, "0.25", &[])?);
+    // Downloads from 60 ms away (netem on the senders' link): the receive
+    // window must open to the round trip (it was held to 10 ms: a third of
+    // the capacity used).
+    steps.push(fairness(
+        "ingress",
+        LONG_RTT_CAPACITY,
+        "0.25",
+        &["--rtt-ms", LONG_RTT_MS],
+    )?);
     // cgroup2 IO: io.max on buffered (writeback the kernel attributes) and
     // direct writers, io.weight (iocost) on direct writers; the tracker's
     // bytes must match the kernel's io.stat charging (--assert).
