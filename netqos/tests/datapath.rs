@@ -173,7 +173,7 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
 /// then 885 and 836, of the 1000 Mbit/s (the 600 Mbit/s class at 540; the
 /// borrowing classes short), while eight runs of the test binary on the same
 /// host right after, two of them just after the memory tests as in CI,
-/// passed every test, every class within 0.2 % of its guarantee. The mechanism
+/// passed every test (the guarantee test's classes within 0.2 %). The mechanism
 /// checks (drops, attribution) are asserted on the returned outcome.
 fn run_retrying_if_off(
     groups: &[Group],
