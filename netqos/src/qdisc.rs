@@ -279,7 +279,11 @@ fn ifindex(iface: &str) -> Result<u32, QdiscError> {
 
 /// The root qdisc of `iface`.
 pub fn root(iface: &str) -> Result<RootQdisc, QdiscError> {
-    let index = ifindex(iface)?;
+    root_at(iface, ifindex(iface)?)
+}
+
+/// The root qdisc of `iface`, whose index is `index`.
+fn root_at(iface: &str, index: u32) -> Result<RootQdisc, QdiscError> {
     let dump = tc_request(
         iface,
         "qdisc show",
@@ -314,25 +318,17 @@ fn install_fq(iface: &str, index: u32, queues: usize) -> Result<(), QdiscError> 
     // it take the place of the default qdisc but refuses it over a
     // configured one, so a qdisc configured since the caller's check is
     // never replaced.
-    let exclusive = NLM_F_CREATE | NLM_F_EXCL;
+    let kind = if queues == 1 { "fq" } else { "mq" };
+    tc_request(
+        iface,
+        &format!("qdisc add root {kind}"),
+        RouteNetlinkMessage::NewQueueDiscipline(qdisc_message(index, TC_H_ROOT, OUR_HANDLE, kind)),
+        NLM_F_CREATE | NLM_F_EXCL,
+    )?;
     if queues == 1 {
-        let msg = qdisc_message(index, TC_H_ROOT, OUR_HANDLE, "fq");
-        tc_request(
-            iface,
-            "qdisc add root fq",
-            RouteNetlinkMessage::NewQueueDiscipline(msg),
-            exclusive,
-        )?;
         return Ok(());
     }
     // One fq per transmit queue keeps the device's queues parallel.
-    let msg = qdisc_message(index, TC_H_ROOT, OUR_HANDLE, "mq");
-    tc_request(
-        iface,
-        "qdisc add root mq",
-        RouteNetlinkMessage::NewQueueDiscipline(msg),
-        exclusive,
-    )?;
     (1..=queues as u32).try_for_each(|q| {
         let msg = qdisc_message(index, OUR_HANDLE | q, 0, "fq");
         tc_request(
@@ -364,8 +360,8 @@ fn delete_root(iface: &str, index: u32) -> Result<(), QdiscError> {
 /// Makes sure fq (ours) is the root qdisc of `iface`, installing it over
 /// the kernel's default.
 pub fn ensure_fq(iface: &str) -> AckQdisc {
-    let current = match root(iface) {
-        Ok(r) => r,
+    let (index, current) = match ifindex(iface).and_then(|i| Ok((i, root_at(iface, i)?))) {
+        Ok(found) => found,
         Err(e) => return AckQdisc::Failed(e.to_string()),
     };
     if current.is_ours() {
@@ -379,8 +375,7 @@ pub fn ensure_fq(iface: &str) -> AckQdisc {
         ));
     }
     let queues = tx_queues(iface);
-    let result = ifindex(iface).and_then(|index| install_fq(iface, index, queues));
-    match result {
+    match install_fq(iface, index, queues) {
         Ok(()) => {
             info!(
                 iface,
@@ -390,8 +385,8 @@ pub fn ensure_fq(iface: &str) -> AckQdisc {
         }
         Err(e) => {
             // Leave the default as it was.
-            if root(iface).is_ok_and(|r| r.is_ours()) {
-                let _ = ifindex(iface).and_then(|index| delete_root(iface, index));
+            if root_at(iface, index).is_ok_and(|r| r.is_ours()) {
+                let _ = delete_root(iface, index);
             }
             // The kernel answers ENOENT for a qdisc kind it has no module
             // for ("Specified qdisc kind is unknown").
@@ -407,10 +402,11 @@ pub fn ensure_fq(iface: &str) -> AckQdisc {
 /// Removes the root qdisc of `iface` if it is ours (the kernel's default
 /// comes back); anything else is left alone.
 pub fn remove_ours(iface: &str) {
-    if !root(iface).is_ok_and(|r| r.is_ours()) {
+    let Ok(index) = ifindex(iface) else { return };
+    if !root_at(iface, index).is_ok_and(|r| r.is_ours()) {
         return;
     }
-    match ifindex(iface).and_then(|index| delete_root(iface, index)) {
+    match delete_root(iface, index) {
         Ok(()) => info!(iface, "fq for ACK pacing removed"),
         Err(e) => warn!(iface, error = %e, "removing the fq qdisc"),
     }
@@ -421,10 +417,6 @@ mod tests {
     use super::*;
 
     use netlink_packet_core::{Emitable, Parseable};
-
-    fn qdisc(index: u32, parent: u32, handle: u32, kind: &str) -> TcMessage {
-        qdisc_message(index, parent, handle, kind)
-    }
 
     #[test]
     fn handles_print_as_tc_prints_them() {
@@ -437,13 +429,13 @@ mod tests {
     #[test]
     fn the_root_is_found_among_the_qdiscs_of_a_dump() {
         let dump = [
-            qdisc(1, TC_H_ROOT, 0, "noqueue"),
+            qdisc_message(1, TC_H_ROOT, 0, "noqueue"),
             // An mq's children are not the root.
-            qdisc(7, OUR_HANDLE | 1, 0x8001_0000, "fq"),
-            qdisc(7, TC_H_ROOT, OUR_HANDLE, "mq"),
-            qdisc(9, TC_H_ROOT, 0x0001_0000, "htb"),
+            qdisc_message(7, OUR_HANDLE | 1, 0x8001_0000, "fq"),
+            qdisc_message(7, TC_H_ROOT, OUR_HANDLE, "mq"),
+            qdisc_message(9, TC_H_ROOT, 0x0001_0000, "htb"),
             // The ingress qdisc hangs off its own parent.
-            qdisc(12, 0xffff_fff1, 0xffff_0000, "clsact"),
+            qdisc_message(12, 0xffff_fff1, 0xffff_0000, "clsact"),
         ];
         let r = root_among(&dump, 1).unwrap();
         assert_eq!((r.kind.as_str(), r.handle.as_str()), ("noqueue", "0:"));
@@ -457,13 +449,14 @@ mod tests {
         assert_eq!(root_among(&dump, 12), None);
         assert_eq!(root_among(&dump, 2), None);
         // A root without a kind attribute is not trusted.
-        let nameless = TcMessage::from_parts(qdisc(3, TC_H_ROOT, 0, "x").header, Vec::new());
+        let nameless =
+            TcMessage::from_parts(qdisc_message(3, TC_H_ROOT, 0, "x").header, Vec::new());
         assert_eq!(root_among(&[nameless], 3), None);
     }
 
     #[test]
     fn an_fq_request_carries_its_flow_limit_and_round_trips() {
-        let msg = qdisc(5, TC_H_ROOT, OUR_HANDLE, "fq");
+        let msg = qdisc_message(5, TC_H_ROOT, OUR_HANDLE, "fq");
         let mut bytes = vec![0; msg.buffer_len()];
         msg.emit(&mut bytes);
         let back = TcMessage::parse(bytes.as_slice()).unwrap();
@@ -494,7 +487,7 @@ mod tests {
             ))]
         );
         // mq takes no options.
-        let mq = qdisc(5, TC_H_ROOT, OUR_HANDLE, "mq");
+        let mq = qdisc_message(5, TC_H_ROOT, OUR_HANDLE, "mq");
         assert_eq!(mq.attributes, vec![TcAttribute::Kind("mq".into())]);
     }
 

@@ -181,16 +181,7 @@ fn run_retrying_if_off(
     secs: f64,
     shares_ok: impl Fn(&[f64]) -> bool,
 ) -> Result<Outcome> {
-    let o = run(groups, containers, secs)?;
-    if shares_ok(&o.rates) {
-        return Ok(o);
-    }
-    eprintln!(
-        "shares off in the first try (total {:.0} Mbit/s): {:?}; trying again",
-        o.rates.iter().sum::<f64>(),
-        o.rates
-    );
-    run(groups, containers, secs)
+    common::retry_while_shares_off(2, || run(groups, containers, secs), |o| &o.rates, shares_ok)
 }
 
 fn egress_entries(shaper: &mut Shaper) -> usize {
@@ -358,16 +349,10 @@ fn a_download_is_not_held_by_its_cgroups_egress_quota() -> Result<()> {
     let bed = EgressBed::new(1, 0)?;
     let tmp = tempfile::tempdir()?;
     let parent = CgroupDir::new("qos-test-")?;
-    let h = qos_core::Hierarchy::detect()?;
     // The capacity is the quota: the ACKs alone exceed it, so they run the
     // class past its drop threshold.
     let egress_quota = common::scaled("1mbit")?;
-    let mut s = settings(bed.shaped_if(), false)?;
-    s.capacity = egress_quota;
-    let mut shaper = Shaper::start(s, &testbeds::cgroup2_root()?)?;
-    let dir = parent.child("down")?;
-    let cg = h.resolve(&parent.child_name("down"))?;
-    shaper.set(&cg, NetQuota::egress(egress_quota, None, 0))?;
+    let (shaper, dir, _) = shaper_with_one_class(&bed, false, &parent, "down", egress_quota)?;
     let receiver = Placement {
         cgroup: Some(dir),
         netns: None,
@@ -406,6 +391,28 @@ fn a_download_is_not_held_by_its_cgroups_egress_quota() -> Result<()> {
         "download {mbit:.1} Mbit/s with an egress quota of {quota:.1}"
     );
     Ok(())
+}
+
+/// A shaper on `bed` whose egress capacity is `quota`, and one class with
+/// that quota: cgroup `name` under `parent`. Returns the shaper, the
+/// cgroup's directory and its name as the status reports it.
+fn shaper_with_one_class(
+    bed: &EgressBed,
+    containers: bool,
+    parent: &CgroupDir,
+    name: &str,
+    quota: qos_core::Rate,
+) -> Result<(Shaper, std::path::PathBuf, String)> {
+    let mut s = settings(bed.shaped_if(), containers)?;
+    s.capacity = quota;
+    let mut shaper = Shaper::start(s, &testbeds::cgroup2_root()?)?;
+    let dir = parent.child(name)?;
+    let cg = qos_core::Hierarchy::detect()?.resolve(&parent.child_name(name))?;
+    shaper.set(&cg, NetQuota::egress(quota, None, 0))?;
+    if containers {
+        shaper.scan_interfaces();
+    }
+    Ok((shaper, dir, cg.name))
 }
 
 /// Environment of the raw sender [`raw_tcp_segments_sender`]: `SRC DST
@@ -447,17 +454,9 @@ fn segments_without_payload_from_a_raw_socket_are_dropped_past_the_quota() -> Re
 fn raw_segments_through_the_shaper(containers: bool) -> Result<netqos::NetClassStatus> {
     let bed = EgressBed::new(1, usize::from(containers))?;
     let parent = CgroupDir::new("qos-test-")?;
-    let h = qos_core::Hierarchy::detect()?;
     let quota = common::scaled("1mbit")?;
-    let mut s = settings(bed.shaped_if(), containers)?;
-    s.capacity = quota;
-    let mut shaper = Shaper::start(s, &testbeds::cgroup2_root()?)?;
-    let dir = parent.child("raw")?;
-    let cg = h.resolve(&parent.child_name("raw"))?;
-    shaper.set(&cg, NetQuota::egress(quota, None, 0))?;
-    if containers {
-        shaper.scan_interfaces();
-    }
+    let (mut shaper, dir, class_name) =
+        shaper_with_one_class(&bed, containers, &parent, "raw", quota)?;
     let (src, netns) = if containers {
         (bed.containers[0].ip, Some(bed.containers[0].ns.path()))
     } else {
@@ -483,12 +482,12 @@ fn raw_segments_through_the_shaper(containers: bool) -> Result<netqos::NetClassS
         .status()
         .classes
         .into_iter()
-        .find(|c| c.cgroup == cg.name);
+        .find(|c| c.cgroup == class_name);
     shaper.stop();
     let status = status?;
     anyhow::ensure!(status.success(), "the raw sender failed: {status}");
     stepped?;
-    class.ok_or_else(|| anyhow::anyhow!("no class for {}", cg.name))
+    class.ok_or_else(|| anyhow::anyhow!("no class for {class_name}"))
 }
 
 /// Not a test of its own: run by

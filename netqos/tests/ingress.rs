@@ -21,7 +21,7 @@ use netqos::{
 use testbeds::{
     CgroupDir, Placement, Sysctl,
     iperf::{Client, ClientOpts, Server, wire_bytes},
-    net::EgressBed,
+    net::{EgressBed, HostVeth},
     require_root,
 };
 
@@ -209,20 +209,12 @@ fn run_retrying_if_off(
     secs: f64,
     shares_ok: impl Fn(&[f64]) -> bool,
 ) -> Result<Outcome> {
-    let mut o = run(groups, containers, ack_pacing, secs)?;
-    for attempt in 2..=SHARE_TRIES {
-        if shares_ok(&o.rates) {
-            break;
-        }
-        eprintln!(
-            "shares off in try {} (total {:.0} Mbit/s): {:?}; trying again",
-            attempt - 1,
-            o.rates.iter().sum::<f64>(),
-            o.rates
-        );
-        o = run(groups, containers, ack_pacing, secs)?;
-    }
-    Ok(o)
+    common::retry_while_shares_off(
+        SHARE_TRIES,
+        || run(groups, containers, ack_pacing, secs),
+        |o| &o.rates,
+        shares_ok,
+    )
 }
 
 const SHARE_TRIES: u32 = 3;
@@ -585,40 +577,6 @@ fn an_upload_is_not_held_by_its_cgroups_ingress_quota() -> Result<()> {
     Ok(())
 }
 
-/// A veth pair on the host, deleted on drop.
-struct Veth(String);
-
-impl Veth {
-    fn new(tx_queues: u32) -> Result<Self> {
-        let name = testbeds::unique("qdq");
-        let queues = tx_queues.to_string();
-        testbeds::run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &name,
-                "numtxqueues",
-                &queues,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &format!("{name}p"),
-            ],
-        )?;
-        let veth = Self(name);
-        testbeds::run("ip", &["link", "set", &veth.0, "up"])?;
-        Ok(veth)
-    }
-}
-
-impl Drop for Veth {
-    fn drop(&mut self) {
-        let _ = testbeds::run("ip", &["link", "del", &self.0]);
-    }
-}
-
 /// What `tc` (iproute2, a second opinion) lists on `dev`, a line per
 /// qdisc: its kind, then `root` or `parent X`, and its flow limit if it has
 /// one (handles of qdiscs under mq are the kernel's choice: left out).
@@ -656,8 +614,8 @@ fn the_ack_pacing_qdisc_is_read_installed_and_removed_over_netlink() -> Result<(
     use netqos::qdisc::{self, AckQdisc};
     let fq = testbeds::net::fq_available()?;
     for queues in [1, 3] {
-        let dev = Veth::new(queues)?;
-        let dev = dev.0.as_str();
+        let veth = HostVeth::new("qdq", queues)?;
+        let dev = veth.name();
         let root = qdisc::root(dev)?;
         assert!(root.is_default() && !root.is_ours(), "{root:?}");
         assert_eq!(root.kind, "noqueue");
@@ -710,8 +668,8 @@ fn the_ack_pacing_qdisc_is_read_installed_and_removed_over_netlink() -> Result<(
 
     // A configured root is reported, never replaced, and outlives
     // remove_ours.
-    let dev = Veth::new(1)?;
-    let dev = dev.0.as_str();
+    let veth = HostVeth::new("qdq", 1)?;
+    let dev = veth.name();
     testbeds::run(
         "tc",
         &["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb"],

@@ -177,7 +177,7 @@ impl EgressBed {
             // netem holds a round trip's worth of packets of a 10 Gbit/s
             // link at most; its default limit (1000) drops a fast flow's.
             let delay = format!("{delay_ms}ms");
-            let limit = (delay_ms.max(1) * 1000).to_string();
+            let limit = (delay_ms * 1000).to_string();
             self.peer
                 .exec(
                     "tc",
@@ -208,24 +208,50 @@ impl EgressBed {
     }
 }
 
+/// A veth pair left in the host namespace (`<name>`, `<name>p`), up, with
+/// its transmit queues; deleted on drop.
+#[derive(Debug)]
+pub struct HostVeth(String);
+
+impl HostVeth {
+    pub fn new(prefix: &str, tx_queues: u32) -> Result<Self> {
+        let name = unique(prefix);
+        let queues = tx_queues.to_string();
+        let peer = format!("{name}p");
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &name,
+                "numtxqueues",
+                &queues,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+            ],
+        )?;
+        let veth = Self(name);
+        run("ip", &["link", "set", veth.name(), "up"])?;
+        Ok(veth)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for HostVeth {
+    fn drop(&mut self) {
+        let _ = run("ip", &["link", "del", &self.0]);
+    }
+}
+
 /// Whether the kernel has the fq qdisc (what ingress ACK pacing needs):
 /// tried on a throwaway veth pair.
 pub fn fq_available() -> Result<bool> {
-    let name = crate::unique("qfq");
-    crate::run(
-        "ip",
-        &[
-            "link",
-            "add",
-            &name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("{name}p"),
-        ],
-    )?;
-    let ok = crate::run("tc", &["qdisc", "add", "dev", &name, "root", "fq"]).is_ok();
-    let _ = crate::run("ip", &["link", "del", &name]);
-    Ok(ok)
+    let veth = HostVeth::new("qfq", 1)?;
+    Ok(run("tc", &["qdisc", "add", "dev", veth.name(), "root", "fq"]).is_ok())
 }
