@@ -193,8 +193,7 @@ pub struct ClassState {
     /// Flows registered minus flows closed.
     pub flows_open: u64,
     /// Last time (ns) the class's flows were seen held by their ACK clocks
-    /// or window clamps (ingress with ACK pacing; see
-    /// `policy::next_multiplier`).
+    /// (ingress with ACK pacing; see `policy::next_multiplier`).
     pub held_ns: u64,
     /// Bytes of the last packet charged to the own bucket: the pacing loop
     /// reads it halfway through that charge (`policy::mid_charge_level`).
@@ -264,7 +263,9 @@ pub struct SockClass {
     pub flags: u32,
     /// Slot + 1 whose `flows_open` counts this flow; 0 = not counted.
     pub counted: u32,
-    pub _pad: u32,
+    /// Ingress: the receive-window clamp applied the step before `pacing`
+    /// (bytes; 0 = none), the one a round trip's received rate reflects.
+    pub prev_clamp: u32,
     /// `NetGlobal::generation` the classification was made under.
     pub generation: u64,
     /// Last activity epoch the flow was counted in.

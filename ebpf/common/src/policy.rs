@@ -477,8 +477,24 @@ pub const fn window_clamp(wire_rate: u64, rtt_us: u64, mss: u64) -> u64 {
     min_u64(max_u64(w, floor), u32::MAX as u64 / 2)
 }
 
-/// How often a receive flow's window clamp is corrected.
+/// How often a receive flow's window clamp is corrected, at the least.
 pub const CLAMP_STEP_NS: u64 = 20_000_000;
+
+/// Longest window-clamp step: a step looks the flow's class up, which
+/// counts the flow as active, and a flow must be counted in every 100 ms
+/// activity epoch (user space's) it receives in.
+pub const CLAMP_STEP_MAX_NS: u64 = 80_000_000;
+
+/// How often the window clamp of a receive flow whose smoothed round trip
+/// is `rtt_us` is corrected: once per round trip, between 20 and 80 ms. A
+/// new clamp shows in the received rate only a round trip later; stepped
+/// three times per round trip on the same stale rate, a flow 60 ms away
+/// could have its clamp cut eightfold before the first cut showed.
+#[inline(always)]
+pub const fn clamp_step_ns(rtt_us: u64) -> u64 {
+    let rtt_ns = min_u64(rtt_us, CLAMP_STEP_MAX_NS / 1_000) * 1_000;
+    max_u64(CLAMP_STEP_NS, rtt_ns)
+}
 
 /// Room a receive-window clamp's ceiling leaves beyond the round trip.
 pub const CLAMP_CEILING_SLACK_US: u64 = 10_000;
@@ -502,10 +518,28 @@ pub const fn window_clamp_ceiling(target: u64, rtt_us: u64, mss: u64) -> u64 {
     )
 }
 
+/// The receive-window clamp that the rate a flow received over the last
+/// step reflects, of `applied` (set at that step's start) and `previous`
+/// (set a step earlier; 0 = none): a window shows in the received rate a
+/// round trip after it is advertised, so from a round trip of half a step
+/// on, mostly the previous one. Scaling the newer clamp by a rate its
+/// predecessor produced overshoots both ways: in a model of the loop, a
+/// flow 60 ms away kept swinging between 0.7 and 1.1 of its window (0.4
+/// and 1.1 when stepped every 20 ms).
+#[inline(always)]
+pub const fn clamp_seen(applied: u64, previous: u64, rtt_us: u64) -> u64 {
+    if previous != 0 && min_u64(rtt_us, 10_000_000) * 2_000 >= clamp_step_ns(rtt_us) {
+        previous
+    } else {
+        applied
+    }
+}
+
 /// Next receive-window clamp of a flow held at `target` (wire bytes/s) that
-/// received at `measured` over the last step: the window that gave
-/// `measured` scaled to `target` (rate = window / RTT, so this is target ×
-/// the flow's effective RTT), by at most a factor 2 per step, never below
+/// received at `measured` over the last step while its clamp was `clamp`
+/// (see [`clamp_seen`]): the window that gave `measured` scaled to
+/// `target` (rate = window / RTT, so this is target × the flow's effective
+/// RTT), by at most a factor 2 per step, never below
 /// two segments nor above [`window_clamp_ceiling`] for its round trip
 /// `rtt_us` (a flow that cannot reach its target is not window-limited; a
 /// huge clamp would take many steps to bite when it becomes so). `clamp` 0
@@ -524,7 +558,6 @@ pub const fn next_window_clamp(
     if clamp == 0 {
         return min_u64(max_u64(initial, floor), ceiling);
     }
-    let clamp = min_u64(clamp, ceiling);
     // target / measured in 1/1024, bounded to ½ .. 2 before it scales the
     // clamp: target ≤ 1.25e10 and clamp < 2^31 keep every product within
     // u64 (BPF has no 128-bit arithmetic). Nothing received: unchanged.
@@ -551,7 +584,10 @@ pub const ACK_LEAD_DROP_NS: u64 = 500_000_000;
 pub const ACK_LEAD_WINDOW_US: u64 = 2_000;
 /// A class counts as held by its ACK clocks (see [`next_multiplier`]) for
 /// this long after a received packet found its flow's clock ahead of real
-/// time, or a window-clamp step found the clamp at its ceiling.
+/// time. A window clamp at its ceiling no longer counts: since the ceiling
+/// covers the round trip, a flow there is held back by its sender, and a
+/// flow 60 ms away whose window CUBIC regrew for seconds after a mark
+/// wound the multiplier up to its limit of 4.
 pub const HELD_RECENT_NS: u64 = 50_000_000;
 /// The "held" stamp is written at most this often per class (it is one
 /// shared cache line, written from every CPU receiving for the class).
@@ -660,6 +696,76 @@ mod tests {
             c = next_window_clamp(c, measured, 12_500_000, mss, 0, 0);
         }
         assert!(c.abs_diff(12_500) < 200, "{c}");
+    }
+
+    #[test]
+    fn the_clamp_a_received_rate_reflects_is_the_previous_one_past_short_round_trips() {
+        // A veth or rack round trip: the rate shows the newest clamp.
+        assert_eq!(clamp_seen(10, 20, 30), 10);
+        assert_eq!(clamp_seen(10, 20, 9_999), 10);
+        // From half a step on, the one before.
+        assert_eq!(clamp_seen(10, 20, 10_000), 20);
+        assert_eq!(clamp_seen(10, 20, 60_000), 20);
+        assert_eq!(clamp_seen(10, 20, u64::MAX), 20);
+        // No previous clamp yet.
+        assert_eq!(clamp_seen(10, 0, 60_000), 10);
+    }
+
+    #[test]
+    fn the_window_clamp_steps_once_per_round_trip_between_20_and_80_ms() {
+        assert_eq!(clamp_step_ns(0), CLAMP_STEP_NS);
+        assert_eq!(clamp_step_ns(150), CLAMP_STEP_NS);
+        assert_eq!(clamp_step_ns(20_000), CLAMP_STEP_NS);
+        assert_eq!(clamp_step_ns(60_000), 60_000_000);
+        assert_eq!(clamp_step_ns(200_000), CLAMP_STEP_MAX_NS);
+        assert_eq!(clamp_step_ns(u64::MAX), CLAMP_STEP_MAX_NS);
+    }
+
+    /// A flow 60 ms away whose window is 40 % over what its target needs
+    /// (the target fell), the received rate following the clamp a round
+    /// trip late (a model of the loop: the flow window-limited, no noise).
+    #[test]
+    fn a_clamp_scaled_from_the_one_its_rate_reflects_settles_a_round_trip_late() {
+        let (mss, rtt_us, wire_target) = (1448, 60_000, 1_500_000);
+        let needed = window_clamp(wire_target, rtt_us, mss);
+        let target = wire_to_tcp_rate(wire_target);
+        // Clamps from the first step on; (lowest, highest) after it.
+        let run = |step_ns: u64, scale: &dyn Fn(u64, u64) -> u64| {
+            let delay = (rtt_us * 1_000 / step_ns) as usize;
+            let mut clamps = vec![needed * 14 / 10; delay + 1];
+            for _ in 0..100 {
+                // Payload bytes/s of the window in force a round trip ago.
+                let seen = clamps[clamps.len() - 1 - delay];
+                let measured = seen * 1_000_000 / rtt_us;
+                let (now, before) = (clamps[clamps.len() - 1], clamps[clamps.len() - 2]);
+                let clamp = scale(now, before);
+                clamps.push(next_window_clamp(clamp, measured, target, mss, rtt_us, 0));
+            }
+            let settled = &clamps[delay + 1..];
+            (
+                *settled.iter().min().unwrap(),
+                *settled[20..].iter().max().unwrap(),
+            )
+        };
+        // The newest clamp scaled every 20 ms sinks to about a third of the
+        // window the target needs; scaled every round trip, to 0.7. Both
+        // keep swinging.
+        let newest = |now: u64, _| now;
+        let (low, high) = run(CLAMP_STEP_NS, &newest);
+        assert!(
+            low < needed * 4 / 10 && high > needed * 11 / 10,
+            "{low} {high}"
+        );
+        let (low, high) = run(clamp_step_ns(rtt_us), &newest);
+        assert!(
+            low < needed * 8 / 10 && high > needed * 11 / 10,
+            "{low} {high}"
+        );
+        // The clamp the rate reflects, once per round trip: settles at once.
+        let seen = |now, before| clamp_seen(now, before, rtt_us);
+        let (low, high) = run(clamp_step_ns(rtt_us), &seen);
+        assert!(low.abs_diff(needed) * 100 <= needed, "{low} vs {needed}");
+        assert!(high.abs_diff(needed) * 100 <= needed, "{high} vs {needed}");
     }
 
     #[test]

@@ -54,11 +54,11 @@ use qos_common::{
         TAG_TCP_SOCK,
     },
     policy::{
-        self, ACK_LEAD_DROP_NS, ACK_LEAD_WINDOW_US, CLAMP_STEP_NS, CONTROL_INTERVAL_NS,
-        HELD_STAMP_NS, Levels, Limits, NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds,
-        ack_lead_marks, debt_repayment, decide, earned, flow_share, kp_full_rate, next_multiplier,
+        self, ACK_LEAD_DROP_NS, ACK_LEAD_WINDOW_US, CONTROL_INTERVAL_NS, HELD_STAMP_NS, Levels,
+        Limits, NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds, ack_lead_marks, clamp_seen,
+        clamp_step_ns, debt_repayment, decide, earned, flow_share, kp_full_rate, next_multiplier,
         next_window_clamp, overflow_correction, pacing_changed, pacing_rate, recently_held,
-        underflow_correction, window_clamp, window_clamp_ceiling, wire_len, wire_to_tcp_rate,
+        underflow_correction, window_clamp, wire_len, wire_to_tcp_rate,
     },
 };
 use qos_ebpf::{
@@ -335,9 +335,9 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
     }
 }
 
-/// Records that class `slot`'s flows are held by their ACK clocks or window
-/// clamps (at most once per `HELD_STAMP_NS`: one cache line every receiving
-/// CPU would write).
+/// Records that class `slot`'s flows are held by their ACK clocks (at most
+/// once per `HELD_STAMP_NS`: one cache line every receiving CPU would
+/// write).
 #[inline(always)]
 fn stamp_held(d: &Dir, slot: u32, now: u64) {
     if let Some(st) = d.state.get_ptr_mut(slot) {
@@ -964,7 +964,10 @@ fn on_send(ctx: &SockOpsContext) {
         if applied != 0 {
             set_int_option(ctx, SOL_TCP, TCP_WINDOW_CLAMP, UNCLAMPED);
             // SAFETY: as above.
-            unsafe { (*sc).pacing = 0 };
+            unsafe {
+                (*sc).pacing = 0;
+                (*sc).prev_clamp = 0;
+            }
         }
         return;
     }
@@ -987,10 +990,11 @@ fn on_send(ctx: &SockOpsContext) {
     // SAFETY: helper without arguments; pointer into the socket map value.
     let (now, step_ns, step_bytes) =
         unsafe { (bpf_ktime_get_ns(), (*sc).step_ns, (*sc).step_bytes) };
+    let rtt_us = (srtt >> 3) as u64;
     // Most ACKs fall between two steps: leave before the class lookups.
-    // Steps (20 ms) are shorter than an activity epoch, so the flow is
-    // still counted in every epoch it receives in.
-    if applied != 0 && now < step_ns + CLAMP_STEP_NS {
+    // Steps (one round trip, 20..80 ms) are shorter than an activity epoch,
+    // so the flow is still counted in every epoch it receives in.
+    if applied != 0 && now < step_ns + clamp_step_ns(rtt_us) {
         return;
     }
     let Some((slot, rate)) = flow_rate(&d, g, sc) else {
@@ -1011,26 +1015,17 @@ fn on_send(ctx: &SockOpsContext) {
     } else {
         0
     };
-    let rtt_us = (srtt >> 3) as u64;
     let initial = window_clamp(rate, rtt_us + lead_us, mss as u64);
     let target = wire_to_tcp_rate(rate);
-    let clamp = next_window_clamp(applied, measured, target, mss as u64, rtt_us, initial);
-    // A clamp at its ceiling: the flow is held by its round trip (or sends
-    // less than its rate), which the ACK clock does not see; the pacing
-    // loop may speed it up.
-    let ceiling = window_clamp_ceiling(target, rtt_us, mss as u64);
-    // Below about 2.3 Mbit/s per flow the ceiling is the two-segment floor,
-    // where every clamp sits: no signal.
-    if g.flags & GLOBAL_ACK_PACING != 0
-        && ceiling > window_clamp(0, 0, mss as u64)
-        && clamp >= ceiling
-    {
-        stamp_held(&d, slot, now);
-    }
+    // SAFETY: pointer into the socket map value.
+    let previous = unsafe { (*sc).prev_clamp } as u64;
+    let seen = clamp_seen(applied, previous, rtt_us);
+    let clamp = next_window_clamp(seen, measured, target, mss as u64, rtt_us, initial);
     // Rewritten every step: receive-buffer autotuning may have replaced it.
     set_int_option(ctx, SOL_TCP, TCP_WINDOW_CLAMP, clamp as u32);
     // SAFETY: as above.
     unsafe {
+        (*sc).prev_clamp = applied as u32;
         (*sc).pacing = clamp;
         (*sc).step_ns = now;
         (*sc).step_bytes = received;
