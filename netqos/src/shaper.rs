@@ -238,6 +238,10 @@ pub struct NetClassStatus {
     /// Receive-window clamps written (ingress flows without ECN).
     #[serde(default)]
     pub window_clamps: u64,
+    /// Ingress: the longest round trip of the class's flows (µs, decaying),
+    /// which scales its pacing loop's gains down past 30 ms.
+    #[serde(default)]
+    pub rtt_us: u64,
 }
 
 /// What `net show` reports for the ingress direction.
@@ -806,6 +810,7 @@ impl ClassTable {
                 active_flows: c.flows as f64 / UNIT as f64,
                 pacing_updates: c.counters.pacing_updates,
                 window_clamps: c.counters.window_clamps,
+                rtt_us: c.prev.rtt_us,
             })
             .collect()
     }

@@ -313,6 +313,13 @@ fn ingress_flow_without_ecn_is_clamped() -> Result<()> {
     let c = class(&o.status, 0);
     assert!(c.window_clamps > 0, "no window clamp written");
     assert_eq!(c.ce_marks, 0, "a non-ECN flow cannot be marked");
+    // The clamp steps record the class's round trip for its pacing loop: a
+    // veth's, well under the 30 ms from which the loop's gains shrink.
+    assert!(
+        c.rtt_us > 0 && c.rtt_us < 30_000,
+        "class round trip {} µs",
+        c.rtt_us
+    );
     // Held near its share by the clamp, with drops the exception. Precision
     // is the fairness script's job; these bounds hold on a loaded CI box.
     // The upper one is loose: on this host the clamped flow takes 1.25-1.33×

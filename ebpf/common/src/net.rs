@@ -198,6 +198,10 @@ pub struct ClassState {
     /// Bytes of the last packet charged to the own bucket: the pacing loop
     /// reads it halfway through that charge (`policy::mid_charge_level`).
     pub own_charge: u64,
+    /// Ingress: the longest smoothed round trip (µs) the class's flows had
+    /// at their window-clamp steps, decaying (`policy::class_rtt`); the
+    /// pacing loop's gains shrink with it (`policy::rtt_gain`). 0 = none.
+    pub rtt_us: u64,
 }
 
 /// Per-class counters (per-CPU array indexed by slot; user space sums the

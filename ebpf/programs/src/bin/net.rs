@@ -56,9 +56,9 @@ use qos_common::{
     policy::{
         self, ACK_LEAD_DROP_NS, ACK_LEAD_WINDOW_US, CONTROL_INTERVAL_NS, HELD_STAMP_NS, Levels,
         Limits, NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds, ack_lead_marks, clamp_seen,
-        clamp_step_ns, debt_repayment, decide, earned, flow_share, kp_full_rate, next_multiplier,
-        next_window_clamp, overflow_correction, pacing_changed, pacing_rate, recently_held,
-        underflow_correction, window_clamp, wire_len, wire_to_tcp_rate,
+        clamp_step_ns, class_rtt, debt_repayment, decide, earned, flow_share, kp_full_rate,
+        next_multiplier, next_window_clamp, overflow_correction, pacing_changed, pacing_rate,
+        recently_held, rtt_gain, underflow_correction, window_clamp, wire_len, wire_to_tcp_rate,
     },
 };
 use qos_ebpf::{
@@ -331,7 +331,8 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
         }
         let fill = class_fill(st, cfg);
         let held = recently_held(g.flags & GLOBAL_ACK_PACING != 0, read(&(*st).held_ns), now);
-        (*st).mult = next_multiplier(read(&(*st).mult), fill, g.pacing_ki, now - last, held);
+        let ki = rtt_gain(g.pacing_ki, read(&(*st).rtt_us));
+        (*st).mult = next_multiplier(read(&(*st).mult), fill, ki, now - last, held);
     }
 }
 
@@ -875,13 +876,14 @@ fn flow_rate(d: &Dir, g: &NetGlobal, sc: *mut SockClass) -> Option<(u32, u64)> {
     }
     control(st, cfg, g, now);
     // SAFETY: pointers into map values.
-    let (mult, open, applied, born, own) = unsafe {
+    let (mult, open, applied, born, own, rtt_us) = unsafe {
         (
             read(&(*st).mult),
             read(&(*st).flows_open),
             (*sc).pacing,
             (*sc).born_ns,
             read(&(*st).own),
+            read(&(*st).rtt_us),
         )
     };
     let young = applied == 0 || now - born < YOUNG_FLOW_NS;
@@ -896,7 +898,7 @@ fn flow_rate(d: &Dir, g: &NetGlobal, sc: *mut SockClass) -> Option<(u32, u64)> {
             base,
             mult,
             class_fill(st, cfg),
-            g.pacing_kp,
+            rtt_gain(g.pacing_kp, rtt_us),
             full_rate,
             g.capacity,
         ),
@@ -1021,6 +1023,18 @@ fn on_send(ctx: &SockOpsContext) {
     let previous = unsafe { (*sc).prev_clamp } as u64;
     let seen = clamp_seen(applied, previous, rtt_us);
     let clamp = next_window_clamp(seen, measured, target, mss as u64, rtt_us, initial);
+    // The class's round trip, for its pacing loop's gains: written only
+    // when it moves (one cache line shared by every CPU).
+    if let Some(st) = d.state.get_ptr_mut(slot) {
+        // SAFETY: pointer into a class state map value.
+        unsafe {
+            let old = read(&(*st).rtt_us);
+            let new = class_rtt(old, rtt_us);
+            if new != old {
+                (*st).rtt_us = new;
+            }
+        }
+    }
     // Rewritten every step: receive-buffer autotuning may have replaced it.
     set_int_option(ctx, SOL_TCP, TCP_WINDOW_CLAMP, clamp as u32);
     // SAFETY: as above.
