@@ -560,7 +560,9 @@ pub const fn window_clamp_ceiling(target: u64, rtt_us: u64, mss: u64) -> u64 {
 /// and 1.1 when stepped every 20 ms).
 #[inline(always)]
 pub const fn clamp_seen(applied: u64, previous: u64, rtt_us: u64) -> u64 {
-    if previous != 0 && min_u64(rtt_us, 10_000_000) * 2_000 >= clamp_step_ns(rtt_us) {
+    // A step is 20 ms up to a 20 ms round trip and at most the round trip
+    // beyond: the round trip reaches half a step exactly from 10 ms on.
+    if previous != 0 && rtt_us >= CLAMP_STEP_NS / 2_000 {
         previous
     } else {
         applied

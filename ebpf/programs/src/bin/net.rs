@@ -681,7 +681,7 @@ struct AckClock {
 #[inline(always)]
 fn ack_clock(d: &Dir, g: &NetGlobal, cookie: u64, wire: u64) -> Option<AckClock> {
     let sc = d.socks.get_ptr_mut(cookie)?;
-    let (slot, rate) = flow_rate(d, g, sc)?;
+    let (slot, _, rate) = flow_rate(d, g, sc)?;
     // SAFETY: helper without arguments; pointer into the socket map value.
     let (now, next, flags) = unsafe { (bpf_ktime_get_ns(), (*sc).ack_next_ns, (*sc).flags) };
     let (at, next) = policy::ack_release(next, now, wire, rate);
@@ -833,10 +833,11 @@ fn set_pacing(ctx: &SockOpsContext, wire_rate: u64) {
 }
 
 /// Per-flow rate (wire bytes/s) of a shaped flow of direction `d`, with the
-/// flow counted in its class and the class multiplier stepped. None when
-/// the flow is not shaped in this direction.
+/// flow counted in its class and the class multiplier stepped, and the
+/// class's slot and state. None when the flow is not shaped in this
+/// direction.
 #[inline(always)]
-fn flow_rate(d: &Dir, g: &NetGlobal, sc: *mut SockClass) -> Option<(u32, u64)> {
+fn flow_rate(d: &Dir, g: &NetGlobal, sc: *mut SockClass) -> Option<(u32, *mut ClassState, u64)> {
     // SAFETY: `sc` points into the direction's socket map for this run.
     let (slot, flags) = unsafe { ((*sc).slot, (*sc).flags) };
     if flags & SOCK_SHAPED == 0 {
@@ -894,6 +895,7 @@ fn flow_rate(d: &Dir, g: &NetGlobal, sc: *mut SockClass) -> Option<(u32, u64)> {
     let full_rate = kp_full_rate(cfg, g.flags & GLOBAL_ACK_PACING != 0);
     Some((
         slot,
+        st,
         pacing_rate(
             base,
             mult,
@@ -920,7 +922,7 @@ fn on_ack(ctx: &SockOpsContext) {
     let Some(sc) = d.socks.get_ptr_mut(cookie) else {
         return;
     };
-    let Some((slot, rate)) = flow_rate(&d, g, sc) else {
+    let Some((slot, _, rate)) = flow_rate(&d, g, sc) else {
         return;
     };
     // SAFETY: pointer into the socket map value.
@@ -999,7 +1001,7 @@ fn on_send(ctx: &SockOpsContext) {
     if applied != 0 && now < step_ns + clamp_step_ns(rtt_us) {
         return;
     }
-    let Some((slot, rate)) = flow_rate(&d, g, sc) else {
+    let Some((slot, st, rate)) = flow_rate(&d, g, sc) else {
         return;
     };
     // Payload bytes/s received over the step, against the payload rate of
@@ -1025,14 +1027,12 @@ fn on_send(ctx: &SockOpsContext) {
     let clamp = next_window_clamp(seen, measured, target, mss as u64, rtt_us, initial);
     // The class's round trip, for its pacing loop's gains: written only
     // when it moves (one cache line shared by every CPU).
-    if let Some(st) = d.state.get_ptr_mut(slot) {
-        // SAFETY: pointer into a class state map value.
-        unsafe {
-            let old = read(&(*st).rtt_us);
-            let new = class_rtt(old, rtt_us);
-            if new != old {
-                (*st).rtt_us = new;
-            }
+    // SAFETY: pointer into a class state map value.
+    unsafe {
+        let old = read(&(*st).rtt_us);
+        let new = class_rtt(old, rtt_us);
+        if new != old {
+            (*st).rtt_us = new;
         }
     }
     // Rewritten every step: receive-buffer autotuning may have replaced it.
