@@ -650,7 +650,7 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
         // counters map.
         unsafe {
             if ecn
-                && ack_lead_marks(c.at - c.now, c.next - c.at)
+                && ack_lead_marks(c.at - c.now, c.next - c.at, c.rtt_us)
                 && bpf_skb_ecn_set_ce(skb) == 1
                 && let Some(ct) = d.counters.get_ptr_mut(c.slot)
             {
@@ -672,6 +672,8 @@ struct AckClock {
     next: u64,
     /// The socket's ACKs have been held before.
     held: bool,
+    /// Its class's round trip (`ClassState::rtt_us`).
+    rtt_us: u64,
 }
 
 /// The ACK clock of a received TCP flow advanced by one packet at the
@@ -681,7 +683,7 @@ struct AckClock {
 #[inline(always)]
 fn ack_clock(d: &Dir, g: &NetGlobal, cookie: u64, wire: u64) -> Option<AckClock> {
     let sc = d.socks.get_ptr_mut(cookie)?;
-    let (slot, _, rate) = flow_rate(d, g, sc)?;
+    let (slot, st, rate) = flow_rate(d, g, sc)?;
     // SAFETY: helper without arguments; pointer into the socket map value.
     let (now, next, flags) = unsafe { (bpf_ktime_get_ns(), (*sc).ack_next_ns, (*sc).flags) };
     let (at, next) = policy::ack_release(next, now, wire, rate);
@@ -692,6 +694,8 @@ fn ack_clock(d: &Dir, g: &NetGlobal, cookie: u64, wire: u64) -> Option<AckClock>
         at,
         next,
         held: flags & SOCK_ACKS_HELD != 0,
+        // SAFETY: pointer into a class state map value.
+        rtt_us: unsafe { read(&(*st).rtt_us) },
     })
 }
 
