@@ -15,6 +15,7 @@ pub mod memload;
 pub mod net;
 pub mod plot;
 pub mod rr;
+pub mod sockdiag;
 pub mod vm;
 
 use std::{

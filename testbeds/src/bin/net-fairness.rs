@@ -25,6 +25,7 @@ use testbeds::{
     plot::{self, Line},
     rr::RrStats,
     run,
+    sockdiag::{self, RxGroup, RxSampler},
 };
 
 #[derive(Parser, Debug)]
@@ -99,6 +100,11 @@ struct GroupResult {
     goodput_bps: f64,
     /// 5th percentile of 100 ms windows after a 1 s warm-up, busy periods only.
     p5_window_bps: f64,
+    /// The same from what the kernel received on the group's TCP sockets
+    /// (sock_diag every 100 ms), whenever the application read it
+    /// (ingress TCP groups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    p5_rx_window_bps: Option<f64>,
     recovery_ms: Option<f64>,
     retransmits: u64,
     retransmit_ratio: f64,
@@ -159,6 +165,10 @@ struct Targets {
     #[serde(default = "old_p5_target")]
     p5_target: f64,
     worst_p5_over_guarantee: f64,
+    /// The worst busy TCP group's p5 of the kernel's received bytes
+    /// (`p5_rx_window_bps`) over its guarantee, where it was sampled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    worst_p5_rx_over_guarantee: Option<f64>,
     /// ≥ `utilization_target` of the capacity used when demand exceeds it.
     #[serde(alias = "utilization_at_least_97pct")]
     utilization_target_met: bool,
@@ -514,6 +524,22 @@ fn print_table(r: &ScenarioResult) {
             run.jain_by_priority,
             run.datapath_ns
         );
+        let rx: Vec<String> = run
+            .groups
+            .iter()
+            .filter(|g| g.demand != Demand::Idle)
+            .filter_map(|g| {
+                g.p5_rx_window_bps
+                    .map(|p| format!("{} {:.3}", g.name, p / g.quota_bps as f64))
+            })
+            .collect();
+        if !rx.is_empty() {
+            println!(
+                "{:<6} p5/quota of what the sockets received (sock_diag): {}",
+                run.mode,
+                rx.join(", ")
+            );
+        }
         if let Some(a) = &run.ack_pacing {
             println!("{:<6} ingress ACK pacing {a}", run.mode);
         }
@@ -939,6 +965,24 @@ fn traffic(
         None
     };
     let t0 = Instant::now();
+    // What reached the receivers' TCP sockets, apart from when iperf3 read it.
+    let rx_sampler = if ingress {
+        let rx: Vec<RxGroup> = (0..sc.groups.len())
+            .map(|i| RxGroup {
+                netns: places[i].netns.clone(),
+                addr: sources[i],
+            })
+            .collect();
+        match RxSampler::start(rx, t0, Duration::from_millis(100)) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("net-fairness: no received-bytes windows: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let stop_trace = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tracer = match (args.trace, shaping) {
         (
@@ -1047,6 +1091,10 @@ fn traffic(
     if let Some(t) = tracer {
         let _ = t.join();
     }
+    let rx_samples = match rx_sampler {
+        Some(r) => Some(r.finish()?),
+        None => None,
+    };
     let (drops, ce, datapath_ns, ack_pacing) = counters(shaping, cgroups)?;
     let expect = expected(sc, cap);
 
@@ -1056,12 +1104,20 @@ fn traffic(
     for (i, g) in sc.groups.iter().enumerate() {
         let (w, payload, retx, segments) = &per_group[i];
         let mut p5_samples = Vec::new();
+        let rx_windows = rx_samples
+            .as_deref()
+            .filter(|_| !g.udp)
+            .map(|s| sockdiag::windows(s, i));
+        let mut p5_rx_samples = Vec::new();
         let mut busy_bits = 0.0;
         let mut busy_secs = 0.0;
         for (a, b) in &starts[i] {
             let from = a + 1.0;
             let to = b - 0.05;
             p5_samples.extend(fairness::rates_between(w, from, to));
+            if let Some(rw) = &rx_windows {
+                p5_rx_samples.extend(fairness::rates_between(rw, from, to));
+            }
             let m = fairness::mean_between(w, from, to);
             busy_bits += m * (to - from).max(0.0);
             busy_secs += (to - from).max(0.0);
@@ -1100,6 +1156,9 @@ fn traffic(
                 0.0
             },
             p5_window_bps: fairness::percentile(&p5_samples, 5.0).unwrap_or(0.0),
+            p5_rx_window_bps: rx_windows
+                .is_some()
+                .then(|| fairness::percentile(&p5_rx_samples, 5.0).unwrap_or(0.0)),
             recovery_ms: recovery,
             retransmits: *retx,
             retransmit_ratio: if *segments > 0 && !g.udp {
@@ -1130,11 +1189,16 @@ fn traffic(
         .iter()
         .map(|g| g.p5_window_bps / g.quota_bps as f64)
         .fold(f64::INFINITY, f64::min);
+    let worst_rx = busy
+        .iter()
+        .filter_map(|g| g.p5_rx_window_bps.map(|p| p / g.quota_bps as f64))
+        .reduce(f64::min);
     let (p5_target, utilization_target) = target_levels(ingress);
     let targets = Targets {
         p5_target_met: worst >= p5_target,
         p5_target,
         worst_p5_over_guarantee: if worst.is_finite() { worst } else { 0.0 },
+        worst_p5_rx_over_guarantee: worst_rx,
         utilization_target_met: utilization >= utilization_target,
         utilization_target,
         jain_at_least_0_99: if jain_by_priority.is_empty() {
@@ -1259,6 +1323,7 @@ mod tests {
             mean_bps: mean_mbit * 1e6,
             goodput_bps: 0.0,
             p5_window_bps: 0.0,
+            p5_rx_window_bps: None,
             recovery_ms: None,
             retransmits: 0,
             retransmit_ratio: 0.0,

@@ -117,9 +117,11 @@ const TOOLS: [&str; 12] = [
 
 /// Modules (with their dependencies) for veth, the qdiscs (fq: ingress ACK
 /// pacing) and classifiers the tests and the HTB anchors use, loop devices,
-/// ext4 and the virtio disk.
-const MODULES: [&str; 14] = [
+/// ext4, the virtio disk, and TCP socket dumps (the fairness script's
+/// received-bytes windows).
+const MODULES: [&str; 15] = [
     "veth",
+    "tcp_diag",
     "sch_fq",
     "sch_netem",
     "sch_htb",
