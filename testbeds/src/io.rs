@@ -92,6 +92,18 @@ impl LoopFs {
         std::fs::write(&p, scheduler).with_context(|| format!("writing {scheduler} to {p}"))
     }
 
+    /// The IO schedulers this kernel offers for the device (`none`,
+    /// `mq-deadline`, ...; `bfq` only where the kernel was built with it).
+    pub fn schedulers(&self) -> Result<Vec<String>> {
+        let name = self.device.trim_start_matches("/dev/");
+        let p = format!("/sys/block/{name}/queue/scheduler");
+        let list = std::fs::read_to_string(&p).with_context(|| format!("reading {p}"))?;
+        Ok(list
+            .split_whitespace()
+            .map(|s| s.trim_matches(['[', ']']).to_owned())
+            .collect())
+    }
+
     /// Bytes written to the device so far (sectors from /sys/block/X/stat).
     pub fn written_bytes(&self) -> u64 {
         let name = self.device.trim_start_matches("/dev/");
