@@ -217,6 +217,9 @@ pub fn admit(
 pub struct Tuning {
     /// Own bucket depth, in time at the guarantee.
     pub depth_ns: u64,
+    /// Floor of the own bucket, so that one GSO aggregate (up to 64 KB) of
+    /// a small class is not a deep debt; 16 KB measured no fairer (README,
+    /// "A shallower bucket for small classes").
     pub min_depth: u64,
     /// Pool depth, in time at the capacity.
     pub pool_ns: u64,
