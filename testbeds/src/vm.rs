@@ -336,7 +336,23 @@ pub struct BootSpec {
 pub struct BootOutcome {
     pub console: Vec<String>,
     pub timed_out: bool,
+    /// The guest kernel's soft-lockup report that ended the boot: its
+    /// vCPUs were stuck for [`LOCKUP_GIVE_UP_S`] or more, and it was killed.
+    pub lockup: Option<String>,
     pub seconds: f64,
+}
+
+/// A guest whose vCPUs have been stuck this long is not coming back: the
+/// lockups seen under TCG (writeback and journal kworkers on the loop
+/// devices, 2026-11-26 and 2026-12-03/04) lasted until the whole-VM limit.
+pub const LOCKUP_GIVE_UP_S: u64 = 120;
+
+/// Seconds stuck in a kernel line like
+/// `watchdog: BUG: soft lockup - CPU#0 stuck for 164s! [kworker/0:2:364]`.
+pub fn soft_lockup_seconds(line: &str) -> Option<u64> {
+    let rest = line.split_once("BUG: soft lockup")?.1;
+    let secs = rest.split_once("stuck for ")?.1.split_once("s!")?.0;
+    secs.trim().parse().ok()
 }
 
 /// Boots the kernel under qemu (TCG), echoing the serial console to stdout
@@ -398,6 +414,7 @@ pub fn boot(spec: &BootSpec) -> Result<BootOutcome> {
     let deadline = start + spec.timeout;
     let mut console = Vec::new();
     let mut timed_out = false;
+    let mut lockup = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left.max(Duration::from_millis(1))) {
@@ -406,7 +423,14 @@ pub fn boot(spec: &BootSpec) -> Result<BootOutcome> {
                 if !line.starts_with(REPORT_MARKER) {
                     println!("vm| {line}");
                 }
+                let stuck = soft_lockup_seconds(&line).is_some_and(|s| s >= LOCKUP_GIVE_UP_S);
+                if stuck {
+                    lockup = Some(line.clone());
+                }
                 console.push(line);
+                if stuck {
+                    break;
+                }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -419,6 +443,7 @@ pub fn boot(spec: &BootSpec) -> Result<BootOutcome> {
     Ok(BootOutcome {
         console,
         timed_out,
+        lockup,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -663,6 +688,24 @@ mod tests {
             ]
         );
         assert!(parse_ldd("\tnot a dynamic executable\n").is_empty());
+    }
+
+    #[test]
+    fn a_soft_lockup_line_gives_the_seconds_stuck() {
+        assert_eq!(
+            soft_lockup_seconds(
+                "[  301.239556] watchdog: BUG: soft lockup - CPU#0 stuck for 164s! [kworker/0:2:364]"
+            ),
+            Some(164)
+        );
+        assert_eq!(
+            soft_lockup_seconds("rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:"),
+            None
+        );
+        assert_eq!(
+            soft_lockup_seconds("qos-vm: step test enforce: stuck for 9s! (a test's own output)"),
+            None
+        );
     }
 
     #[test]

@@ -506,26 +506,58 @@ fn host(a: &RunArgs) -> Result<bool> {
         suite.steps.len()
     );
 
-    // A fresh scratch disk each run: the IO tests' loop images live on it.
     let disk = a.cache.join("scratch.img");
     let _cleanup = RemoveOnDrop(vec![disk.clone(), initramfs.clone()]);
-    {
-        let f = std::fs::File::create(&disk)?;
-        f.set_len(6 << 30)?;
-    }
-    testbeds::run("mkfs.ext4", &["-q", "-F", path_string(&disk)?.as_str()])?;
-
     std::fs::create_dir_all(&a.out)?;
     let console_log = a.cache.join(format!("{}.console.log", kernel.release));
-    let outcome = vm::boot(&BootSpec {
-        vmlinuz: kernel.vmlinuz.clone(),
-        initramfs: initramfs.clone(),
-        disk: Some(disk.clone()),
-        memory_mb: a.memory_mb,
-        cpus: a.cpus,
-        timeout: Duration::from_secs(a.timeout),
-        console_log: console_log.clone(),
-    })?;
+    // A guest kernel that locks up (both vCPUs stuck in kworkers, seen
+    // three times under TCG during the IO steps) is killed and booted once
+    // more with the whole suite; the lockup stays in the report and output.
+    let mut lockups = Vec::new();
+    let outcome = loop {
+        // A fresh scratch disk each boot: the IO tests' loop images live on it.
+        {
+            let f = std::fs::File::create(&disk)?;
+            f.set_len(6 << 30)?;
+        }
+        testbeds::run("mkfs.ext4", &["-q", "-F", path_string(&disk)?.as_str()])?;
+        let outcome = vm::boot(&BootSpec {
+            vmlinuz: kernel.vmlinuz.clone(),
+            initramfs: initramfs.clone(),
+            disk: Some(disk.clone()),
+            memory_mb: a.memory_mb,
+            cpus: a.cpus,
+            timeout: Duration::from_secs(a.timeout),
+            console_log: console_log.clone(),
+        })?;
+        let Some(line) = outcome.lockup.clone() else {
+            break outcome;
+        };
+        let step = last_step_started(&outcome.console);
+        println!(
+            "\nvm-suite: the guest kernel locked up in step {step} after {:.0} s ({line}); \
+             {}",
+            outcome.seconds,
+            if lockups.is_empty() {
+                "booting it again with the whole suite"
+            } else {
+                "giving up"
+            }
+        );
+        // The next boot writes a new console log; this one is kept beside it.
+        let kept = console_log.with_extension(format!("lockup-{}.log", lockups.len() + 1));
+        std::fs::rename(&console_log, &kept)
+            .with_context(|| format!("keeping {}", console_log.display()))?;
+        lockups.push(json!({
+            "step": step,
+            "line": line,
+            "after_s": outcome.seconds,
+            "console": kept,
+        }));
+        if lockups.len() > 1 {
+            break outcome;
+        }
+    };
     let report = match GuestReport::from_console(&outcome.console) {
         Some(r) => r.with_context(|| {
             format!(
@@ -536,20 +568,18 @@ fn host(a: &RunArgs) -> Result<bool> {
         })?,
         None => {
             let tail: Vec<&String> = outcome.console.iter().rev().take(30).collect();
-            let what = if outcome.timed_out {
+            let what = if outcome.lockup.is_some() {
+                format!(
+                    "the guest kernel locked up in {} boots (vCPUs stuck for {} s or more)",
+                    lockups.len(),
+                    vm::LOCKUP_GIVE_UP_S
+                )
+            } else if outcome.timed_out {
                 format!("the VM did not finish within {} s", a.timeout)
             } else {
                 "the VM stopped without a report".to_owned()
             };
-            let step = outcome
-                .console
-                .iter()
-                .rev()
-                .find_map(|l| {
-                    l.strip_prefix("qos-vm: step ")
-                        .and_then(|s| s.strip_suffix(" ..."))
-                })
-                .unwrap_or("(none started)");
+            let step = last_step_started(&outcome.console);
             bail!(
                 "{what} (kernel {}, last step started: {step}); console tail:\n{}",
                 kernel.release,
@@ -579,6 +609,7 @@ fn host(a: &RunArgs) -> Result<bool> {
             .map(|(target, test, why)| json!({"target": target, "test": test, "reason": why}))
             .collect::<Vec<_>>(),
         "probe": probe,
+        "guest_lockups": lockups,
         "steps": report.steps,
     });
     let path = a.out.join(format!("{}.json", report.kernel));
@@ -602,6 +633,13 @@ fn host(a: &RunArgs) -> Result<bool> {
             s.name, verdict, s.seconds
         );
     }
+    for l in &lockups {
+        println!(
+            "  (an earlier boot locked up in step {}: {})",
+            l["step"].as_str().unwrap_or("?"),
+            l["line"].as_str().unwrap_or("?")
+        );
+    }
     println!(
         "vm-suite: boot to first step {:.1} s, whole VM {:.0} s; report {}",
         report.uptime_at_start_s,
@@ -609,4 +647,17 @@ fn host(a: &RunArgs) -> Result<bool> {
         path.display()
     );
     Ok(passed)
+}
+
+/// The step the guest last said it started, from its console.
+fn last_step_started(console: &[String]) -> String {
+    console
+        .iter()
+        .rev()
+        .find_map(|l| {
+            l.strip_prefix("qos-vm: step ")
+                .and_then(|s| s.strip_suffix(" ..."))
+        })
+        .unwrap_or("(none started)")
+        .to_owned()
 }
