@@ -510,8 +510,8 @@ fn host(a: &RunArgs) -> Result<bool> {
     let _cleanup = RemoveOnDrop(vec![disk.clone(), initramfs.clone()]);
     std::fs::create_dir_all(&a.out)?;
     let console_log = a.cache.join(format!("{}.console.log", kernel.release));
-    // A guest kernel that locks up (both vCPUs stuck in kworkers, seen
-    // three times under TCG during the IO steps) is killed and booted once
+    // A guest kernel that locks up (vCPUs stuck in kworkers, seen now and
+    // then under TCG during the IO steps) is killed and booted once
     // more with the whole suite; the lockup stays in the report and output.
     let mut lockups = Vec::new();
     let outcome = loop {
