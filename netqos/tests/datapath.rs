@@ -125,6 +125,7 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
             udp_bps: g.udp_bps.map(|b| (b as f64 * common::rate_scale()) as u64),
             bind: Some(src),
             tos: g.tos,
+            pacing_bps: None,
         };
         pairs.push((
             server,

@@ -147,6 +147,7 @@ fn run(groups: &[Group], containers: bool, ack_pacing: bool, secs: f64) -> Resul
             udp_bps: None,
             bind: None,
             tos: None,
+            pacing_bps: None,
         };
         running.push((server, Client::start(&sender, ip, port, &opts, tmp.path())?));
     }

@@ -163,6 +163,10 @@ pub struct ClientOpts {
     pub bind: Option<Ipv4Addr>,
     /// IP TOS byte (2 = ECT(0): ECN-capable without any ECN reaction).
     pub tos: Option<u8>,
+    /// Each stream's socket paced at this many bits per second
+    /// (`--fq-rate`, `SO_MAX_PACING_RATE`: the IP packets' bytes; TCP
+    /// paces itself where the qdisc is not fq).
+    pub pacing_bps: Option<u64>,
 }
 
 /// An iperf3 client writing its JSON report to a file.
@@ -201,6 +205,9 @@ impl Client {
         }
         if let Some(tos) = opts.tos {
             cmd.args(["-S", &tos.to_string()]);
+        }
+        if let Some(bps) = opts.pacing_bps {
+            cmd.args(["--fq-rate", &bps.to_string()]);
         }
         if let Some(bps) = opts.udp_bps {
             cmd.args(["-u", "-b", &bps.to_string(), "-l", &UDP_PAYLOAD.to_string()]);

@@ -129,6 +129,7 @@ pub fn one_flow_under_control(
             udp_bps: None,
             bind,
             tos: None,
+            pacing_bps: None,
         };
         let cl = Client::start(client, server_ip, port, &opts, out_dir)?;
         cl.finish(Duration::from_secs(30))?;

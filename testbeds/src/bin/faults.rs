@@ -251,6 +251,7 @@ fn traffic(
             udp_bps: None,
             bind: Some(tb.bed.sender_ips[i]),
             tos: None,
+            pacing_bps: None,
         };
         clients.push(Some(Client::start(
             &place,

@@ -80,7 +80,14 @@ struct Args {
     no_probe: bool,
     /// Modes to run: qosd and htb (egress) or htb-ifb (ingress); "htb"
     /// means htb-ifb with --direction ingress. qosd-no-ack-pacing
-    /// (ingress): qosd with `ingress_ack_pacing = false`.
+    /// (ingress): qosd with `ingress_ack_pacing = false`. htb-upstream
+    /// (ingress): HTB where the senders are, in place of the link's tbf —
+    /// what a per-tenant shaper upstream (the switch port) would deliver;
+    /// not something a receiving host can deploy. paced-senders (ingress):
+    /// nothing shaped, every sender paces itself at its share (the
+    /// scenario's expected rate over its flows): what a perfect receive-side
+    /// control would make the senders do, the reference for how even 100 ms
+    /// windows can be on this testbed.
     #[arg(long = "mode", default_values_t = ["qosd".to_string(), "htb".to_string()])]
     modes: Vec<String>,
 }
@@ -223,7 +230,13 @@ fn real_main() -> Result<ExitCode> {
     }
     for m in &args.modes {
         let known: &[&str] = if ingress {
-            &["qosd", "htb-ifb", NO_ACK_PACING]
+            &[
+                "qosd",
+                "htb-ifb",
+                NO_ACK_PACING,
+                HTB_UPSTREAM,
+                PACED_SENDERS,
+            ]
         } else {
             &["qosd", "htb"]
         };
@@ -604,10 +617,22 @@ enum Shaping {
         shaped: String,
         ifb: String,
     },
+    /// HTB on the senders' side of the link (the peer namespace's end of the
+    /// shaped veth); the namespace goes with the test bed.
+    HtbUpstream {
+        netns: String,
+        dev: String,
+    },
+    /// Nothing shaped: the senders pace themselves ([`PACED_SENDERS`]).
+    PacedSenders,
 }
 
 /// Mode: qosd with ingress ACK pacing turned off.
 const NO_ACK_PACING: &str = "qosd-no-ack-pacing";
+/// Mode (ingress): HTB at the senders' end of the link.
+const HTB_UPSTREAM: &str = "htb-upstream";
+/// Mode (ingress): every sender paces itself at its share, the reference.
+const PACED_SENDERS: &str = "paced-senders";
 
 fn is_ingress(args: &Args) -> bool {
     args.direction == "ingress"
@@ -703,33 +728,125 @@ fn start_htb(
         let dev = bed.shaped_if().to_owned();
         (dev.clone(), Shaping::Htb { dev }, "src")
     };
+    let tc =
+        |cmd: String| -> Result<String> { run("tc", &cmd.split_whitespace().collect::<Vec<_>>()) };
+    tc(format!("qdisc add dev {dev} root handle 1: htb default 99"))?;
     let cap = args.capacity.bits_per_sec();
+    let classes: Vec<HtbClass> = groups
+        .iter()
+        .map(|g| HtbClass {
+            rate: permille(cap, g.quota_permille),
+            ceil: g.ceil_permille.map_or(cap, |p| permille(cap, p)),
+            priority: g.priority,
+        })
+        .collect();
+    htb_classes(&tc, &dev, 1, cap, &classes, addr, sources)?;
+    Ok(shaping)
+}
+
+/// [`HTB_UPSTREAM`]: HTB at the root of the peer's end of the shaped veth
+/// (below netem when the link has a delay), classifying by destination, in
+/// place of the link's tbf. Each group's class has rate = ceil = what the
+/// scenario should give it (`expected`): an oracle that knows the demand,
+/// so that no borrowing between classes can show in the windows. (It did
+/// not help in the 6.1 VM: with rate = ceil as with the groups' own rates
+/// and ceilings, HTB there sent a 15 Mbit/s class at 1.09 × its rate for
+/// three 100 ms windows and 0.73 in the fourth.) Its classes' queues
+/// (pfifo, 1000 packets) are where the senders' excess waits, as in a
+/// switch port that shapes per tenant.
+fn start_htb_upstream(
+    bed: &EgressBed,
+    args: &Args,
+    groups: &[&GroupSpec],
+    expected: &[u64],
+    receivers: &[std::net::Ipv4Addr],
+) -> Result<Shaping> {
+    let netns = bed.peer.name().to_owned();
+    let dev = bed.shaped.peer().to_owned();
+    let tc = |cmd: String| -> Result<String> {
+        let mut a = vec!["-n", netns.as_str()];
+        a.extend(cmd.split_whitespace());
+        run("tc", &a).with_context(|| format!("in netns {netns}"))
+    };
+    let major = if args.rtt_ms > 0 {
+        // The delay stays (netem at the root, handle 1:); HTB replaces the
+        // tbf below it.
+        tc(format!("qdisc del dev {dev} parent 1:"))?;
+        tc(format!(
+            "qdisc add dev {dev} parent 1: handle 2: htb default 99"
+        ))?;
+        2
+    } else {
+        tc(format!(
+            "qdisc replace dev {dev} root handle 1: htb default 99"
+        ))?;
+        1
+    };
+    let classes: Vec<HtbClass> = groups
+        .iter()
+        .zip(expected)
+        .map(|(g, &share)| HtbClass {
+            // An idle group's class: the least HTB takes.
+            rate: share.max(8000),
+            ceil: share.max(8000),
+            priority: g.priority,
+        })
+        .collect();
+    let cap = args.capacity.bits_per_sec();
+    htb_classes(&tc, &dev, major, cap, &classes, "dst", receivers)?;
+    Ok(Shaping::HtbUpstream { netns, dev })
+}
+
+/// [`PACED_SENDERS`]: the pacing rate (IP bits/s, what `SO_MAX_PACING_RATE`
+/// counts) of each of a group's `flows` so that together they send
+/// `share_wire_bps` as the windows count it (Ethernet frames: a full
+/// 1448-byte segment is 1500 IP bytes and 1514 on the wire). At least 1.
+fn paced_flow_ip_bps(share_wire_bps: u64, flows: u32) -> u64 {
+    (share_wire_bps / u64::from(flows.max(1)) * 1500 / 1514).max(1)
+}
+
+/// One group's HTB class.
+struct HtbClass {
+    rate: u64,
+    ceil: u64,
+    priority: u32,
+}
+
+/// Under the HTB qdisc `major:` on `dev`: a root class of `cap`, one class
+/// per group (quantum proportional to its rate) chosen by the group's
+/// `addr` ("src" or "dst") address, and the default class `major:99` for
+/// the rest.
+fn htb_classes(
+    tc: &dyn Fn(String) -> Result<String>,
+    dev: &str,
+    major: u32,
+    cap: u64,
+    classes: &[HtbClass],
+    addr: &str,
+    addrs: &[std::net::Ipv4Addr],
+) -> Result<()> {
     // Quanta proportional to the rates (HTB's default r2q caps large
     // classes at the same quantum, which would skew the sharing).
     let quantum = |bits: u64| (bits / 8 / 500).clamp(3028, 200_000);
-    let tc =
-        |cmd: String| -> Result<String> { run("tc", &cmd.split_whitespace().collect::<Vec<_>>()) };
     let class = |parent: &str, id: &str, rate: u64, ceil: u64, prio: u32| {
         tc(format!(
             "class add dev {dev} parent {parent} classid {id} htb rate {rate}bit ceil {ceil}bit prio {prio} quantum {}",
             quantum(rate)
         ))
     };
-    tc(format!("qdisc add dev {dev} root handle 1: htb default 99"))?;
-    class("1:", "1:1", cap, cap, 0)?;
-    for (i, g) in groups.iter().enumerate() {
-        let rate = permille(cap, g.quota_permille);
-        let ceil = g.ceil_permille.map_or(cap, |p| permille(cap, p));
-        let id = format!("1:{}", 10 + i);
-        class("1:1", &id, rate, ceil, g.priority)?;
+    let (root, top) = (format!("{major}:"), format!("{major}:1"));
+    class(&root, &top, cap, cap, 0)?;
+    for (i, c) in classes.iter().enumerate() {
+        let id = format!("{major}:{}", 10 + i);
+        class(&top, &id, c.rate, c.ceil, c.priority)?;
         tc(format!(
-            "filter add dev {dev} parent 1: protocol ip prio 1 u32 match ip {addr} {}/32 flowid {id}",
-            sources[i]
+            "filter add dev {dev} parent {root} protocol ip prio 1 u32 match ip {addr} {}/32 flowid {id}",
+            addrs[i]
         ))?;
     }
     // Unclassified traffic: the smallest rate HTB takes, lowest priority.
-    class("1:1", "1:99", 8000, cap, 7)?;
-    Ok(shaping)
+    class(&top, &format!("{major}:99"), 8000, cap, 7)?;
+    Ok(())
 }
 
 /// (window end, rate) points; an idle gap between phases is drawn at zero
@@ -797,15 +914,36 @@ fn counters(shaping: &Shaping, cgroups: &[String]) -> Result<EndCounters> {
             let ack = v["ingress"]["ack_pacing"].as_str().map(str::to_owned);
             Ok((drops, ce, ns, ack))
         }
-        Shaping::Htb { dev } | Shaping::HtbIfb { ifb: dev, .. } => {
+        Shaping::Htb { dev }
+        | Shaping::HtbIfb { ifb: dev, .. }
+        | Shaping::HtbUpstream { dev, .. } => {
             // `tc -j` has no JSON for htb classes in iproute2 6.1: parse text.
-            let text = run("tc", &["-s", "class", "show", "dev", dev])?;
+            let (text, major) = match shaping {
+                Shaping::HtbUpstream { netns, .. } => {
+                    let text = run("tc", &["-n", netns, "-s", "class", "show", "dev", dev])?;
+                    // Under netem (a delayed link) the HTB is 2:.
+                    let major = if text.contains("class htb 2:") { 2 } else { 1 };
+                    (text, major)
+                }
+                _ => (run("tc", &["-s", "class", "show", "dev", dev])?, 1),
+            };
             let by_class = htb_drops(&text);
             let drops = (0..cgroups.len())
-                .map(|i| by_class.get(&format!("1:{}", 10 + i)).copied().unwrap_or(0))
+                .map(|i| {
+                    by_class
+                        .get(&format!("{major}:{}", 10 + i))
+                        .copied()
+                        .unwrap_or(0)
+                })
                 .collect();
             Ok((drops, vec![0; cgroups.len()], BTreeMap::new(), None))
         }
+        Shaping::PacedSenders => Ok((
+            vec![0; cgroups.len()],
+            vec![0; cgroups.len()],
+            BTreeMap::new(),
+            None,
+        )),
     }
 }
 
@@ -844,6 +982,8 @@ fn stop(shaping: Shaping) {
             let _ = run("tc", &["qdisc", "del", "dev", &shaped, "ingress"]);
             let _ = run("ip", &["link", "del", &ifb]);
         }
+        // The peer namespace, and its link with it, goes with the bed.
+        Shaping::HtbUpstream { .. } | Shaping::PacedSenders => {}
     }
 }
 
@@ -890,6 +1030,17 @@ fn run_scenario(sc: &Scenario, mode: &str, args: &Args, bin_dir: &Path) -> Resul
     let shaping = match mode {
         "qosd" => start_qosd(&bed, args, bin_dir, &groups, true)?,
         NO_ACK_PACING => start_qosd(&bed, args, bin_dir, &groups, false)?,
+        HTB_UPSTREAM => {
+            let shares = expected(sc, args.capacity.bits_per_sec());
+            start_htb_upstream(
+                &bed,
+                args,
+                &sc.groups.iter().collect::<Vec<_>>(),
+                &shares,
+                &sources,
+            )?
+        }
+        PACED_SENDERS => Shaping::PacedSenders,
         _ => start_htb(&bed, args, &sc.groups.iter().collect::<Vec<_>>(), &sources)?,
     };
     let result = traffic(
@@ -921,12 +1072,19 @@ fn traffic(
     let d = args.duration;
     let third = d / 3.0;
     let mut port = 5400u16;
-    let client_opts = |g: &GroupSpec, secs: f64, src| ClientOpts {
-        seconds: secs,
-        parallel: g.flows,
-        udp_bps: g.udp.then_some(cap),
-        bind: Some(src),
-        tos: None,
+    let shares = expected(sc, cap);
+    let paced = matches!(shaping, Shaping::PacedSenders);
+    let client_opts = |i: usize, secs: f64, src| {
+        let g = &sc.groups[i];
+        let flow_ip_bps = paced_flow_ip_bps(shares[i], g.flows);
+        ClientOpts {
+            seconds: secs,
+            parallel: g.flows,
+            udp_bps: g.udp.then_some(if paced { flow_ip_bps } else { cap }),
+            bind: Some(src),
+            tos: None,
+            pacing_bps: (paced && !g.udp).then_some(flow_ip_bps),
+        }
     };
     // Servers first (all listening), then clients as close together as possible.
     let mut pending: Vec<Vec<(f64, f64, Server)>> = Vec::new(); // per group: (start offset, secs, server)
@@ -1029,11 +1187,11 @@ fn traffic(
         let client = if ingress {
             let opts = ClientOpts {
                 bind: None,
-                ..client_opts(&sc.groups[i], secs, sources[i])
+                ..client_opts(i, secs, sources[i])
             };
             Client::start(&peer, sources[i], server.port, &opts, tmp)?
         } else {
-            let opts = client_opts(&sc.groups[i], secs, sources[i]);
+            let opts = client_opts(i, secs, sources[i]);
             Client::start(&places[i], bed.peer_ip, server.port, &opts, tmp)?
         };
         phases[i].push(Phase {
@@ -1365,6 +1523,21 @@ mod tests {
         assert!(unpaced_ingress_problems(&starved)[0].contains("c starved"));
         let idle_link = run(vec![group("a", 100, 100.0, 0)], 0.5);
         assert!(unpaced_ingress_problems(&idle_link)[0].contains("utilisation 50.0 %"));
+    }
+
+    #[test]
+    fn paced_senders_share_the_group_rate_in_ip_bits() {
+        // 5 Mbit/s on the wire, one flow: 1500/1514 of it in IP bits.
+        assert_eq!(paced_flow_ip_bps(5_000_000, 1), 4_953_764);
+        // Incast: 16 flows share 25 Mbit/s; together within 0.01 % of it
+        // on the wire.
+        let each = paced_flow_ip_bps(25_000_000, 16);
+        let wire = (each * 16) as f64 * 1514.0 / 1500.0;
+        assert!((wire / 25e6 - 1.0).abs() < 1e-4, "{wire}");
+        // An idle group (share 0) or no flows: never a rate of 0, which
+        // iperf3 would take as "unpaced".
+        assert_eq!(paced_flow_ip_bps(0, 1), 1);
+        assert_eq!(paced_flow_ip_bps(1_000_000, 0), 990_752);
     }
 
     #[test]
