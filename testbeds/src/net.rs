@@ -40,6 +40,25 @@ pub struct EgressBed {
     _forward: Option<Sysctl>,
 }
 
+/// Held while a bed picks its 10.x network and claims it (adds its host
+/// address): without it two beds built at once (parallel tests, two runs)
+/// can pick the same network between the check and the claim, and two
+/// veths with one subnet route each other's traffic (a CI run of d17e365:
+/// a client's connection refused, most likely by the other bed's peer).
+/// The lock is released when the file is closed.
+fn net_claim_lock() -> Result<std::fs::File> {
+    let path = std::env::temp_dir().join("qos-testbeds-net.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    f.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(f)
+}
+
 fn free_net() -> Result<u8> {
     let addrs = run("ip", &["-o", "addr"])?;
     let routes = run("ip", &["route"])?;
@@ -57,6 +76,7 @@ impl EgressBed {
     /// Builds a bed with `senders` host source addresses and `containers`
     /// container namespaces.
     pub fn new(senders: usize, containers: usize) -> Result<Self> {
+        let claim = net_claim_lock()?;
         let net = free_net()?;
         let peer = Netns::new("qpeer")?;
         let host_if = unique("qsh");
@@ -68,6 +88,8 @@ impl EgressBed {
             "ip",
             &["addr", "add", &format!("{host_ip}/24"), "dev", &host_if],
         )?;
+        // Claimed: the address shows in `ip addr` for the next bed.
+        drop(claim);
         peer.ip(&["addr", "add", &format!("{peer_ip}/24"), "dev", &peer_if])?;
         peer.ip(&[
             "route",
@@ -254,4 +276,24 @@ impl Drop for HostVeth {
 pub fn fq_available() -> Result<bool> {
     let veth = HostVeth::new("qfq", 1)?;
     Ok(run("tc", &["qdisc", "add", "dev", veth.name(), "root", "fq"]).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_bed_at_a_time_claims_a_network() {
+        let held = net_claim_lock().unwrap();
+        // Another claimant (another file description, as another thread or
+        // process opens it) must wait.
+        let path = std::env::temp_dir().join("qos-testbeds-net.lock");
+        let other = std::fs::File::open(&path).unwrap();
+        assert!(matches!(
+            other.try_lock(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ));
+        drop(held);
+        other.try_lock().unwrap();
+    }
 }
