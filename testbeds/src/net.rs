@@ -47,7 +47,7 @@ pub struct EgressBed {
 /// a client's connection refused, most likely by the other bed's peer).
 /// The lock is released when the file is closed.
 fn net_claim_lock() -> Result<std::fs::File> {
-    let path = std::env::temp_dir().join("qos-testbeds-net.lock");
+    let path = net_claim_lock_path();
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -57,6 +57,10 @@ fn net_claim_lock() -> Result<std::fs::File> {
     f.lock()
         .with_context(|| format!("locking {}", path.display()))?;
     Ok(f)
+}
+
+fn net_claim_lock_path() -> std::path::PathBuf {
+    std::env::temp_dir().join("qos-testbeds-net.lock")
 }
 
 fn free_net() -> Result<u8> {
@@ -287,8 +291,7 @@ mod tests {
         let held = net_claim_lock().unwrap();
         // Another claimant (another file description, as another thread or
         // process opens it) must wait.
-        let path = std::env::temp_dir().join("qos-testbeds-net.lock");
-        let other = std::fs::File::open(&path).unwrap();
+        let other = std::fs::File::open(net_claim_lock_path()).unwrap();
         assert!(matches!(
             other.try_lock(),
             Err(std::fs::TryLockError::WouldBlock)

@@ -343,8 +343,8 @@ pub struct BootOutcome {
 }
 
 /// A guest whose vCPUs have been stuck this long is not coming back: the
-/// lockups seen under TCG (guest kworkers during the IO steps, 2026-11-26,
-/// 2026-12-03 and twice on 2026-12-04) lasted until the VM was stopped.
+/// lockups seen under TCG (guest kworkers during the IO steps, since
+/// 2026-11-26) lasted until the VM was stopped.
 pub const LOCKUP_GIVE_UP_S: u64 = 120;
 
 /// Seconds stuck in a kernel line like

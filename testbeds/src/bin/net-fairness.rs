@@ -622,6 +622,8 @@ enum Shaping {
     HtbUpstream {
         netns: String,
         dev: String,
+        /// The HTB qdisc's handle: 2: under netem (a delayed link), else 1:.
+        major: u32,
     },
     /// Nothing shaped: the senders pace themselves ([`PACED_SENDERS`]).
     PacedSenders,
@@ -785,16 +787,19 @@ fn start_htb_upstream(
     let classes: Vec<HtbClass> = groups
         .iter()
         .zip(expected)
-        .map(|(g, &share)| HtbClass {
+        .map(|(g, &share)| {
             // An idle group's class: the least HTB takes.
-            rate: share.max(8000),
-            ceil: share.max(8000),
-            priority: g.priority,
+            let rate = share.max(8000);
+            HtbClass {
+                rate,
+                ceil: rate,
+                priority: g.priority,
+            }
         })
         .collect();
     let cap = args.capacity.bits_per_sec();
     htb_classes(&tc, &dev, major, cap, &classes, "dst", receivers)?;
-    Ok(Shaping::HtbUpstream { netns, dev })
+    Ok(Shaping::HtbUpstream { netns, dev, major })
 }
 
 /// [`PACED_SENDERS`]: the pacing rate (IP bits/s, what `SO_MAX_PACING_RATE`
@@ -921,12 +926,10 @@ fn counters(shaping: &Shaping, cgroups: &[String]) -> Result<EndCounters> {
         | Shaping::HtbUpstream { dev, .. } => {
             // `tc -j` has no JSON for htb classes in iproute2 6.1: parse text.
             let (text, major) = match shaping {
-                Shaping::HtbUpstream { netns, .. } => {
-                    let text = run("tc", &["-n", netns, "-s", "class", "show", "dev", dev])?;
-                    // Under netem (a delayed link) the HTB is 2:.
-                    let major = if text.contains("class htb 2:") { 2 } else { 1 };
-                    (text, major)
-                }
+                Shaping::HtbUpstream { netns, major, .. } => (
+                    run("tc", &["-n", netns, "-s", "class", "show", "dev", dev])?,
+                    *major,
+                ),
                 _ => (run("tc", &["-s", "class", "show", "dev", dev])?, 1),
             };
             let by_class = htb_drops(&text);
