@@ -640,6 +640,23 @@ fn is_ingress(args: &Args) -> bool {
     args.direction == "ingress"
 }
 
+/// `ss -tin` of the established TCP sockets in the named network namespace,
+/// or this one (for the trace; None when ss cannot run).
+fn tcp_sockets(netns: Option<&str>) -> Option<String> {
+    let mut ss = Command::new("ss");
+    if let Some(ns) = netns {
+        ss.args(["-N", ns]);
+    }
+    let out = ss
+        .args(["-tinH", "state", "established"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn qosctl(qosctl: &Path, socket: &Path, args: &[&str]) -> Result<String> {
     let socket = socket.display().to_string();
     run(qosctl, &[&["--socket", socket.as_str()], args].concat())
@@ -1156,15 +1173,26 @@ fn traffic(
         ) => {
             let (q, socket, stop) = (q.clone(), socket.clone(), stop_trace.clone());
             let path = args.out.join(format!("trace-{}.jsonl", sc.name));
+            // Ingress: the senders' own view of their flows (cwnd, RTT,
+            // how long the receive window limited them), which no counter
+            // at the receiver shows, and the receiving sockets'.
+            let sender_ns = ingress.then(|| bed.peer.name().to_string());
             Some(std::thread::spawn(move || {
                 let mut lines = String::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     if let Ok(j) = qosctl(&q, &socket, &["net", "show", "-o", "json"]) {
                         let v: Value = serde_json::from_str(&j).unwrap_or(Value::Null);
+                        let (senders, receivers) = match &sender_ns {
+                            Some(ns) => (tcp_sockets(Some(ns)), tcp_sockets(None)),
+                            None => (None, None),
+                        };
+                        let text = |s: Option<String>| s.map(Value::String).unwrap_or(Value::Null);
                         lines += &format!(
-                            "{{\"t\":{:.3},\"net\":{}}}\n",
+                            "{{\"t\":{:.3},\"net\":{},\"senders\":{},\"receivers\":{}}}\n",
                             t0.elapsed().as_secs_f64(),
-                            v
+                            v,
+                            text(senders),
+                            text(receivers)
                         );
                     }
                     std::thread::sleep(Duration::from_millis(100));

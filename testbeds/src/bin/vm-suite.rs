@@ -100,8 +100,9 @@ const LONG_RTT_MS: &str = "60";
 const LONG_RTT_CAPACITY: &str = "20mbit";
 
 /// Host tools the tests and fairness programs call.
-const TOOLS: [&str; 12] = [
+const TOOLS: [&str; 13] = [
     "ip",
+    "ss",
     "tc",
     "iperf3",
     "losetup",
