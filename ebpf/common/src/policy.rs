@@ -550,6 +550,29 @@ pub const fn window_clamp_ceiling(target: u64, rtt_us: u64, mss: u64) -> u64 {
     )
 }
 
+/// Segments the receive-window ceiling of an ACK-paced flow leaves beyond
+/// its round trip at the least ([`ack_paced_clamp_ceiling`]).
+pub const CLAMP_CEILING_SEGMENTS: u64 = 4;
+
+/// [`window_clamp_ceiling`] of a flow whose ACKs are paced, at least
+/// `target` × round trip + four segments: more than the two packet times
+/// of ACK lead that show a flow held by its ACK clock
+/// ([`ack_lead_holds`]). With 10 ms alone a slow flow at its ceiling kept
+/// its ACKs waiting less than that, never counted as held, and its class's
+/// multiplier could not rise to make up for a share split over a bulk flow
+/// and a request/response flow: from 60 ms away the 2 Mbit/s class stayed
+/// at 1.2–1.5 with its buckets full (its window 7–8 segments, the
+/// sender's congestion window 36).
+#[inline(always)]
+pub const fn ack_paced_clamp_ceiling(target: u64, rtt_us: u64, mss: u64) -> u64 {
+    let rtt_us = min_u64(rtt_us, 10_000_000);
+    let segments = CLAMP_CEILING_SEGMENTS * min_u64(max_u64(mss, 536), 65_535);
+    max_u64(
+        window_clamp_ceiling(target, rtt_us, mss),
+        window_clamp(target, rtt_us, mss) + segments,
+    )
+}
+
 /// The receive-window clamp that the rate a flow received over the last
 /// step reflects, of `applied` (set at that step's start) and `previous`
 /// (set a step earlier; 0 = none): a window shows in the received rate a
@@ -574,8 +597,8 @@ pub const fn clamp_seen(applied: u64, previous: u64, rtt_us: u64) -> u64 {
 /// (see [`clamp_seen`]): the window that gave `measured` scaled to
 /// `target` (rate = window / RTT, so this is target × the flow's effective
 /// RTT), by at most a factor 2 per step, never below
-/// two segments nor above [`window_clamp_ceiling`] for its round trip
-/// `rtt_us` (a flow that cannot reach its target is not window-limited; a
+/// two segments nor above `ceiling` ([`window_clamp_ceiling`] for its
+/// round trip: a flow that cannot reach its target is not window-limited; a
 /// huge clamp would take many steps to bite when it becomes so). `clamp` 0
 /// starts from `initial`.
 #[inline(always)]
@@ -584,11 +607,10 @@ pub const fn next_window_clamp(
     measured: u64,
     target: u64,
     mss: u64,
-    rtt_us: u64,
+    ceiling: u64,
     initial: u64,
 ) -> u64 {
     let floor = window_clamp(0, 0, mss);
-    let ceiling = window_clamp_ceiling(target, rtt_us, mss);
     if clamp == 0 {
         return min_u64(max_u64(initial, floor), ceiling);
     }
@@ -604,15 +626,50 @@ pub const fn next_window_clamp(
     min_u64(max_u64(next, floor), ceiling)
 }
 
-/// Least lead (ns) of a received flow's ACK clock over real time, beyond
-/// two packet times, past which an ECN-capable packet is CE-marked; from a
-/// 20 ms round trip on, the round trip (see [`ack_lead_marks`]). The
-/// window clamp normally keeps the lead below this (it is at most the
-/// flow's rate × (its round trip + 10 ms)); marks are the backstop.
-pub const ACK_LEAD_MARK_NS: u64 = 20_000_000;
-/// Lead past which a received packet is dropped (a sender that neither
-/// answers CE nor respects the window).
-pub const ACK_LEAD_DROP_NS: u64 = 500_000_000;
+/// Round trip (µs) from which an ACK-paced flow's receive-window clamp no
+/// longer follows its measured rate (see [`receive_window_clamp`]): where a
+/// step's rate is mostly the previous clamp's ([`clamp_seen`]).
+pub const CLAMP_FOLLOWS_CLOCK_RTT_US: u64 = CLAMP_STEP_NS / 2_000;
+
+/// Receive-window clamp of a flow at a step (the arguments as for
+/// [`next_window_clamp`], with its round trip `rtt_us`). A flow whose ACKs
+/// are paced (`ack_paced`) from 10 ms away gets its ceiling
+/// ([`ack_paced_clamp_ceiling`]) at every step: its ACK clock holds the
+/// rate, and its window has only to bound the ACKs that wait. Scaled by
+/// the rate the flow received, a window a round trip old ratchets down,
+/// since a burst (slow start, a released backlog) halves it within one
+/// step and a step with nothing received leaves it as it is. Without ACK
+/// pacing the window is the only hold, and on short round trips a step
+/// sees its own clamp's effect: those follow the measured rate.
+#[inline(always)]
+pub const fn receive_window_clamp(
+    ack_paced: bool,
+    clamp: u64,
+    measured: u64,
+    target: u64,
+    mss: u64,
+    rtt_us: u64,
+    initial: u64,
+) -> u64 {
+    if !ack_paced {
+        let ceiling = window_clamp_ceiling(target, rtt_us, mss);
+        return next_window_clamp(clamp, measured, target, mss, ceiling, initial);
+    }
+    let ceiling = ack_paced_clamp_ceiling(target, rtt_us, mss);
+    if rtt_us >= CLAMP_FOLLOWS_CLOCK_RTT_US {
+        ceiling
+    } else {
+        next_window_clamp(clamp, measured, target, mss, ceiling, initial)
+    }
+}
+
+/// Shortest cap on how long a received flow's ACKs wait
+/// ([`ack_lead_cap`]).
+pub const ACK_LEAD_CAP_MIN_NS: u64 = 20_000_000;
+/// Round trip (µs) beyond which [`ack_lead_cap`] grows no further.
+pub const ACK_LEAD_CAP_RTT_MAX_US: u64 = 200_000;
+/// Packet times an ACK may wait at the least ([`ack_lead_cap`]).
+pub const ACK_LEAD_CAP_PACKETS: u64 = 6;
 /// Queueing allowance (µs) the receive window of an ACK-paced flow without
 /// ECN is sized for, on top of its round trip.
 pub const ACK_LEAD_WINDOW_US: u64 = 2_000;
@@ -645,35 +702,45 @@ pub const fn recently_held(ack_pacing: bool, held_ns: u64, now: u64) -> bool {
 
 /// ACK pacing of a received TCP flow held at `rate` (wire bytes/s): the
 /// packet of `wire` bytes arriving at `now` is acknowledged no earlier than
-/// the flow's virtual clock `next` (never earlier than `now`), which then
-/// advances by the packet's time at the rate. A sender clocked by its ACKs
-/// then sends at the rate whatever the round trip. Returns (earliest ACK
-/// departure, next virtual clock).
+/// the flow's virtual clock `next` (never earlier than `now`, nor later
+/// than [`ack_lead_cap`] after it for its class's round trip `rtt_us`),
+/// which then advances by the packet's time at the rate. A sender clocked by its ACKs then sends at the rate whatever
+/// the round trip. Returns (earliest ACK departure, next virtual clock).
 #[inline(always)]
-pub const fn ack_release(next: u64, now: u64, wire: u64, rate: u64) -> (u64, u64) {
-    let start = max_u64(next, now);
+pub const fn ack_release(next: u64, now: u64, wire: u64, rate: u64, rtt_us: u64) -> (u64, u64) {
     let rate = max_u64(rate, 1);
     // wire ≤ 2^32 (skb length), × 1e9 fits in u64 below 1.8e19.
-    let dur = min_u64(wire, 1 << 32) * NS_PER_SEC / rate;
-    (start, start.saturating_add(min_u64(dur, NS_PER_SEC)))
+    let dur = min_u64(min_u64(wire, 1 << 32) * NS_PER_SEC / rate, NS_PER_SEC);
+    let cap = ack_lead_cap(rtt_us, dur);
+    let start = min_u64(max_u64(next, now), now.saturating_add(cap));
+    (start, start.saturating_add(dur))
 }
 
-/// Whether a packet whose ACK waits `lead` ns (the ACKs queued ahead of
-/// it) is CE-marked, `packet_ns` being its own time at the flow's rate and
-/// `rtt_us` its class's round trip. Two packets of allowance, because at
-/// low rates one packet alone takes longer than the threshold, and a
-/// window cut below two packets leaves the ACK clock idle (the flow would
-/// fall below its rate). The threshold is at least the round trip: a
-/// sender in slow start sends two packets per ACK, so its ACKs queue up to
-/// half its window, a round trip's worth once the window reaches twice the
-/// flow's share. At 60 ms a fixed 20 ms marked slow start at a third of
-/// the share, and CUBIC then took seconds to regrow: one flow next to 32
-/// of another class got 5.6 and 5.8 of its 10 Mbit/s, with the round trip
-/// 11.9–13.0 (five runs; all-busy's worst p5 window about as before).
+/// Longest a received flow's ACKs wait for its ACK clock when its class's
+/// round trip is `rtt_us` and a packet takes `packet_ns` at its rate: 20 ms,
+/// twice the round trip (at most 400 ms) or six packet times, whichever is
+/// longest. The window clamp keeps the wait near 10 ms or four packet
+/// times ([`ack_paced_clamp_ceiling`]; with 20 ms alone the 32 slow flows
+/// of many-flows, whose windows hold four packets of 15 ms, ran past their
+/// share into their buckets' debt: 244 drops); it grows past that when the
+/// flow's rate falls faster than its window can shrink (a window only
+/// shrinks as data fills it: the class stops borrowing, the pacing loop's
+/// boost ends, slow start overshoots). Past the cap the flow runs faster
+/// than its rate until its next clamp step, instead of being marked (CUBIC
+/// halves its window and, from 60 ms away, regrows it over seconds) or
+/// dropped (which stalls it for a loss-probe timeout). Marks from 20 ms or
+/// the round trip on left the smallest all-busy class at 60 ms marked
+/// 9–19 times in its first second and its worst 100 ms window at 0.44–0.64
+/// of its share (five runs); incast's sixteen flows at 21.0–23.4 of their
+/// 25 Mbit/s without delay (four runs). The buckets still mark and drop a
+/// class that runs into debt.
 #[inline(always)]
-pub const fn ack_lead_marks(lead: u64, packet_ns: u64, rtt_us: u64) -> bool {
-    let threshold = max_u64(ACK_LEAD_MARK_NS, min_u64(rtt_us, 1_000_000) * 1_000);
-    lead > threshold.saturating_add(packet_ns.saturating_mul(2))
+pub const fn ack_lead_cap(rtt_us: u64, packet_ns: u64) -> u64 {
+    let cap = max_u64(
+        ACK_LEAD_CAP_MIN_NS,
+        min_u64(rtt_us, ACK_LEAD_CAP_RTT_MAX_US) * 2_000,
+    );
+    max_u64(cap, min_u64(packet_ns, NS_PER_SEC) * ACK_LEAD_CAP_PACKETS)
 }
 
 #[cfg(test)]
@@ -681,41 +748,152 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_ack_paced_window_from_afar_is_its_ceiling() {
+        let (mss, target) = (1448, 250_000);
+        let ceiling_60ms = ack_paced_clamp_ceiling(target, 60_000, mss);
+        // A slow flow's ceiling leaves four segments beyond its round trip
+        // (10 ms at 2 Mbit/s is under two); a fast one's 10 ms.
+        assert_eq!(
+            ceiling_60ms,
+            window_clamp(target, 60_000, mss) + CLAMP_CEILING_SEGMENTS * mss
+        );
+        assert!(ceiling_60ms > window_clamp_ceiling(target, 60_000, mss));
+        assert_eq!(
+            ack_paced_clamp_ceiling(12_500_000, 60_000, mss),
+            window_clamp_ceiling(12_500_000, 60_000, mss)
+        );
+        // From 10 ms on, an ACK-paced flow's clamp is its ceiling whatever
+        // it received: a burst four times the target does not halve it,
+        // nothing received does not freeze it, the first step starts there.
+        for (clamp, measured) in [(5_000, 1_000_000), (5_000, 0), (0, 0), (40_000, 250_000)] {
+            assert_eq!(
+                receive_window_clamp(true, clamp, measured, target, mss, 60_000, 9_000),
+                ceiling_60ms
+            );
+        }
+        assert_eq!(
+            receive_window_clamp(true, 5_000, 0, target, mss, CLAMP_FOLLOWS_CLOCK_RTT_US, 0),
+            ack_paced_clamp_ceiling(target, CLAMP_FOLLOWS_CLOCK_RTT_US, mss)
+        );
+        // Closer, or without ACK pacing, it follows the measured rate (up
+        // to the ceiling of its kind).
+        for (paced, rtt) in [
+            (true, CLAMP_FOLLOWS_CLOCK_RTT_US - 1),
+            (false, 60_000),
+            (false, 100),
+        ] {
+            for (clamp, measured, initial) in
+                [(20_000, 1_000_000, 0), (20_000, 100_000, 0), (0, 0, 9_000)]
+            {
+                let ceiling = if paced {
+                    ack_paced_clamp_ceiling(target, rtt, mss)
+                } else {
+                    window_clamp_ceiling(target, rtt, mss)
+                };
+                assert_eq!(
+                    receive_window_clamp(paced, clamp, measured, target, mss, rtt, initial),
+                    next_window_clamp(clamp, measured, target, mss, ceiling, initial),
+                    "paced {paced} rtt {rtt} clamp {clamp} measured {measured}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn window_clamp_steps_towards_the_target_rate() {
         let mss = 1448;
         let floor = 2 * mss;
-        let start = next_window_clamp(0, 0, 12_500_000, mss, 0, 50_000);
+        let start = next_window_clamp(
+            0,
+            0,
+            12_500_000,
+            mss,
+            window_clamp_ceiling(12_500_000, 0, mss),
+            50_000,
+        );
         assert_eq!(start, 50_000);
         // Twice too fast: halved. Four times too fast: halved (bounded step).
         assert_eq!(
-            next_window_clamp(40_000, 25_000_000, 12_500_000, mss, 0, 0),
+            next_window_clamp(
+                40_000,
+                25_000_000,
+                12_500_000,
+                mss,
+                window_clamp_ceiling(12_500_000, 0, mss),
+                0
+            ),
             20_000
         );
         assert_eq!(
-            next_window_clamp(40_000, 50_000_000, 12_500_000, mss, 0, 0),
+            next_window_clamp(
+                40_000,
+                50_000_000,
+                12_500_000,
+                mss,
+                window_clamp_ceiling(12_500_000, 0, mss),
+                0
+            ),
             20_000
         );
         // Slightly slow: opened in proportion.
         assert_eq!(
-            next_window_clamp(40_000, 10_000_000, 12_500_000, mss, 0, 0),
+            next_window_clamp(
+                40_000,
+                10_000_000,
+                12_500_000,
+                mss,
+                window_clamp_ceiling(12_500_000, 0, mss),
+                0
+            ),
             50_000
         );
         // Nothing received: unchanged.
-        assert_eq!(next_window_clamp(40_000, 0, 12_500_000, mss, 0, 0), 40_000);
+        assert_eq!(
+            next_window_clamp(
+                40_000,
+                0,
+                12_500_000,
+                mss,
+                window_clamp_ceiling(12_500_000, 0, mss),
+                0
+            ),
+            40_000
+        );
         // Bounds: two segments, target × (round trip + 10 ms).
         assert_eq!(
-            next_window_clamp(floor, 1_000_000_000, 12_500_000, mss, 0, 0),
+            next_window_clamp(
+                floor,
+                1_000_000_000,
+                12_500_000,
+                mss,
+                window_clamp_ceiling(12_500_000, 0, mss),
+                0
+            ),
             floor
         );
         let ceiling = window_clamp_ceiling(12_500_000, 0, mss);
         assert_eq!(ceiling, window_clamp(12_500_000, 10_000, mss));
         assert_eq!(window_clamp_ceiling(0, 60_000, mss), floor);
         assert_eq!(
-            next_window_clamp(ceiling, 1, 12_500_000, mss, 0, 0),
+            next_window_clamp(
+                ceiling,
+                1,
+                12_500_000,
+                mss,
+                window_clamp_ceiling(12_500_000, 0, mss),
+                0
+            ),
             ceiling
         );
         assert_eq!(
-            next_window_clamp(0, 0, 12_500_000, mss, 0, u64::MAX),
+            next_window_clamp(
+                0,
+                0,
+                12_500_000,
+                mss,
+                window_clamp_ceiling(12_500_000, 0, mss),
+                u64::MAX
+            ),
             ceiling
         );
         // A download from 60 ms away may open to its round trip + 10 ms,
@@ -723,7 +901,14 @@ mod tests {
         let far = window_clamp_ceiling(12_500_000, 60_000, mss);
         assert_eq!(far, window_clamp(12_500_000, 70_000, mss));
         assert_eq!(
-            next_window_clamp(far / 2 + 1, 1, 12_500_000, mss, 60_000, 0),
+            next_window_clamp(
+                far / 2 + 1,
+                1,
+                12_500_000,
+                mss,
+                window_clamp_ceiling(12_500_000, 60_000, mss),
+                0
+            ),
             far
         );
         assert_eq!(
@@ -735,7 +920,14 @@ mod tests {
         for _ in 0..12 {
             // A flow whose rate is clamp / 1 ms.
             let measured = c * 1_000;
-            c = next_window_clamp(c, measured, 12_500_000, mss, 0, 0);
+            c = next_window_clamp(
+                c,
+                measured,
+                12_500_000,
+                mss,
+                window_clamp_ceiling(12_500_000, 0, mss),
+                0,
+            );
         }
         assert!(c.abs_diff(12_500) < 200, "{c}");
     }
@@ -812,7 +1004,14 @@ mod tests {
                 let measured = seen * 1_000_000 / rtt_us;
                 let (now, before) = (clamps[clamps.len() - 1], clamps[clamps.len() - 2]);
                 let clamp = scale(now, before);
-                clamps.push(next_window_clamp(clamp, measured, target, mss, rtt_us, 0));
+                clamps.push(next_window_clamp(
+                    clamp,
+                    measured,
+                    target,
+                    mss,
+                    window_clamp_ceiling(target, rtt_us, mss),
+                    0,
+                ));
             }
             let settled = &clamps[delay + 1..];
             (
@@ -1342,48 +1541,62 @@ mod tests {
         // 100 Mbit/s on the wire = 12.5 MB/s: a 64 KB packet takes 5.24 ms.
         let rate = 12_500_000;
         // Under its rate: acknowledged at once, the clock one packet ahead.
-        let (at, next) = ack_release(0, 1_000_000, 65_536, rate);
+        let (at, next) = ack_release(0, 1_000_000, 65_536, rate, 0);
         assert_eq!(at, 1_000_000);
         assert_eq!(next, 1_000_000 + 5_242_880);
         // A second packet right behind it waits for the first one's time.
-        let (at2, next2) = ack_release(next, 1_000_100, 65_536, rate);
+        let (at2, next2) = ack_release(next, 1_000_100, 65_536, rate, 0);
         assert_eq!(at2, next);
         assert_eq!(next2, next + 5_242_880);
-        // A burst of 100 such packets at one instant: the last ACK leaves
-        // 99 packet times later, i.e. the burst is acknowledged at the rate.
+        // A burst of 100 such packets at one instant: acknowledged at the
+        // rate until the ACKs would wait more than six packet times (more
+        // than 20 ms here); from then on each leaves that long after it
+        // arrived, and the clock goes on from there.
+        let cap = ack_lead_cap(0, 5_242_880);
+        assert_eq!(cap, 6 * 5_242_880);
         let mut clock = 0;
         let mut last = 0;
-        for _ in 0..100 {
-            (last, clock) = ack_release(clock, 10, 65_536, rate);
+        for k in 0..100u64 {
+            let (at, next) = ack_release(clock, 10, 65_536, rate, 0);
+            assert_eq!(at, (10 + k * 5_242_880).min(10 + cap));
+            assert_eq!(next, at + 5_242_880);
+            (last, clock) = (at, next);
         }
-        assert_eq!(last, 10 + 99 * 5_242_880);
+        assert_eq!(last, 10 + cap);
+        // From 60 ms away the same burst waits up to twice the round trip.
+        let mut clock = 0;
+        for _ in 0..100 {
+            (last, clock) = ack_release(clock, 10, 65_536, rate, 60_000);
+        }
+        assert_eq!(last, 10 + 120_000_000);
         // Idle time is not banked: after a pause the clock restarts at now.
-        let (at, _) = ack_release(clock, clock + 1_000_000_000, 1500, rate);
+        let (at, _) = ack_release(clock, clock + 1_000_000_000, 1500, rate, 0);
         assert_eq!(at, clock + 1_000_000_000);
         // A zero rate does not divide by zero; one packet never holds the
         // clock more than a second.
-        let (at, next) = ack_release(0, 5, 65_536, 0);
+        let (at, next) = ack_release(0, 5, 65_536, 0, 0);
         assert_eq!((at, next), (5, 5 + NS_PER_SEC));
-        const { assert!(ACK_LEAD_MARK_NS < ACK_LEAD_DROP_NS) };
-        // Marking: 20 ms (or a longer round trip) plus two packet times of
-        // queued ACKs.
-        assert!(!ack_lead_marks(20_000_000, 0, 0));
-        assert!(ack_lead_marks(20_000_001, 0, 0));
-        assert!(!ack_lead_marks(60_000_000, 0, 60_000));
-        assert!(ack_lead_marks(60_000_001, 0, 60_000));
-        // A 64 KB packet at 10 Mbit/s takes 52 ms: two of them queued are
-        // not yet a reason to mark.
-        assert!(!ack_lead_marks(120_000_000, 52_428_800, 0));
-        assert!(ack_lead_marks(125_000_000, 52_428_800, 0));
-        assert!(!ack_lead_marks(u64::MAX - 1, u64::MAX, u64::MAX));
+        // The cap: 20 ms, twice a longer round trip (at most 400 ms), or
+        // six packet times of a slow flow.
+        assert_eq!(ack_lead_cap(0, 0), 20_000_000);
+        assert_eq!(ack_lead_cap(10_000, 1_000_000), 20_000_000);
+        assert_eq!(ack_lead_cap(60_000, 1_000_000), 120_000_000);
+        assert_eq!(ack_lead_cap(u64::MAX, 0), 400_000_000);
+        assert_eq!(ack_lead_cap(100, 15_000_000), 90_000_000);
+        assert_eq!(ack_lead_cap(0, u64::MAX), 6 * NS_PER_SEC);
     }
 
     proptest! {
         #[test]
-        fn ack_clock_is_monotonic_and_bounded(next in any::<u64>(), now in any::<u64>(),
-                                              wire in any::<u64>(), rate in any::<u64>()) {
-            let (at, n) = ack_release(next, now, wire, rate);
-            prop_assert!(at >= now && at >= next);
+        fn ack_clock_is_monotonic_capped_and_bounded(next in any::<u64>(), now in any::<u64>(),
+                                                     wire in any::<u64>(), rate in any::<u64>(),
+                                                     rtt in any::<u64>()) {
+            let dur = (wire.min(1 << 32) * NS_PER_SEC / rate.max(1)).min(NS_PER_SEC);
+            let cap = ack_lead_cap(rtt, dur);
+            let (at, n) = ack_release(next, now, wire, rate, rtt);
+            // Never before now or the clock, unless the clock is past the cap.
+            prop_assert!(at >= now && at <= now.saturating_add(cap));
+            prop_assert!(at >= next.min(now.saturating_add(cap)));
             prop_assert!(n >= at);
             prop_assert!(n - at <= NS_PER_SEC || n == u64::MAX);
         }

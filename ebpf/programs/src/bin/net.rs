@@ -54,11 +54,11 @@ use qos_common::{
         TAG_TCP_SOCK,
     },
     policy::{
-        self, ACK_LEAD_DROP_NS, ACK_LEAD_WINDOW_US, CONTROL_INTERVAL_NS, HELD_STAMP_NS, Levels,
-        Limits, NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds, ack_lead_marks, clamp_seen,
-        clamp_step_ns, class_rtt, debt_repayment, decide, earned, flow_share, kp_full_rate,
-        next_multiplier, next_window_clamp, overflow_correction, pacing_changed, pacing_rate,
-        recently_held, rtt_gain, underflow_correction, window_clamp, wire_len, wire_to_tcp_rate,
+        self, ACK_LEAD_WINDOW_US, CONTROL_INTERVAL_NS, HELD_STAMP_NS, Levels, Limits,
+        NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns, class_rtt,
+        debt_repayment, decide, earned, flow_share, kp_full_rate, next_multiplier,
+        overflow_correction, pacing_changed, pacing_rate, receive_window_clamp, recently_held,
+        rtt_gain, underflow_correction, window_clamp, wire_len, wire_to_tcp_rate,
     },
 };
 use qos_ebpf::{
@@ -616,52 +616,30 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
     let clock = if tcp_data {
         ack_clock(&d, g, v.cookie, wire)
     } else {
-        None
+        AckClock::NONE
     };
-    if let Some(c) = &clock
-        && c.at - c.now > ACK_LEAD_DROP_NS
-    {
-        // A sender that neither answers CE nor respects the window.
-        if let Some(ct) = d.counters.get_ptr_mut(c.slot) {
-            // SAFETY: pointer into the counters map.
-            unsafe {
-                (*ct).drops += 1;
-                (*ct).drop_bytes += wire;
-            }
-        }
-        return SKB_DROP;
-    }
     // A flow whose ACKs are held slows down by itself: the decision below
     // must not undercut it (it counts as paced).
-    let responsive = v.paced || ecn || clock.as_ref().is_some_and(|c| c.held);
+    let responsive = v.paced || ecn || clock.sock_flags & SOCK_ACKS_HELD != 0;
     if !account(&d, g, skb, v.slot, wire, responsive, no_payload) {
         return SKB_DROP;
     }
-    if let Some(c) = clock {
+    if !clock.sc.is_null() {
         // SAFETY: pointer into the socket map value, valid for this run.
         unsafe {
-            (*c.sc).ack_next_ns = c.next;
-            (*c.sc).ack_at_ns = c.at;
+            (*clock.sc).ack_next_ns = clock.next;
+            (*clock.sc).ack_at_ns = clock.at;
         }
-        if ack_lead_holds(c.at - c.now, c.next - c.at) {
-            stamp_held(&d, c.slot, c.now);
-        }
-        // SAFETY: helper on the program's own skb; pointer into the
-        // counters map.
-        unsafe {
-            if ecn
-                && ack_lead_marks(c.at - c.now, c.next - c.at, c.rtt_us)
-                && bpf_skb_ecn_set_ce(skb) == 1
-                && let Some(ct) = d.counters.get_ptr_mut(c.slot)
-            {
-                (*ct).ce_marks += 1;
-            }
+        if ack_lead_holds(clock.at - clock.now, clock.next - clock.at) {
+            stamp_held(&d, clock.slot, clock.now);
         }
     }
     SKB_PASS
 }
 
-/// Where a received TCP packet falls on its flow's ACK clock.
+/// Where a received TCP packet falls on its flow's ACK clock; `sc` null
+/// for none. Not an `Option`: the verifier refused the copy of a `None`
+/// whose fields were left unset (a bool field's spare values were its tag).
 struct AckClock {
     sc: *mut SockClass,
     slot: u32,
@@ -670,10 +648,20 @@ struct AckClock {
     at: u64,
     /// The clock after this packet (≥ `at`).
     next: u64,
-    /// The socket's ACKs have been held before.
-    held: bool,
-    /// Its class's round trip (`ClassState::rtt_us`).
-    rtt_us: u64,
+    /// The socket's flags (`SOCK_ACKS_HELD`: its ACKs have been held
+    /// before).
+    sock_flags: u32,
+}
+
+impl AckClock {
+    const NONE: Self = Self {
+        sc: core::ptr::null_mut(),
+        slot: 0,
+        now: 0,
+        at: 0,
+        next: 0,
+        sock_flags: 0,
+    };
 }
 
 /// The ACK clock of a received TCP flow advanced by one packet at the
@@ -681,22 +669,26 @@ struct AckClock {
 /// packet passes. The ACKs its socket sends leave no earlier than that
 /// clock (`hold_acks`).
 #[inline(always)]
-fn ack_clock(d: &Dir, g: &NetGlobal, cookie: u64, wire: u64) -> Option<AckClock> {
-    let sc = d.socks.get_ptr_mut(cookie)?;
-    let (slot, st, rate) = flow_rate(d, g, sc)?;
+fn ack_clock(d: &Dir, g: &NetGlobal, cookie: u64, wire: u64) -> AckClock {
+    let Some(sc) = d.socks.get_ptr_mut(cookie) else {
+        return AckClock::NONE;
+    };
+    let Some((slot, st, rate)) = flow_rate(d, g, sc) else {
+        return AckClock::NONE;
+    };
     // SAFETY: helper without arguments; pointer into the socket map value.
     let (now, next, flags) = unsafe { (bpf_ktime_get_ns(), (*sc).ack_next_ns, (*sc).flags) };
-    let (at, next) = policy::ack_release(next, now, wire, rate);
-    Some(AckClock {
+    // SAFETY: pointer into a class state map value.
+    let rtt_us = unsafe { read(&(*st).rtt_us) };
+    let (at, next) = policy::ack_release(next, now, wire, rate, rtt_us);
+    AckClock {
         sc,
         slot,
         now,
         at,
         next,
-        held: flags & SOCK_ACKS_HELD != 0,
-        // SAFETY: pointer into a class state map value.
-        rtt_us: unsafe { read(&(*st).rtt_us) },
-    })
+        sock_flags: flags,
+    }
 }
 
 /// Whether received TCP flows are paced by their ACKs.
@@ -1017,7 +1009,8 @@ fn on_send(ctx: &SockOpsContext) {
     };
     // First clamp: the share × the handshake RTT (srtt_us is kept ×8), plus
     // the ACK queueing an ACK-paced flow is allowed. Later ones follow the
-    // measured rate, which sees the RTT under load.
+    // measured rate, which sees the RTT under load (see
+    // `receive_window_clamp` for ACK-paced flows from afar).
     let lead_us = if g.flags & GLOBAL_ACK_PACING != 0 {
         ACK_LEAD_WINDOW_US
     } else {
@@ -1028,7 +1021,15 @@ fn on_send(ctx: &SockOpsContext) {
     // SAFETY: pointer into the socket map value.
     let previous = unsafe { (*sc).prev_clamp } as u64;
     let seen = clamp_seen(applied, previous, rtt_us);
-    let clamp = next_window_clamp(seen, measured, target, mss as u64, rtt_us, initial);
+    let clamp = receive_window_clamp(
+        g.flags & GLOBAL_ACK_PACING != 0,
+        seen,
+        measured,
+        target,
+        mss as u64,
+        rtt_us,
+        initial,
+    );
     // The class's round trip, for its pacing loop's gains: written only
     // when it moves (one cache line shared by every CPU).
     // SAFETY: pointer into a class state map value.
