@@ -565,7 +565,6 @@ pub const CLAMP_CEILING_SEGMENTS: u64 = 4;
 /// sender's congestion window 36).
 #[inline(always)]
 pub const fn ack_paced_clamp_ceiling(target: u64, rtt_us: u64, mss: u64) -> u64 {
-    let rtt_us = min_u64(rtt_us, 10_000_000);
     let segments = CLAMP_CEILING_SEGMENTS * min_u64(max_u64(mss, 536), 65_535);
     max_u64(
         window_clamp_ceiling(target, rtt_us, mss),
@@ -803,97 +802,41 @@ mod tests {
     fn window_clamp_steps_towards_the_target_rate() {
         let mss = 1448;
         let floor = 2 * mss;
-        let start = next_window_clamp(
-            0,
-            0,
-            12_500_000,
-            mss,
-            window_clamp_ceiling(12_500_000, 0, mss),
-            50_000,
-        );
+        let ceiling = window_clamp_ceiling(12_500_000, 0, mss);
+        let start = next_window_clamp(0, 0, 12_500_000, mss, ceiling, 50_000);
         assert_eq!(start, 50_000);
         // Twice too fast: halved. Four times too fast: halved (bounded step).
         assert_eq!(
-            next_window_clamp(
-                40_000,
-                25_000_000,
-                12_500_000,
-                mss,
-                window_clamp_ceiling(12_500_000, 0, mss),
-                0
-            ),
+            next_window_clamp(40_000, 25_000_000, 12_500_000, mss, ceiling, 0),
             20_000
         );
         assert_eq!(
-            next_window_clamp(
-                40_000,
-                50_000_000,
-                12_500_000,
-                mss,
-                window_clamp_ceiling(12_500_000, 0, mss),
-                0
-            ),
+            next_window_clamp(40_000, 50_000_000, 12_500_000, mss, ceiling, 0),
             20_000
         );
         // Slightly slow: opened in proportion.
         assert_eq!(
-            next_window_clamp(
-                40_000,
-                10_000_000,
-                12_500_000,
-                mss,
-                window_clamp_ceiling(12_500_000, 0, mss),
-                0
-            ),
+            next_window_clamp(40_000, 10_000_000, 12_500_000, mss, ceiling, 0),
             50_000
         );
         // Nothing received: unchanged.
         assert_eq!(
-            next_window_clamp(
-                40_000,
-                0,
-                12_500_000,
-                mss,
-                window_clamp_ceiling(12_500_000, 0, mss),
-                0
-            ),
+            next_window_clamp(40_000, 0, 12_500_000, mss, ceiling, 0),
             40_000
         );
         // Bounds: two segments, target × (round trip + 10 ms).
         assert_eq!(
-            next_window_clamp(
-                floor,
-                1_000_000_000,
-                12_500_000,
-                mss,
-                window_clamp_ceiling(12_500_000, 0, mss),
-                0
-            ),
+            next_window_clamp(floor, 1_000_000_000, 12_500_000, mss, ceiling, 0),
             floor
         );
-        let ceiling = window_clamp_ceiling(12_500_000, 0, mss);
         assert_eq!(ceiling, window_clamp(12_500_000, 10_000, mss));
         assert_eq!(window_clamp_ceiling(0, 60_000, mss), floor);
         assert_eq!(
-            next_window_clamp(
-                ceiling,
-                1,
-                12_500_000,
-                mss,
-                window_clamp_ceiling(12_500_000, 0, mss),
-                0
-            ),
+            next_window_clamp(ceiling, 1, 12_500_000, mss, ceiling, 0),
             ceiling
         );
         assert_eq!(
-            next_window_clamp(
-                0,
-                0,
-                12_500_000,
-                mss,
-                window_clamp_ceiling(12_500_000, 0, mss),
-                u64::MAX
-            ),
+            next_window_clamp(0, 0, 12_500_000, mss, ceiling, u64::MAX),
             ceiling
         );
         // A download from 60 ms away may open to its round trip + 10 ms,
@@ -901,14 +844,7 @@ mod tests {
         let far = window_clamp_ceiling(12_500_000, 60_000, mss);
         assert_eq!(far, window_clamp(12_500_000, 70_000, mss));
         assert_eq!(
-            next_window_clamp(
-                far / 2 + 1,
-                1,
-                12_500_000,
-                mss,
-                window_clamp_ceiling(12_500_000, 60_000, mss),
-                0
-            ),
+            next_window_clamp(far / 2 + 1, 1, 12_500_000, mss, far, 0),
             far
         );
         assert_eq!(
@@ -920,14 +856,7 @@ mod tests {
         for _ in 0..12 {
             // A flow whose rate is clamp / 1 ms.
             let measured = c * 1_000;
-            c = next_window_clamp(
-                c,
-                measured,
-                12_500_000,
-                mss,
-                window_clamp_ceiling(12_500_000, 0, mss),
-                0,
-            );
+            c = next_window_clamp(c, measured, 12_500_000, mss, ceiling, 0);
         }
         assert!(c.abs_diff(12_500) < 200, "{c}");
     }

@@ -59,7 +59,9 @@ struct Args {
     /// Directory holding qosd and qosctl (default: next to this program).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-    /// Record `qosctl net show` every 100 ms into <out>/trace-<scenario>.jsonl (qosd mode).
+    /// Record `qosctl net show` about every 100 ms into
+    /// <out>/trace-<scenario>.jsonl (qosd mode); ingress runs add both ends'
+    /// `ss -tin` (the senders' and the receivers' view of each flow).
     #[arg(long)]
     trace: bool,
     /// Fail (exit 2) when a busy group's mean under qosd is further than
