@@ -158,16 +158,18 @@ pub fn ewma(prev: f64, sample: f64, dt_ns: u64, tau_ns: u64) -> f64 {
     prev + a * (sample - prev)
 }
 
-/// Flows (in 1/1024) a class's allocation is split over: those acknowledged
-/// during the last activity epoch (an idle connection does not count), at
-/// most the flows open now, at least one.
-pub fn active_flows(activated_last_epoch: u64, open: u64) -> u64 {
+/// Flows (in 1/1024) a class's allocation is split over: the weights
+/// (1/1024 each, `qos_common::policy::activity_weight`) of those
+/// acknowledged during the last activity epoch (an idle connection does not
+/// count, one using a fraction of its rate counts that fraction), at most
+/// the flows open now, at least one.
+pub fn active_flows(activity_last_epoch: u64, open: u64) -> u64 {
     let n = if open > 0 {
-        activated_last_epoch.min(open)
+        activity_last_epoch.min(open.saturating_mul(UNIT))
     } else {
-        activated_last_epoch
+        activity_last_epoch
     };
-    n.max(1) * UNIT
+    n.max(UNIT)
 }
 
 /// Refusal of a guarantee that does not fit.
@@ -430,9 +432,14 @@ mod tests {
     #[test]
     fn active_flow_count() {
         assert_eq!(active_flows(0, 0), UNIT);
-        assert_eq!(active_flows(16, 17), 16 * UNIT);
-        assert_eq!(active_flows(20, 16), 16 * UNIT);
-        assert_eq!(active_flows(3, 0), 3 * UNIT);
+        assert_eq!(active_flows(16 * UNIT, 17), 16 * UNIT);
+        assert_eq!(active_flows(20 * UNIT, 16), 16 * UNIT);
+        assert_eq!(active_flows(3 * UNIT, 0), 3 * UNIT);
+        // A bulk flow and a request/response flow using a tenth of its rate.
+        assert_eq!(active_flows(UNIT + 102, 2), UNIT + 102);
+        // Flows using little do not take the class below one flow.
+        assert_eq!(active_flows(300, 3), UNIT);
+        assert_eq!(active_flows(u64::MAX, u64::MAX), u64::MAX);
     }
 
     #[test]

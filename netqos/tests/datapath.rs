@@ -126,6 +126,7 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
             bind: Some(src),
             tos: g.tos,
             pacing_bps: None,
+            tcp_bps: None,
         };
         pairs.push((
             server,
@@ -222,6 +223,96 @@ fn busy_classes_get_their_guarantees() -> Result<()> {
     for i in 0..3 {
         assert_eq!(class(&o.status, i).drops, 0);
     }
+    Ok(())
+}
+
+/// A light flow beside a bulk one in the same class counts by what it
+/// uses: the class's share is split over about one flow, not two (each
+/// flow weighed at every activity epoch by the part of its pacing rate it
+/// used, `qos_common::policy::activity_weight`).
+#[test]
+fn a_light_flow_counts_by_what_it_uses() -> Result<()> {
+    if !require_root("a_light_flow_counts_by_what_it_uses") {
+        return Ok(());
+    }
+    const SECS: f64 = 4.0;
+    let _one_at_a_time = TRAFFIC.lock().unwrap_or_else(|p| p.into_inner());
+    let bed = EgressBed::new(1, 0)?;
+    let tmp = tempfile::tempdir()?;
+    let parent = CgroupDir::new("qos-test-")?;
+    let dir = parent.child("g0")?;
+    let cg = qos_core::Hierarchy::detect()?.resolve(&parent.child_name("g0"))?;
+    let mut s = settings(bed.shaped_if(), false)?;
+    s.capacity = common::scaled("1gbit")?;
+    let mut shaper = Shaper::start(s, &testbeds::cgroup2_root()?)?;
+    shaper.set(&cg, NetQuota::egress(common::scaled("200mbit")?, None, 0))?;
+    // The class's open and active flows every control step while traffic
+    // runs (the status after it would show the flows idle).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut shaper = shaper;
+        let mut samples = Vec::new();
+        let t0 = std::time::Instant::now();
+        while !flag.load(Ordering::Relaxed) {
+            shaper.tick().expect("control step");
+            let st = shaper.status();
+            let c = class(&st, 0);
+            samples.push((t0.elapsed().as_secs_f64(), c.flows, c.active_flows));
+            std::thread::sleep(netqos::TICK);
+        }
+        (shaper, samples)
+    });
+    let place = Placement {
+        cgroup: Some(dir),
+        netns: None,
+    };
+    let peer = Placement {
+        cgroup: None,
+        netns: Some(bed.peer.path()),
+    };
+    let traffic = (|| -> Result<()> {
+        let mut flows = Vec::new();
+        for (port, tcp_bps) in [(5321u16, None), (5322, Some(2_000_000))] {
+            let server = Server::start(&peer, bed.peer_ip, port, tmp.path(), 0.1)?;
+            let opts = ClientOpts {
+                seconds: SECS,
+                parallel: 1,
+                udp_bps: None,
+                bind: Some(bed.sender_ips[0]),
+                tos: None,
+                pacing_bps: None,
+                tcp_bps,
+            };
+            let client = Client::start(&place, bed.peer_ip, port, &opts, tmp.path())?;
+            flows.push((server, client));
+        }
+        for (server, client) in flows {
+            client.finish(Duration::from_secs_f64(SECS + 20.0))?;
+            server.finish(Duration::from_secs(20))?;
+        }
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    let (shaper, samples) = sampler.join().expect("control thread");
+    shaper.stop();
+    traffic?;
+    // From 1.5 s in (the light flow's first epoch counts it in full, and
+    // the most of the last three epochs is what counts) to a second before
+    // the end.
+    let steady: Vec<(u64, f64)> = samples
+        .iter()
+        .filter(|(t, ..)| *t >= 1.5 && *t <= SECS - 1.0)
+        .map(|&(_, open, active)| (open, active))
+        .collect();
+    eprintln!("open / active flows: {steady:?}");
+    assert!(steady.len() >= 50, "{} samples", steady.len());
+    // Both flows are in the class...
+    assert!(steady.iter().any(|&(open, _)| open >= 2), "{steady:?}");
+    // ...and the share is split over about one.
+    let worst = steady.iter().map(|&(_, a)| a).fold(0.0, f64::max);
+    assert!(worst < 1.5, "active flows up to {worst:.2}: {steady:?}");
+    assert!(steady.iter().all(|&(_, a)| a >= 1.0), "{steady:?}");
     Ok(())
 }
 

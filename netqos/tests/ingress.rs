@@ -148,6 +148,7 @@ fn run(groups: &[Group], containers: bool, ack_pacing: bool, secs: f64) -> Resul
             bind: None,
             tos: None,
             pacing_bps: None,
+            tcp_bps: None,
         };
         running.push((server, Client::start(&sender, ip, port, &opts, tmp.path())?));
     }

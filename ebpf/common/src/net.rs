@@ -218,8 +218,9 @@ pub struct ClassCounters {
     pub drops: u64,
     pub drop_bytes: u64,
     pub pacing_updates: u64,
-    /// One per flow per activity epoch in which it was acknowledged
-    /// (egress) or acknowledged received data (ingress).
+    /// Per flow per activity epoch in which it was acknowledged (egress) or
+    /// acknowledged received data (ingress): its weight, in 1/1024 (one for
+    /// a flow using its rate, see `policy::activity_weight`).
     pub flow_activations: u64,
     /// Receive-window clamps written (ingress, flows without ECN).
     pub window_clamps: u64,
@@ -289,6 +290,12 @@ pub struct SockClass {
     /// Ingress ACK pacing: earliest departure of the ACKs the socket sends
     /// for what it has received so far.
     pub ack_at_ns: u64,
+    /// Ingress ACK pacing: wire bytes of TCP data received.
+    pub rcv_bytes: u64,
+    /// The flow's byte count (see `policy::activity_weight`) and the time
+    /// when it was last counted in an activity epoch; 0 ns = never.
+    pub epoch_bytes: u64,
+    pub epoch_ns: u64,
 }
 
 #[cfg(feature = "user")]

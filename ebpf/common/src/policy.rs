@@ -380,6 +380,32 @@ pub const fn rtt_gain(gain: u64, rtt_us: u64) -> u64 {
     }
 }
 
+/// Own-bucket depth, in time at the guarantee, up to which the integral
+/// gain applies in full ([`depth_gain`]).
+pub const KI_FULL_DEPTH_NS: u64 = 100_000_000;
+
+/// The integral gain `ki` of a class whose fill is read from its own bucket
+/// (at its guarantee, [`borrow_is_noise`]): in full while the bucket holds
+/// up to 100 ms at the guarantee, then × 100 ms / the time it holds. The
+/// bucket integrates the class's excess and the multiplier integrates the
+/// fill: the pair swings at √(ki / bucket time), damped by `kp` / bucket
+/// time. A small class's bucket is its 64 KB floor, 256 ms at 2 Mbit/s;
+/// with the full gain from 60 ms away (ki 2.5/s) the 6.1 VM showed its
+/// multiplier swinging between 0.5 and 1.7 with a 2 s period.
+#[inline(always)]
+pub const fn depth_gain(ki: u64, cfg: &ClassConfig) -> u64 {
+    if !borrow_is_noise(cfg) {
+        return ki;
+    }
+    // ≤ 1.25e9 bytes: × ki (≤ 2^22) fits.
+    let full = min_u64(cfg.guarantee, MAX_RATE) / (NS_PER_SEC / KI_FULL_DEPTH_NS);
+    if cfg.depth <= full {
+        ki
+    } else {
+        min_u64(ki, 1 << 22) * full / cfg.depth
+    }
+}
+
 /// A class's round trip after one of its flows reported `flow_rtt_us` at a
 /// window-clamp step: the longest of its flows', forgetting 1/16 per step
 /// so that a flow that left stops counting after some dozens of steps.
@@ -396,6 +422,9 @@ pub const KP_FULL_RATE: u64 = 12_500_000;
 /// [`KP_FULL_RATE`] of a flow held by its ACK clock: the clock applies a new
 /// rate at the next received packet, not at the sender's next burst.
 pub const KP_FULL_RATE_ACK: u64 = KP_FULL_RATE / 8;
+/// Own-bucket depth, in time at the guarantee, beyond which an ACK-paced
+/// class's [`kp_full_rate`] shrinks in proportion.
+pub const KP_FULL_DEPTH_NS: u64 = 32_000_000;
 
 /// Per-flow rate at which the proportional gain of a class's flows is full.
 /// An ACK-paced class at its guarantee (no borrow allowance to speak of)
@@ -404,12 +433,27 @@ pub const KP_FULL_RATE_ACK: u64 = KP_FULL_RATE / 8;
 /// every allocation step. Measured in the 6.1 VM: with the sender-pacing
 /// gain a 10 Mbit/s class of two ACK-paced flows had kp 0.075 against ki
 /// 5/s and swung between 0.6 and 1.4 of its share (~0.7 s period).
+///
+/// The ACK clock's value shrinks by 32 ms / the time its own bucket holds
+/// at its guarantee when that is longer: the proportional term is what
+/// damps a deep bucket's swing (see [`depth_gain`]), which depends on the
+/// bucket, not on the flows' rate. A 2 Mbit/s class (64 KB, 262 ms) from
+/// 60 ms away had kp 0.06 and swung with a 2 s period (p5/quota 0.50–0.62
+/// in the 6.1 VM); with the full kp 0.78–0.83, and 0.87–0.93 with
+/// `depth_gain` as well. The full kp for every ACK-paced flow from 1.56
+/// Mbit/s (instead of this depth rule) made classes of 16 and 32 such
+/// flows, whose buckets hold 21 ms, swing at 0 ms (incast p5 0.82 → 0.59).
 #[inline(always)]
 pub const fn kp_full_rate(cfg: &ClassConfig, ack_paced: bool) -> u64 {
-    if ack_paced && borrow_is_noise(cfg) {
+    if !(ack_paced && borrow_is_noise(cfg)) {
+        return KP_FULL_RATE;
+    }
+    // ≤ 4e8 bytes: × KP_FULL_RATE_ACK (< 2^21) fits.
+    let full = min_u64(cfg.guarantee, MAX_RATE) / 1000 * (KP_FULL_DEPTH_NS / 1_000_000);
+    if cfg.depth <= full {
         KP_FULL_RATE_ACK
     } else {
-        KP_FULL_RATE
+        max_u64(KP_FULL_RATE_ACK * full / cfg.depth, 1)
     }
 }
 
@@ -479,6 +523,38 @@ pub const fn flow_share(
         base = min_u64(base, even);
     }
     (base, mult)
+}
+
+/// How much one flow counts (1/1024) among the flows its class's allocation
+/// is split over, for an activity epoch: by how much of its own pacing rate
+/// `rate` it used since it was last counted (`moved` bytes over
+/// `elapsed_ns`). A flow using under half of its rate (a chatty control
+/// connection, a request/response flow) counts by what it uses, so that
+/// the bulk flows beside it get the class's share between them (max-min
+/// within the class) instead of waiting for the class multiplier to make up
+/// for the flow that does not use its part. From half its rate the weight
+/// rises to one at three quarters: a flow held at its rate counts fully
+/// whatever the multiplier, so equal flows stay equal (were the weight
+/// `used / rate` throughout, their count would drift down with the
+/// multiplier).
+///
+/// Measured in the 6.1 VM (all-busy at 20 Mbit/s from 60 ms away, see the
+/// README): a 2 Mbit/s group's bulk flow beside its 0.2 Mbit/s
+/// request/response flow was paced at half the group's share and needed the
+/// multiplier, which rises slowly from afar, to reach the rest.
+#[inline(always)]
+pub const fn activity_weight(moved: u64, elapsed_ns: u64, rate: u64) -> u64 {
+    let rate = max_u64(min_u64(rate, MAX_RATE), 1);
+    let elapsed_us = max_u64(elapsed_ns / 1000, 1);
+    // moved ≤ 2^40 (1 TB); × 1e6 < 2^60.
+    let used = min_u64(moved, 1 << 40) * 1_000_000 / elapsed_us;
+    // used ≤ 2 × MAX_RATE here; × 1024 < 2^45.
+    let r = min_u64(used, 2 * rate) * UNIT / rate;
+    if r <= UNIT / 2 {
+        r
+    } else {
+        min_u64(2 * r - UNIT / 2, UNIT)
+    }
 }
 
 /// Whether a socket's pacing should be rewritten: only when the target moved
@@ -1381,6 +1457,21 @@ mod tests {
         let sender = pacing_rate(f, UNIT, 1024 + t, 1024, KP_FULL_RATE, 0) - f;
         assert!(ack.abs_diff(f) < f / 50, "{ack}");
         assert!(sender.abs_diff(f / 8) < f / 50, "{sender}");
+        // A bucket deeper than 32 ms at the guarantee: in proportion.
+        let deep = |guarantee: u64, depth: u64| ClassConfig {
+            guarantee,
+            depth,
+            ..ClassConfig::default()
+        };
+        // 2 Mbit/s, 64 KB (262 ms): the full gain from 0.19 Mbit/s.
+        assert_eq!(kp_full_rate(&deep(250_000, 65_536), true), 190_734);
+        // 25 Mbit/s, 64 KB (21 ms): the ACK clock's as it is.
+        assert_eq!(
+            kp_full_rate(&deep(3_125_000, 65_536), true),
+            KP_FULL_RATE_ACK
+        );
+        assert_eq!(kp_full_rate(&deep(250_000, 65_536), false), KP_FULL_RATE);
+        assert_eq!(kp_full_rate(&deep(1, u64::MAX), true), 1);
     }
 
     #[test]
@@ -1415,6 +1506,51 @@ mod tests {
             flow_share(&ClassConfig::default(), -1, UNIT, 0, true),
             (0, UNIT)
         );
+    }
+
+    #[test]
+    fn the_integral_gain_shrinks_with_a_deep_bucket_in_time() {
+        let class = |guarantee: u64, borrow_rate: u64, depth: u64| ClassConfig {
+            guarantee,
+            borrow_rate,
+            alloc: guarantee + borrow_rate,
+            depth,
+            ..Default::default()
+        };
+        // 2 Mbit/s at its 64 KB floor (262 ms): about 0.38 of the gain.
+        assert_eq!(depth_gain(2560, &class(250_000, 0, 65_536)), 976);
+        // 100 ms or less of the guarantee: in full.
+        assert_eq!(depth_gain(2560, &class(655_360, 0, 65_536)), 2560);
+        assert_eq!(depth_gain(2560, &class(12_500_000, 0, 250_000)), 2560);
+        // Borrowing: its fill comes from the borrow bucket, left alone.
+        assert_eq!(depth_gain(2560, &class(250_000, 250_000, 65_536)), 2560);
+        // No guarantee (nothing is noise next to it): left alone.
+        assert_eq!(depth_gain(2560, &class(0, 0, 65_536)), 2560);
+    }
+
+    #[test]
+    fn activity_weight_counts_a_flow_by_what_it_uses() {
+        let ms = 1_000_000;
+        // 1 MB/s paced flow over 100 ms.
+        let w = |moved| activity_weight(moved, 100 * ms, 1_000_000);
+        // Held at its rate, or over it: counts fully.
+        assert_eq!(w(100_000), UNIT);
+        assert_eq!(w(500_000), UNIT);
+        assert_eq!(w(75_000), UNIT);
+        // Between half and three quarters: rising from one half to one.
+        assert_eq!(w(50_000), UNIT / 2);
+        assert_eq!(w(62_500), 3 * UNIT / 4);
+        // Under half: by what it uses.
+        assert_eq!(w(25_000), UNIT / 4);
+        assert_eq!(w(2_500), 25);
+        assert_eq!(w(0), 0);
+        // Degenerate inputs: no time, no rate, huge counters.
+        assert_eq!(activity_weight(1, 0, 1_000_000), UNIT);
+        assert_eq!(activity_weight(0, 0, 0), 0);
+        assert_eq!(activity_weight(u64::MAX, 1, u64::MAX), UNIT);
+        // A request/response flow (25 KB/s) beside a 2 Mbit/s bulk flow of
+        // the same class: counts about a tenth.
+        assert_eq!(activity_weight(2_500, 100 * ms, 250_000), 102);
     }
 
     #[test]
@@ -1516,6 +1652,15 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn activity_weight_is_bounded_and_monotonic(moved in any::<u64>(), more in 0u64..1 << 30,
+                                                    elapsed in any::<u64>(), rate in any::<u64>()) {
+            let w = activity_weight(moved, elapsed, rate);
+            prop_assert!(w <= UNIT);
+            prop_assert!(activity_weight(moved.saturating_add(more), elapsed, rate) >= w);
+            prop_assert!(activity_weight(moved, elapsed, rate.saturating_add(more)) <= w);
+        }
+
         #[test]
         fn ack_clock_is_monotonic_capped_and_bounded(next in any::<u64>(), now in any::<u64>(),
                                                      wire in any::<u64>(), rate in any::<u64>(),

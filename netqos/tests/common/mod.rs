@@ -130,6 +130,7 @@ pub fn one_flow_under_control(
             bind,
             tos: None,
             pacing_bps: None,
+            tcp_bps: None,
         };
         let cl = Client::start(client, server_ip, port, &opts, out_dir)?;
         cl.finish(Duration::from_secs(30))?;

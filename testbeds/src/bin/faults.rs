@@ -252,6 +252,7 @@ fn traffic(
             bind: Some(tb.bed.sender_ips[i]),
             tos: None,
             pacing_bps: None,
+            tcp_bps: None,
         };
         clients.push(Some(Client::start(
             &place,

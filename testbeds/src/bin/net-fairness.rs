@@ -1108,6 +1108,7 @@ fn traffic(
             bind: Some(src),
             tos: None,
             pacing_bps: (paced && !g.udp).then_some(flow_ip_bps),
+            tcp_bps: None,
         }
     };
     // Servers first (all listening), then clients as close together as possible.

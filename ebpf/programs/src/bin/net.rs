@@ -55,10 +55,11 @@ use qos_common::{
     },
     policy::{
         self, ACK_LEAD_WINDOW_US, CONTROL_INTERVAL_NS, HELD_STAMP_NS, Levels, Limits,
-        NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns, class_rtt,
-        debt_repayment, decide, earned, flow_share, kp_full_rate, next_multiplier,
-        overflow_correction, pacing_changed, pacing_rate, receive_window_clamp, recently_held,
-        rtt_gain, underflow_correction, window_clamp, wire_len, wire_to_tcp_rate,
+        NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds, activity_weight, clamp_seen,
+        clamp_step_ns, class_rtt, debt_repayment, decide, depth_gain, earned, flow_share,
+        kp_full_rate, next_multiplier, overflow_correction, pacing_changed, pacing_rate,
+        receive_window_clamp, recently_held, rtt_gain, underflow_correction, window_clamp,
+        wire_len, wire_to_tcp_rate,
     },
 };
 use qos_ebpf::{
@@ -331,7 +332,7 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
         }
         let fill = class_fill(st, cfg);
         let held = recently_held(g.flags & GLOBAL_ACK_PACING != 0, read(&(*st).held_ns), now);
-        let ki = rtt_gain(g.pacing_ki, read(&(*st).rtt_us));
+        let ki = depth_gain(rtt_gain(g.pacing_ki, read(&(*st).rtt_us)), cfg);
         (*st).mult = next_multiplier(read(&(*st).mult), fill, ki, now - last, held);
     }
 }
@@ -629,6 +630,7 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
         unsafe {
             (*clock.sc).ack_next_ns = clock.next;
             (*clock.sc).ack_at_ns = clock.at;
+            (*clock.sc).rcv_bytes += wire;
         }
         if ack_lead_holds(clock.at - clock.now, clock.next - clock.at) {
             stamp_held(&d, clock.slot, clock.now);
@@ -673,7 +675,9 @@ fn ack_clock(d: &Dir, g: &NetGlobal, cookie: u64, wire: u64) -> AckClock {
     let Some(sc) = d.socks.get_ptr_mut(cookie) else {
         return AckClock::NONE;
     };
-    let Some((slot, st, rate)) = flow_rate(d, g, sc) else {
+    // SAFETY: pointer into the socket map value.
+    let received = unsafe { (*sc).rcv_bytes };
+    let Some((slot, st, rate)) = flow_rate(d, g, sc, received) else {
         return AckClock::NONE;
     };
     // SAFETY: helper without arguments; pointer into the socket map value.
@@ -831,9 +835,15 @@ fn set_pacing(ctx: &SockOpsContext, wire_rate: u64) {
 /// Per-flow rate (wire bytes/s) of a shaped flow of direction `d`, with the
 /// flow counted in its class and the class multiplier stepped, and the
 /// class's slot and state. None when the flow is not shaped in this
-/// direction.
+/// direction. `moved`: the flow's byte count so far (any one count that
+/// only grows), which weighs it in the class's activity epochs.
 #[inline(always)]
-fn flow_rate(d: &Dir, g: &NetGlobal, sc: *mut SockClass) -> Option<(u32, *mut ClassState, u64)> {
+fn flow_rate(
+    d: &Dir,
+    g: &NetGlobal,
+    sc: *mut SockClass,
+    moved: u64,
+) -> Option<(u32, *mut ClassState, u64)> {
     // SAFETY: `sc` points into the direction's socket map for this run.
     let (slot, flags) = unsafe { ((*sc).slot, (*sc).flags) };
     if flags & SOCK_SHAPED == 0 {
@@ -864,12 +874,6 @@ fn flow_rate(d: &Dir, g: &NetGlobal, sc: *mut SockClass) -> Option<(u32, *mut Cl
         if (*sc).born_ns == 0 {
             (*sc).born_ns = now;
         }
-        if (*sc).epoch != g.epoch {
-            (*sc).epoch = g.epoch;
-            if let Some(ct) = d.counters.get_ptr_mut(slot) {
-                (*ct).flow_activations += 1;
-            }
-        }
     }
     control(st, cfg, g, now);
     // SAFETY: pointers into map values.
@@ -889,18 +893,33 @@ fn flow_rate(d: &Dir, g: &NetGlobal, sc: *mut SockClass) -> Option<(u32, *mut Cl
     // bucket enforces it; clamping the rate at the ceiling as well would
     // keep the multiplier from correcting the wire/TCP byte conversion.
     let full_rate = kp_full_rate(cfg, g.flags & GLOBAL_ACK_PACING != 0);
-    Some((
-        slot,
-        st,
-        pacing_rate(
-            base,
-            mult,
-            class_fill(st, cfg),
-            rtt_gain(g.pacing_kp, rtt_us),
-            full_rate,
-            g.capacity,
-        ),
-    ))
+    let rate = pacing_rate(
+        base,
+        mult,
+        class_fill(st, cfg),
+        rtt_gain(g.pacing_kp, rtt_us),
+        full_rate,
+        g.capacity,
+    );
+    // SAFETY: pointers into map values.
+    unsafe {
+        if (*sc).epoch != g.epoch {
+            (*sc).epoch = g.epoch;
+            let (last_bytes, last_ns) = ((*sc).epoch_bytes, (*sc).epoch_ns);
+            // A flow counted for the first time counts fully.
+            let weight = if last_ns == 0 || moved < last_bytes {
+                UNIT
+            } else {
+                activity_weight(moved - last_bytes, now - last_ns, rate)
+            };
+            (*sc).epoch_bytes = moved;
+            (*sc).epoch_ns = now;
+            if let Some(ct) = d.counters.get_ptr_mut(slot) {
+                (*ct).flow_activations += weight;
+            }
+        }
+    }
+    Some((slot, st, rate))
 }
 
 #[inline(always)]
@@ -918,7 +937,9 @@ fn on_ack(ctx: &SockOpsContext) {
     let Some(sc) = d.socks.get_ptr_mut(cookie) else {
         return;
     };
-    let Some((slot, _, rate)) = flow_rate(&d, g, sc) else {
+    // SAFETY: field read of the program's own context.
+    let acked = unsafe { (*ctx.ops).bytes_acked };
+    let Some((slot, _, rate)) = flow_rate(&d, g, sc, acked) else {
         return;
     };
     // SAFETY: pointer into the socket map value.
@@ -997,7 +1018,14 @@ fn on_send(ctx: &SockOpsContext) {
     if applied != 0 && now < step_ns + clamp_step_ns(rtt_us) {
         return;
     }
-    let Some((slot, st, rate)) = flow_rate(&d, g, sc) else {
+    // The count the ACK clock keeps, where it runs: one count per flow.
+    let moved = if g.flags & GLOBAL_ACK_PACING != 0 {
+        // SAFETY: pointer into the socket map value.
+        unsafe { (*sc).rcv_bytes }
+    } else {
+        received
+    };
+    let Some((slot, st, rate)) = flow_rate(&d, g, sc, moved) else {
         return;
     };
     // Payload bytes/s received over the step, against the payload rate of
