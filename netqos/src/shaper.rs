@@ -31,7 +31,7 @@ use crate::{
 /// How often the allocator runs.
 pub const TICK: Duration = Duration::from_millis(10);
 /// Activity epoch over which flows are counted.
-const EPOCH: Duration = Duration::from_millis(100);
+const EPOCH: Duration = Duration::from_nanos(qos_common::policy::ACTIVITY_EPOCH_NS);
 /// How often new container interfaces are looked for.
 const SCAN: Duration = Duration::from_secs(1);
 /// Time constant of the measured rates.

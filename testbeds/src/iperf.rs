@@ -167,8 +167,9 @@ pub struct ClientOpts {
     /// (`--fq-rate`, `SO_MAX_PACING_RATE`: the IP packets' bytes; TCP
     /// paces itself where the qdisc is not fq).
     pub pacing_bps: Option<u64>,
-    /// TCP written by the application at most this many bits per second
-    /// (iperf3 `-b` without `-u`: a light flow, not held by any pacing).
+    /// TCP written by the application at most this many bits per second,
+    /// in blocks of one segment so that it sends steadily (iperf3 `-b`
+    /// and `-l` without `-u`: a light flow, not held by any pacing).
     pub tcp_bps: Option<u64>,
 }
 
@@ -213,7 +214,7 @@ impl Client {
             cmd.args(["--fq-rate", &bps.to_string()]);
         }
         if let (Some(bps), None) = (opts.tcp_bps, opts.udp_bps) {
-            cmd.args(["-b", &bps.to_string()]);
+            cmd.args(["-b", &bps.to_string(), "-l", "1400"]);
         }
         if let Some(bps) = opts.udp_bps {
             cmd.args(["-u", "-b", &bps.to_string(), "-l", &UDP_PAYLOAD.to_string()]);

@@ -384,17 +384,19 @@ pub const fn rtt_gain(gain: u64, rtt_us: u64) -> u64 {
 /// gain applies in full ([`depth_gain`]).
 pub const KI_FULL_DEPTH_NS: u64 = 100_000_000;
 
-/// The integral gain `ki` of a class whose fill is read from its own bucket
-/// (at its guarantee, [`borrow_is_noise`]): in full while the bucket holds
+/// The integral gain `ki` of an ACK-paced class whose fill is read from its
+/// own bucket (at its guarantee, [`borrow_is_noise`]): in full while the bucket holds
 /// up to 100 ms at the guarantee, then × 100 ms / the time it holds. The
 /// bucket integrates the class's excess and the multiplier integrates the
 /// fill: the pair swings at √(ki / bucket time), damped by `kp` / bucket
-/// time. A small class's bucket is its 64 KB floor, 256 ms at 2 Mbit/s;
+/// time. A small class's bucket is its 64 KB floor, 262 ms at 2 Mbit/s;
 /// with the full gain from 60 ms away (ki 2.5/s) the 6.1 VM showed its
-/// multiplier swinging between 0.5 and 1.7 with a 2 s period.
+/// multiplier swinging between 0.5 and 1.7 with a 2 s period. Like the
+/// proportional gain's depth rule ([`kp_full_rate`]) it applies to ACK
+/// clocks only: sender pacing (egress) was not measured with it.
 #[inline(always)]
-pub const fn depth_gain(ki: u64, cfg: &ClassConfig) -> u64 {
-    if !borrow_is_noise(cfg) {
+pub const fn depth_gain(ki: u64, cfg: &ClassConfig, ack_paced: bool) -> u64 {
+    if !(ack_paced && borrow_is_noise(cfg)) {
         return ki;
     }
     // ≤ 1.25e9 bytes: × ki (≤ 2^22) fits.
@@ -525,6 +527,10 @@ pub const fn flow_share(
     (base, mult)
 }
 
+/// Activity epoch over which user space counts a class's flows (it advances
+/// `NetGlobal::epoch`).
+pub const ACTIVITY_EPOCH_NS: u64 = 100_000_000;
+
 /// How much one flow counts (1/1024) among the flows its class's allocation
 /// is split over, for an activity epoch: by how much of its own pacing rate
 /// `rate` it used since it was last counted (`moved` bytes over
@@ -542,10 +548,17 @@ pub const fn flow_share(
 /// README): a 2 Mbit/s group's bulk flow beside its 0.2 Mbit/s
 /// request/response flow was paced at half the group's share and needed the
 /// multiplier, which rises slowly from afar, to reach the rest.
+///
+/// `elapsed_ns` counts as at least nine tenths of an activity epoch: a burst
+/// that crosses an epoch's start is counted twice within microseconds, at
+/// its full rate, and would count in full. A flow waking from idle is
+/// counted at its first packet with little moved since its last count, so
+/// it counts by its use from the epoch after (100 ms later than a flow
+/// counted on sight; until then the multiplier corrects its class).
 #[inline(always)]
 pub const fn activity_weight(moved: u64, elapsed_ns: u64, rate: u64) -> u64 {
     let rate = max_u64(min_u64(rate, MAX_RATE), 1);
-    let elapsed_us = max_u64(elapsed_ns / 1000, 1);
+    let elapsed_us = max_u64(elapsed_ns, ACTIVITY_EPOCH_NS / 10 * 9) / 1000;
     // moved ≤ 2^40 (1 TB); × 1e6 < 2^60.
     let used = min_u64(moved, 1 << 40) * 1_000_000 / elapsed_us;
     // used ≤ 2 × MAX_RATE here; × 1024 < 2^45.
@@ -1463,7 +1476,8 @@ mod tests {
             depth,
             ..ClassConfig::default()
         };
-        // 2 Mbit/s, 64 KB (262 ms): the full gain from 0.19 Mbit/s.
+        // 2 Mbit/s, 64 KB (262 ms): the full gain from 190 KB/s (1.5
+        // Mbit/s).
         assert_eq!(kp_full_rate(&deep(250_000, 65_536), true), 190_734);
         // 25 Mbit/s, 64 KB (21 ms): the ACK clock's as it is.
         assert_eq!(
@@ -1518,14 +1532,19 @@ mod tests {
             ..Default::default()
         };
         // 2 Mbit/s at its 64 KB floor (262 ms): about 0.38 of the gain.
-        assert_eq!(depth_gain(2560, &class(250_000, 0, 65_536)), 976);
+        assert_eq!(depth_gain(2560, &class(250_000, 0, 65_536), true), 976);
         // 100 ms or less of the guarantee: in full.
-        assert_eq!(depth_gain(2560, &class(655_360, 0, 65_536)), 2560);
-        assert_eq!(depth_gain(2560, &class(12_500_000, 0, 250_000)), 2560);
+        assert_eq!(depth_gain(2560, &class(655_360, 0, 65_536), true), 2560);
+        assert_eq!(depth_gain(2560, &class(12_500_000, 0, 250_000), true), 2560);
         // Borrowing: its fill comes from the borrow bucket, left alone.
-        assert_eq!(depth_gain(2560, &class(250_000, 250_000, 65_536)), 2560);
+        assert_eq!(
+            depth_gain(2560, &class(250_000, 250_000, 65_536), true),
+            2560
+        );
         // No guarantee (nothing is noise next to it): left alone.
-        assert_eq!(depth_gain(2560, &class(0, 0, 65_536)), 2560);
+        assert_eq!(depth_gain(2560, &class(0, 0, 65_536), true), 2560);
+        // Sender pacing: left alone.
+        assert_eq!(depth_gain(2560, &class(250_000, 0, 65_536), false), 2560);
     }
 
     #[test]
@@ -1544,8 +1563,14 @@ mod tests {
         assert_eq!(w(25_000), UNIT / 4);
         assert_eq!(w(2_500), 25);
         assert_eq!(w(0), 0);
+        // Counted twice within 10 µs, a 64 KB burst at 12.5 MB/s between:
+        // as if over 90 ms, not in full.
+        assert_eq!(activity_weight(65_536, 10_000, 12_500_000), 59);
+        // 90 ms and more are measured as they are.
+        assert_eq!(activity_weight(90_000, 90 * ms, 1_000_000), UNIT);
+        assert_eq!(activity_weight(45_000, 90 * ms, 1_000_000), UNIT / 2);
         // Degenerate inputs: no time, no rate, huge counters.
-        assert_eq!(activity_weight(1, 0, 1_000_000), UNIT);
+        assert_eq!(activity_weight(1, 0, 1_000_000), 0);
         assert_eq!(activity_weight(0, 0, 0), 0);
         assert_eq!(activity_weight(u64::MAX, 1, u64::MAX), UNIT);
         // A request/response flow (25 KB/s) beside a 2 Mbit/s bulk flow of

@@ -332,7 +332,11 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
         }
         let fill = class_fill(st, cfg);
         let held = recently_held(g.flags & GLOBAL_ACK_PACING != 0, read(&(*st).held_ns), now);
-        let ki = depth_gain(rtt_gain(g.pacing_ki, read(&(*st).rtt_us)), cfg);
+        let ki = depth_gain(
+            rtt_gain(g.pacing_ki, read(&(*st).rtt_us)),
+            cfg,
+            g.flags & GLOBAL_ACK_PACING != 0,
+        );
         (*st).mult = next_multiplier(read(&(*st).mult), fill, ki, now - last, held);
     }
 }
