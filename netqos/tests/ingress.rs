@@ -134,7 +134,7 @@ fn run(groups: &[Group], containers: bool, ack_pacing: bool, secs: f64) -> Resul
         let server = Server::start(&receiver, ip, port, tmp.path(), 0.1)?;
         pairs.push((server, ip, port));
     }
-    let (stop, handle) = control_loop(shaper);
+    let (stop, handle) = control_loop(shaper, |_| ());
     let sender = Placement {
         cgroup: None,
         netns: Some(bed.peer.path()),
@@ -169,7 +169,7 @@ fn run(groups: &[Group], containers: bool, ack_pacing: bool, secs: f64) -> Resul
         wire.push(on_wire);
     }
     stop.store(true, Ordering::Relaxed);
-    let shaper = handle.join().expect("control thread");
+    let (shaper, _) = handle.join().expect("control thread");
     let status = shaper.status();
     shaper.stop();
     eprintln!("rates (mbit): {rates:?}");

@@ -8,17 +8,24 @@ use std::sync::{
 
 use netqos::Shaper;
 
-/// Runs the shaper's control loop on a thread until the returned flag is set.
-pub fn control_loop(shaper: Shaper) -> (Arc<AtomicBool>, std::thread::JoinHandle<Shaper>) {
+/// Runs the shaper's control loop on a thread until the returned flag is
+/// set, recording `observe(shaper)` after every control step (what the
+/// status shows while traffic runs; `|_| ()` for nothing).
+pub fn control_loop<T: Send + 'static>(
+    shaper: Shaper,
+    mut observe: impl FnMut(&Shaper) -> T + Send + 'static,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<(Shaper, Vec<T>)>) {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let h = std::thread::spawn(move || {
         let mut shaper = shaper;
+        let mut seen = Vec::new();
         while !flag.load(Ordering::Relaxed) {
             shaper.tick().expect("control step");
+            seen.push(observe(&shaper));
             std::thread::sleep(netqos::TICK);
         }
-        shaper
+        (shaper, seen)
     });
     (stop, h)
 }
@@ -120,7 +127,7 @@ pub fn one_flow_under_control(
     use testbeds::iperf::{Client, ClientOpts, Server, wire_bytes};
     const SECS: f64 = 3.0;
 
-    let (stop, handle) = control_loop(shaper);
+    let (stop, handle) = control_loop(shaper, |_| ());
     let flow = (|| {
         let srv = Server::start(server, server_ip, port, out_dir, 0.1)?;
         let opts = ClientOpts {
@@ -137,7 +144,7 @@ pub fn one_flow_under_control(
         srv.finish(Duration::from_secs(20))
     })();
     stop.store(true, Ordering::Relaxed);
-    let shaper = handle.join().expect("control thread");
+    let (shaper, _) = handle.join().expect("control thread");
     let status = shaper.status();
     shaper.stop();
     let bytes = flow?.bytes;
