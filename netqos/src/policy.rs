@@ -265,14 +265,27 @@ pub fn global_params(capacity: u64, shaped_ifindex: u32, t: &Tuning) -> NetGloba
     }
 }
 
+/// What each flow of a class moving `class_rate` bytes/s used on average,
+/// over the `seen` flows counted in its last activity epochs whatever their
+/// weights: the most a flow's use is weighed against
+/// (`ClassConfig::flow_even`). Against the class's allocation split evenly
+/// instead, 32 flows from 60 ms away that all halved their windows after a
+/// mark all counted less (the count fell from 31 to 11 within a second in
+/// the 6.1 VM), so their rates rose until they ran into debt again.
+pub fn flow_even(class_rate: f64, seen: u64) -> u64 {
+    (class_rate.max(0.0) / seen.max(1) as f64) as u64
+}
+
 /// Datapath parameters of one class. `alloc` is guarantee + borrow share,
-/// `flows` the flows (1/1024) it is split over.
+/// `flows` the flows (1/1024) it is split over, `flow_even` see
+/// [`flow_even`] (0: each flow is weighed against its own rate).
 pub fn class_params(
     guarantee: u64,
     ceil: u64,
     priority: u32,
     borrow_rate: u64,
     flows: u64,
+    flow_even: u64,
     t: &Tuning,
 ) -> ClassConfig {
     let alloc = guarantee.saturating_add(borrow_rate);
@@ -285,6 +298,7 @@ pub fn class_params(
         ceil,
         borrow_rate,
         flow_base: (alloc as u128 * UNIT as u128 / flows.max(UNIT) as u128) as u64,
+        flow_even,
         alloc,
         depth,
         borrow_depth: bytes_in(borrow_rate, t.pool_ns).max(t.min_depth / 2),
@@ -309,6 +323,9 @@ pub fn worth_update(old: &ClassConfig, new: &ClassConfig) -> bool {
         || old.active != new.active
         || moved(old.borrow_rate, new.borrow_rate)
         || moved(old.flow_base, new.flow_base)
+        // It only weighs flows, once per activity epoch: an eighth, so that
+        // the class's measured rate does not rewrite it every step.
+        || old.flow_even.abs_diff(new.flow_even) > new.flow_even / 8
         || moved(old.alloc, new.alloc)
 }
 
@@ -458,17 +475,30 @@ mod tests {
     }
 
     #[test]
+    fn flows_are_weighed_against_what_the_class_moved_per_flow() {
+        // Five flows seen, the class moving 150 Mbit/s: 30 each.
+        assert_eq!(flow_even(150.0 * M as f64, 5), 30 * M);
+        // None seen yet: the whole class's rate (no flow is weighed above
+        // its own rate anyway).
+        assert_eq!(flow_even(150.0 * M as f64, 0), 150 * M);
+        assert_eq!(flow_even(-1.0, 3), 0);
+        assert_eq!(flow_even(f64::NAN, 3), 0);
+    }
+
+    #[test]
     fn class_parameters_scale_with_rates() {
         let t = Tuning::default();
-        let p = class_params(100 * M, 1000 * M, 2, 50 * M, 3 * UNIT, &t);
+        let p = class_params(100 * M, 1000 * M, 2, 50 * M, 3 * UNIT, 30 * M, &t);
         assert_eq!(p.alloc, 150 * M);
         assert_eq!(p.flow_base, 50 * M);
+        assert_eq!(p.flow_even, 30 * M);
         assert_eq!(p.depth, 375_000); // 20 ms at 150 mbit (guarantee + share)
         assert_eq!(p.mark_debt, p.depth / 4);
         assert!(p.drop_debt > p.mark_debt);
-        let small = class_params(M, M, 0, 0, 0, &t);
+        let small = class_params(M, M, 0, 0, 0, 0, &t);
         assert_eq!(small.depth, t.min_depth);
         assert_eq!(small.flow_base, M);
+        assert_eq!(small.flow_even, 0);
         let g = global_params(1000 * M, 7, &t);
         assert_eq!(g.pool_depth, 1_250_000);
         assert_eq!(g.shaped_ifindex, 7);
@@ -483,6 +513,20 @@ mod tests {
             &p,
             &ClassConfig {
                 flow_base: 50 * M + 1000,
+                ..p
+            }
+        ));
+        assert!(worth_update(
+            &p,
+            &ClassConfig {
+                flow_even: 25 * M,
+                ..p
+            }
+        ));
+        assert!(!worth_update(
+            &p,
+            &ClassConfig {
+                flow_even: 28 * M,
                 ..p
             }
         ));

@@ -321,6 +321,11 @@ struct Class {
     /// Flows acknowledged in the last three activity epochs (a flow stalled
     /// for an epoch still counts).
     recent_flows: [u64; 3],
+    /// Flows counted whatever their weights, most over the last three
+    /// activity epochs (see `policy::flow_even`).
+    seen: u64,
+    seen_mark: u64,
+    recent_seen: [u64; 3],
     /// Adopted: its datapath parameters are left alone until then.
     settle_until: Option<Instant>,
 }
@@ -350,6 +355,9 @@ impl Class {
             wants_less_since: None,
             silent_ticks: 0,
             recent_flows: [0; 3],
+            seen: 1,
+            seen_mark: counters.flows_seen,
+            recent_seen: [0; 3],
             settle_until: None,
         })
     }
@@ -406,6 +414,17 @@ impl Class {
             self.recent_flows[0] = act;
             let act = self.recent_flows.iter().copied().max().unwrap_or(act);
             self.flows = policy::active_flows(act, st.flows_open);
+            let seen = ct.flows_seen.wrapping_sub(self.seen_mark);
+            self.seen_mark = ct.flows_seen;
+            self.recent_seen.rotate_right(1);
+            self.recent_seen[0] = seen;
+            self.seen = self
+                .recent_seen
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(seen)
+                .max(1);
         }
         self.silent_ticks = if d_bytes == 0 {
             self.silent_ticks.saturating_add(1)
@@ -498,6 +517,7 @@ impl ClassTable {
             settings.default_priority,
             0,
             UNIT,
+            0,
             &settings.tuning,
         );
         let adopting = dp.adopted();
@@ -619,6 +639,7 @@ impl ClassTable {
                     quota.priority,
                     0,
                     c.flows,
+                    policy::flow_even(c.rate, c.seen),
                     tuning,
                 );
                 dp.maps(dir).write_class(c.slot, &cfg)?;
@@ -638,7 +659,7 @@ impl ClassTable {
             None => (self.take_slot()?, true),
         };
         let mut cfg =
-            policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, UNIT, tuning);
+            policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, UNIT, 0, tuning);
         let maps = dp.maps(dir);
         // An adopted class with the same quota goes on with the parameters
         // the earlier daemon gave it (its borrowed share, its flow split):
@@ -762,6 +783,7 @@ impl ClassTable {
                 c.quota.priority,
                 extra,
                 c.flows,
+                policy::flow_even(c.rate, c.seen),
                 tuning,
             );
             if c.settle_until.is_some_and(|t| Instant::now() < t) {

@@ -157,6 +157,10 @@ pub struct ClassConfig {
     pub borrow_rate: u64,
     /// Feed-forward pacing rate of one flow, bytes per second.
     pub flow_base: u64,
+    /// What the flows seen in the class's last activity epochs used on
+    /// average, bytes per second: the most a flow's use is weighed against
+    /// (`policy::weight_reference`). 0 = the flow's own rate.
+    pub flow_even: u64,
     /// Total rate the allocator gives this class (guarantee + borrow).
     pub alloc: u64,
     /// Own bucket depth, bytes.
@@ -224,6 +228,9 @@ pub struct ClassCounters {
     pub flow_activations: u64,
     /// Receive-window clamps written (ingress, flows without ECN).
     pub window_clamps: u64,
+    /// Per flow per activity epoch in which it was counted: one, whatever
+    /// its weight (the flows `ClassConfig::flow_even` splits over).
+    pub flows_seen: u64,
 }
 
 impl ClassCounters {
@@ -240,6 +247,7 @@ impl ClassCounters {
         self.pacing_updates = self.pacing_updates.wrapping_add(o.pacing_updates);
         self.flow_activations = self.flow_activations.wrapping_add(o.flow_activations);
         self.window_clamps = self.window_clamps.wrapping_add(o.window_clamps);
+        self.flows_seen = self.flows_seen.wrapping_add(o.flows_seen);
     }
 }
 
@@ -296,6 +304,9 @@ pub struct SockClass {
     /// when it was last counted in an activity epoch; 0 ns = never.
     pub epoch_bytes: u64,
     pub epoch_ns: u64,
+    /// Ingress ACK pacing: when a received packet last found the flow's ACK
+    /// clock behind real time (`policy::clock_fell_behind`).
+    pub clock_behind_ns: u64,
 }
 
 #[cfg(feature = "user")]

@@ -56,10 +56,10 @@ use qos_common::{
     policy::{
         self, ACK_LEAD_WINDOW_US, CONTROL_INTERVAL_NS, HELD_STAMP_NS, Levels, Limits,
         NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds, activity_weight, clamp_seen,
-        clamp_step_ns, class_rtt, debt_repayment, decide, depth_gain, earned, flow_share,
-        kp_full_rate, next_multiplier, overflow_correction, pacing_changed, pacing_rate,
-        receive_window_clamp, recently_held, rtt_gain, underflow_correction, window_clamp,
-        wire_len, wire_to_tcp_rate,
+        clamp_step_ns, class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide,
+        depth_gain, earned, flow_share, kp_full_rate, next_multiplier, overflow_correction,
+        pacing_changed, pacing_rate, receive_window_clamp, recently_held, rtt_gain,
+        underflow_correction, weight_reference, window_clamp, wire_len, wire_to_tcp_rate,
     },
 };
 use qos_ebpf::{
@@ -636,7 +636,13 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
             (*clock.sc).ack_at_ns = clock.at;
             (*clock.sc).rcv_bytes += wire;
         }
-        if ack_lead_holds(clock.at - clock.now, clock.next - clock.at) {
+        let packet_ns = clock.next - clock.at;
+        if clock_fell_behind(clock.prev, clock.now, packet_ns) {
+            // SAFETY: as above.
+            unsafe { (*clock.sc).clock_behind_ns = clock.now };
+        } else if ack_lead_holds(clock.at - clock.now, packet_ns)
+            && clock_bound(clock.behind, clock.now, clock.rtt_us)
+        {
             stamp_held(&d, clock.slot, clock.now);
         }
     }
@@ -654,6 +660,12 @@ struct AckClock {
     at: u64,
     /// The clock after this packet (≥ `at`).
     next: u64,
+    /// The clock before it.
+    prev: u64,
+    /// When the clock last fell behind real time (`clock_behind_ns`).
+    behind: u64,
+    /// The class's round trip (µs).
+    rtt_us: u64,
     /// The socket's flags (`SOCK_ACKS_HELD`: its ACKs have been held
     /// before).
     sock_flags: u32,
@@ -666,6 +678,9 @@ impl AckClock {
         now: 0,
         at: 0,
         next: 0,
+        prev: 0,
+        behind: 0,
+        rtt_us: 0,
         sock_flags: 0,
     };
 }
@@ -685,16 +700,26 @@ fn ack_clock(d: &Dir, g: &NetGlobal, cookie: u64, wire: u64) -> AckClock {
         return AckClock::NONE;
     };
     // SAFETY: helper without arguments; pointer into the socket map value.
-    let (now, next, flags) = unsafe { (bpf_ktime_get_ns(), (*sc).ack_next_ns, (*sc).flags) };
+    let (now, prev, behind, flags) = unsafe {
+        (
+            bpf_ktime_get_ns(),
+            (*sc).ack_next_ns,
+            (*sc).clock_behind_ns,
+            (*sc).flags,
+        )
+    };
     // SAFETY: pointer into a class state map value.
     let rtt_us = unsafe { read(&(*st).rtt_us) };
-    let (at, next) = policy::ack_release(next, now, wire, rate, rtt_us);
+    let (at, next) = policy::ack_release(prev, now, wire, rate, rtt_us);
     AckClock {
         sc,
         slot,
         now,
         at,
         next,
+        prev,
+        behind,
+        rtt_us,
         sock_flags: flags,
     }
 }
@@ -914,12 +939,14 @@ fn flow_rate(
             let weight = if last_ns == 0 || moved < last_bytes {
                 UNIT
             } else {
-                activity_weight(moved - last_bytes, now - last_ns, rate)
+                let reference = weight_reference(rate, cfg.flow_even);
+                activity_weight(moved - last_bytes, now - last_ns, reference)
             };
             (*sc).epoch_bytes = moved;
             (*sc).epoch_ns = now;
             if let Some(ct) = d.counters.get_ptr_mut(slot) {
                 (*ct).flow_activations += weight;
+                (*ct).flows_seen += 1;
             }
         }
     }
