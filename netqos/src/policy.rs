@@ -265,15 +265,19 @@ pub fn global_params(capacity: u64, shaped_ifindex: u32, t: &Tuning) -> NetGloba
     }
 }
 
-/// What each flow of a class moving `class_rate` bytes/s used on average,
-/// over the `seen` flows counted in its last activity epochs whatever their
-/// weights: the most a flow's use is weighed against
-/// (`ClassConfig::flow_even`). Against the class's allocation split evenly
-/// instead, 32 flows from 60 ms away that all halved their windows after a
-/// mark all counted less (the count fell from 31 to 11 within a second in
-/// the 6.1 VM), so their rates rose until they ran into debt again.
-pub fn flow_even(class_rate: f64, seen: u64) -> u64 {
-    (class_rate.max(0.0) / seen.max(1) as f64) as u64
+/// A class's use per flow, weighted by use, bytes/s: Σ use² / Σ use over
+/// its flows' counts in its last activity epochs (`use_sum`,
+/// `use_squares`, KiB/s; see `ClassCounters`), 0 for none. The most a
+/// flow's use is weighed against (`ClassConfig::flow_even`): the bulk
+/// flows' use when light flows run beside them, every flow's when they are
+/// equal. Against the class's plain average instead, light flows drag it
+/// down to their own use and count in full: one bulk flow beside twenty
+/// connections each using a two-hundredth of the class would be paced at a
+/// twentieth of it.
+pub fn flow_even(use_sum: u64, use_squares: u64) -> u64 {
+    use_squares
+        .checked_div(use_sum)
+        .map_or(0, |kib| kib.saturating_mul(1024))
 }
 
 /// Datapath parameters of one class. `alloc` is guarantee + borrow share,
@@ -475,14 +479,26 @@ mod tests {
     }
 
     #[test]
-    fn flows_are_weighed_against_what_the_class_moved_per_flow() {
-        // Five flows seen, the class moving 150 Mbit/s: 30 each.
-        assert_eq!(flow_even(150.0 * M as f64, 5), 30 * M);
-        // None seen yet: the whole class's rate (no flow is weighed above
-        // its own rate anyway).
-        assert_eq!(flow_even(150.0 * M as f64, 0), 150 * M);
-        assert_eq!(flow_even(-1.0, 3), 0);
-        assert_eq!(flow_even(f64::NAN, 3), 0);
+    fn flows_are_weighed_against_the_class_use_per_flow_weighted_by_use() {
+        let sums = |uses: &[u64]| {
+            (
+                uses.iter().sum::<u64>(),
+                uses.iter().map(|u| u * u).sum::<u64>(),
+            )
+        };
+        // Five equal flows at 1000 KiB/s: their use.
+        let (sum, sq) = sums(&[1000; 5]);
+        assert_eq!(flow_even(sum, sq), 1000 * 1024);
+        // A bulk flow at 900 beside twenty light ones at 5: about the bulk
+        // flow's use (a plain average would be 48).
+        let mut uses = vec![900];
+        uses.extend([5; 20]);
+        let (sum, sq) = sums(&uses);
+        assert_eq!(flow_even(sum, sq), 810 * 1024);
+        // Nothing counted: none (each flow's own rate).
+        assert_eq!(flow_even(0, 0), 0);
+        assert_eq!(flow_even(0, 5), 0);
+        assert_eq!(flow_even(1, u64::MAX), u64::MAX);
     }
 
     #[test]

@@ -321,11 +321,12 @@ struct Class {
     /// Flows acknowledged in the last three activity epochs (a flow stalled
     /// for an epoch still counts).
     recent_flows: [u64; 3],
-    /// Flows counted whatever their weights, most over the last three
-    /// activity epochs (see `policy::flow_even`).
-    seen: u64,
-    seen_mark: u64,
-    recent_seen: [u64; 3],
+    /// The class's use per flow weighted by use (`policy::flow_even`) over
+    /// the last three activity epochs, and the counters' use sums at the
+    /// last epoch.
+    flow_even: u64,
+    use_mark: (u64, u64),
+    recent_use: [(u64, u64); 3],
     /// Adopted: its datapath parameters are left alone until then.
     settle_until: Option<Instant>,
 }
@@ -355,9 +356,9 @@ impl Class {
             wants_less_since: None,
             silent_ticks: 0,
             recent_flows: [0; 3],
-            seen: 1,
-            seen_mark: counters.flows_seen,
-            recent_seen: [0; 3],
+            flow_even: 0,
+            use_mark: (counters.use_sum, counters.use_squares),
+            recent_use: [(0, 0); 3],
             settle_until: None,
         })
     }
@@ -414,17 +415,17 @@ impl Class {
             self.recent_flows[0] = act;
             let act = self.recent_flows.iter().copied().max().unwrap_or(act);
             self.flows = policy::active_flows(act, st.flows_open);
-            let seen = ct.flows_seen.wrapping_sub(self.seen_mark);
-            self.seen_mark = ct.flows_seen;
-            self.recent_seen.rotate_right(1);
-            self.recent_seen[0] = seen;
-            self.seen = self
-                .recent_seen
-                .iter()
-                .copied()
-                .max()
-                .unwrap_or(seen)
-                .max(1);
+            let used = (
+                ct.use_sum.wrapping_sub(self.use_mark.0),
+                ct.use_squares.wrapping_sub(self.use_mark.1),
+            );
+            self.use_mark = (ct.use_sum, ct.use_squares);
+            self.recent_use.rotate_right(1);
+            self.recent_use[0] = used;
+            let (sum, squares) = self.recent_use.iter().fold((0u64, 0u64), |(a, b), (s, q)| {
+                (a.saturating_add(*s), b.saturating_add(*q))
+            });
+            self.flow_even = policy::flow_even(sum, squares);
         }
         self.silent_ticks = if d_bytes == 0 {
             self.silent_ticks.saturating_add(1)
@@ -639,7 +640,7 @@ impl ClassTable {
                     quota.priority,
                     0,
                     c.flows,
-                    policy::flow_even(c.rate, c.seen),
+                    c.flow_even,
                     tuning,
                 );
                 dp.maps(dir).write_class(c.slot, &cfg)?;
@@ -783,7 +784,7 @@ impl ClassTable {
                 c.quota.priority,
                 extra,
                 c.flows,
-                policy::flow_even(c.rate, c.seen),
+                c.flow_even,
                 tuning,
             );
             if c.settle_until.is_some_and(|t| Instant::now() < t) {

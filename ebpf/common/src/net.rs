@@ -157,9 +157,10 @@ pub struct ClassConfig {
     pub borrow_rate: u64,
     /// Feed-forward pacing rate of one flow, bytes per second.
     pub flow_base: u64,
-    /// What the flows seen in the class's last activity epochs used on
-    /// average, bytes per second: the most a flow's use is weighed against
-    /// (`policy::weight_reference`). 0 = the flow's own rate.
+    /// The class's use per flow in its last activity epochs, weighted by
+    /// use (Σ use² / Σ use), bytes per second: the most a flow's use is
+    /// weighed against (`policy::weight_reference`). 0 = the flow's own
+    /// rate.
     pub flow_even: u64,
     /// Total rate the allocator gives this class (guarantee + borrow).
     pub alloc: u64,
@@ -228,9 +229,11 @@ pub struct ClassCounters {
     pub flow_activations: u64,
     /// Receive-window clamps written (ingress, flows without ECN).
     pub window_clamps: u64,
-    /// Per flow per activity epoch in which it was counted: one, whatever
-    /// its weight (the flows `ClassConfig::flow_even` splits over).
-    pub flows_seen: u64,
+    /// Per flow per activity epoch in which it was counted after its
+    /// first: its use since, KiB/s (`policy::use_kib`), and its square
+    /// (what `ClassConfig::flow_even` is computed from).
+    pub use_sum: u64,
+    pub use_squares: u64,
 }
 
 impl ClassCounters {
@@ -247,7 +250,8 @@ impl ClassCounters {
         self.pacing_updates = self.pacing_updates.wrapping_add(o.pacing_updates);
         self.flow_activations = self.flow_activations.wrapping_add(o.flow_activations);
         self.window_clamps = self.window_clamps.wrapping_add(o.window_clamps);
-        self.flows_seen = self.flows_seen.wrapping_add(o.flows_seen);
+        self.use_sum = self.use_sum.wrapping_add(o.use_sum);
+        self.use_squares = self.use_squares.wrapping_add(o.use_squares);
     }
 }
 
@@ -307,6 +311,9 @@ pub struct SockClass {
     /// Ingress ACK pacing: when a received packet last found the flow's ACK
     /// clock behind real time (`policy::clock_fell_behind`).
     pub clock_behind_ns: u64,
+    /// Ingress: the flow's smoothed round trip (µs) at its last window-clamp
+    /// step; 0 = none yet.
+    pub rtt_us: u64,
 }
 
 #[cfg(feature = "user")]

@@ -532,9 +532,10 @@ pub const fn flow_share(
 pub const ACTIVITY_EPOCH_NS: u64 = 100_000_000;
 
 /// How much one flow counts (1/1024) among the flows its class's allocation
-/// is split over, for an activity epoch: by how much of its own pacing rate
-/// `rate` it used since it was last counted (`moved` bytes over
-/// `elapsed_ns`). A flow using under half of its rate (a chatty control
+/// is split over, for an activity epoch: by how much of `rate` (its own
+/// pacing rate, at most its class's average use per flow: see
+/// [`weight_reference`]) it used since it was last counted (`moved` bytes
+/// over `elapsed_ns`). A flow using under half of its rate (a chatty control
 /// connection, a request/response flow) counts by what it uses, so that
 /// the bulk flows beside it get the class's share between them (max-min
 /// within the class) instead of waiting for the class multiplier to make up
@@ -558,9 +559,7 @@ pub const ACTIVITY_EPOCH_NS: u64 = 100_000_000;
 #[inline(always)]
 pub const fn activity_weight(moved: u64, elapsed_ns: u64, rate: u64) -> u64 {
     let rate = max_u64(min_u64(rate, MAX_RATE), 1);
-    let elapsed_us = max_u64(elapsed_ns, ACTIVITY_EPOCH_NS / 10 * 9) / 1000;
-    // moved ≤ 2^40 (1 TB); × 1e6 < 2^60.
-    let used = min_u64(moved, 1 << 40) * 1_000_000 / elapsed_us;
+    let used = flow_use(moved, elapsed_ns);
     // used ≤ 2 × MAX_RATE here; × 1024 < 2^45.
     let r = min_u64(used, 2 * rate) * UNIT / rate;
     if r <= UNIT / 2 {
@@ -570,18 +569,41 @@ pub const fn activity_weight(moved: u64, elapsed_ns: u64, rate: u64) -> u64 {
     }
 }
 
+/// Bytes/s a flow moved: `moved` bytes over `elapsed_ns`, counted as at
+/// least nine tenths of an activity epoch (see [`activity_weight`]).
+#[inline(always)]
+pub const fn flow_use(moved: u64, elapsed_ns: u64) -> u64 {
+    let elapsed_us = max_u64(elapsed_ns, ACTIVITY_EPOCH_NS / 10 * 9) / 1000;
+    // moved ≤ 2^40 (1 TB); × 1e6 < 2^60.
+    min_u64(moved, 1 << 40) * 1_000_000 / elapsed_us
+}
+
+/// Most a flow's use adds to its class's use sums, KiB/s (16 Gbit/s): its
+/// square summed over 2^21 flow counts stays below 2^64.
+pub const USE_KIB_MAX: u64 = 1 << 21;
+
+/// A flow's use (bytes/s) as its class's use sums count it: KiB/s, at most
+/// [`USE_KIB_MAX`]. User space weighs flows against Σ use² / Σ use over
+/// the class's flows (`ClassConfig::flow_even`).
+#[inline(always)]
+pub const fn use_kib(used: u64) -> u64 {
+    min_u64(used >> 10, USE_KIB_MAX)
+}
+
 /// The rate a flow's use is weighed against in [`activity_weight`]: its own
-/// pacing rate `rate`, but no more than `even`, what the flows of its class
-/// used on average lately (0: not known). Against its own rate alone the
-/// weights fed back on themselves: a count below the flows there raises
-/// every flow's rate, which flows bound by their windows cannot follow at
-/// once, so they use a smaller part of it and count less again. Measured
-/// in the 6.1 VM (many-flows from 60 ms away): 32 busy flows counted as 1.1
-/// to 32 from one half second to the next, their rates swung with it and
-/// the class ran into its marking debt. The average does not rise with the
-/// rates, and flows that all slow down together (a mark halved their
-/// windows) still count in full; a light flow beside bulk ones counts by
-/// its use of their average.
+/// pacing rate `rate`, but no more than `even`, its class's use per flow
+/// lately, weighted by use (Σ use² / Σ use over its flows: the bulk flows'
+/// use beside light ones, every flow's when they are equal; 0: not known).
+/// Against its own rate alone the weights fed back on themselves: a count
+/// below the flows there raises every flow's rate, which flows bound by
+/// their windows cannot follow at once, so they use a smaller part of it
+/// and count less again. Measured in the 6.1 VM (many-flows from 60 ms
+/// away): 32 busy flows counted as 1.1 to 32 from one half second to the
+/// next, their rates swung with it and the class ran into its marking
+/// debt. The use does not rise with the rates, and flows that all slow
+/// down together (a mark halved their windows) still count in full. A
+/// plain average would be dragged down by light flows: beside twenty of
+/// them a bulk flow would be paced at a twentieth of its class.
 #[inline(always)]
 pub const fn weight_reference(rate: u64, even: u64) -> u64 {
     if even == 0 { rate } else { min_u64(rate, even) }
@@ -807,7 +829,7 @@ pub const fn clock_fell_behind(next: u64, now: u64, packet_ns: u64) -> bool {
 }
 
 /// Whether a flow whose ACK clock last fell behind at `behind_ns` has been
-/// held by it for a round trip (`rtt_us`, its class's) by `now`: only then
+/// held by it for its round trip (`rtt_us`; 0: not known) by `now`: only then
 /// do its held ACKs count as its class held (see [`next_multiplier`]). A
 /// flow bound by its window sends its window in a burst once a round trip;
 /// from the tbf of a 21 Mbit/s link the burst runs ahead of a slower ACK
@@ -1641,14 +1663,14 @@ mod tests {
     }
 
     #[test]
-    fn a_flow_is_weighed_against_its_class_average_at_most() {
+    fn a_flow_is_weighed_against_its_class_use_per_flow_at_most() {
         let ms = 1_000_000;
         assert_eq!(weight_reference(1_000_000, 0), 1_000_000);
         assert_eq!(weight_reference(1_000_000, 250_000), 250_000);
         assert_eq!(weight_reference(100_000, 250_000), 100_000);
         // One of 32 window-bound flows of a class moving 1 MB/s (31 KB/s
         // each) whose rate a low count raised eightfold: against its rate
-        // it would count an eighth, against the average it counts in full.
+        // it would count an eighth, against their use in full.
         let rate = 8 * 31_250;
         assert_eq!(activity_weight(3_125, 100 * ms, rate), UNIT / 8);
         let average = 1_000_000 / 32;
@@ -1656,16 +1678,35 @@ mod tests {
             activity_weight(3_125, 100 * ms, weight_reference(rate, average)),
             UNIT
         );
-        // A flow held at a rate below the average still counts in full.
+        // A flow held at a rate below the others' use still counts in full.
         assert_eq!(
             activity_weight(1_600, 100 * ms, weight_reference(16_000, average)),
             UNIT
         );
-        // A light flow (25 KB/s) beside a 2 Mbit/s bulk flow: a class
-        // average of 137.5 KB/s over the two; it counts about a fifth.
+        // A light flow (25 KB/s) beside a 225 KB/s bulk flow: the
+        // use-weighted use per flow is 205 KB/s; it counts an eighth.
         assert_eq!(
-            activity_weight(2_500, 100 * ms, weight_reference(250_000, 137_500)),
-            186
+            activity_weight(2_500, 100 * ms, weight_reference(250_000, 205_000)),
+            124
+        );
+    }
+
+    #[test]
+    fn a_flows_use_is_counted_in_kib_per_second() {
+        let ms = 1_000_000;
+        assert_eq!(flow_use(100_000, 100 * ms), 1_000_000);
+        // At least 90 ms.
+        assert_eq!(flow_use(90_000, ms), 1_000_000);
+        assert_eq!(flow_use(u64::MAX, 0), (1u64 << 40) * 1_000_000 / 90_000);
+        assert_eq!(use_kib(1_000_000), 976);
+        assert_eq!(use_kib(1023), 0);
+        assert_eq!(use_kib(u64::MAX), USE_KIB_MAX);
+        // Its square summed over 2^21 flow counts fits.
+        assert!(
+            USE_KIB_MAX
+                .checked_mul(USE_KIB_MAX)
+                .and_then(|sq| sq.checked_mul(1 << 21))
+                .is_some()
         );
     }
 

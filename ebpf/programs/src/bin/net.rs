@@ -57,9 +57,10 @@ use qos_common::{
         self, ACK_LEAD_WINDOW_US, CONTROL_INTERVAL_NS, HELD_STAMP_NS, Levels, Limits,
         NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds, activity_weight, clamp_seen,
         clamp_step_ns, class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide,
-        depth_gain, earned, flow_share, kp_full_rate, next_multiplier, overflow_correction,
-        pacing_changed, pacing_rate, receive_window_clamp, recently_held, rtt_gain,
-        underflow_correction, weight_reference, window_clamp, wire_len, wire_to_tcp_rate,
+        depth_gain, earned, flow_share, flow_use, kp_full_rate, next_multiplier,
+        overflow_correction, pacing_changed, pacing_rate, receive_window_clamp, recently_held,
+        rtt_gain, underflow_correction, use_kib, weight_reference, window_clamp, wire_len,
+        wire_to_tcp_rate,
     },
 };
 use qos_ebpf::{
@@ -641,7 +642,7 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
             // SAFETY: as above.
             unsafe { (*clock.sc).clock_behind_ns = clock.now };
         } else if ack_lead_holds(clock.at - clock.now, packet_ns)
-            && clock_bound(clock.behind, clock.now, clock.rtt_us)
+            && clock_bound(clock.behind, clock.now, clock.flow_rtt_us)
         {
             stamp_held(&d, clock.slot, clock.now);
         }
@@ -664,8 +665,8 @@ struct AckClock {
     prev: u64,
     /// When the clock last fell behind real time (`clock_behind_ns`).
     behind: u64,
-    /// The class's round trip (µs).
-    rtt_us: u64,
+    /// The flow's round trip (µs; 0: not known yet).
+    flow_rtt_us: u64,
     /// The socket's flags (`SOCK_ACKS_HELD`: its ACKs have been held
     /// before).
     sock_flags: u32,
@@ -680,7 +681,7 @@ impl AckClock {
         next: 0,
         prev: 0,
         behind: 0,
-        rtt_us: 0,
+        flow_rtt_us: 0,
         sock_flags: 0,
     };
 }
@@ -700,11 +701,12 @@ fn ack_clock(d: &Dir, g: &NetGlobal, cookie: u64, wire: u64) -> AckClock {
         return AckClock::NONE;
     };
     // SAFETY: helper without arguments; pointer into the socket map value.
-    let (now, prev, behind, flags) = unsafe {
+    let (now, prev, behind, flow_rtt_us, flags) = unsafe {
         (
             bpf_ktime_get_ns(),
             (*sc).ack_next_ns,
             (*sc).clock_behind_ns,
+            (*sc).rtt_us,
             (*sc).flags,
         )
     };
@@ -719,7 +721,7 @@ fn ack_clock(d: &Dir, g: &NetGlobal, cookie: u64, wire: u64) -> AckClock {
         next,
         prev,
         behind,
-        rtt_us,
+        flow_rtt_us,
         sock_flags: flags,
     }
 }
@@ -935,18 +937,23 @@ fn flow_rate(
         if (*sc).epoch != g.epoch {
             (*sc).epoch = g.epoch;
             let (last_bytes, last_ns) = ((*sc).epoch_bytes, (*sc).epoch_ns);
-            // A flow counted for the first time counts fully.
-            let weight = if last_ns == 0 || moved < last_bytes {
-                UNIT
+            // A flow counted for the first time counts fully, its use
+            // unknown.
+            let (weight, used) = if last_ns == 0 || moved < last_bytes {
+                (UNIT, 0)
             } else {
                 let reference = weight_reference(rate, cfg.flow_even);
-                activity_weight(moved - last_bytes, now - last_ns, reference)
+                (
+                    activity_weight(moved - last_bytes, now - last_ns, reference),
+                    use_kib(flow_use(moved - last_bytes, now - last_ns)),
+                )
             };
             (*sc).epoch_bytes = moved;
             (*sc).epoch_ns = now;
             if let Some(ct) = d.counters.get_ptr_mut(slot) {
                 (*ct).flow_activations += weight;
-                (*ct).flows_seen += 1;
+                (*ct).use_sum += used;
+                (*ct).use_squares += used * used;
             }
         }
     }
@@ -1105,6 +1112,7 @@ fn on_send(ctx: &SockOpsContext) {
     unsafe {
         (*sc).prev_clamp = applied as u32;
         (*sc).pacing = clamp;
+        (*sc).rtt_us = rtt_us;
         (*sc).step_ns = now;
         (*sc).step_bytes = received;
         if let Some(ct) = d.counters.get_ptr_mut(slot) {
