@@ -5,7 +5,7 @@
 
 use qos_common::{
     net::{ClassConfig, LOWEST_PRIORITY, NetGlobal},
-    policy::{MAX_RATE, UNIT},
+    policy::{MAX_RATE, UNIT, USE_UNIT_BYTES},
 };
 
 /// A class as the allocator sees it.
@@ -267,7 +267,7 @@ pub fn global_params(capacity: u64, shaped_ifindex: u32, t: &Tuning) -> NetGloba
 
 /// A class's use per flow, weighted by use, bytes/s: Σ use² / Σ use over
 /// its flows' counts in its last activity epochs (`use_sum`,
-/// `use_squares`, KiB/s; see `ClassCounters`), 0 for none. The most a
+/// `use_squares`, in `USE_UNIT_BYTES`; see `ClassCounters`), 0 for none. The most a
 /// flow's use is weighed against (`ClassConfig::flow_even`): the bulk
 /// flows' use when light flows run beside them, every flow's when they are
 /// equal. Against the class's plain average instead, light flows drag it
@@ -277,7 +277,7 @@ pub fn global_params(capacity: u64, shaped_ifindex: u32, t: &Tuning) -> NetGloba
 pub fn flow_even(use_sum: u64, use_squares: u64) -> u64 {
     use_squares
         .checked_div(use_sum)
-        .map_or(0, |kib| kib.saturating_mul(1024))
+        .map_or(0, |units| units.saturating_mul(USE_UNIT_BYTES))
 }
 
 /// Datapath parameters of one class. `alloc` is guarantee + borrow share,
@@ -327,8 +327,8 @@ pub fn worth_update(old: &ClassConfig, new: &ClassConfig) -> bool {
         || old.active != new.active
         || moved(old.borrow_rate, new.borrow_rate)
         || moved(old.flow_base, new.flow_base)
-        // It only weighs flows, once per activity epoch: an eighth, so that
-        // the class's measured rate does not rewrite it every step.
+        // It only weighs flows and moves once per activity epoch: a write
+        // when it moves by an eighth.
         || old.flow_even.abs_diff(new.flow_even) > new.flow_even / 8
         || moved(old.alloc, new.alloc)
 }
@@ -486,15 +486,15 @@ mod tests {
                 uses.iter().map(|u| u * u).sum::<u64>(),
             )
         };
-        // Five equal flows at 1000 KiB/s: their use.
+        // Five equal flows at 1000 units: their use.
         let (sum, sq) = sums(&[1000; 5]);
-        assert_eq!(flow_even(sum, sq), 1000 * 1024);
+        assert_eq!(flow_even(sum, sq), 1000 * USE_UNIT_BYTES);
         // A bulk flow at 900 beside twenty light ones at 5: about the bulk
         // flow's use (a plain average would be 48).
         let mut uses = vec![900];
         uses.extend([5; 20]);
         let (sum, sq) = sums(&uses);
-        assert_eq!(flow_even(sum, sq), 810 * 1024);
+        assert_eq!(flow_even(sum, sq), 810 * USE_UNIT_BYTES);
         // Nothing counted: none (each flow's own rate).
         assert_eq!(flow_even(0, 0), 0);
         assert_eq!(flow_even(0, 5), 0);

@@ -230,9 +230,10 @@ pub struct ClassCounters {
     /// Receive-window clamps written (ingress, flows without ECN).
     pub window_clamps: u64,
     /// Per flow per activity epoch in which it was counted after its
-    /// first: its use since, KiB/s (`policy::use_kib`), and its square
-    /// (what `ClassConfig::flow_even` is computed from).
+    /// first: its use since, in 128 bytes/s (`policy::use_units`); what
+    /// `ClassConfig::flow_even` is computed from.
     pub use_sum: u64,
+    /// The squares of the uses added to `use_sum`.
     pub use_squares: u64,
 }
 
@@ -312,7 +313,7 @@ pub struct SockClass {
     /// clock behind real time (`policy::clock_fell_behind`).
     pub clock_behind_ns: u64,
     /// Ingress: the flow's smoothed round trip (µs) at its last window-clamp
-    /// step; 0 = none yet.
+    /// step; 0 = none yet (the ACK clock then takes its class's).
     pub rtt_us: u64,
 }
 

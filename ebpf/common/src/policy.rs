@@ -533,7 +533,7 @@ pub const ACTIVITY_EPOCH_NS: u64 = 100_000_000;
 
 /// How much one flow counts (1/1024) among the flows its class's allocation
 /// is split over, for an activity epoch: by how much of `rate` (its own
-/// pacing rate, at most its class's average use per flow: see
+/// pacing rate, at most its class's use per flow: see
 /// [`weight_reference`]) it used since it was last counted (`moved` bytes
 /// over `elapsed_ns`). A flow using under half of its rate (a chatty control
 /// connection, a request/response flow) counts by what it uses, so that
@@ -578,16 +578,22 @@ pub const fn flow_use(moved: u64, elapsed_ns: u64) -> u64 {
     min_u64(moved, 1 << 40) * 1_000_000 / elapsed_us
 }
 
-/// Most a flow's use adds to its class's use sums, KiB/s (16 Gbit/s): its
-/// square summed over 2^21 flow counts stays below 2^64.
-pub const USE_KIB_MAX: u64 = 1 << 21;
+/// Bytes/s per unit of a flow's use in its class's use sums: fine enough
+/// for a flow of a few kbit/s (in KiB/s, 32 flows of a 256 kbit/s class
+/// would all count 0 and leave no reference).
+pub const USE_UNIT_BYTES: u64 = 128;
+/// Most a flow's use adds to its class's use sums, in [`USE_UNIT_BYTES`]
+/// (2.1 Gbit/s; a faster flow is weighed against its own rate or this,
+/// and counts in full either way): its square summed over 2^21 flow counts
+/// stays below 2^64.
+pub const USE_UNITS_MAX: u64 = 1 << 21;
 
-/// A flow's use (bytes/s) as its class's use sums count it: KiB/s, at most
-/// [`USE_KIB_MAX`]. User space weighs flows against Σ use² / Σ use over
-/// the class's flows (`ClassConfig::flow_even`).
+/// A flow's use (bytes/s) as its class's use sums count it: in
+/// [`USE_UNIT_BYTES`], at most [`USE_UNITS_MAX`]. User space weighs flows
+/// against Σ use² / Σ use over the class's flows (`ClassConfig::flow_even`).
 #[inline(always)]
-pub const fn use_kib(used: u64) -> u64 {
-    min_u64(used >> 10, USE_KIB_MAX)
+pub const fn use_units(used: u64) -> u64 {
+    min_u64(used / USE_UNIT_BYTES, USE_UNITS_MAX)
 }
 
 /// The rate a flow's use is weighed against in [`activity_weight`]: its own
@@ -829,7 +835,7 @@ pub const fn clock_fell_behind(next: u64, now: u64, packet_ns: u64) -> bool {
 }
 
 /// Whether a flow whose ACK clock last fell behind at `behind_ns` has been
-/// held by it for its round trip (`rtt_us`; 0: not known) by `now`: only then
+/// held by it for its round trip (`rtt_us`; 0: none known) by `now`: only then
 /// do its held ACKs count as its class held (see [`next_multiplier`]). A
 /// flow bound by its window sends its window in a burst once a round trip;
 /// from the tbf of a 21 Mbit/s link the burst runs ahead of a slower ACK
@@ -1692,19 +1698,21 @@ mod tests {
     }
 
     #[test]
-    fn a_flows_use_is_counted_in_kib_per_second() {
+    fn a_flows_use_is_counted_in_units_of_128_bytes_per_second() {
         let ms = 1_000_000;
         assert_eq!(flow_use(100_000, 100 * ms), 1_000_000);
         // At least 90 ms.
         assert_eq!(flow_use(90_000, ms), 1_000_000);
         assert_eq!(flow_use(u64::MAX, 0), (1u64 << 40) * 1_000_000 / 90_000);
-        assert_eq!(use_kib(1_000_000), 976);
-        assert_eq!(use_kib(1023), 0);
-        assert_eq!(use_kib(u64::MAX), USE_KIB_MAX);
+        assert_eq!(use_units(1_000_000), 7812);
+        assert_eq!(use_units(127), 0);
+        // One of 32 flows of a 256 kbit/s class.
+        assert_eq!(use_units(1_000), 7);
+        assert_eq!(use_units(u64::MAX), USE_UNITS_MAX);
         // Its square summed over 2^21 flow counts fits.
         assert!(
-            USE_KIB_MAX
-                .checked_mul(USE_KIB_MAX)
+            USE_UNITS_MAX
+                .checked_mul(USE_UNITS_MAX)
                 .and_then(|sq| sq.checked_mul(1 << 21))
                 .is_some()
         );

@@ -59,7 +59,7 @@ use qos_common::{
         clamp_step_ns, class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide,
         depth_gain, earned, flow_share, flow_use, kp_full_rate, next_multiplier,
         overflow_correction, pacing_changed, pacing_rate, receive_window_clamp, recently_held,
-        rtt_gain, underflow_correction, use_kib, weight_reference, window_clamp, wire_len,
+        rtt_gain, underflow_correction, use_units, weight_reference, window_clamp, wire_len,
         wire_to_tcp_rate,
     },
 };
@@ -721,7 +721,13 @@ fn ack_clock(d: &Dir, g: &NetGlobal, cookie: u64, wire: u64) -> AckClock {
         next,
         prev,
         behind,
-        flow_rtt_us,
+        // A socket established before the programs were attached has no
+        // window-clamp steps: its class's round trip.
+        flow_rtt_us: if flow_rtt_us != 0 {
+            flow_rtt_us
+        } else {
+            rtt_us
+        },
         sock_flags: flags,
     }
 }
@@ -945,7 +951,7 @@ fn flow_rate(
                 let reference = weight_reference(rate, cfg.flow_even);
                 (
                     activity_weight(moved - last_bytes, now - last_ns, reference),
-                    use_kib(flow_use(moved - last_bytes, now - last_ns)),
+                    use_units(flow_use(moved - last_bytes, now - last_ns)),
                 )
             };
             (*sc).epoch_bytes = moved;
