@@ -558,8 +558,13 @@ pub const ACTIVITY_EPOCH_NS: u64 = 100_000_000;
 /// counted on sight; until then the multiplier corrects its class).
 #[inline(always)]
 pub const fn activity_weight(moved: u64, elapsed_ns: u64, rate: u64) -> u64 {
+    use_weight(flow_use(moved, elapsed_ns), rate)
+}
+
+/// [`activity_weight`] of a flow that used `used` bytes/s ([`flow_use`]).
+#[inline(always)]
+pub const fn use_weight(used: u64, rate: u64) -> u64 {
     let rate = max_u64(min_u64(rate, MAX_RATE), 1);
-    let used = flow_use(moved, elapsed_ns);
     // used ≤ 2 × MAX_RATE here; × 1024 < 2^45.
     let r = min_u64(used, 2 * rate) * UNIT / rate;
     if r <= UNIT / 2 {

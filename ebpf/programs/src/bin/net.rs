@@ -55,12 +55,11 @@ use qos_common::{
     },
     policy::{
         self, ACK_LEAD_WINDOW_US, CONTROL_INTERVAL_NS, HELD_STAMP_NS, Levels, Limits,
-        NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds, activity_weight, clamp_seen,
-        clamp_step_ns, class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide,
-        depth_gain, earned, flow_share, flow_use, kp_full_rate, next_multiplier,
-        overflow_correction, pacing_changed, pacing_rate, receive_window_clamp, recently_held,
-        rtt_gain, underflow_correction, use_units, weight_reference, window_clamp, wire_len,
-        wire_to_tcp_rate,
+        NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns, class_rtt,
+        clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned, flow_share,
+        flow_use, kp_full_rate, next_multiplier, overflow_correction, pacing_changed, pacing_rate,
+        receive_window_clamp, recently_held, rtt_gain, underflow_correction, use_units, use_weight,
+        weight_reference, window_clamp, wire_len, wire_to_tcp_rate,
     },
 };
 use qos_ebpf::{
@@ -948,10 +947,10 @@ fn flow_rate(
             let (weight, used) = if last_ns == 0 || moved < last_bytes {
                 (UNIT, 0)
             } else {
-                let reference = weight_reference(rate, cfg.flow_even);
+                let used = flow_use(moved - last_bytes, now - last_ns);
                 (
-                    activity_weight(moved - last_bytes, now - last_ns, reference),
-                    use_units(flow_use(moved - last_bytes, now - last_ns)),
+                    use_weight(used, weight_reference(rate, cfg.flow_even)),
+                    use_units(used),
                 )
             };
             (*sc).epoch_bytes = moved;
