@@ -238,6 +238,10 @@ pub struct NetClassStatus {
     /// Receive-window clamps written (ingress flows without ECN).
     #[serde(default)]
     pub window_clamps: u64,
+    /// Ingress: flows accepted with an initial receive window below the
+    /// kernel's (their class's first flights filled a round trip).
+    #[serde(default)]
+    pub initial_windows: u64,
     /// Ingress: the longest round trip of the class's flows (µs, decaying),
     /// which scales its pacing loop's gains down past 30 ms.
     #[serde(default)]
@@ -833,6 +837,7 @@ impl ClassTable {
                 active_flows: c.flows as f64 / UNIT as f64,
                 pacing_updates: c.counters.pacing_updates,
                 window_clamps: c.counters.window_clamps,
+                initial_windows: c.counters.initial_windows,
                 rtt_us: c.prev.rtt_us,
             })
             .collect()

@@ -215,7 +215,7 @@ fn run_over(
     eprintln!("rates (mbit): {rates:?}");
     for c in &ingress(&status).classes {
         eprintln!(
-            "  {} alloc {} rate {} own {} packets {} bytes {} ce {} drops {} clamps {} flows {} over {}",
+            "  {} alloc {} rate {} own {} packets {} bytes {} ce {} drops {} clamps {} initial windows {} flows {} over {}",
             c.cgroup,
             c.alloc_bps,
             c.rate_bps,
@@ -225,6 +225,7 @@ fn run_over(
             c.ce_marks,
             c.drops,
             c.window_clamps,
+            c.initial_windows,
             c.flows,
             c.over_bytes,
         );
@@ -418,6 +419,109 @@ fn ingress_into_containers_is_classified_by_the_receiving_cgroup() -> Result<()>
         "the default class counted {default} of {total} bytes"
     );
     assert!(shares_ok(&o.rates), "{:?}", o.rates);
+    Ok(())
+}
+
+/// Receive windows (`rcv_ssthresh`, bytes) of the host's established TCP
+/// sockets on local `port`, accepted or still queued.
+fn receive_windows(port: u16) -> Result<Vec<u64>> {
+    let out = testbeds::run(
+        "ss",
+        &[
+            "-Htin",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ],
+    )?;
+    Ok(out
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("rcv_ssthresh:"))
+        .map(|v| v.parse())
+        .collect::<Result<_, _>>()?)
+}
+
+#[test]
+fn a_burst_of_accepted_flows_gets_its_first_flights_bounded() -> Result<()> {
+    if !require_root("a_burst_of_accepted_flows_gets_its_first_flights_bounded") {
+        return Ok(());
+    }
+    let _one_at_a_time = TRAFFIC.lock().unwrap_or_else(|p| p.into_inner());
+    let bed = EgressBed::new(1, 0)?;
+    let tmp = tempfile::tempdir()?;
+    let parent = CgroupDir::new("qos-test-")?;
+    let h = qos_core::Hierarchy::detect()?;
+    let mut s = settings(bed.shaped_if())?;
+    s.ingress_capacity = Some("100mbit".parse()?);
+    let mut shaper = Shaper::start(s, &testbeds::cgroup2_root()?)?;
+    let dir = parent.child("burst")?;
+    let cg = h.resolve(&parent.child_name("burst"))?;
+    // 2 Mbit/s, no round trip measured yet (100 ms assumed): 25 KB of first
+    // flights, room for one sender's initial window and six segments more.
+    let rate: qos_core::Rate = "2mbit".parse()?;
+    shaper.set(&cg, NetQuota::ingress(rate, Some(rate), 0))?;
+    let ip = bed.sender_ips[0];
+    let port = 5471;
+    // A listener in the class; its accept queue holds the connections
+    // whether or not it accepts them.
+    let receiver = Placement {
+        cgroup: Some(dir),
+        netns: None,
+    };
+    let _server = Server::start(&receiver, ip, port, tmp.path(), 0.1)?;
+    const FLOWS: usize = 8;
+    // Connections opened one after another from the senders' namespace
+    // that send nothing: their windows stay what their SYN-ACKs offered.
+    let peer = bed.peer.path().to_owned();
+    let _clients = std::thread::scope(|s| {
+        s.spawn(|| -> Result<Vec<std::net::TcpStream>> {
+            let ns = std::fs::File::open(&peer)?;
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            (0..FLOWS)
+                .map(|_| Ok(std::net::TcpStream::connect((ip, port))?))
+                .collect()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("connecting from {} panicked", peer.display()))?
+    })?;
+    let mut windows = Vec::new();
+    let all_open = testbeds::wait_for(Duration::from_secs(10), || {
+        windows = receive_windows(port).unwrap_or_default();
+        windows.len() >= FLOWS
+    });
+    assert!(
+        all_open,
+        "{} of {FLOWS} connections seen: {windows:?}",
+        windows.len()
+    );
+    shaper.tick()?; // reads the counters
+    let status = shaper.status();
+    shaper.stop();
+    let bounded = class(&status, 0).initial_windows;
+    eprintln!("receive windows {windows:?}; {bounded} bounded");
+    windows.sort_unstable();
+    // The first flow keeps the kernel's window (about 64 KB); the rest
+    // share what was left, two segments each once it is gone. The client's
+    // connections may be spread over more than the 6 ms a segment drains
+    // in at 2 Mbit/s on a slow host: a little room may come back.
+    let segment = 1448;
+    assert!(
+        windows[FLOWS - 1] >= 20 * segment,
+        "the first flow's window was bounded too: {windows:?}"
+    );
+    assert!(
+        windows[FLOWS - 3] <= 3 * segment,
+        "the later flows' windows were not bounded: {windows:?}"
+    );
+    let granted: u64 = windows[..FLOWS - 1].iter().sum();
+    assert!(
+        granted <= 24 * segment,
+        "{granted} bytes of first flights granted past the first: {windows:?}"
+    );
+    assert!(
+        (FLOWS as u64 - 2..FLOWS as u64).contains(&bounded),
+        "{bounded} initial windows counted as bounded for {FLOWS} flows"
+    );
     Ok(())
 }
 

@@ -207,6 +207,10 @@ pub struct ClassState {
     /// at their window-clamp steps, decaying (`policy::class_rtt`); the
     /// pacing loop's gains shrink with it (`policy::rtt_gain`). 0 = none.
     pub rtt_us: u64,
+    /// Ingress: the class's first-flight clock (ns), ahead of now by the
+    /// initial windows granted and not yet drained at its rate
+    /// (`policy::first_flight`).
+    pub first_flight_ns: u64,
 }
 
 /// Per-class counters (per-CPU array indexed by slot; user space sums the
@@ -235,6 +239,9 @@ pub struct ClassCounters {
     pub use_sum: u64,
     /// The squares of the uses added to `use_sum`.
     pub use_squares: u64,
+    /// Flows accepted with an initial receive window below the kernel's
+    /// (ingress; `policy::first_flight`).
+    pub initial_windows: u64,
 }
 
 impl ClassCounters {
@@ -253,6 +260,7 @@ impl ClassCounters {
         self.window_clamps = self.window_clamps.wrapping_add(o.window_clamps);
         self.use_sum = self.use_sum.wrapping_add(o.use_sum);
         self.use_squares = self.use_squares.wrapping_add(o.use_squares);
+        self.initial_windows = self.initial_windows.wrapping_add(o.initial_windows);
     }
 }
 

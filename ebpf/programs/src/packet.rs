@@ -109,6 +109,50 @@ impl Headers {
     }
 }
 
+/// A connection request as both its SYN and its request socket show it:
+/// the remote address (IPv4 in the first word, as on the wire) and both
+/// ports (host order).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SynKey {
+    pub remote_addr: [u32; 4],
+    pub remote_port: u16,
+    pub local_port: u16,
+}
+
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// The key of a received SYN (not a SYN-ACK), parsed with `h` from a packet
+/// whose data starts at the network header.
+#[inline(always)]
+pub fn syn_key(skb: &SkBuff, h: &Headers) -> Option<SynKey> {
+    if h.protocol != IPPROTO_TCP {
+        return None;
+    }
+    let l4 = h.l4_offset as usize;
+    if load_u8(skb, l4 + 13)? & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+        return None;
+    }
+    let l3 = h.l3_offset as usize;
+    let word = |off: usize| skb.load::<u32>(off).ok();
+    let remote_addr = if h.family == AF_INET {
+        [word(l3 + 12)?, 0, 0, 0]
+    } else {
+        [
+            word(l3 + 8)?,
+            word(l3 + 12)?,
+            word(l3 + 16)?,
+            word(l3 + 20)?,
+        ]
+    };
+    Some(SynKey {
+        remote_addr,
+        remote_port: load_be16(skb, l4)?,
+        local_port: load_be16(skb, l4 + 2)?,
+    })
+}
+
 /// Parses the L3/L4 headers of a packet whose data starts at the network
 /// header, as cgroup_skb programs see it (IPv6 extension headers are not
 /// followed). `ethertype` is `__sk_buff::protocol` (network order).

@@ -881,6 +881,7 @@ impl Qos {
                 drops: c.drops,
                 ce_marks: c.ce_marks,
                 window_clamps: c.window_clamps,
+                initial_windows: c.initial_windows,
                 guarantee_bps: c
                     .rate
                     .parse::<qos_core::Rate>()

@@ -20,6 +20,8 @@ pub struct NetMetrics {
     pub drops: u64,
     pub ce_marks: u64,
     pub window_clamps: u64,
+    #[serde(default)]
+    pub initial_windows: u64,
     /// Guarantee, and what the allocator currently gives (bits/s).
     pub guarantee_bps: u64,
     pub alloc_bps: u64,
@@ -219,7 +221,7 @@ impl Collector for SnapshotCollector {
             },
         ];
         type Pick = fn(&CgroupMetrics) -> Option<f64>;
-        let per_cgroup: [(&str, &str, bool, Pick); 20] = [
+        let per_cgroup: [(&str, &str, bool, Pick); 21] = [
             ("net_egress_bytes", "Bytes sent.", true, |c| {
                 c.egress.map(|n| n.bytes as f64)
             }),
@@ -267,6 +269,12 @@ impl Collector for SnapshotCollector {
                 "Receive-window clamps written.",
                 true,
                 |c| c.ingress.map(|n| n.window_clamps as f64),
+            ),
+            (
+                "net_ingress_initial_windows",
+                "Flows accepted with a bounded initial receive window.",
+                true,
+                |c| c.ingress.map(|n| n.initial_windows as f64),
             ),
             (
                 "net_ingress_guarantee_bps",

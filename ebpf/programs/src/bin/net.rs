@@ -34,8 +34,9 @@ use aya_ebpf::{
     bindings::{
         __sk_buff, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
-        BPF_TCP_CLOSE, SO_MAX_PACING_RATE, SOL_SOCKET, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE, SO_MAX_PACING_RATE, SOL_SOCKET,
+        TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     helpers::generated::{
         bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_fullsock,
@@ -56,15 +57,16 @@ use qos_common::{
     policy::{
         self, ACK_LEAD_WINDOW_US, CONTROL_INTERVAL_NS, HELD_STAMP_NS, Levels, Limits,
         NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns, class_rtt,
-        clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned, flow_share,
-        flow_use, kp_full_rate, next_multiplier, overflow_correction, pacing_changed, pacing_rate,
-        receive_window_clamp, recently_held, rtt_gain, underflow_correction, use_units, use_weight,
-        weight_reference, window_clamp, wire_len, wire_to_tcp_rate,
+        clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned, first_flight,
+        flow_share, flow_use, kp_full_rate, next_multiplier, overflow_correction, pacing_changed,
+        pacing_rate, receive_window_clamp, recently_held, rtt_gain, underflow_correction,
+        use_units, use_weight, weight_reference, window_clamp, wire_len, wire_to_tcp_rate,
+        woke_from_idle,
     },
 };
 use qos_ebpf::{
     atomic::{add, add_fetch_i64, cas, read},
-    packet,
+    packet::{self, SynKey},
 };
 
 #[map]
@@ -101,6 +103,13 @@ static ING_CGROUP_CLASS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUP_MA
 #[map]
 static ING_SOCK_CLASS: LruHashMap<u64, SockClass> =
     LruHashMap::with_max_entries(SOCK_CACHE_ENTRIES, 0);
+/// Class of the listener each SYN received through the shaped interface
+/// reached, until its request socket asks for an initial receive window
+/// (`initial_window`): a request socket's cgroup cannot be read there.
+#[map]
+static ING_SYN_CLASS: LruHashMap<SynKey, u32> = LruHashMap::with_max_entries(SYN_ENTRIES, 0);
+/// Connection requests whose class is remembered at once.
+const SYN_ENTRIES: u32 = 4096;
 
 /// One direction's maps. Built inline (never stored), so every map
 /// reference folds into a direct map load.
@@ -599,13 +608,23 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
     // TCP data from the rest.
     let (hdr, payload) = if segs > 1 || ack_pacing || len <= NO_PAYLOAD_MAX_L3_LEN {
         let h = packet::l3_headers(&ctx.skb, proto);
+        let payload = h.and_then(|h| h.tcp_payload(len));
+        // A connection request: its class, for its initial window. (Inside
+        // this branch: the verifier refused a `None` of `h` copied out of
+        // it with its fields unset.)
+        if let Some(h) = h
+            && h.tcp_payload(len) == Some(0)
+            && let Some(key) = packet::syn_key(&ctx.skb, &h)
+        {
+            let _ = ING_SYN_CLASS.insert(key, v.slot, 0);
+        }
         (
             if segs > 1 {
                 packet::l3_frame_header_len(h)
             } else {
                 0
             },
-            h.and_then(|h| h.tcp_payload(len)),
+            payload,
         )
     } else {
         (0, None)
@@ -820,11 +839,94 @@ pub fn qos_pacer(ctx: SockOpsContext) -> u32 {
         on_ack(&ctx);
     } else if op == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
         on_send(&ctx);
+    } else if op == BPF_SOCK_OPS_RWND_INIT {
+        ctx.set_reply(initial_window(&ctx));
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
         on_close(&ctx);
     }
     1
 }
+
+/// Initial receive window (segments; 0: the kernel's) of a connection
+/// request received through the shaped interface, from its class's
+/// first-flight clock (`policy::first_flight`). Requests to listeners
+/// only: a connection the cgroup opens sent its SYN before any class
+/// could be found for it.
+#[inline(always)]
+fn initial_window(ctx: &SockOpsContext) -> u32 {
+    let d = ingress();
+    let Some(g) = global(&d) else { return 0 };
+    let Some(slot) = syn_class(ctx) else { return 0 };
+    let Some(cfg) = d.cfg.get(slot) else { return 0 };
+    let Some(st) = d.state.get_ptr_mut(slot) else {
+        return 0;
+    };
+    if cfg.active == 0 || g.flags & GLOBAL_RELEASE != 0 {
+        return 0;
+    }
+    let rate = if cfg.alloc > 0 {
+        cfg.alloc
+    } else {
+        cfg.guarantee
+    };
+    // SAFETY: helper without arguments; pointer into a class state map value.
+    let (segs, clock) = unsafe {
+        first_flight(
+            read(&(*st).first_flight_ns),
+            bpf_ktime_get_ns(),
+            rate,
+            read(&(*st).rtt_us),
+            read(&(*st).flows_open),
+        )
+    };
+    // SAFETY: as above; the counters are this CPU's.
+    unsafe {
+        (*st).first_flight_ns = clock;
+        if segs != 0
+            && let Some(ct) = d.counters.get_ptr_mut(slot)
+        {
+            (*ct).initial_windows += 1;
+        }
+    }
+    segs
+}
+
+/// The class `qos_ingress` found for the SYN of a request socket, taken
+/// out of `ING_SYN_CLASS`. A listener on IPv6 that accepts IPv4 makes IPv6
+/// request sockets whose IPv4 address is set.
+#[inline(always)]
+fn syn_class(ctx: &SockOpsContext) -> Option<u32> {
+    let mut key = SynKey {
+        remote_addr: [ctx.remote_ip4(), 0, 0, 0],
+        remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+        local_port: ctx.local_port() as u16,
+    };
+    if ctx.family() == AF_INET6 && (key.remote_addr[0] == 0 || syn_lookup(&key).is_none()) {
+        // Word by word: the verifier refuses a load from a context pointer
+        // moved to the array (what a copy of it compiles to).
+        // SAFETY: field reads of the program's own context.
+        key.remote_addr = unsafe {
+            let ops = ctx.ops;
+            [
+                core::ptr::read_volatile(&(*ops).remote_ip6[0]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[1]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[2]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[3]),
+            ]
+        };
+    }
+    let slot = syn_lookup(&key)?;
+    let _ = ING_SYN_CLASS.remove(key);
+    Some(slot)
+}
+
+#[inline(always)]
+fn syn_lookup(key: &SynKey) -> Option<u32> {
+    // SAFETY: read-only lookup of a plain u32.
+    unsafe { ING_SYN_CLASS.get(key) }.copied()
+}
+
+const AF_INET6: u32 = 10;
 
 #[inline(always)]
 fn cookie_of(ctx: &SockOpsContext) -> u64 {
@@ -940,11 +1042,13 @@ fn flow_rate(
     // SAFETY: pointers into map values.
     unsafe {
         if (*sc).epoch != g.epoch {
+            let woke = woke_from_idle((*sc).epoch, g.epoch);
             (*sc).epoch = g.epoch;
             let (last_bytes, last_ns) = ((*sc).epoch_bytes, (*sc).epoch_ns);
             // A flow counted for the first time counts fully, its use
-            // unknown.
-            let (weight, used) = if last_ns == 0 || moved < last_bytes {
+            // unknown; so does one waking from idle (its use over the gap
+            // says nothing).
+            let (weight, used) = if last_ns == 0 || moved < last_bytes || woke {
                 (UNIT, 0)
             } else {
                 let used = flow_use(moved - last_bytes, now - last_ns);
