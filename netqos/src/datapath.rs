@@ -315,6 +315,7 @@ impl Datapath {
                     loader.map_pin_path(name, g.map(name));
                 }
             }
+            loader.map_pin_path(maps::SYN_CLASS, g.map(maps::SYN_CLASS));
         }
         let mut ebpf = loader.load(qos_bpf::NET).map_err(|source| NetError::Load {
             source: Box::new(source),

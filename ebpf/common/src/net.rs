@@ -80,6 +80,10 @@ pub mod maps {
         cgroup_class: "ING_CGROUP_CLASS",
         sock_class: "ING_SOCK_CLASS",
     };
+    /// Ingress: the class of each SYN's listener until its request socket
+    /// asks for an initial window (pinned with the direction's maps: the
+    /// cgroup_skb program writes it, the sockops program reads it).
+    pub const SYN_CLASS: &str = "ING_SYN_CLASS";
 }
 
 pub mod programs {
@@ -280,6 +284,12 @@ pub const SOCK_ROUTED_ELSEWHERE: u32 = 2;
 /// `SockClass::flags` bit (ingress): the socket's ACKs have been held by
 /// ACK pacing (its ACKs pass an fq that honours their departure time).
 pub const SOCK_ACKS_HELD: u32 = 4;
+/// `SockClass::flags` bit: the flow woke from idle in its last counted
+/// activity epoch and has not been counted in full yet
+/// (`policy::woke_from_idle`).
+pub const SOCK_WOKEN: u32 = 8;
+/// `SockClass::flags` bit: with `SOCK_WOKEN`, the epoch after the wake.
+pub const SOCK_WOKEN_LATE: u32 = 16;
 
 /// Cached classification of one socket (LRU hash keyed by socket cookie).
 #[repr(C)]

@@ -7,7 +7,7 @@
 //! - products are bounded so that they fit in u64 (rates are capped at
 //!   `MAX_RATE` bytes/s and refill intervals at `MAX_REFILL_NS`).
 
-use crate::net::ClassConfig;
+use crate::net::{ClassConfig, SOCK_WOKEN, SOCK_WOKEN_LATE};
 
 pub const NS_PER_SEC: u64 = 1_000_000_000;
 /// A bucket earns at most one second of tokens per refill.
@@ -530,19 +530,55 @@ pub const fn flow_share(
 /// Whole activity epochs a flow skips (nothing received or acknowledged)
 /// before it counts as woken from idle ([`woke_from_idle`]).
 pub const IDLE_EPOCHS_WOKEN: u64 = 2;
+/// Bytes a flow woken from idle moves before it counts in full: two full
+/// segments, a first flight's least; more than a poll or a heartbeat.
+pub const WOKEN_COUNT_BYTES: u64 = 2 * 1448;
 
 /// Whether a flow last counted in activity epoch `flow_epoch` wakes from
-/// idle in `epoch`: it then counts in full, as a new flow does, instead of
-/// by its use since it was last counted (little over the gap). Connections
-/// left idle that start together (iperf3 -P connects every stream before
-/// any sends; a pool of keep-alive connections) were otherwise each paced
-/// at about their class's whole rate until the epochs had counted them,
-/// 300–500 ms: from 60 ms away, 32 such flows' slow starts overflowed the
-/// link's buffer upstream and the single flow beside them lost 70–120 KB
-/// (2026-12-05).
+/// idle in `epoch`. Its use since it was last counted (little over the
+/// gap) says nothing then: it counts in full, as a new flow does, once it
+/// has moved [`WOKEN_COUNT_BYTES`] within that epoch or the next, and by
+/// its use otherwise. Connections left idle that start together (iperf3
+/// -P connects every stream before any sends; a pool of keep-alive
+/// connections) were otherwise each paced at about their class's whole
+/// rate until the epochs had counted them, 300–500 ms: from 60 ms away, 32
+/// such flows' slow starts overflowed the link's buffer upstream and the
+/// single flow beside them lost 70–120 KB (2026-12-05). Counted in full at
+/// the wake itself, a heartbeat or a poll every second would count as a
+/// flow in most epochs beside a bulk one.
 #[inline(always)]
 pub const fn woke_from_idle(flow_epoch: u64, epoch: u64) -> bool {
     flow_epoch != 0 && epoch > flow_epoch + IDLE_EPOCHS_WOKEN
+}
+
+/// [`epoch_count`]'s answer for a flow counted by its use.
+pub const BY_USE: u64 = u64::MAX;
+
+/// How a flow counts at its first call in an activity epoch and its
+/// `SockClass::flags` after: `UNIT` (in full), 0 (not yet: woken from idle,
+/// see [`woke_from_idle`]) or [`BY_USE`]. `woke`: it wakes in this epoch;
+/// `moved`: its bytes since it was last counted.
+#[inline(always)]
+pub const fn epoch_count(flags: u32, woke: bool, moved: u64) -> (u64, u32) {
+    let cleared = flags & !(SOCK_WOKEN | SOCK_WOKEN_LATE);
+    if woke {
+        (0, cleared | SOCK_WOKEN)
+    } else if flags & SOCK_WOKEN == 0 {
+        (BY_USE, flags)
+    } else if moved >= WOKEN_COUNT_BYTES {
+        (UNIT, cleared)
+    } else if flags & SOCK_WOKEN_LATE != 0 {
+        (BY_USE, cleared)
+    } else {
+        (BY_USE, flags | SOCK_WOKEN_LATE)
+    }
+}
+
+/// Whether a woken flow (`flags`) counts in full now, between the starts of
+/// epochs, having moved `moved` bytes since its epoch's.
+#[inline(always)]
+pub const fn woken_counts_now(flags: u32, moved: u64) -> bool {
+    flags & SOCK_WOKEN != 0 && moved >= WOKEN_COUNT_BYTES
 }
 
 /// Activity epoch over which user space counts a class's flows (it advances
@@ -930,6 +966,9 @@ pub const fn ack_lead_cap(rtt_us: u64, packet_ns: u64) -> u64 {
 /// window, Linux's default): what a new flow granted the kernel's initial
 /// receive window is charged ([`first_flight`]).
 pub const SENDER_INITIAL_SEGMENTS: u64 = 10;
+/// Segments of the kernel's initial receive window (64 KB, unscaled in the
+/// SYN-ACK): a grant of as many leaves it.
+pub const KERNEL_INITIAL_SEGMENTS: u64 = 65_535 / 1448;
 /// Fewest segments a new flow's initial receive window is bounded to:
 /// below two a sender waits for the delayed ACK.
 pub const FIRST_FLIGHT_MIN_SEGMENTS: u64 = 2;
@@ -946,13 +985,15 @@ pub const FIRST_FLIGHT_RTT_US: u64 = 100_000;
 /// Before a flow's first ACK nothing else holds it back: there is no ACK to
 /// pace and no window clamped yet. So the first flights a class accepts
 /// within one round trip add up to about its rate × that round trip, and
-/// no flow's is larger than that split over the class's `open` flows and
-/// itself: connections opened over seconds and left idle (iperf3 -P
-/// connects every stream before any sends; pools of keep-alive
-/// connections) may start sending together, long after their SYNs. While
-/// both leave room for a sender's initial window the flow keeps the
-/// kernel's; past that it gets what they leave, at least two segments.
-/// The clock runs ahead of `now` by what was granted and not yet drained
+/// no flow's is larger than that split over the class's `open` flows (those
+/// that have moved anything) and itself: connections opened over seconds
+/// and left idle (iperf3 -P connects every stream before any sends; pools
+/// of keep-alive connections) may start sending together, long after their
+/// SYNs. The flow gets what the two leave, at least two segments, or the
+/// kernel's window where they leave as much. The clock is charged a
+/// sender's usual initial window (ten segments) or the grant if smaller: a
+/// sender with a larger one is bounded by the grant, not by the charge.
+/// The clock runs ahead of `now` by what was charged and not yet drained
 /// at `rate` (wire bytes/s); it stays within two round trips of `now`, so
 /// a burst of flows is forgotten a round trip after the one it filled.
 /// Thirty-two flows opened at once from 60 ms away sent their initial
@@ -982,11 +1023,11 @@ pub const fn first_flight(
     let share =
         rate * (rtt_ns / 1_000) / 1_000_000 / SEGMENT_WIRE_BYTES / (min_u64(open, 1 << 20) + 1);
     let room = min_u64(room, share);
-    let (reply, charged) = if room >= SENDER_INITIAL_SEGMENTS {
+    let (reply, charged) = if room >= KERNEL_INITIAL_SEGMENTS {
         (0, SENDER_INITIAL_SEGMENTS)
     } else {
         let segs = max_u64(room, FIRST_FLIGHT_MIN_SEGMENTS);
-        (segs, segs)
+        (segs, min_u64(segs, SENDER_INITIAL_SEGMENTS))
     };
     let charge_ns = charged * SEGMENT_WIRE_BYTES * NS_PER_SEC / rate;
     (reply as u32, min_u64(start + charge_ns, now + 2 * rtt_ns))
@@ -995,6 +1036,7 @@ pub const fn first_flight(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::{SOCK_ACKS_HELD, SOCK_SHAPED};
 
     #[test]
     fn a_flow_idle_for_two_whole_epochs_wakes() {
@@ -1007,6 +1049,32 @@ mod tests {
     }
 
     #[test]
+    fn a_woken_flow_counts_in_full_once_it_moves_two_segments() {
+        let other = SOCK_SHAPED | SOCK_ACKS_HELD;
+        // Not woken: by use, flags untouched.
+        assert_eq!(epoch_count(other, false, 1 << 30), (BY_USE, other));
+        assert!(!woken_counts_now(other, 1 << 30));
+        // Wakes: not counted yet.
+        let (w, woken) = epoch_count(other, true, 10);
+        assert_eq!((w, woken), (0, other | SOCK_WOKEN));
+        // A bulk flow crosses two segments within its wake epoch: in full
+        // there, once.
+        assert!(!woken_counts_now(woken, WOKEN_COUNT_BYTES - 1));
+        assert!(woken_counts_now(woken, WOKEN_COUNT_BYTES));
+        // A poll moves less: by use at the next epoch, still watched there,
+        // then no longer.
+        let (w, late) = epoch_count(woken, false, 500);
+        assert_eq!((w, late), (BY_USE, woken | SOCK_WOKEN_LATE));
+        assert!(woken_counts_now(late, WOKEN_COUNT_BYTES));
+        assert_eq!(epoch_count(late, false, 500), (BY_USE, other));
+        // Crossing at the next epoch's start counts in full there.
+        assert_eq!(epoch_count(woken, false, WOKEN_COUNT_BYTES), (UNIT, other));
+        assert_eq!(epoch_count(late, false, WOKEN_COUNT_BYTES), (UNIT, other));
+        // Waking again restarts the watch.
+        assert_eq!(epoch_count(late, true, 0), (0, other | SOCK_WOKEN));
+    }
+
+    #[test]
     fn first_flights_of_a_class_add_up_to_its_rate_times_the_round_trip() {
         // 8 Mbit/s, 60 ms: 60 000 bytes, 39 segments of room.
         let (rate, rtt, now) = (1_000_000, 60_000, 5 * NS_PER_SEC);
@@ -1015,11 +1083,13 @@ mod tests {
         for r in &mut replies {
             (*r, clock) = first_flight(clock, now, rate, rtt, 0);
         }
-        // Three flows keep the kernel's window (charged ten segments each),
-        // the fourth gets the nine left, the rest two each.
-        assert_eq!(replies, [0, 0, 0, 9, 2, 2, 2, 2]);
+        // The first flows get what is left (each charged ten segments, a
+        // sender's usual initial window), the rest two each.
+        assert_eq!(replies, [39, 29, 19, 9, 2, 2, 2, 2]);
         // Drained at the class's rate, the room comes back.
-        assert_eq!(first_flight(clock, now + NS_PER_SEC, rate, rtt, 0).0, 0);
+        assert_eq!(first_flight(clock, now + NS_PER_SEC, rate, rtt, 0).0, 39);
+        // A class with room for the kernel's window leaves it.
+        assert_eq!(first_flight(0, now, 10 * rate, rtt, 0).0, 0);
         // The clock never runs more than two round trips ahead.
         for _ in 0..1000 {
             (_, clock) = first_flight(clock, now, rate, rtt, 0);
@@ -1029,8 +1099,7 @@ mod tests {
         assert_eq!(first_flight(77, now, 0, rtt, 0), (0, 77));
         // Connections opened one by one while the clock drains: each gets
         // the round trip's worth split over the class's open flows and
-        // itself (39 segments: the kernel's for the first three, then 9,
-        // 7, 6, ... down to two).
+        // itself (39 segments: 39, 19, 13, 9, 7, ... down to two).
         let mut clock = 0;
         let replies: Vec<u32> = (0..24u64)
             .map(|open| {
@@ -1040,7 +1109,7 @@ mod tests {
                 r
             })
             .collect();
-        assert_eq!(&replies[..8], &[0, 0, 0, 9, 7, 6, 5, 4]);
+        assert_eq!(&replies[..8], &[39, 19, 13, 9, 7, 6, 5, 4]);
         assert_eq!(replies[19..], [2; 5]);
         // No round trip yet: 100 ms assumed (a 1 Mbit/s class has room for
         // eight segments).
@@ -1996,9 +2065,11 @@ mod tests {
             for _ in 0..flows {
                 let (reply, next) = first_flight(clock, now, rate, rtt, open);
                 prop_assert!(next >= clock.min(now + 2 * rtt_ns) && next <= now + 2 * rtt_ns);
-                // Bounded flows get at least two segments, fewer than ten.
-                prop_assert!(reply == 0 || (2..10).contains(&reply));
+                // Bounded flows get at least two segments, less than the
+                // kernel's window.
+                prop_assert!(reply == 0 || (2..KERNEL_INITIAL_SEGMENTS as u32).contains(&reply));
                 let segs = if reply == 0 { SENDER_INITIAL_SEGMENTS } else { u64::from(reply) };
+                let segs = segs.min(SENDER_INITIAL_SEGMENTS);
                 if segs > FIRST_FLIGHT_MIN_SEGMENTS {
                     granted += segs;
                 }

@@ -51,17 +51,17 @@ use qos_common::{
         CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT,
         GLOBAL_ACK_PACING, GLOBAL_CLAMP_ECN, GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR,
         MAX_CGROUP_DEPTH, MAX_CLASSES, NetGlobal, PoolState, SOCK_ACKS_HELD, SOCK_CACHE_ENTRIES,
-        SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_INGRESS, TAG_OFFSET, TAG_PACED,
-        TAG_TCP_SOCK,
+        SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SOCK_WOKEN, SOCK_WOKEN_LATE, SockClass, TAG_INGRESS,
+        TAG_OFFSET, TAG_PACED, TAG_TCP_SOCK,
     },
     policy::{
-        self, ACK_LEAD_WINDOW_US, CONTROL_INTERVAL_NS, HELD_STAMP_NS, Levels, Limits,
+        self, ACK_LEAD_WINDOW_US, BY_USE, CONTROL_INTERVAL_NS, HELD_STAMP_NS, Levels, Limits,
         NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns, class_rtt,
-        clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned, first_flight,
-        flow_share, flow_use, kp_full_rate, next_multiplier, overflow_correction, pacing_changed,
-        pacing_rate, receive_window_clamp, recently_held, rtt_gain, underflow_correction,
-        use_units, use_weight, weight_reference, window_clamp, wire_len, wire_to_tcp_rate,
-        woke_from_idle,
+        clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned, epoch_count,
+        first_flight, flow_share, flow_use, kp_full_rate, next_multiplier, overflow_correction,
+        pacing_changed, pacing_rate, receive_window_clamp, recently_held, rtt_gain,
+        underflow_correction, use_units, use_weight, weight_reference, window_clamp, wire_len,
+        wire_to_tcp_rate, woke_from_idle, woken_counts_now,
     },
 };
 use qos_ebpf::{
@@ -850,8 +850,9 @@ pub fn qos_pacer(ctx: SockOpsContext) -> u32 {
 /// Initial receive window (segments; 0: the kernel's) of a connection
 /// request received through the shaped interface, from its class's
 /// first-flight clock (`policy::first_flight`). Requests to listeners
-/// only: a connection the cgroup opens sent its SYN before any class
-/// could be found for it.
+/// only: for a connection the cgroup opens this runs before its SYN is
+/// sent, when nothing of it has been classified yet (such downloads keep
+/// the kernel's window).
 #[inline(always)]
 fn initial_window(ctx: &SockOpsContext) -> u32 {
     let d = ingress();
@@ -893,19 +894,15 @@ fn initial_window(ctx: &SockOpsContext) -> u32 {
 
 /// The class `qos_ingress` found for the SYN of a request socket, taken
 /// out of `ING_SYN_CLASS`. A listener on IPv6 that accepts IPv4 makes IPv6
-/// request sockets whose IPv4 address is set.
+/// request sockets with the v4-mapped address, keyed as IPv4.
 #[inline(always)]
 fn syn_class(ctx: &SockOpsContext) -> Option<u32> {
-    let mut key = SynKey {
-        remote_addr: [ctx.remote_ip4(), 0, 0, 0],
-        remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
-        local_port: ctx.local_port() as u16,
-    };
-    if ctx.family() == AF_INET6 && (key.remote_addr[0] == 0 || syn_lookup(&key).is_none()) {
+    let mut remote_addr = [ctx.remote_ip4(), 0, 0, 0];
+    if ctx.family() == AF_INET6 {
         // Word by word: the verifier refuses a load from a context pointer
         // moved to the array (what a copy of it compiles to).
         // SAFETY: field reads of the program's own context.
-        key.remote_addr = unsafe {
+        let a = unsafe {
             let ops = ctx.ops;
             [
                 core::ptr::read_volatile(&(*ops).remote_ip6[0]),
@@ -914,11 +911,25 @@ fn syn_class(ctx: &SockOpsContext) -> Option<u32> {
                 core::ptr::read_volatile(&(*ops).remote_ip6[3]),
             ]
         };
+        remote_addr = if a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED {
+            [a[3], 0, 0, 0]
+        } else {
+            a
+        };
     }
+    let key = SynKey {
+        remote_addr,
+        // The remote port is in network order in the upper half.
+        remote_port: u32::from_be(ctx.remote_port()) as u16,
+        local_port: ctx.local_port() as u16,
+    };
     let slot = syn_lookup(&key)?;
     let _ = ING_SYN_CLASS.remove(key);
     Some(slot)
 }
+
+/// Third word of a v4-mapped IPv6 address (::ffff:a.b.c.d) as loaded.
+const V4_MAPPED: u32 = u32::from_be(0x0000_ffff);
 
 #[inline(always)]
 fn syn_lookup(key: &SynKey) -> Option<u32> {
@@ -1041,28 +1052,39 @@ fn flow_rate(
     );
     // SAFETY: pointers into map values.
     unsafe {
+        let (last_bytes, last_ns) = ((*sc).epoch_bytes, (*sc).epoch_ns);
         if (*sc).epoch != g.epoch {
             let woke = woke_from_idle((*sc).epoch, g.epoch);
             (*sc).epoch = g.epoch;
-            let (last_bytes, last_ns) = ((*sc).epoch_bytes, (*sc).epoch_ns);
             // A flow counted for the first time counts fully, its use
-            // unknown; so does one waking from idle (its use over the gap
-            // says nothing).
-            let (weight, used) = if last_ns == 0 || moved < last_bytes || woke {
-                (UNIT, 0)
+            // unknown; one woken from idle once it moves (see
+            // `policy::epoch_count`).
+            let (count, flags) = if last_ns == 0 || moved < last_bytes {
+                (UNIT, (*sc).flags)
             } else {
+                epoch_count((*sc).flags, woke, moved - last_bytes)
+            };
+            let (weight, used) = if count == BY_USE {
                 let used = flow_use(moved - last_bytes, now - last_ns);
                 (
                     use_weight(used, weight_reference(rate, cfg.flow_even)),
                     use_units(used),
                 )
+            } else {
+                (count, 0)
             };
+            (*sc).flags = flags;
             (*sc).epoch_bytes = moved;
             (*sc).epoch_ns = now;
             if let Some(ct) = d.counters.get_ptr_mut(slot) {
                 (*ct).flow_activations += weight;
                 (*ct).use_sum += used;
                 (*ct).use_squares += used * used;
+            }
+        } else if moved >= last_bytes && woken_counts_now((*sc).flags, moved - last_bytes) {
+            (*sc).flags &= !(SOCK_WOKEN | SOCK_WOKEN_LATE);
+            if let Some(ct) = d.counters.get_ptr_mut(slot) {
+                (*ct).flow_activations += UNIT;
             }
         }
     }
