@@ -446,6 +446,21 @@ fn a_burst_of_accepted_flows_gets_its_first_flights_bounded() -> Result<()> {
     if !require_root("a_burst_of_accepted_flows_gets_its_first_flights_bounded") {
         return Ok(());
     }
+    first_flights_bounded(5471, false)
+}
+
+#[test]
+fn a_dual_stack_listeners_ipv4_flows_get_their_first_flights_bounded() -> Result<()> {
+    if !require_root("a_dual_stack_listeners_ipv4_flows_get_their_first_flights_bounded") {
+        return Ok(());
+    }
+    first_flights_bounded(5472, true)
+}
+
+/// Eight connections into a 2 Mbit/s class, to an iperf3 server bound to
+/// the class's IPv4 address or (`dual_stack`) listening on `[::]`, whose
+/// request sockets are IPv6 ones for IPv4 SYNs.
+fn first_flights_bounded(port: u16, dual_stack: bool) -> Result<()> {
     let _one_at_a_time = TRAFFIC.lock().unwrap_or_else(|p| p.into_inner());
     let bed = EgressBed::new(1, 0)?;
     let tmp = tempfile::tempdir()?;
@@ -463,14 +478,32 @@ fn a_burst_of_accepted_flows_gets_its_first_flights_bounded() -> Result<()> {
     let rate: qos_core::Rate = "2mbit".parse()?;
     shaper.set(&cg, NetQuota::ingress(rate, Some(rate), 0))?;
     let ip = bed.sender_ips[0];
-    let port = 5471;
     // A listener in the class; its accept queue holds the connections
     // whether or not it accepts them.
     let receiver = Placement {
         cgroup: Some(dir),
         netns: None,
     };
-    let _server = Server::start(&receiver, ip, port, tmp.path(), 0.1)?;
+    let _server = if dual_stack {
+        let child = testbeds::KillOnDrop(testbeds::spawn(
+            &receiver,
+            std::process::Command::new("iperf3")
+                .args(["-s", "-1", "-p", &port.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        )?);
+        let filter = format!("( sport = :{port} )");
+        let listening = testbeds::wait_for(Duration::from_secs(5), || {
+            testbeds::run("ss", &["-Hltn6", &filter]).is_ok_and(|o| !o.trim().is_empty())
+        });
+        assert!(listening, "iperf3 did not listen on [::]:{port}");
+        (Some(child), None)
+    } else {
+        (
+            None,
+            Some(Server::start(&receiver, ip, port, tmp.path(), 0.1)?),
+        )
+    };
     const FLOWS: usize = 8;
     // Connections opened one after another from the senders' namespace
     // that send nothing: their windows stay what their SYN-ACKs offered.

@@ -537,8 +537,8 @@ pub const WOKEN_COUNT_BYTES: u64 = 2 * 1448;
 /// Whether a flow last counted in activity epoch `flow_epoch` wakes from
 /// idle in `epoch`. Its use since it was last counted (little over the
 /// gap) says nothing then: it counts in full, as a new flow does, once it
-/// has moved [`WOKEN_COUNT_BYTES`] within that epoch or the next, and by
-/// its use otherwise. Connections left idle that start together (iperf3
+/// has moved [`WOKEN_COUNT_BYTES`] within that epoch (from the epoch after,
+/// if it moved them only then), and by its use otherwise. Connections left idle that start together (iperf3
 /// -P connects every stream before any sends; a pool of keep-alive
 /// connections) were otherwise each paced at about their class's whole
 /// rate until the epochs had counted them, 300–500 ms: from 60 ms away, 32
@@ -575,10 +575,12 @@ pub const fn epoch_count(flags: u32, woke: bool, moved: u64) -> (u64, u32) {
 }
 
 /// Whether a woken flow (`flags`) counts in full now, between the starts of
-/// epochs, having moved `moved` bytes since its epoch's.
+/// epochs, having moved `moved` bytes since its epoch's: only in its wake
+/// epoch (the epoch after, it was counted by its use at its start; it counts
+/// in full at the next one's if it moved enough, see [`epoch_count`]).
 #[inline(always)]
 pub const fn woken_counts_now(flags: u32, moved: u64) -> bool {
-    flags & SOCK_WOKEN != 0 && moved >= WOKEN_COUNT_BYTES
+    flags & (SOCK_WOKEN | SOCK_WOKEN_LATE) == SOCK_WOKEN && moved >= WOKEN_COUNT_BYTES
 }
 
 /// Activity epoch over which user space counts a class's flows (it advances
@@ -983,9 +985,10 @@ pub const FIRST_FLIGHT_RTT_US: u64 = 100_000;
 /// class's first-flight clock after it (ns).
 ///
 /// Before a flow's first ACK nothing else holds it back: there is no ACK to
-/// pace and no window clamped yet. So the first flights a class accepts
-/// within one round trip add up to about its rate × that round trip, and
-/// no flow's is larger than that split over the class's `open` flows (those
+/// pace and no window clamped yet. So what the first flights a class
+/// accepts within one round trip are charged stays within its rate × that
+/// round trip (each grant is at most the room left), and no flow's is
+/// larger than that split over the class's `open` flows (those
 /// that have moved anything) and itself: connections opened over seconds
 /// and left idle (iperf3 -P connects every stream before any sends; pools
 /// of keep-alive connections) may start sending together, long after their
@@ -1065,9 +1068,10 @@ mod tests {
         // then no longer.
         let (w, late) = epoch_count(woken, false, 500);
         assert_eq!((w, late), (BY_USE, woken | SOCK_WOKEN_LATE));
-        assert!(woken_counts_now(late, WOKEN_COUNT_BYTES));
+        // Counted by its use there: not in full on top of it.
+        assert!(!woken_counts_now(late, WOKEN_COUNT_BYTES));
         assert_eq!(epoch_count(late, false, 500), (BY_USE, other));
-        // Crossing at the next epoch's start counts in full there.
+        // Crossing by the next epoch's start counts in full there.
         assert_eq!(epoch_count(woken, false, WOKEN_COUNT_BYTES), (UNIT, other));
         assert_eq!(epoch_count(late, false, WOKEN_COUNT_BYTES), (UNIT, other));
         // Waking again restarts the watch.
@@ -1075,7 +1079,7 @@ mod tests {
     }
 
     #[test]
-    fn first_flights_of_a_class_add_up_to_its_rate_times_the_round_trip() {
+    fn first_flight_grants_are_the_room_left_and_their_charges_stay_within_it() {
         // 8 Mbit/s, 60 ms: 60 000 bytes, 39 segments of room.
         let (rate, rtt, now) = (1_000_000, 60_000, 5 * NS_PER_SEC);
         let mut clock = 0;
@@ -2075,7 +2079,7 @@ mod tests {
                 }
                 clock = next;
             }
-            // Past the two-segment floor, a burst is granted no more than
+            // Past the two-segment floor, a burst is charged no more than
             // the room.
             prop_assert!(granted <= room, "{granted} > {room}");
         }

@@ -893,12 +893,20 @@ fn initial_window(ctx: &SockOpsContext) -> u32 {
 }
 
 /// The class `qos_ingress` found for the SYN of a request socket, taken
-/// out of `ING_SYN_CLASS`. A listener on IPv6 that accepts IPv4 makes IPv6
-/// request sockets with the v4-mapped address, keyed as IPv4.
+/// out of `ING_SYN_CLASS`. IPv4 SYNs are keyed as IPv4 whatever the
+/// listener's family.
 #[inline(always)]
 fn syn_class(ctx: &SockOpsContext) -> Option<u32> {
-    let mut remote_addr = [ctx.remote_ip4(), 0, 0, 0];
-    if ctx.family() == AF_INET6 {
+    let mut key = SynKey {
+        remote_addr: [ctx.remote_ip4(), 0, 0, 0],
+        // The remote port is in network order (in the upper half on
+        // little-endian).
+        remote_port: u32::from_be(ctx.remote_port()) as u16,
+        local_port: ctx.local_port() as u16,
+    };
+    // An IPv6 listener's request socket for an IPv4 SYN has its IPv4
+    // address set: looked up as IPv4 first.
+    if ctx.family() == AF_INET6 && (key.remote_addr[0] == 0 || syn_lookup(&key).is_none()) {
         // Word by word: the verifier refuses a load from a context pointer
         // moved to the array (what a copy of it compiles to).
         // SAFETY: field reads of the program's own context.
@@ -911,18 +919,12 @@ fn syn_class(ctx: &SockOpsContext) -> Option<u32> {
                 core::ptr::read_volatile(&(*ops).remote_ip6[3]),
             ]
         };
-        remote_addr = if a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED {
+        key.remote_addr = if a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED {
             [a[3], 0, 0, 0]
         } else {
             a
         };
     }
-    let key = SynKey {
-        remote_addr,
-        // The remote port is in network order in the upper half.
-        remote_port: u32::from_be(ctx.remote_port()) as u16,
-        local_port: ctx.local_port() as u16,
-    };
     let slot = syn_lookup(&key)?;
     let _ = ING_SYN_CLASS.remove(key);
     Some(slot)
@@ -1060,7 +1062,7 @@ fn flow_rate(
             // unknown; one woken from idle once it moves (see
             // `policy::epoch_count`).
             let (count, flags) = if last_ns == 0 || moved < last_bytes {
-                (UNIT, (*sc).flags)
+                (UNIT, (*sc).flags & !(SOCK_WOKEN | SOCK_WOKEN_LATE))
             } else {
                 epoch_count((*sc).flags, woke, moved - last_bytes)
             };
@@ -1073,7 +1075,11 @@ fn flow_rate(
             } else {
                 (count, 0)
             };
-            (*sc).flags = flags;
+            // Written only when it changes: other programs set their bits
+            // (ACKs held, shaped) without atomics.
+            if flags != (*sc).flags {
+                (*sc).flags = flags;
+            }
             (*sc).epoch_bytes = moved;
             (*sc).epoch_ns = now;
             if let Some(ct) = d.counters.get_ptr_mut(slot) {
