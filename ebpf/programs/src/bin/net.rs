@@ -840,7 +840,13 @@ pub fn qos_pacer(ctx: SockOpsContext) -> u32 {
     } else if op == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
         on_send(&ctx);
     } else if op == BPF_SOCK_OPS_RWND_INIT {
-        ctx.set_reply(initial_window(&ctx));
+        // Only a bound is written: the reply is shared by every sockops
+        // program attached (another qosd generation during an upgrade,
+        // other tools), and a 0 would undo theirs.
+        let window = initial_window(&ctx);
+        if window != 0 {
+            ctx.set_reply(window);
+        }
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
         on_close(&ctx);
     }
