@@ -538,9 +538,9 @@ pub const WOKEN_COUNT_BYTES: u64 = 2 * 1448;
 /// idle in `epoch`. Its use since it was last counted (little over the
 /// gap) says nothing then: it counts in full, as a new flow does, once it
 /// has moved [`WOKEN_COUNT_BYTES`] within that epoch (from the epoch after,
-/// if it moved them only then), and by its use otherwise. Connections left idle that start together (iperf3
-/// -P connects every stream before any sends; a pool of keep-alive
-/// connections) were otherwise each paced at about their class's whole
+/// if it moved them only then), and by its use otherwise. Connections left
+/// idle that start together (iperf3 -P connects every stream before any
+/// sends; a pool of keep-alive connections) were otherwise each paced at about their class's whole
 /// rate until the epochs had counted them, 300–500 ms: from 60 ms away, 32
 /// such flows' slow starts overflowed the link's buffer upstream and the
 /// single flow beside them lost 70–120 KB (2026-12-05). Counted in full at
@@ -554,14 +554,20 @@ pub const fn woke_from_idle(flow_epoch: u64, epoch: u64) -> bool {
 /// [`epoch_count`]'s answer for a flow counted by its use.
 pub const BY_USE: u64 = u64::MAX;
 
+/// The `SockClass::flags` bits of a flow woken from idle.
+pub const SOCK_WOKEN_BITS: u32 = SOCK_WOKEN | SOCK_WOKEN_LATE;
+
 /// How a flow counts at its first call in an activity epoch and its
 /// `SockClass::flags` after: `UNIT` (in full), 0 (not yet: woken from idle,
-/// see [`woke_from_idle`]) or [`BY_USE`]. `woke`: it wakes in this epoch;
-/// `moved`: its bytes since it was last counted.
+/// see [`woke_from_idle`]) or [`BY_USE`]. `first`: it has not been counted
+/// before (or its byte count went back), so its use is unknown; `woke`: it
+/// wakes in this epoch; `moved`: its bytes since it was last counted.
 #[inline(always)]
-pub const fn epoch_count(flags: u32, woke: bool, moved: u64) -> (u64, u32) {
-    let cleared = flags & !(SOCK_WOKEN | SOCK_WOKEN_LATE);
-    if woke {
+pub const fn epoch_count(flags: u32, first: bool, woke: bool, moved: u64) -> (u64, u32) {
+    let cleared = flags & !SOCK_WOKEN_BITS;
+    if first {
+        (UNIT, cleared)
+    } else if woke {
         (0, cleared | SOCK_WOKEN)
     } else if flags & SOCK_WOKEN == 0 {
         (BY_USE, flags)
@@ -580,7 +586,7 @@ pub const fn epoch_count(flags: u32, woke: bool, moved: u64) -> (u64, u32) {
 /// in full at the next one's if it moved enough, see [`epoch_count`]).
 #[inline(always)]
 pub const fn woken_counts_now(flags: u32, moved: u64) -> bool {
-    flags & (SOCK_WOKEN | SOCK_WOKEN_LATE) == SOCK_WOKEN && moved >= WOKEN_COUNT_BYTES
+    flags & SOCK_WOKEN_BITS == SOCK_WOKEN && moved >= WOKEN_COUNT_BYTES
 }
 
 /// Activity epoch over which user space counts a class's flows (it advances
@@ -980,6 +986,14 @@ pub const SEGMENT_WIRE_BYTES: u64 = 1514;
 /// Round trip assumed for a class none of whose flows has measured one.
 pub const FIRST_FLIGHT_RTT_US: u64 = 100_000;
 
+/// Full segments `rate` (wire bytes/s, at most `MAX_RATE`) moves in
+/// `ns` (at most two seconds).
+#[inline(always)]
+const fn segments_in(rate: u64, ns: u64) -> u64 {
+    // rate ≤ 1.25e10 and ≤ 2e6 µs: the product fits.
+    rate * (min_u64(ns, 2 * NS_PER_SEC) / 1_000) / 1_000_000 / SEGMENT_WIRE_BYTES
+}
+
 /// Initial receive window of a flow a class accepts (segments, the reply
 /// to `BPF_SOCK_OPS_RWND_INIT`; 0: the kernel's, about 64 KB) and the
 /// class's first-flight clock after it (ns).
@@ -999,9 +1013,9 @@ pub const FIRST_FLIGHT_RTT_US: u64 = 100_000;
 /// The clock runs ahead of `now` by what was charged and not yet drained
 /// at `rate` (wire bytes/s); it stays within two round trips of `now`, so
 /// a burst of flows is forgotten a round trip after the one it filled.
-/// Thirty-two flows opened at once from 60 ms away sent their initial
-/// windows, about 460 KB, into a 256 KB upstream buffer: the losses were
-/// the single flow beside them's (issue 3). `rtt_us` 0: not known.
+/// Thirty-two flows starting at once from 60 ms away can send about 460 KB
+/// of initial windows into a link's 256 KB upstream buffer, before any
+/// receiver can slow them. `rtt_us` 0: not known.
 #[inline(always)]
 pub const fn first_flight(
     clock_ns: u64,
@@ -1020,11 +1034,8 @@ pub const fn first_flight(
         min_u64(rtt_us, 1_000_000)
     } * 1_000;
     let start = max_u64(clock_ns, now);
-    let room_us = (now + rtt_ns).saturating_sub(start) / 1_000;
-    // rate ≤ 1.25e10 and room ≤ 1e6 µs: the product fits.
-    let room = rate * room_us / 1_000_000 / SEGMENT_WIRE_BYTES;
-    let share =
-        rate * (rtt_ns / 1_000) / 1_000_000 / SEGMENT_WIRE_BYTES / (min_u64(open, 1 << 20) + 1);
+    let room = segments_in(rate, (now + rtt_ns).saturating_sub(start));
+    let share = segments_in(rate, rtt_ns) / (min_u64(open, 1 << 20) + 1);
     let room = min_u64(room, share);
     let (reply, charged) = if room >= KERNEL_INITIAL_SEGMENTS {
         (0, SENDER_INITIAL_SEGMENTS)
@@ -1055,10 +1066,10 @@ mod tests {
     fn a_woken_flow_counts_in_full_once_it_moves_two_segments() {
         let other = SOCK_SHAPED | SOCK_ACKS_HELD;
         // Not woken: by use, flags untouched.
-        assert_eq!(epoch_count(other, false, 1 << 30), (BY_USE, other));
+        assert_eq!(epoch_count(other, false, false, 1 << 30), (BY_USE, other));
         assert!(!woken_counts_now(other, 1 << 30));
         // Wakes: not counted yet.
-        let (w, woken) = epoch_count(other, true, 10);
+        let (w, woken) = epoch_count(other, false, true, 10);
         assert_eq!((w, woken), (0, other | SOCK_WOKEN));
         // A bulk flow crosses two segments within its wake epoch: in full
         // there, once.
@@ -1066,16 +1077,26 @@ mod tests {
         assert!(woken_counts_now(woken, WOKEN_COUNT_BYTES));
         // A poll moves less: by use at the next epoch, still watched there,
         // then no longer.
-        let (w, late) = epoch_count(woken, false, 500);
+        let (w, late) = epoch_count(woken, false, false, 500);
         assert_eq!((w, late), (BY_USE, woken | SOCK_WOKEN_LATE));
         // Counted by its use there: not in full on top of it.
         assert!(!woken_counts_now(late, WOKEN_COUNT_BYTES));
-        assert_eq!(epoch_count(late, false, 500), (BY_USE, other));
+        assert_eq!(epoch_count(late, false, false, 500), (BY_USE, other));
         // Crossing by the next epoch's start counts in full there.
-        assert_eq!(epoch_count(woken, false, WOKEN_COUNT_BYTES), (UNIT, other));
-        assert_eq!(epoch_count(late, false, WOKEN_COUNT_BYTES), (UNIT, other));
+        assert_eq!(
+            epoch_count(woken, false, false, WOKEN_COUNT_BYTES),
+            (UNIT, other)
+        );
+        assert_eq!(
+            epoch_count(late, false, false, WOKEN_COUNT_BYTES),
+            (UNIT, other)
+        );
+        // A first count (or a byte count that went back) is in full and
+        // ends the watch.
+        assert_eq!(epoch_count(late, true, false, 0), (UNIT, other));
+        assert_eq!(epoch_count(other, true, true, 0), (UNIT, other));
         // Waking again restarts the watch.
-        assert_eq!(epoch_count(late, true, 0), (0, other | SOCK_WOKEN));
+        assert_eq!(epoch_count(late, false, true, 0), (0, other | SOCK_WOKEN));
     }
 
     #[test]

@@ -51,17 +51,17 @@ use qos_common::{
         CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT,
         GLOBAL_ACK_PACING, GLOBAL_CLAMP_ECN, GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR,
         MAX_CGROUP_DEPTH, MAX_CLASSES, NetGlobal, PoolState, SOCK_ACKS_HELD, SOCK_CACHE_ENTRIES,
-        SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SOCK_WOKEN, SOCK_WOKEN_LATE, SockClass, TAG_INGRESS,
-        TAG_OFFSET, TAG_PACED, TAG_TCP_SOCK,
+        SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_INGRESS, TAG_OFFSET, TAG_PACED,
+        TAG_TCP_SOCK,
     },
     policy::{
         self, ACK_LEAD_WINDOW_US, BY_USE, CONTROL_INTERVAL_NS, HELD_STAMP_NS, Levels, Limits,
-        NO_PAYLOAD_MAX_L3_LEN, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns, class_rtt,
-        clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned, epoch_count,
-        first_flight, flow_share, flow_use, kp_full_rate, next_multiplier, overflow_correction,
-        pacing_changed, pacing_rate, receive_window_clamp, recently_held, rtt_gain,
-        underflow_correction, use_units, use_weight, weight_reference, window_clamp, wire_len,
-        wire_to_tcp_rate, woke_from_idle, woken_counts_now,
+        NO_PAYLOAD_MAX_L3_LEN, SOCK_WOKEN_BITS, UNIT, Verdict, ack_lead_holds, clamp_seen,
+        clamp_step_ns, class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide,
+        depth_gain, earned, epoch_count, first_flight, flow_share, flow_use, kp_full_rate,
+        next_multiplier, overflow_correction, pacing_changed, pacing_rate, receive_window_clamp,
+        recently_held, rtt_gain, underflow_correction, use_units, use_weight, weight_reference,
+        window_clamp, wire_len, wire_to_tcp_rate, woke_from_idle, woken_counts_now,
     },
 };
 use qos_ebpf::{
@@ -1065,13 +1065,10 @@ fn flow_rate(
             let woke = woke_from_idle((*sc).epoch, g.epoch);
             (*sc).epoch = g.epoch;
             // A flow counted for the first time counts fully, its use
-            // unknown; one woken from idle once it moves (see
-            // `policy::epoch_count`).
-            let (count, flags) = if last_ns == 0 || moved < last_bytes {
-                (UNIT, (*sc).flags & !(SOCK_WOKEN | SOCK_WOKEN_LATE))
-            } else {
-                epoch_count((*sc).flags, woke, moved - last_bytes)
-            };
+            // unknown; one woken from idle once it moves.
+            let first = last_ns == 0 || moved < last_bytes;
+            let (count, flags) =
+                epoch_count((*sc).flags, first, woke, moved.wrapping_sub(last_bytes));
             let (weight, used) = if count == BY_USE {
                 let used = flow_use(moved - last_bytes, now - last_ns);
                 (
@@ -1094,7 +1091,7 @@ fn flow_rate(
                 (*ct).use_squares += used * used;
             }
         } else if moved >= last_bytes && woken_counts_now((*sc).flags, moved - last_bytes) {
-            (*sc).flags &= !(SOCK_WOKEN | SOCK_WOKEN_LATE);
+            (*sc).flags &= !SOCK_WOKEN_BITS;
             if let Some(ct) = d.counters.get_ptr_mut(slot) {
                 (*ct).flow_activations += UNIT;
             }
