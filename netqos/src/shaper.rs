@@ -246,6 +246,12 @@ pub struct NetClassStatus {
     /// which scales its pacing loop's gains down past 30 ms.
     #[serde(default)]
     pub rtt_us: u64,
+    /// Ingress: the longest round trip its flows' receive windows covered
+    /// (µs, decaying): `rtt_us`, or the path round trip measured from the
+    /// flows' ACKs to the data answering them where a queue upstream
+    /// lengthened it (ACK pacing only).
+    #[serde(default)]
+    pub window_rtt_us: u64,
 }
 
 /// What `net show` reports for the ingress direction.
@@ -839,6 +845,7 @@ impl ClassTable {
                 window_clamps: c.counters.window_clamps,
                 initial_windows: c.counters.initial_windows,
                 rtt_us: c.prev.rtt_us,
+                window_rtt_us: c.prev.window_rtt_us,
             })
             .collect()
     }

@@ -46,16 +46,27 @@ const fn tcp(quota: &'static str) -> Group {
     }
 }
 
+/// What a control step saw.
+struct Step {
+    /// Seconds since the senders started.
+    t: f64,
+    /// Each group's open and active flows (`NetClassStatus::flows`,
+    /// `NetClassStatus::active_flows`).
+    flows: Vec<(u64, f64)>,
+    /// Each group's window round trip (`NetClassStatus::window_rtt_us`).
+    window_rtts: Vec<u64>,
+}
+
 struct Outcome {
     /// Wire Mbit/s per group, after a 1 s warm-up.
     rates: Vec<f64>,
     /// Wire bytes each group's receiver took in over the whole run.
     wire: Vec<u64>,
     status: NetStatus,
-    /// Every control step: seconds since the senders started and each
-    /// group's open and active flows (`NetClassStatus::flows`,
-    /// `NetClassStatus::active_flows`).
-    flows: Vec<(f64, Vec<(u64, f64)>)>,
+    /// Every control step's view of the groups.
+    steps: Vec<Step>,
+    /// Each group's receiver intervals (start s, end s, bytes; iperf3's).
+    intervals: Vec<Vec<(f64, f64, u64)>>,
 }
 
 fn settings(iface: &str) -> Result<ShaperSettings> {
@@ -93,6 +104,7 @@ fn run(groups: &[Group], containers: bool, ack_pacing: bool, secs: f64) -> Resul
         rate: LINK,
         capacity: CAPACITY,
         delay_ms: 0,
+        delay_later: None,
     };
     run_over(&link, groups, containers, ack_pacing, secs)
 }
@@ -104,6 +116,9 @@ struct Link {
     capacity: &'static str,
     /// netem on the senders' link; 0: none.
     delay_ms: u32,
+    /// (s, ms): this long after the senders start, the link's delay
+    /// becomes that (needs `delay_ms` > 0: the netem to change).
+    delay_later: Option<(f64, u32)>,
 }
 
 /// [`run`] over `link`.
@@ -173,7 +188,12 @@ fn run_over(
         let flows = (0..n)
             .map(|i| (class(&st, i).flows, class(&st, i).active_flows))
             .collect();
-        (t0.elapsed().as_secs_f64(), flows)
+        let window_rtts = (0..n).map(|i| class(&st, i).window_rtt_us).collect();
+        Step {
+            t: t0.elapsed().as_secs_f64(),
+            flows,
+            window_rtts,
+        }
     });
     let sender = Placement {
         cgroup: None,
@@ -192,8 +212,26 @@ fn run_over(
         };
         running.push((server, Client::start(&sender, ip, port, &opts, tmp.path())?));
     }
+    if let Some((after, delay_ms)) = link.delay_later {
+        // A step of the scenario, not a wait for a condition.
+        std::thread::sleep(Duration::from_secs_f64(after).saturating_sub(t0.elapsed()));
+        let (delay, limit) = (format!("{delay_ms}ms"), (delay_ms * 1000).to_string());
+        let dev = bed.shaped.peer();
+        bed.peer.exec(
+            "tc",
+            &[
+                "qdisc", "change", "dev", dev, "root", "handle", "1:", "netem", "delay", &delay,
+                "limit", &limit,
+            ],
+        )?;
+        eprintln!(
+            "link delay {delay} from {:.2} s",
+            t0.elapsed().as_secs_f64()
+        );
+    }
     let mut rates = Vec::new();
     let mut wire = Vec::new();
+    let mut intervals = Vec::new();
     for (server, client) in running {
         client.finish(Duration::from_secs_f64(secs + 20.0))?;
         let r = server.finish(Duration::from_secs(20))?;
@@ -207,9 +245,10 @@ fn run_over(
         let on_wire = wire_bytes(r.bytes, false);
         eprintln!("receiver bytes {} wire {on_wire}", r.bytes);
         wire.push(on_wire);
+        intervals.push(r.intervals);
     }
     stop.store(true, Ordering::Relaxed);
-    let (shaper, flows) = handle.join().expect("control thread");
+    let (shaper, steps) = handle.join().expect("control thread");
     let status = shaper.status();
     shaper.stop();
     eprintln!("rates (mbit): {rates:?}");
@@ -234,7 +273,8 @@ fn run_over(
         rates,
         wire,
         status,
-        flows,
+        steps,
+        intervals,
     })
 }
 
@@ -663,6 +703,13 @@ fn a_configured_root_qdisc_is_not_replaced_for_ack_pacing() -> Result<()> {
     Ok(())
 }
 
+/// Whether the ACK-pacing test `name` can run here: as root (see
+/// `require_root`), on a kernel that can hold ACKs (otherwise it checks
+/// [`ack_pacing_unavailable_is_reported`] only).
+fn ack_pacing_test_runs(name: &str) -> Result<bool> {
+    Ok(require_root(name) && !ack_pacing_unavailable_is_reported()?)
+}
+
 /// Where this kernel cannot hold ACKs (no sch_fq, as on the 6.18 host),
 /// checks that qosd says so and falls back, and returns true: an ACK-pacing
 /// test can check nothing else there. The VM suite (Debian's 6.1, which has
@@ -681,10 +728,7 @@ fn ack_pacing_unavailable_is_reported() -> Result<bool> {
 
 #[test]
 fn ack_pacing_holds_received_flows_at_their_shares_without_drops() -> Result<()> {
-    if !require_root("ack_pacing_holds_received_flows_at_their_shares_without_drops") {
-        return Ok(());
-    }
-    if ack_pacing_unavailable_is_reported()? {
+    if !ack_pacing_test_runs("ack_pacing_holds_received_flows_at_their_shares_without_drops")? {
         return Ok(());
     }
     let plain = Group {
@@ -718,10 +762,7 @@ fn ack_pacing_holds_received_flows_at_their_shares_without_drops() -> Result<()>
 /// checks that qosd says ACK pacing is off.
 #[test]
 fn many_slow_flows_from_afar_stay_counted() -> Result<()> {
-    if !require_root("many_slow_flows_from_afar_stay_counted") {
-        return Ok(());
-    }
-    if ack_pacing_unavailable_is_reported()? {
+    if !ack_pacing_test_runs("many_slow_flows_from_afar_stay_counted")? {
         return Ok(());
     }
     const FLOWS: u32 = 32;
@@ -732,6 +773,7 @@ fn many_slow_flows_from_afar_stay_counted() -> Result<()> {
         rate: "420mbit",
         capacity: "400mbit",
         delay_ms: 60,
+        delay_later: None,
     };
     let many = Group {
         flows: FLOWS,
@@ -742,16 +784,16 @@ fn many_slow_flows_from_afar_stay_counted() -> Result<()> {
     // From a second after the last flow opened (iperf3 opens them over two
     // seconds in the VM) to a second before the end.
     let open_at = o
-        .flows
+        .steps
         .iter()
-        .find(|(_, f)| f[0].0 >= u64::from(FLOWS))
-        .map(|(t, _)| *t)
+        .find(|s| s.flows[0].0 >= u64::from(FLOWS))
+        .map(|s| s.t)
         .expect("every flow opened");
     let mut counts: Vec<f64> = o
-        .flows
+        .steps
         .iter()
-        .filter(|(t, _)| *t >= open_at + 1.0 && *t <= SECS - 1.0)
-        .map(|(_, f)| f[0].1)
+        .filter(|s| s.t >= open_at + 1.0 && s.t <= SECS - 1.0)
+        .map(|s| s.flows[0].1)
         .collect();
     eprintln!("active flows from {open_at:.1} s: {counts:?}");
     assert!(counts.len() >= 50, "{} samples", counts.len());
@@ -762,6 +804,63 @@ fn many_slow_flows_from_afar_stay_counted() -> Result<()> {
     assert!(
         median >= 0.6 * f64::from(FLOWS) && low >= 0.4 * f64::from(FLOWS),
         "active flows: median {median:.1}, tenth percentile {low:.1} of {FLOWS}"
+    );
+    Ok(())
+}
+
+/// A queue that grows upstream after a flow's handshake (a flood filling
+/// the link's buffer; here the link's delay raised from 1 to 41 ms) is
+/// covered by the flow's receive window: its path round trip, measured from
+/// its ACKs' departures to the data echoing their timestamps, replaces the
+/// handshake's. Sized from the handshake's (2 ms + 10 ms of slack), the
+/// window would hold it near a quarter of its rate. Needs ACK pacing and
+/// netem: the VM suite runs it; the host checks that qosd says ACK pacing
+/// is off.
+#[test]
+fn a_received_flows_window_covers_a_queue_grown_upstream() -> Result<()> {
+    if !ack_pacing_test_runs("a_received_flows_window_covers_a_queue_grown_upstream")? {
+        return Ok(());
+    }
+    const SECS: f64 = 8.0;
+    const GROWN_AT: f64 = 2.0;
+    let link = Link {
+        rate: "420mbit",
+        capacity: "400mbit",
+        delay_ms: 1,
+        delay_later: Some((GROWN_AT, 41)),
+    };
+    let o = run_over(&link, &[tcp("400mbit")], false, true, SECS)?;
+    // While the flow runs (iperf3's control connection, whose server sends
+    // its results at the end, updates its own round trip then).
+    let mut windows: Vec<u64> = o
+        .steps
+        .iter()
+        .filter(|s| s.t >= GROWN_AT + 1.0 && s.t <= SECS - 1.0)
+        .map(|s| s.window_rtts[0])
+        .collect();
+    eprintln!(
+        "window round trips (µs) from {:.0} s: {windows:?}",
+        GROWN_AT + 1.0
+    );
+    assert!(windows.len() >= 20, "{} samples", windows.len());
+    windows.sort_unstable();
+    let median = windows[windows.len() / 2];
+    assert!(
+        median >= 35_000,
+        "window round trip {median} µs (median): the link's 41 ms not covered"
+    );
+    // From two seconds after the delay grew (the path round trip is the
+    // least of a whole 200 ms window) to the end.
+    let (bytes, t) = o.intervals[0]
+        .iter()
+        .filter(|i| i.0 >= GROWN_AT + 2.0 && i.1 - i.0 >= 0.05)
+        .fold((0u64, 0.0), |(b, t), i| (b + i.2, t + i.1 - i.0));
+    let mbit = wire_bytes(bytes, false) as f64 * 8.0 / t / 1e6 / common::rate_scale();
+    eprintln!("after the queue grew: {mbit:.0} of 400 Mbit/s (nominal) over {t:.1} s");
+    assert!(t >= 2.0, "{t:.1} s of intervals");
+    assert!(
+        mbit >= 0.6 * 400.0,
+        "{mbit:.0} of 400 Mbit/s: held by a window sized for the handshake's round trip"
     );
     Ok(())
 }

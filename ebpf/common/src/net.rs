@@ -215,6 +215,10 @@ pub struct ClassState {
     /// initial windows granted and not yet drained at its rate
     /// (`policy::first_flight`).
     pub first_flight_ns: u64,
+    /// Ingress: the longest round trip (µs) its flows' receive windows
+    /// covered at their window-clamp steps (`policy::window_rtt_us`: the
+    /// path's where a queue upstream lengthened it), decaying as `rtt_us`.
+    pub window_rtt_us: u64,
 }
 
 /// Per-class counters (per-CPU array indexed by slot; user space sums the
@@ -333,6 +337,19 @@ pub struct SockClass {
     /// Ingress: the flow's smoothed round trip (µs) at its last window-clamp
     /// step; 0 = none yet (the ACK clock then takes its class's).
     pub rtt_us: u64,
+    /// Ingress ACK pacing: TCP timestamp (TSval) of the last ACK the socket
+    /// sent through the shaped interface.
+    pub ack_tsval: u32,
+    /// Ingress ACK pacing: TSval of the path probe, the first ACK that
+    /// carried it; its echo in received data ends the probe.
+    pub probe_tsval: u32,
+    /// Ingress: the flow's path round trip (µs; 0 = not measured), see
+    /// `policy::PathRtt`.
+    pub path_rtt_us: u32,
+    pub path_min_us: u32,
+    pub path_window_ns: u64,
+    /// Ingress ACK pacing: when the path probe left (0 = none out).
+    pub probe_ns: u64,
 }
 
 #[cfg(feature = "user")]

@@ -416,6 +416,83 @@ pub const fn class_rtt(class_rtt_us: u64, flow_rtt_us: u64) -> u64 {
     max_u64(flow_rtt_us, class_rtt_us - class_rtt_us / 16)
 }
 
+/// Length of the windows whose least sample is a received flow's path round
+/// trip ([`path_rtt_update`]).
+pub const PATH_RTT_WINDOW_NS: u64 = 200_000_000;
+/// A path probe whose echo has not come for this long is given up (its ACK,
+/// or the data that answered it, was lost).
+pub const PATH_PROBE_STALE_NS: u64 = 1_000_000_000;
+/// Most that a path round trip longer than the handshake's adds to the round
+/// trip a receive window covers ([`window_rtt_us`]).
+pub const PATH_RTT_EXTRA_MAX_US: u64 = 200_000;
+
+/// A received flow's path round trip: from when one of its ACKs left the
+/// shaped interface (after any hold) to the first data segment that echoes
+/// its TCP timestamp. Unlike the smoothed RTT of a receiver, which is its
+/// handshake's, it sees a queue that grew upstream after the handshake (a
+/// flood filling the link's buffer); unlike the time from an ACK's creation,
+/// it leaves out the hold of ACK pacing itself. The sender's own delays (an
+/// idle application) lengthen single samples, so the figure is the least
+/// sample of the last whole [`PATH_RTT_WINDOW_NS`] window: a queue that
+/// stays that long counts, a burst does not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathRtt {
+    /// The least sample of the last whole window (µs; 0 = none yet).
+    pub rtt_us: u32,
+    /// The least sample of the current window so far (µs).
+    pub min_us: u32,
+    /// When the current window started (0 = no sample yet).
+    pub window_ns: u64,
+}
+
+/// [`PathRtt`] after a sample of `sample_us` at `now_ns`: a sample after the
+/// window's end closes it (its least sample becomes the figure) and opens
+/// the next. A window without samples (an idle flow) leaves the figure as
+/// it was.
+#[inline(always)]
+pub const fn path_rtt_update(p: PathRtt, sample_us: u64, now_ns: u64) -> PathRtt {
+    let sample = max_u64(min_u64(sample_us, u32::MAX as u64), 1) as u32;
+    if p.window_ns == 0 {
+        PathRtt {
+            rtt_us: p.rtt_us,
+            min_us: sample,
+            window_ns: now_ns,
+        }
+    } else if now_ns.saturating_sub(p.window_ns) >= PATH_RTT_WINDOW_NS {
+        PathRtt {
+            rtt_us: p.min_us,
+            min_us: sample,
+            window_ns: now_ns,
+        }
+    } else {
+        PathRtt {
+            rtt_us: p.rtt_us,
+            min_us: if sample < p.min_us { sample } else { p.min_us },
+            window_ns: p.window_ns,
+        }
+    }
+}
+
+/// Round trip (µs) a received flow's receive window must cover: its
+/// handshake's (`handshake_us`, what a receiver's smoothed RTT stays at), or
+/// its measured path round trip (`path_us`, [`PathRtt`]) where that is
+/// longer, by at most [`PATH_RTT_EXTRA_MAX_US`]. A window sized from the
+/// handshake alone held a TCP flow beside a UDP flood at 18–21 of its 25
+/// Mbit/s: the flood's upstream queue (40 ms) made its round trip four
+/// times the ceiling's. The datapath applies it to flows whose handshake
+/// took under [`CLAMP_FOLLOWS_CLOCK_RTT_US`] (or without ACK pacing): an
+/// ACK-paced flow from further away gets its ceiling at every step
+/// ([`receive_window_clamp`]), so a ceiling sized from the path grew with
+/// the queue its own class built.
+#[inline(always)]
+pub const fn window_rtt_us(handshake_us: u64, path_us: u64) -> u64 {
+    if path_us > handshake_us {
+        min_u64(path_us, handshake_us + PATH_RTT_EXTRA_MAX_US)
+    } else {
+        handshake_us
+    }
+}
+
 /// Per-flow rate at and above which the proportional gain applies in full.
 /// A slower flow sends its (up to 64 KB) segments further apart, so it sees
 /// the effect of a rate change later; its gain shrinks in proportion, which
@@ -1051,6 +1128,67 @@ pub const fn first_flight(
 mod tests {
     use super::*;
     use crate::net::{SOCK_ACKS_HELD, SOCK_SHAPED};
+
+    #[test]
+    fn the_path_round_trip_is_the_least_sample_of_the_last_whole_window() {
+        let ms = 1_000_000;
+        let w = PATH_RTT_WINDOW_NS;
+        let p = path_rtt_update(PathRtt::default(), 5_000, 10 * ms);
+        assert_eq!(
+            p,
+            PathRtt {
+                rtt_us: 0,
+                min_us: 5_000,
+                window_ns: 10 * ms
+            },
+            "the first sample opens a window; no figure before it closes"
+        );
+        let p = path_rtt_update(p, 40_000, 20 * ms);
+        let p = path_rtt_update(p, 3_000, 30 * ms);
+        let p = path_rtt_update(p, 9_000, 10 * ms + w - 1);
+        assert_eq!((p.rtt_us, p.min_us), (0, 3_000), "still the first window");
+        let p = path_rtt_update(p, 41_000, 10 * ms + w);
+        assert_eq!(
+            p,
+            PathRtt {
+                rtt_us: 3_000,
+                min_us: 41_000,
+                window_ns: 10 * ms + w
+            },
+            "a sample at the window's end closes it"
+        );
+        // A queue that stays a whole window counts.
+        let p = path_rtt_update(p, 45_000, 10 * ms + w + 50 * ms);
+        let p = path_rtt_update(p, 42_000, 10 * ms + 2 * w + 5 * ms);
+        assert_eq!((p.rtt_us, p.min_us), (41_000, 42_000));
+        // An idle gap of many windows keeps the last figure.
+        let p = path_rtt_update(p, 2_000, 10 * w);
+        assert_eq!((p.rtt_us, p.min_us, p.window_ns), (42_000, 2_000, 10 * w));
+        // Samples are at least 1 µs and fit 32 bits.
+        let p = path_rtt_update(PathRtt::default(), 0, 1);
+        assert_eq!(p.min_us, 1);
+        let p = path_rtt_update(p, u64::MAX, 2);
+        assert_eq!(p.min_us, 1);
+        let p = path_rtt_update(PathRtt::default(), u64::MAX, 1);
+        assert_eq!(p.min_us, u32::MAX);
+    }
+
+    #[test]
+    fn a_receive_window_covers_the_path_round_trip_where_it_is_longer() {
+        assert_eq!(window_rtt_us(500, 0), 500, "not measured");
+        assert_eq!(window_rtt_us(500, 300), 500, "shorter than the handshake");
+        assert_eq!(window_rtt_us(500, 40_500), 40_500);
+        assert_eq!(
+            window_rtt_us(500, 10_000_000),
+            500 + PATH_RTT_EXTRA_MAX_US,
+            "bounded"
+        );
+        // The ceiling follows: a 25 Mbit/s flow behind a 40 ms queue.
+        let rate = 25_000_000 / 8;
+        let handshake = window_clamp_ceiling(rate, 500, 1448);
+        let path = window_clamp_ceiling(rate, window_rtt_us(500, 40_500), 1448);
+        assert!(path > 4 * handshake, "{path} vs {handshake}");
+    }
 
     #[test]
     fn a_flow_idle_for_two_whole_epochs_wakes() {

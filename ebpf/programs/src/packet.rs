@@ -153,6 +153,26 @@ pub fn syn_key(skb: &SkBuff, h: &Headers) -> Option<SynKey> {
     })
 }
 
+/// First option word of a TCP segment whose options begin with the
+/// timestamp option the way Linux writes it (NOP, NOP, kind 8, length 10).
+const TCP_TS_ALIGNED: u32 = 0x0101_080a;
+
+/// TSval and TSecr (as sent, host order) of a TCP segment parsed with `h`,
+/// when its options begin with an aligned timestamp option (Linux puts it
+/// first); None otherwise (other stacks' layouts are not searched).
+#[inline(always)]
+pub fn tcp_timestamps(skb: &SkBuff, h: &Headers) -> Option<(u32, u32)> {
+    if h.protocol != IPPROTO_TCP || h.len < h.l4_offset + 32 {
+        return None;
+    }
+    let l4 = h.l4_offset as usize;
+    let words = skb.load::<[u32; 3]>(l4 + 20).ok()?;
+    if u32::from_be(words[0]) != TCP_TS_ALIGNED {
+        return None;
+    }
+    Some((u32::from_be(words[1]), u32::from_be(words[2])))
+}
+
 /// Parses the L3/L4 headers of a packet whose data starts at the network
 /// header, as cgroup_skb programs see it (IPv6 extension headers are not
 /// followed). `ethertype` is `__sk_buff::protocol` (network order).

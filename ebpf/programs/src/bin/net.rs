@@ -55,13 +55,14 @@ use qos_common::{
         TAG_TCP_SOCK,
     },
     policy::{
-        self, ACK_LEAD_WINDOW_US, BY_USE, CONTROL_INTERVAL_NS, HELD_STAMP_NS, Levels, Limits,
-        NO_PAYLOAD_MAX_L3_LEN, SOCK_WOKEN_BITS, UNIT, Verdict, ack_lead_holds, clamp_seen,
-        clamp_step_ns, class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide,
-        depth_gain, earned, epoch_count, first_flight, flow_share, flow_use, kp_full_rate,
-        next_multiplier, overflow_correction, pacing_changed, pacing_rate, receive_window_clamp,
-        recently_held, rtt_gain, underflow_correction, use_units, use_weight, weight_reference,
-        window_clamp, wire_len, wire_to_tcp_rate, woke_from_idle, woken_counts_now,
+        self, ACK_LEAD_WINDOW_US, BY_USE, CLAMP_FOLLOWS_CLOCK_RTT_US, CONTROL_INTERVAL_NS,
+        HELD_STAMP_NS, Levels, Limits, NO_PAYLOAD_MAX_L3_LEN, PATH_PROBE_STALE_NS, PathRtt,
+        SOCK_WOKEN_BITS, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns, class_rtt,
+        clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned, epoch_count,
+        first_flight, flow_share, flow_use, kp_full_rate, next_multiplier, overflow_correction,
+        pacing_changed, pacing_rate, path_rtt_update, receive_window_clamp, recently_held,
+        rtt_gain, underflow_correction, use_units, use_weight, weight_reference, window_clamp,
+        window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle, woken_counts_now,
     },
 };
 use qos_ebpf::{
@@ -606,9 +607,21 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
     // Ethernet header the frame carried), for packets small enough to carry
     // no payload (the ACKs an upload receives) and, with ACK pacing, to tell
     // TCP data from the rest.
-    let (hdr, payload) = if segs > 1 || ack_pacing || len <= NO_PAYLOAD_MAX_L3_LEN {
+    let (hdr, payload, tsecr) = if segs > 1 || ack_pacing || len <= NO_PAYLOAD_MAX_L3_LEN {
         let h = packet::l3_headers(&ctx.skb, proto);
         let payload = h.and_then(|h| h.tcp_payload(len));
+        // What received data echoes, for the path probe (ACK pacing only:
+        // its ACKs' departures are where the probes start). A word with
+        // `ECHO_SEEN` set, not an `Option`: the verifier refused the copy of
+        // a `None` with its value unset out of this branch.
+        let mut tsecr = 0;
+        if let Some(h) = h
+            && ack_pacing
+            && payload.is_some_and(|p| p > 0)
+            && let Some((_, ecr)) = packet::tcp_timestamps(&ctx.skb, &h)
+        {
+            tsecr = ecr as u64 | ECHO_SEEN;
+        }
         // A connection request: its class, for its initial window. (Inside
         // this branch: the verifier refused a `None` of `h` copied out of
         // it with its fields unset.)
@@ -625,9 +638,10 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
                 0
             },
             payload,
+            tsecr,
         )
     } else {
-        (0, None)
+        (0, None, 0)
     };
     let tcp_data = ack_pacing && payload.is_some_and(|p| p > 0);
     let no_payload = payload == Some(0);
@@ -655,6 +669,9 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
             (*clock.sc).ack_at_ns = clock.at;
             (*clock.sc).rcv_bytes += wire;
         }
+        if tsecr & ECHO_SEEN != 0 {
+            path_sample(clock.sc, tsecr as u32, clock.now);
+        }
         let packet_ns = clock.next - clock.at;
         if clock_fell_behind(clock.prev, clock.now, packet_ns) {
             // SAFETY: as above.
@@ -667,6 +684,9 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
     }
     SKB_PASS
 }
+
+/// Bit of `qos_ingress`'s echoed timestamp word: the packet had one.
+const ECHO_SEEN: u64 = 1 << 32;
 
 /// Where a received TCP packet falls on its flow's ACK clock; `sc` null
 /// for none. Not an `Option`: the verifier refused the copy of a `None`
@@ -764,12 +784,16 @@ const TSTAMP_MONO: u32 = 1;
 /// shaped interface honours. Data segments (an upload, a request on the
 /// same connection) are not held. `egress`: a later departure time TCP set
 /// itself is kept (at tc ingress the field may hold a receive timestamp of
-/// another clock instead). `payload`: see [`small_tcp_payload`].
+/// another clock instead). `payload`: see [`small_tcp_payload`]. Every
+/// pure ACK may start a path probe ([`note_ack_departure`]).
 #[inline(always)]
 fn hold_acks(ctx: &TcContext, cookie: u64, egress: bool, payload: Option<u32>) {
     let Some(sc) = ING_SOCK_CLASS.get_ptr_mut(cookie) else {
         return;
     };
+    if payload != Some(0) {
+        return;
+    }
     let skb = ctx.skb.skb;
     // SAFETY: pointer into the socket map value; helper without arguments;
     // field read of the program's own skb.
@@ -781,15 +805,73 @@ fn hold_acks(ctx: &TcContext, cookie: u64, egress: bool, payload: Option<u32>) {
             (*skb).tstamp,
         )
     };
-    if payload != Some(0) || at <= now || (egress && at <= tstamp) {
-        return;
-    }
-    // SAFETY: helper on the program's own skb; pointer into the map value.
-    unsafe {
-        bpf_skb_set_tstamp(skb, at, TSTAMP_MONO);
-        if flags & SOCK_ACKS_HELD == 0 {
-            (*sc).flags = flags | SOCK_ACKS_HELD;
+    let own = if egress { tstamp } else { 0 };
+    if at > now && at > own {
+        // SAFETY: helper on the program's own skb; pointer into the map value.
+        unsafe {
+            bpf_skb_set_tstamp(skb, at, TSTAMP_MONO);
+            if flags & SOCK_ACKS_HELD == 0 {
+                (*sc).flags = flags | SOCK_ACKS_HELD;
+            }
         }
+    }
+    let departs = if at > own { at } else { own };
+    note_ack_departure(ctx, sc, now, if departs > now { departs } else { now });
+}
+
+/// Starts a path probe (`policy::PathRtt`) at the first ACK to carry a new
+/// TCP timestamp, unless one is out: data that echoes that timestamp can
+/// only have been sent after this ACK arrived. `departs`: when it leaves.
+#[inline(always)]
+fn note_ack_departure(ctx: &TcContext, sc: *mut SockClass, now: u64, departs: u64) {
+    let Some(h) = packet::headers(ctx) else {
+        return;
+    };
+    let Some((tsval, _)) = packet::tcp_timestamps(&ctx.skb, &h) else {
+        return;
+    };
+    // SAFETY: pointer into the socket map value, valid for this run.
+    unsafe {
+        if tsval == read(&(*sc).ack_tsval) {
+            return;
+        }
+        (*sc).ack_tsval = tsval;
+        let out = read(&(*sc).probe_ns);
+        if out == 0 || now > out + PATH_PROBE_STALE_NS {
+            (*sc).probe_tsval = tsval;
+            (*sc).probe_ns = departs;
+        }
+    }
+}
+
+/// Ends a flow's path probe when received data (at `now`) echoes its
+/// timestamp `tsecr`: one sample of its path round trip.
+#[inline(always)]
+fn path_sample(sc: *mut SockClass, tsecr: u32, now: u64) {
+    // SAFETY: pointer into the socket map value, valid for this run.
+    unsafe {
+        let out = read(&(*sc).probe_ns);
+        if out == 0 || tsecr != read(&(*sc).probe_tsval) {
+            return;
+        }
+        (*sc).probe_ns = 0;
+        if now < out {
+            // Answered before the probe left: an earlier ACK carried the
+            // same timestamp (the socket's first ACKs seen); no sample.
+            return;
+        }
+        let p = path_rtt_update(
+            PathRtt {
+                rtt_us: read(&(*sc).path_rtt_us),
+                min_us: read(&(*sc).path_min_us),
+                window_ns: read(&(*sc).path_window_ns),
+            },
+            (now - out) / 1000,
+            now,
+        );
+        (*sc).path_rtt_us = p.rtt_us;
+        (*sc).path_min_us = p.min_us;
+        (*sc).path_window_ns = p.window_ns;
     }
 }
 
@@ -1187,13 +1269,33 @@ fn on_send(ctx: &SockOpsContext) {
         return;
     }
     // SAFETY: helper without arguments; pointer into the socket map value.
-    let (now, step_ns, step_bytes) =
-        unsafe { (bpf_ktime_get_ns(), (*sc).step_ns, (*sc).step_bytes) };
+    let (now, step_ns, step_bytes, path_us) = unsafe {
+        (
+            bpf_ktime_get_ns(),
+            (*sc).step_ns,
+            (*sc).step_bytes,
+            read(&(*sc).path_rtt_us),
+        )
+    };
     let rtt_us = (srtt >> 3) as u64;
+    let ack_paced = g.flags & GLOBAL_ACK_PACING != 0;
+    // The round trip the window covers: the path's where a queue upstream
+    // lengthened it, for flows whose window follows their received rate
+    // (from under 10 ms away, see `policy::receive_window_clamp`). An
+    // ACK-paced flow from further away gets its ceiling at every step:
+    // sized from its path, every window grew with the queue the class's
+    // own flows built (from 60 ms away the path read 100-130 ms, and the
+    // windows' ACKs waited past the mark threshold). The class's pacing
+    // gains and the ACK clock keep the handshake's.
+    let window_rtt = if ack_paced && rtt_us >= CLAMP_FOLLOWS_CLOCK_RTT_US {
+        rtt_us
+    } else {
+        window_rtt_us(rtt_us, path_us as u64)
+    };
     // Most ACKs fall between two steps: leave before the class lookups.
     // Steps (one round trip, 20..80 ms) are shorter than an activity epoch,
     // so the flow is still counted in every epoch it receives in.
-    if applied != 0 && now < step_ns + clamp_step_ns(rtt_us) {
+    if applied != 0 && now < step_ns + clamp_step_ns(window_rtt) {
         return;
     }
     // The count the ACK clock keeps, where it runs: one count per flow.
@@ -1217,33 +1319,29 @@ fn on_send(ctx: &SockOpsContext) {
     // the ACK queueing an ACK-paced flow is allowed. Later ones follow the
     // measured rate, which sees the RTT under load (see
     // `receive_window_clamp` for ACK-paced flows from afar).
-    let lead_us = if g.flags & GLOBAL_ACK_PACING != 0 {
-        ACK_LEAD_WINDOW_US
-    } else {
-        0
-    };
+    let lead_us = if ack_paced { ACK_LEAD_WINDOW_US } else { 0 };
     let initial = window_clamp(rate, rtt_us + lead_us, mss as u64);
     let target = wire_to_tcp_rate(rate);
     // SAFETY: pointer into the socket map value.
     let previous = unsafe { (*sc).prev_clamp } as u64;
-    let seen = clamp_seen(applied, previous, rtt_us);
+    let seen = clamp_seen(applied, previous, window_rtt);
     let clamp = receive_window_clamp(
-        g.flags & GLOBAL_ACK_PACING != 0,
-        seen,
-        measured,
-        target,
-        mss as u64,
-        rtt_us,
-        initial,
+        ack_paced, seen, measured, target, mss as u64, window_rtt, initial,
     );
-    // The class's round trip, for its pacing loop's gains: written only
-    // when it moves (one cache line shared by every CPU).
+    // The class's round trip, for its pacing loop's gains, and its
+    // windows' (reported): written only when they move (one cache line
+    // shared by every CPU).
     // SAFETY: pointer into a class state map value.
     unsafe {
         let old = read(&(*st).rtt_us);
         let new = class_rtt(old, rtt_us);
         if new != old {
             (*st).rtt_us = new;
+        }
+        let old = read(&(*st).window_rtt_us);
+        let new = class_rtt(old, window_rtt);
+        if new != old {
+            (*st).window_rtt_us = new;
         }
     }
     // Rewritten every step: receive-buffer autotuning may have replaced it.
