@@ -348,8 +348,11 @@ pub struct SockClass {
     pub path_rtt_us: u32,
     pub path_min_us: u32,
     pub path_window_ns: u64,
-    /// Ingress ACK pacing: when the path probe left (0 = none out).
+    /// Ingress ACK pacing: when the path probe left (0 = none out; written
+    /// last when one starts, taken back with a compare-and-swap).
     pub probe_ns: u64,
+    /// Ingress ACK pacing: `rcv_bytes` when the path probe started.
+    pub probe_bytes: u64,
 }
 
 #[cfg(feature = "user")]

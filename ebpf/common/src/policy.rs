@@ -473,17 +473,40 @@ pub const fn path_rtt_update(p: PathRtt, sample_us: u64, now_ns: u64) -> PathRtt
     }
 }
 
+/// A path probe's sample (µs; 0: none) when data echoing its timestamp
+/// arrives at `now_ns`: the probe left at `out_ns`, when the flow had
+/// received `bytes_at_start` bytes, and `bytes_before` had come before
+/// this packet. No sample for a probe answered before it left (an earlier
+/// ACK carried the same timestamp), one older than
+/// [`PATH_PROBE_STALE_NS`], or one answered by the first data after an
+/// idle spell (nothing came in between): its sender's pause is not the
+/// path's, and a single sample opening a window after a pause would stand
+/// as the figure ([`path_rtt_update`]).
+#[inline(always)]
+pub const fn path_probe_sample(
+    out_ns: u64,
+    now_ns: u64,
+    bytes_at_start: u64,
+    bytes_before: u64,
+) -> u64 {
+    if now_ns < out_ns || now_ns - out_ns > PATH_PROBE_STALE_NS || bytes_before == bytes_at_start {
+        0
+    } else {
+        max_u64((now_ns - out_ns) / 1_000, 1)
+    }
+}
+
 /// Round trip (µs) a received flow's receive window must cover: its
 /// handshake's (`handshake_us`, what a receiver's smoothed RTT stays at), or
 /// its measured path round trip (`path_us`, [`PathRtt`]) where that is
 /// longer, by at most [`PATH_RTT_EXTRA_MAX_US`]. A window sized from the
 /// handshake alone held a TCP flow beside a UDP flood at 18–21 of its 25
 /// Mbit/s: the flood's upstream queue (40 ms) made its round trip four
-/// times the ceiling's. The datapath applies it to flows whose handshake
-/// took under [`CLAMP_FOLLOWS_CLOCK_RTT_US`] (or without ACK pacing): an
-/// ACK-paced flow from further away gets its ceiling at every step
-/// ([`receive_window_clamp`]), so a ceiling sized from the path grew with
-/// the queue its own class built.
+/// times the ceiling's. The datapath applies it to ACK-paced flows whose
+/// handshake took under [`CLAMP_FOLLOWS_CLOCK_RTT_US`] (the path is
+/// measured only with ACK pacing): one from further away gets its ceiling
+/// at every step ([`receive_window_clamp`]), so a ceiling sized from the
+/// path grew with the queue its own class built.
 #[inline(always)]
 pub const fn window_rtt_us(handshake_us: u64, path_us: u64) -> u64 {
     if path_us > handshake_us {
@@ -909,16 +932,25 @@ pub const fn next_window_clamp(
 pub const CLAMP_FOLLOWS_CLOCK_RTT_US: u64 = CLAMP_STEP_NS / 2_000;
 
 /// Receive-window clamp of a flow at a step (the arguments as for
-/// [`next_window_clamp`], with its round trip `rtt_us`). A flow whose ACKs
-/// are paced (`ack_paced`) from 10 ms away gets its ceiling
-/// ([`ack_paced_clamp_ceiling`]) at every step: its ACK clock holds the
-/// rate, and its window has only to bound the ACKs that wait. Scaled by
-/// the rate the flow received, a window a round trip old ratchets down,
-/// since a burst (slow start, a released backlog) halves it within one
-/// step and a step with nothing received leaves it as it is. Without ACK
-/// pacing the window is the only hold, and on short round trips a step
-/// sees its own clamp's effect: those follow the measured rate.
+/// [`next_window_clamp`], with its handshake's round trip `rtt_us` and the
+/// round trip its window covers, `window_rtt_us`: see [`window_rtt_us`]).
+/// A flow whose ACKs are paced (`ack_paced`) from 10 ms away gets its
+/// ceiling ([`ack_paced_clamp_ceiling`]) at every step: its ACK clock
+/// holds the rate, and its window has only to bound the ACKs that wait.
+/// Scaled by the rate the flow received, a window a round trip old
+/// ratchets down, since a burst (slow start, a released backlog) halves it
+/// within one step and a step with nothing received leaves it as it is.
+/// Without ACK pacing the window is the only hold, and on short round trips
+/// a step sees its own clamp's effect: those follow the measured rate, up
+/// to a ceiling sized from `window_rtt_us`, so that a window grows past
+/// the handshake's round trip only while the flow receives less than its
+/// target (at the ceiling every step, a window sized from a path that
+/// includes the queue its class built grows that queue).
 #[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "plain integers of one step; a struct would only rename them"
+)]
 pub const fn receive_window_clamp(
     ack_paced: bool,
     clamp: u64,
@@ -926,18 +958,18 @@ pub const fn receive_window_clamp(
     target: u64,
     mss: u64,
     rtt_us: u64,
+    window_rtt_us: u64,
     initial: u64,
 ) -> u64 {
     if !ack_paced {
-        let ceiling = window_clamp_ceiling(target, rtt_us, mss);
+        let ceiling = window_clamp_ceiling(target, window_rtt_us, mss);
         return next_window_clamp(clamp, measured, target, mss, ceiling, initial);
     }
-    let ceiling = ack_paced_clamp_ceiling(target, rtt_us, mss);
     if rtt_us >= CLAMP_FOLLOWS_CLOCK_RTT_US {
-        ceiling
-    } else {
-        next_window_clamp(clamp, measured, target, mss, ceiling, initial)
+        return ack_paced_clamp_ceiling(target, rtt_us, mss);
     }
+    let ceiling = ack_paced_clamp_ceiling(target, window_rtt_us, mss);
+    next_window_clamp(clamp, measured, target, mss, ceiling, initial)
 }
 
 /// Shortest cap on how long a received flow's ACKs wait
@@ -1174,6 +1206,32 @@ mod tests {
     }
 
     #[test]
+    fn a_path_probe_samples_only_a_busy_flows_answer() {
+        let ms = 1_000_000;
+        assert_eq!(path_probe_sample(10 * ms, 52 * ms, 1_000, 90_000), 42_000);
+        assert_eq!(
+            path_probe_sample(10 * ms, 10 * ms, 1_000, 90_000),
+            1,
+            "at least 1 µs"
+        );
+        assert_eq!(
+            path_probe_sample(10 * ms, 9 * ms, 1_000, 90_000),
+            0,
+            "answered before it left"
+        );
+        assert_eq!(
+            path_probe_sample(10 * ms, 10 * ms + PATH_PROBE_STALE_NS + 1, 1_000, 90_000),
+            0,
+            "stale"
+        );
+        assert_eq!(
+            path_probe_sample(10 * ms, 400 * ms, 90_000, 90_000),
+            0,
+            "the first data after an idle spell"
+        );
+    }
+
+    #[test]
     fn a_receive_window_covers_the_path_round_trip_where_it_is_longer() {
         assert_eq!(window_rtt_us(500, 0), 500, "not measured");
         assert_eq!(window_rtt_us(500, 300), 500, "shorter than the handshake");
@@ -1304,33 +1362,52 @@ mod tests {
         // nothing received does not freeze it, the first step starts there.
         for (clamp, measured) in [(5_000, 1_000_000), (5_000, 0), (0, 0), (40_000, 250_000)] {
             assert_eq!(
-                receive_window_clamp(true, clamp, measured, target, mss, 60_000, 9_000),
+                receive_window_clamp(true, clamp, measured, target, mss, 60_000, 60_000, 9_000),
                 ceiling_60ms
             );
         }
         assert_eq!(
-            receive_window_clamp(true, 5_000, 0, target, mss, CLAMP_FOLLOWS_CLOCK_RTT_US, 0),
-            ack_paced_clamp_ceiling(target, CLAMP_FOLLOWS_CLOCK_RTT_US, mss)
+            receive_window_clamp(
+                true,
+                5_000,
+                0,
+                target,
+                mss,
+                CLAMP_FOLLOWS_CLOCK_RTT_US,
+                90_000,
+                0
+            ),
+            ack_paced_clamp_ceiling(target, CLAMP_FOLLOWS_CLOCK_RTT_US, mss),
+            "the handshake's round trip sets a far flow's ceiling"
         );
         // Closer, or without ACK pacing, it follows the measured rate (up
         // to the ceiling of its kind).
-        for (paced, rtt) in [
-            (true, CLAMP_FOLLOWS_CLOCK_RTT_US - 1),
-            (false, 60_000),
-            (false, 100),
+        // A path round trip longer than the handshake's sizes that ceiling
+        // only, even past 10 ms.
+        for (paced, rtt, window_rtt) in [
+            (
+                true,
+                CLAMP_FOLLOWS_CLOCK_RTT_US - 1,
+                CLAMP_FOLLOWS_CLOCK_RTT_US - 1,
+            ),
+            (true, 500, 40_500),
+            (false, 60_000, 60_000),
+            (false, 100, 100),
         ] {
             for (clamp, measured, initial) in
                 [(20_000, 1_000_000, 0), (20_000, 100_000, 0), (0, 0, 9_000)]
             {
                 let ceiling = if paced {
-                    ack_paced_clamp_ceiling(target, rtt, mss)
+                    ack_paced_clamp_ceiling(target, window_rtt, mss)
                 } else {
-                    window_clamp_ceiling(target, rtt, mss)
+                    window_clamp_ceiling(target, window_rtt, mss)
                 };
                 assert_eq!(
-                    receive_window_clamp(paced, clamp, measured, target, mss, rtt, initial),
+                    receive_window_clamp(
+                        paced, clamp, measured, target, mss, rtt, window_rtt, initial
+                    ),
                     next_window_clamp(clamp, measured, target, mss, ceiling, initial),
-                    "paced {paced} rtt {rtt} clamp {clamp} measured {measured}"
+                    "paced {paced} rtt {rtt} window {window_rtt} clamp {clamp} measured {measured}"
                 );
             }
         }

@@ -60,9 +60,9 @@ use qos_common::{
         SOCK_WOKEN_BITS, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns, class_rtt,
         clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned, epoch_count,
         first_flight, flow_share, flow_use, kp_full_rate, next_multiplier, overflow_correction,
-        pacing_changed, pacing_rate, path_rtt_update, receive_window_clamp, recently_held,
-        rtt_gain, underflow_correction, use_units, use_weight, weight_reference, window_clamp,
-        window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle, woken_counts_now,
+        pacing_changed, pacing_rate, path_probe_sample, path_rtt_update, receive_window_clamp,
+        recently_held, rtt_gain, underflow_correction, use_units, use_weight, weight_reference,
+        window_clamp, window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle, woken_counts_now,
     },
 };
 use qos_ebpf::{
@@ -670,7 +670,7 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
             (*clock.sc).rcv_bytes += wire;
         }
         if tsecr & ECHO_SEEN != 0 {
-            path_sample(clock.sc, tsecr as u32, clock.now);
+            path_sample(clock.sc, tsecr as u32, clock.now, wire);
         }
         let packet_ns = clock.next - clock.at;
         if clock_fell_behind(clock.prev, clock.now, packet_ns) {
@@ -838,26 +838,34 @@ fn note_ack_departure(ctx: &TcContext, sc: *mut SockClass, now: u64, departs: u6
         (*sc).ack_tsval = tsval;
         let out = read(&(*sc).probe_ns);
         if out == 0 || now > out + PATH_PROBE_STALE_NS {
-            (*sc).probe_tsval = tsval;
-            (*sc).probe_ns = departs;
+            // In this order (volatile writes stay in order; BPF has no
+            // fences): a reader that sees `probe_ns` sees the rest, on
+            // x86 at least (a race elsewhere loses one sample).
+            core::ptr::write_volatile(&raw mut (*sc).probe_tsval, tsval);
+            core::ptr::write_volatile(&raw mut (*sc).probe_bytes, read(&(*sc).rcv_bytes));
+            core::ptr::write_volatile(&raw mut (*sc).probe_ns, departs);
         }
     }
 }
 
-/// Ends a flow's path probe when received data (at `now`) echoes its
-/// timestamp `tsecr`: one sample of its path round trip.
+/// Ends a flow's path probe when received data (at `now`, `wire` bytes
+/// already counted in `rcv_bytes`) echoes its timestamp `tsecr`: one
+/// sample of its path round trip (`policy::path_probe_sample`).
 #[inline(always)]
-fn path_sample(sc: *mut SockClass, tsecr: u32, now: u64) {
+fn path_sample(sc: *mut SockClass, tsecr: u32, now: u64, wire: u64) {
     // SAFETY: pointer into the socket map value, valid for this run.
     unsafe {
         let out = read(&(*sc).probe_ns);
-        if out == 0 || tsecr != read(&(*sc).probe_tsval) {
+        if out == 0 || tsecr != read(&(*sc).probe_tsval) || !cas(&mut (*sc).probe_ns, out, 0) {
             return;
         }
-        (*sc).probe_ns = 0;
-        if now < out {
-            // Answered before the probe left: an earlier ACK carried the
-            // same timestamp (the socket's first ACKs seen); no sample.
+        let sample = path_probe_sample(
+            out,
+            now,
+            read(&(*sc).probe_bytes),
+            read(&(*sc).rcv_bytes).wrapping_sub(wire),
+        );
+        if sample == 0 {
             return;
         }
         let p = path_rtt_update(
@@ -866,7 +874,7 @@ fn path_sample(sc: *mut SockClass, tsecr: u32, now: u64) {
                 min_us: read(&(*sc).path_min_us),
                 window_ns: read(&(*sc).path_window_ns),
             },
-            (now - out) / 1000,
+            sample,
             now,
         );
         (*sc).path_rtt_us = p.rtt_us;
@@ -1280,17 +1288,18 @@ fn on_send(ctx: &SockOpsContext) {
     let rtt_us = (srtt >> 3) as u64;
     let ack_paced = g.flags & GLOBAL_ACK_PACING != 0;
     // The round trip the window covers: the path's where a queue upstream
-    // lengthened it, for flows whose window follows their received rate
-    // (from under 10 ms away, see `policy::receive_window_clamp`). An
-    // ACK-paced flow from further away gets its ceiling at every step:
+    // lengthened it, for ACK-paced flows whose window follows their
+    // received rate (from under 10 ms away, see
+    // `policy::receive_window_clamp`; the path is measured only with ACK
+    // pacing). One from further away gets its ceiling at every step:
     // sized from its path, every window grew with the queue the class's
     // own flows built (from 60 ms away the path read 100-130 ms, and the
     // windows' ACKs waited past the mark threshold). The class's pacing
     // gains and the ACK clock keep the handshake's.
-    let window_rtt = if ack_paced && rtt_us >= CLAMP_FOLLOWS_CLOCK_RTT_US {
-        rtt_us
-    } else {
+    let window_rtt = if ack_paced && rtt_us < CLAMP_FOLLOWS_CLOCK_RTT_US {
         window_rtt_us(rtt_us, path_us as u64)
+    } else {
+        rtt_us
     };
     // Most ACKs fall between two steps: leave before the class lookups.
     // Steps (one round trip, 20..80 ms) are shorter than an activity epoch,
@@ -1326,7 +1335,7 @@ fn on_send(ctx: &SockOpsContext) {
     let previous = unsafe { (*sc).prev_clamp } as u64;
     let seen = clamp_seen(applied, previous, window_rtt);
     let clamp = receive_window_clamp(
-        ack_paced, seen, measured, target, mss as u64, window_rtt, initial,
+        ack_paced, seen, measured, target, mss as u64, rtt_us, window_rtt, initial,
     );
     // The class's round trip, for its pacing loop's gains, and its
     // windows' (reported): written only when they move (one cache line
