@@ -67,7 +67,7 @@ use qos_common::{
 };
 use qos_ebpf::{
     atomic::{add, add_fetch_i64, cas, read},
-    packet::{self, SynKey},
+    packet::{self, Headers, SynKey},
 };
 
 #[map]
@@ -507,11 +507,12 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
         )
     };
     let class_tag = tag & !(TAG_PACED | TAG_INGRESS | TAG_TCP_SOCK);
-    let payload = small_tcp_payload(&ctx, len, segs);
+    let small = small_packet_headers(&ctx, len, segs);
+    let payload = small.tcp_payload(len);
     let (slot, paced, tcp_sock) = if cgroup != 0 {
         let v = socket_view(&d, skb, g, None);
         if ack_pacing() {
-            hold_acks(&ctx, v.cookie, true, payload);
+            hold_acks(&ctx, v.cookie, true, &small, payload);
         }
         (v.slot, v.paced, payload == Some(0) && from_tcp_socket(skb))
     } else if ingress_if != 0 && (TAG_OFFSET..MAX_CLASSES + TAG_OFFSET).contains(&class_tag) {
@@ -538,14 +539,17 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
     }
 }
 
-/// TCP payload bytes of a packet small enough to carry none (its headers
-/// are parsed only then); None for larger, GSO or non-TCP packets.
+/// The headers of a packet small enough to carry no TCP payload (they are
+/// parsed only then, once per packet: the ACK pacer reads its timestamps
+/// from them); all zero for larger, GSO or unparsable packets, whose
+/// `tcp_payload` is then None. Not an `Option`: the verifier refuses the
+/// copy of a `None` with its fields unset.
 #[inline(always)]
-fn small_tcp_payload(ctx: &TcContext, len: u32, segs: u32) -> Option<u32> {
+fn small_packet_headers(ctx: &TcContext, len: u32, segs: u32) -> Headers {
     if segs > 1 || len > NO_PAYLOAD_MAX_L3_LEN + packet::MAX_L2_LEN {
-        return None;
+        return Headers::default();
     }
-    packet::headers(ctx).and_then(|h| h.tcp_payload(len))
+    packet::headers(ctx).unwrap_or_default()
 }
 
 const IPPROTO_TCP: u32 = 6;
@@ -784,10 +788,11 @@ const TSTAMP_MONO: u32 = 1;
 /// shaped interface honours. Data segments (an upload, a request on the
 /// same connection) are not held. `egress`: a later departure time TCP set
 /// itself is kept (at tc ingress the field may hold a receive timestamp of
-/// another clock instead). `payload`: see [`small_tcp_payload`]. Every
-/// pure ACK may start a path probe ([`note_ack_departure`]).
+/// another clock instead). `small`, `payload`: the packet's
+/// [`small_packet_headers`] and its TCP payload by them. Every pure ACK may
+/// start a path probe ([`note_ack_departure`]).
 #[inline(always)]
-fn hold_acks(ctx: &TcContext, cookie: u64, egress: bool, payload: Option<u32>) {
+fn hold_acks(ctx: &TcContext, cookie: u64, egress: bool, small: &Headers, payload: Option<u32>) {
     let Some(sc) = ING_SOCK_CLASS.get_ptr_mut(cookie) else {
         return;
     };
@@ -816,18 +821,17 @@ fn hold_acks(ctx: &TcContext, cookie: u64, egress: bool, payload: Option<u32>) {
         }
     }
     let departs = if at > own { at } else { own };
-    note_ack_departure(ctx, sc, now, if departs > now { departs } else { now });
+    let departs = if departs > now { departs } else { now };
+    note_ack_departure(ctx, small, sc, now, departs);
 }
 
 /// Starts a path probe (`policy::PathRtt`) at the first ACK to carry a new
 /// TCP timestamp, unless one is out: data that echoes that timestamp can
-/// only have been sent after this ACK arrived. `departs`: when it leaves.
+/// only have been sent after this ACK arrived. `h`: the ACK's headers;
+/// `departs`: when it leaves.
 #[inline(always)]
-fn note_ack_departure(ctx: &TcContext, sc: *mut SockClass, now: u64, departs: u64) {
-    let Some(h) = packet::headers(ctx) else {
-        return;
-    };
-    let Some((tsval, _)) = packet::tcp_timestamps(&ctx.skb, &h) else {
+fn note_ack_departure(ctx: &TcContext, h: &Headers, sc: *mut SockClass, now: u64, departs: u64) {
+    let Some((tsval, _)) = packet::tcp_timestamps(&ctx.skb, h) else {
         return;
     };
     // SAFETY: pointer into the socket map value, valid for this run.
@@ -893,11 +897,13 @@ pub fn qos_tag(ctx: TcContext) -> i32 {
         return PASS;
     }
     let v = socket_view(&d, skb, g, Some(&ctx));
-    let payload = small_tcp_payload(&ctx, ctx.len(), 1);
+    let len = ctx.len();
+    let small = small_packet_headers(&ctx, len, 1);
+    let payload = small.tcp_payload(len);
     if ack_pacing() {
         // A container's ACKs: the time set here survives forwarding to the
         // shaped interface.
-        hold_acks(&ctx, v.cookie, false, payload);
+        hold_acks(&ctx, v.cookie, false, &small, payload);
     }
     if v.shaped {
         let paced = if v.paced { TAG_PACED } else { 0 };
