@@ -17,7 +17,7 @@ use anyhow::Result;
 use netqos::{ContainerInterfaces, Direction, NetQuota, Shaper, ShaperSettings, policy::Tuning};
 use testbeds::{
     CgroupDir, Placement, Sysctl,
-    iperf::{Client, ClientOpts, Server, wire_bytes},
+    iperf::{Client, ClientOpts, Server, wire_bytes_of},
     net::EgressBed,
     require_root,
 };
@@ -75,6 +75,12 @@ fn settings(iface: &str, containers: bool) -> Result<ShaperSettings> {
 static TRAFFIC: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
+    run_family(groups, containers, secs, false)
+}
+
+/// [`run`] over IPv4 or (`ipv6`, host senders only) IPv6.
+fn run_family(groups: &[Group], containers: bool, secs: f64, ipv6: bool) -> Result<Outcome> {
+    assert!(!(containers && ipv6), "containers are reached over IPv4");
     let _one_at_a_time = TRAFFIC.lock().unwrap_or_else(|p| p.into_inner());
     let n = groups.len();
     let bed = EgressBed::new(n, if containers { n } else { 0 })?;
@@ -113,11 +119,12 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
     let mut pairs = Vec::new();
     for (i, (g, p)) in groups.iter().zip(&places).enumerate() {
         let port = 5301 + i as u16;
-        let server = Server::start(&peer, bed.peer_ip, port, tmp.path(), 0.1)?;
+        let dst = bed.peer_addr(ipv6);
+        let server = Server::start(&peer, dst, port, tmp.path(), 0.1)?;
         let src = if containers {
-            bed.containers[i].ip
+            bed.containers[i].ip.into()
         } else {
-            bed.sender_ips[i]
+            bed.sender_addr(i, ipv6)
         };
         let opts = ClientOpts {
             seconds: secs,
@@ -128,10 +135,7 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
             pacing_bps: None,
             tcp_bps: None,
         };
-        pairs.push((
-            server,
-            Client::start(p, bed.peer_ip, port, &opts, tmp.path())?,
-        ));
+        pairs.push((server, Client::start(p, dst, port, &opts, tmp.path())?));
     }
     let mut rates = Vec::new();
     for ((server, client), g) in pairs.into_iter().zip(groups) {
@@ -144,7 +148,10 @@ fn run(groups: &[Group], containers: bool, secs: f64) -> Result<Outcome> {
             .fold((0u64, 0.0), |(b, t), i| (b + i.2, t + i.1 - i.0));
         // In nominal (unscaled) Mbit/s, what the assertions are written in.
         rates.push(
-            wire_bytes(bytes, g.udp_bps.is_some()) as f64 * 8.0 / t / 1e6 / common::rate_scale(),
+            wire_bytes_of(bytes, g.udp_bps.is_some(), ipv6) as f64 * 8.0
+                / t
+                / 1e6
+                / common::rate_scale(),
         );
     }
     stop.store(true, Ordering::Relaxed);
@@ -271,7 +278,7 @@ fn a_light_flow_counts_by_what_it_uses() -> Result<()> {
                 seconds: SECS,
                 parallel: 1,
                 udp_bps: None,
-                bind: Some(bed.sender_ips[0]),
+                bind: Some(bed.sender_ips[0].into()),
                 tos: None,
                 pacing_bps: None,
                 tcp_bps,
@@ -382,6 +389,61 @@ fn container_traffic_is_classified_by_its_cgroup() -> Result<()> {
         "forwarded bytes not attributed"
     );
     assert!(!o.status.tagged_interfaces.is_empty());
+    Ok(())
+}
+
+/// IPv6 traffic is classified, paced and charged as IPv4 is (its header
+/// parsed at another offset, its wire length from its own header size).
+#[test]
+fn ipv6_classes_get_their_guarantees() -> Result<()> {
+    if !require_root("ipv6_classes_get_their_guarantees") {
+        return Ok(());
+    }
+    let quotas = [200.0, 800.0];
+    let within = |rates: &[f64]| {
+        rates
+            .iter()
+            .zip(quotas)
+            .all(|(r, q)| *r >= 0.93 * q && *r <= 1.07 * q)
+    };
+    let groups = [tcp("200mbit"), tcp("800mbit")];
+    let o = common::retry_while_shares_off(
+        2,
+        || run_family(&groups, false, 4.0, true),
+        |o| &o.rates,
+        within,
+    )?;
+    for (r, q) in o.rates.iter().zip(quotas) {
+        assert!(
+            *r >= 0.93 * q && *r <= 1.07 * q,
+            "IPv6 class with {q} mbit got {r:.1}: {:?}",
+            o.rates
+        );
+    }
+    for i in 0..2 {
+        let c = class(&o.status, i);
+        assert!(c.bytes > 0, "class {i}: no IPv6 bytes charged");
+        assert_eq!(c.drops, 0, "class {i}: paced IPv6 flow dropped");
+    }
+    Ok(())
+}
+
+/// An ECN-capable IPv6 sender (traffic class ECT(0)) that ignores marks is
+/// CE-marked in its IPv6 header and held to its share.
+#[test]
+fn ecn_capable_ipv6_traffic_is_marked() -> Result<()> {
+    if !require_root("ecn_capable_ipv6_traffic_is_marked") {
+        return Ok(());
+    }
+    let ect = Group {
+        udp_bps: Some(600_000_000),
+        tos: Some(2),
+        ..tcp("300mbit")
+    };
+    let o = run_family(&[ect, tcp("700mbit")], false, 3.0, true)?;
+    let c = class(&o.status, 0);
+    assert!(c.ce_marks > 0, "no CE marks on IPv6 packets");
+    assert!(o.rates[0] < 330.0, "IPv6 ect flood got {:.1}", o.rates[0]);
     Ok(())
 }
 

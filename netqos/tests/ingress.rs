@@ -20,7 +20,7 @@ use netqos::{
 };
 use testbeds::{
     CgroupDir, Placement, Sysctl,
-    iperf::{Client, ClientOpts, Server, wire_bytes},
+    iperf::{Client, ClientOpts, Server, wire_bytes, wire_bytes_of},
     net::{EgressBed, HostVeth},
     require_root,
 };
@@ -105,6 +105,7 @@ fn run(groups: &[Group], containers: bool, ack_pacing: bool, secs: f64) -> Resul
         capacity: CAPACITY,
         delay_ms: 0,
         delay_later: None,
+        ipv6: false,
     };
     run_over(&link, groups, containers, ack_pacing, secs)
 }
@@ -119,6 +120,9 @@ struct Link {
     /// (s, ms): this long after the senders start, the link's delay
     /// becomes that (needs `delay_ms` > 0: the netem to change).
     delay_later: Option<(f64, u32)>,
+    /// Flows over IPv6 (receivers on the host only: containers are
+    /// reached over IPv4).
+    ipv6: bool,
 }
 
 /// [`run`] over `link`.
@@ -129,6 +133,10 @@ fn run_over(
     ack_pacing: bool,
     secs: f64,
 ) -> Result<Outcome> {
+    assert!(
+        !(containers && link.ipv6),
+        "containers are reached over IPv4"
+    );
     let _one_at_a_time = TRAFFIC.lock().unwrap_or_else(|p| p.into_inner());
     let n = groups.len();
     let bed = EgressBed::new(n, if containers { n } else { 0 })?;
@@ -169,9 +177,12 @@ fn run_over(
         );
         shaper.set(&cg, quota)?;
         let (ip, netns) = if containers {
-            (bed.containers[i].ip, Some(bed.containers[i].ns.path()))
+            (
+                bed.containers[i].ip.into(),
+                Some(bed.containers[i].ns.path()),
+            )
         } else {
-            (bed.sender_ips[i], None)
+            (bed.sender_addr(i, link.ipv6), None)
         };
         bed.sender_ecn(ip, g.ecn)?;
         let receiver = Placement {
@@ -241,8 +252,9 @@ fn run_over(
             .filter(|i| i.0 >= 1.0 && i.1 - i.0 >= 0.05)
             .fold((0u64, 0.0), |(b, t), i| (b + i.2, t + i.1 - i.0));
         // In nominal (unscaled) Mbit/s, what the assertions are written in.
-        rates.push(wire_bytes(bytes, false) as f64 * 8.0 / t / 1e6 / common::rate_scale());
-        let on_wire = wire_bytes(r.bytes, false);
+        let wire_of = |b| wire_bytes_of(b, false, link.ipv6);
+        rates.push(wire_of(bytes) as f64 * 8.0 / t / 1e6 / common::rate_scale());
+        let on_wire = wire_of(r.bytes);
         eprintln!("receiver bytes {} wire {on_wire}", r.bytes);
         wire.push(on_wire);
         intervals.push(r.intervals);
@@ -464,6 +476,59 @@ fn ingress_into_containers_is_classified_by_the_receiving_cgroup() -> Result<()>
 
 /// Receive windows (`rcv_ssthresh`, bytes) of the host's established TCP
 /// sockets on local `port`, accepted or still queued.
+/// IPv6 flows are classified by their receiving cgroup and held near their
+/// shares: by their ACK clocks where the kernel has fq (no drops), by CE
+/// marks where it has not.
+#[test]
+fn ipv6_received_flows_are_held_at_their_shares() -> Result<()> {
+    if !require_root("ipv6_received_flows_are_held_at_their_shares") {
+        return Ok(());
+    }
+    let link = Link {
+        rate: LINK,
+        capacity: CAPACITY,
+        delay_ms: 0,
+        delay_later: None,
+        ipv6: true,
+    };
+    let quotas = [200.0, 750.0];
+    // As loose as the IPv4 tests' without ACK pacing (see
+    // ingress_busy_classes_get_their_guarantees_by_ecn).
+    let shares_ok = |rates: &[f64]| {
+        rates
+            .iter()
+            .zip(quotas)
+            .enumerate()
+            .all(|(i, (r, q))| *r >= 0.5 * q && *r <= upper_bound(rates, &quotas, i, 1.75))
+    };
+    let groups = [tcp("200mbit"), tcp("750mbit")];
+    let o = common::retry_while_shares_off(
+        SHARE_TRIES,
+        || run_over(&link, &groups, false, true, 4.0),
+        |o| &o.rates,
+        shares_ok,
+    )?;
+    assert!(shares_ok(&o.rates), "IPv6 shares: {:?}", o.rates);
+    let (mut marks, mut drops, mut packets) = (0, 0, 0);
+    for i in 0..2 {
+        let c = class(&o.status, i);
+        assert!(c.bytes > 0, "class {i}: no IPv6 bytes charged");
+        (marks, drops, packets) = (marks + c.ce_marks, drops + c.drops, packets + c.packets);
+    }
+    let paced = ingress(&o.status).ack_pacing == "on";
+    eprintln!("ACK pacing {paced}: {marks} marks, {drops} drops, {packets} packets");
+    if paced {
+        assert_eq!(drops, 0, "ACK-paced IPv6 flows dropped");
+    } else {
+        assert!(marks > 0, "IPv6 ECN flows were not marked");
+        assert!(
+            drops * 20 < marks && drops * 100 < packets,
+            "{drops} drops, {marks} marks, {packets} packets"
+        );
+    }
+    Ok(())
+}
+
 fn receive_windows(port: u16) -> Result<Vec<u64>> {
     let out = testbeds::run(
         "ss",
@@ -486,7 +551,7 @@ fn a_burst_of_accepted_flows_gets_its_first_flights_bounded() -> Result<()> {
     if !require_root("a_burst_of_accepted_flows_gets_its_first_flights_bounded") {
         return Ok(());
     }
-    first_flights_bounded(5471, false)
+    first_flights_bounded(5471, Listener::V4)
 }
 
 #[test]
@@ -494,13 +559,32 @@ fn a_dual_stack_listeners_ipv4_flows_get_their_first_flights_bounded() -> Result
     if !require_root("a_dual_stack_listeners_ipv4_flows_get_their_first_flights_bounded") {
         return Ok(());
     }
-    first_flights_bounded(5472, true)
+    first_flights_bounded(5472, Listener::DualStack)
 }
 
-/// Eight connections into a 2 Mbit/s class, to an iperf3 server bound to
-/// the class's IPv4 address or (`dual_stack`) listening on `[::]`, whose
-/// request sockets are IPv6 ones for IPv4 SYNs.
-fn first_flights_bounded(port: u16, dual_stack: bool) -> Result<()> {
+#[test]
+fn an_ipv6_listeners_flows_get_their_first_flights_bounded() -> Result<()> {
+    if !require_root("an_ipv6_listeners_flows_get_their_first_flights_bounded") {
+        return Ok(());
+    }
+    first_flights_bounded(5473, Listener::V6)
+}
+
+/// Where the listener of [`first_flights_bounded`] listens.
+#[derive(Clone, Copy, PartialEq)]
+enum Listener {
+    /// The class's IPv4 address; IPv4 flows.
+    V4,
+    /// `[::]`, whose request sockets are IPv6 ones for IPv4 SYNs; IPv4
+    /// flows.
+    DualStack,
+    /// The class's IPv6 address; IPv6 flows.
+    V6,
+}
+
+/// Eight connections into a 2 Mbit/s class, to an iperf3 server listening
+/// as `listener` says.
+fn first_flights_bounded(port: u16, listener: Listener) -> Result<()> {
     let _one_at_a_time = TRAFFIC.lock().unwrap_or_else(|p| p.into_inner());
     let bed = EgressBed::new(1, 0)?;
     let tmp = tempfile::tempdir()?;
@@ -517,14 +601,14 @@ fn first_flights_bounded(port: u16, dual_stack: bool) -> Result<()> {
     // each.
     let rate: qos_core::Rate = "2mbit".parse()?;
     shaper.set(&cg, NetQuota::ingress(rate, Some(rate), 0))?;
-    let ip = bed.sender_ips[0];
+    let ip = bed.sender_addr(0, listener == Listener::V6);
     // A listener in the class; its accept queue holds the connections
     // whether or not it accepts them.
     let receiver = Placement {
         cgroup: Some(dir),
         netns: None,
     };
-    let _server = if dual_stack {
+    let _server = if listener == Listener::DualStack {
         let child = testbeds::KillOnDrop(testbeds::spawn(
             &receiver,
             std::process::Command::new("iperf3")
@@ -578,7 +662,7 @@ fn first_flights_bounded(port: u16, dual_stack: bool) -> Result<()> {
     // The client's connections may be spread over more than the 6 ms a
     // segment drains in at 2 Mbit/s on a slow host: a little room may come
     // back.
-    let segment = 1448;
+    let segment = if listener == Listener::V6 { 1428 } else { 1448 };
     assert!(
         (10 * segment..=16 * segment).contains(&windows[FLOWS - 1]),
         "the first flow's window is not the class's room (16 segments): {windows:?}"
@@ -774,6 +858,7 @@ fn many_slow_flows_from_afar_stay_counted() -> Result<()> {
         capacity: "400mbit",
         delay_ms: 60,
         delay_later: None,
+        ipv6: false,
     };
     let many = Group {
         flows: FLOWS,
@@ -828,6 +913,7 @@ fn a_received_flows_window_covers_a_queue_grown_upstream() -> Result<()> {
         capacity: "400mbit",
         delay_ms: 1,
         delay_later: Some((GROWN_AT, 41)),
+        ipv6: false,
     };
     let o = run_over(&link, &[tcp("400mbit")], false, true, SECS)?;
     // While the flow runs (iperf3's control connection, whose server sends

@@ -2,7 +2,7 @@
 //! in cgroups or container namespaces, and their JSON reports.
 
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -22,12 +22,23 @@ pub const UDP_PAYLOAD: u64 = 1400;
 /// Ethernet + IPv4 + UDP header bytes per datagram.
 pub const UDP_OVERHEAD: u64 = 42;
 
-/// Wire bytes (what tc and HTB charge) of `payload` bytes of bulk traffic.
+/// How much longer an IPv6 header is than an IPv4 one (without options).
+pub const IPV6_EXTRA: u64 = 20;
+
+/// Wire bytes (what tc and HTB charge) of `payload` bytes of bulk traffic
+/// over IPv4.
 pub fn wire_bytes(payload: u64, udp: bool) -> u64 {
+    wire_bytes_of(payload, udp, false)
+}
+
+/// [`wire_bytes`] over IPv4 or (`ipv6`) IPv6, whose TCP segments carry
+/// [`IPV6_EXTRA`] bytes less payload in the same frame.
+pub fn wire_bytes_of(payload: u64, udp: bool, ipv6: bool) -> u64 {
+    let extra = if ipv6 { IPV6_EXTRA } else { 0 };
     let (seg, ovh) = if udp {
-        (UDP_PAYLOAD, UDP_OVERHEAD)
+        (UDP_PAYLOAD, UDP_OVERHEAD + extra)
     } else {
-        (TCP_MSS, TCP_OVERHEAD)
+        (TCP_MSS - extra, TCP_OVERHEAD + extra)
     };
     payload + payload.div_ceil(seg) * ovh
 }
@@ -60,11 +71,12 @@ impl Server {
     /// Starts `iperf3 -s -1` on `port` and waits until it listens.
     pub fn start(
         place: &Placement,
-        bind: Ipv4Addr,
+        bind: impl Into<IpAddr>,
         port: u16,
         out_dir: &Path,
         interval: f64,
     ) -> Result<Self> {
+        let bind: IpAddr = bind.into();
         let out = out_dir.join(format!("server-{port}.json"));
         let file =
             std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -98,19 +110,20 @@ impl Server {
     }
 }
 
-/// Waits (up to 5 s) until process `pid` listens on TCP `port`. Listening
-/// shows in /proc/net/tcp of the process's namespace; the cheapest check
-/// without entering it is the process's own view.
+/// Waits (up to 5 s) until process `pid` listens on TCP `port` (IPv4 or
+/// IPv6). Listening shows in /proc/net/tcp{,6} of the process's namespace;
+/// the cheapest check without entering it is the process's own view.
 pub fn wait_listening(pid: u32, port: u16) -> bool {
     let hex_port = format!(":{:04X} ", port);
-    wait_for(Duration::from_secs(5), || {
-        std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))
+    let listens = |table: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))
             .map(|t| {
                 t.lines()
                     .any(|l| l.contains(&hex_port) && l.split_whitespace().nth(3) == Some("0A"))
             })
             .unwrap_or(false)
-    })
+    };
+    wait_for(Duration::from_secs(5), || listens("tcp") || listens("tcp6"))
 }
 
 /// Waits for an iperf3 process to exit and returns its JSON report.
@@ -160,7 +173,7 @@ pub struct ClientOpts {
     pub parallel: u32,
     /// UDP at this many bits per second.
     pub udp_bps: Option<u64>,
-    pub bind: Option<Ipv4Addr>,
+    pub bind: Option<IpAddr>,
     /// IP TOS byte (2 = ECT(0): ECN-capable without any ECN reaction).
     pub tos: Option<u8>,
     /// Each stream's socket paced at this many bits per second
@@ -183,7 +196,7 @@ pub struct Client {
 impl Client {
     pub fn start(
         place: &Placement,
-        server: Ipv4Addr,
+        server: impl Into<IpAddr>,
         port: u16,
         opts: &ClientOpts,
         out_dir: &Path,
@@ -193,7 +206,7 @@ impl Client {
         let mut cmd = Command::new("iperf3");
         cmd.args([
             "-c",
-            &server.to_string(),
+            &server.into().to_string(),
             "-p",
             &port.to_string(),
             "-J",
@@ -268,6 +281,10 @@ mod tests {
         assert_eq!(wire_bytes(1449, false), 1449 + 132);
         assert_eq!(wire_bytes(1400 * 10, true), 1442 * 10);
         assert_eq!(wire_bytes(0, false), 0);
+        // IPv6: full frames are still 1514 bytes, with 20 bytes less payload.
+        assert_eq!(wire_bytes_of(1428, false, true), 1514);
+        assert_eq!(wire_bytes_of(1429, false, true), 1429 + 172);
+        assert_eq!(wire_bytes_of(1400 * 10, true, true), 1462 * 10);
     }
 
     #[test]

@@ -9,8 +9,12 @@
 //!  senders in cgroups ── <shaped veth> ═══════ <peer veth>  receivers
 //!  ct netns: sender ═ veth ═ host veth ─ routed ─┘
 //! ```
+//!
+//! The host, the peer and the sender groups have IPv6 addresses as well
+//! (`fd71:7105:<net>::/64`, on the shaped veth only: containers are
+//! reached over IPv4).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, bail};
 
@@ -37,6 +41,10 @@ pub struct EgressBed {
     pub peer_ip: Ipv4Addr,
     /// Extra host addresses on the shaped veth, one per sender group.
     pub sender_ips: Vec<Ipv4Addr>,
+    /// The same three in IPv6.
+    pub host_ip6: Ipv6Addr,
+    pub peer_ip6: Ipv6Addr,
+    pub sender_ips6: Vec<Ipv6Addr>,
     _forward: Option<Sysctl>,
 }
 
@@ -108,6 +116,46 @@ impl EgressBed {
             run("ip", &["addr", "add", &format!("{ip}/32"), "dev", &host_if])?;
             sender_ips.push(ip);
         }
+        // IPv6 in the network the IPv4 claim made this bed's; without
+        // duplicate address detection, which would hold the addresses
+        // back for a second or more.
+        let ip6 = |host: u16| Ipv6Addr::new(0xfd71, 0x7105, u16::from(net), 0, 0, 0, 0, host);
+        let (host_ip6, peer_ip6) = (ip6(1), ip6(2));
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{host_ip6}/64"),
+                "dev",
+                &host_if,
+                "nodad",
+            ],
+        )?;
+        peer.ip(&[
+            "addr",
+            "add",
+            &format!("{peer_ip6}/64"),
+            "dev",
+            &peer_if,
+            "nodad",
+        ])?;
+        let mut sender_ips6 = Vec::new();
+        for i in 0..senders {
+            let ip = ip6(0x10 + i as u16);
+            run(
+                "ip",
+                &[
+                    "addr",
+                    "add",
+                    &format!("{ip}/128"),
+                    "dev",
+                    &host_if,
+                    "nodad",
+                ],
+            )?;
+            sender_ips6.push(ip);
+        }
         let forward = if containers > 0 {
             Some(Sysctl::set("net.ipv4.ip_forward", "1")?)
         } else {
@@ -121,6 +169,9 @@ impl EgressBed {
             host_ip,
             peer_ip,
             sender_ips,
+            host_ip6,
+            peer_ip6,
+            sender_ips6,
             _forward: forward,
         };
         for i in 0..containers {
@@ -149,6 +200,24 @@ impl EgressBed {
 
     pub fn shaped_if(&self) -> &str {
         self.shaped.host()
+    }
+
+    /// Sender group `i`'s host address in IPv4 or (`ipv6`) IPv6.
+    pub fn sender_addr(&self, i: usize, ipv6: bool) -> IpAddr {
+        if ipv6 {
+            self.sender_ips6[i].into()
+        } else {
+            self.sender_ips[i].into()
+        }
+    }
+
+    /// The peer's address in IPv4 or (`ipv6`) IPv6.
+    pub fn peer_addr(&self, ipv6: bool) -> IpAddr {
+        if ipv6 {
+            self.peer_ip6.into()
+        } else {
+            self.peer_ip.into()
+        }
     }
 
     /// Makes the peer the sending side of ingress tests: CUBIC (the host
@@ -222,9 +291,11 @@ impl EgressBed {
 
     /// Whether the peer's TCP senders towards `dst` negotiate ECN (see
     /// [`EgressBed::peer_senders`]).
-    pub fn sender_ecn(&self, dst: Ipv4Addr, ecn: bool) -> Result<()> {
-        let dst = format!("{dst}/32");
-        let gw = self.host_ip.to_string();
+    pub fn sender_ecn(&self, dst: impl Into<IpAddr>, ecn: bool) -> Result<()> {
+        let (dst, gw) = match dst.into() {
+            IpAddr::V4(a) => (format!("{a}/32"), self.host_ip.to_string()),
+            IpAddr::V6(a) => (format!("{a}/128"), self.host_ip6.to_string()),
+        };
         let mut args = vec!["route", "replace", &dst, "via", &gw];
         if ecn {
             args.extend(["features", "ecn"]);

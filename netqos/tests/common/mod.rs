@@ -134,7 +134,7 @@ pub fn one_flow_under_control(
             seconds: SECS,
             parallel: 1,
             udp_bps: None,
-            bind,
+            bind: bind.map(Into::into),
             tos: None,
             pacing_bps: None,
             tcp_bps: None,

@@ -249,7 +249,7 @@ fn traffic(
             seconds,
             parallel: 4,
             udp_bps: None,
-            bind: Some(tb.bed.sender_ips[i]),
+            bind: Some(tb.bed.sender_ips[i].into()),
             tos: None,
             pacing_bps: None,
             tcp_bps: None,

@@ -1098,14 +1098,14 @@ fn traffic(
     let mut port = 5400u16;
     let shares = expected(sc, cap);
     let paced = matches!(shaping, Shaping::PacedSenders);
-    let client_opts = |i: usize, secs: f64, src| {
+    let client_opts = |i: usize, secs: f64, src: std::net::Ipv4Addr| {
         let g = &sc.groups[i];
         let flow_ip_bps = paced_flow_ip_bps(shares[i], g.flows);
         ClientOpts {
             seconds: secs,
             parallel: g.flows,
             udp_bps: g.udp.then_some(if paced { flow_ip_bps } else { cap }),
-            bind: Some(src),
+            bind: Some(src.into()),
             tos: None,
             pacing_bps: (paced && !g.udp).then_some(flow_ip_bps),
             tcp_bps: None,
