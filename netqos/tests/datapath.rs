@@ -45,6 +45,8 @@ const fn tcp(quota: &'static str) -> Group {
 struct Outcome {
     /// Wire Mbit/s per group, after a 1 s warm-up.
     rates: Vec<f64>,
+    /// Wire bytes each group's receiver took in over the whole run.
+    wire: Vec<u64>,
     status: netqos::NetStatus,
 }
 
@@ -119,12 +121,12 @@ fn run_family(groups: &[Group], containers: bool, secs: f64, ipv6: bool) -> Resu
     let mut pairs = Vec::new();
     for (i, (g, p)) in groups.iter().zip(&places).enumerate() {
         let port = 5301 + i as u16;
-        let dst = bed.peer_addr(ipv6);
+        let dst = bed.peer_addr(ipv6)?;
         let server = Server::start(&peer, dst, port, tmp.path(), 0.1)?;
         let src = if containers {
             bed.containers[i].ip.into()
         } else {
-            bed.sender_addr(i, ipv6)
+            bed.sender_addr(i, ipv6)?
         };
         let opts = ClientOpts {
             seconds: secs,
@@ -138,6 +140,7 @@ fn run_family(groups: &[Group], containers: bool, secs: f64, ipv6: bool) -> Resu
         pairs.push((server, Client::start(p, dst, port, &opts, tmp.path())?));
     }
     let mut rates = Vec::new();
+    let mut wire = Vec::new();
     for ((server, client), g) in pairs.into_iter().zip(groups) {
         client.finish(Duration::from_secs_f64(secs + 20.0))?;
         let r = server.finish(Duration::from_secs(20))?;
@@ -153,6 +156,7 @@ fn run_family(groups: &[Group], containers: bool, secs: f64, ipv6: bool) -> Resu
                 / 1e6
                 / common::rate_scale(),
         );
+        wire.push(wire_bytes_of(r.bytes, g.udp_bps.is_some(), ipv6));
     }
     stop.store(true, Ordering::Relaxed);
     let (shaper, _) = handle.join().expect("control thread");
@@ -173,7 +177,11 @@ fn run_family(groups: &[Group], containers: bool, secs: f64, ipv6: bool) -> Resu
             c.borrowed_bytes
         );
     }
-    Ok(Outcome { rates, status })
+    Ok(Outcome {
+        rates,
+        wire,
+        status,
+    })
 }
 
 /// [`run`], once more if the shares miss `shares_ok` (both tries are
@@ -404,7 +412,7 @@ fn ipv6_classes_get_their_guarantees() -> Result<()> {
         rates
             .iter()
             .zip(quotas)
-            .all(|(r, q)| *r >= 0.93 * q && *r <= 1.07 * q)
+            .all(|(r, q)| *r >= 0.93 * q && *r <= 1.05 * q)
     };
     let groups = [tcp("200mbit"), tcp("800mbit")];
     let o = common::retry_while_shares_off(
@@ -415,15 +423,29 @@ fn ipv6_classes_get_their_guarantees() -> Result<()> {
     )?;
     for (r, q) in o.rates.iter().zip(quotas) {
         assert!(
-            *r >= 0.93 * q && *r <= 1.07 * q,
+            *r >= 0.93 * q && *r <= 1.05 * q,
             "IPv6 class with {q} mbit got {r:.1}: {:?}",
             o.rates
         );
     }
     for i in 0..2 {
         let c = class(&o.status, i);
-        assert!(c.bytes > 0, "class {i}: no IPv6 bytes charged");
         assert_eq!(c.drops, 0, "class {i}: paced IPv6 flow dropped");
+        // Charged by the IPv6 headers' length: the fallback for a packet
+        // it could not parse (IPv4's 66 bytes per segment) would charge
+        // 1.3 % less. The class also carries iperf3's control connection
+        // and the handshakes (a few KB).
+        let ratio = c.bytes as f64 / o.wire[i] as f64;
+        eprintln!(
+            "class {i}: charged {} of {} wire bytes ({ratio:.4})",
+            c.bytes, o.wire[i]
+        );
+        assert!(
+            (0.997..1.01).contains(&ratio),
+            "class {i} charged {} bytes for {} on the wire ({ratio:.4})",
+            c.bytes,
+            o.wire[i]
+        );
     }
     Ok(())
 }

@@ -182,7 +182,7 @@ fn run_over(
                 Some(bed.containers[i].ns.path()),
             )
         } else {
-            (bed.sender_addr(i, link.ipv6), None)
+            (bed.sender_addr(i, link.ipv6)?, None)
         };
         bed.sender_ecn(ip, g.ecn)?;
         let receiver = Placement {
@@ -474,14 +474,15 @@ fn ingress_into_containers_is_classified_by_the_receiving_cgroup() -> Result<()>
     Ok(())
 }
 
-/// Receive windows (`rcv_ssthresh`, bytes) of the host's established TCP
-/// sockets on local `port`, accepted or still queued.
 /// IPv6 flows are classified by their receiving cgroup and held near their
 /// shares: by their ACK clocks where the kernel has fq (no drops), by CE
-/// marks where it has not.
+/// marks and window clamps where it has not. One sender without ECN: were
+/// its IPv6 TCP not parsed, nothing but drops could hold it.
 #[test]
 fn ipv6_received_flows_are_held_at_their_shares() -> Result<()> {
-    if !require_root("ipv6_received_flows_are_held_at_their_shares") {
+    if !require_root("ipv6_received_flows_are_held_at_their_shares")
+        || !testbeds::net::require_ipv6("ipv6_received_flows_are_held_at_their_shares")
+    {
         return Ok(());
     }
     let link = Link {
@@ -501,7 +502,11 @@ fn ipv6_received_flows_are_held_at_their_shares() -> Result<()> {
             .enumerate()
             .all(|(i, (r, q))| *r >= 0.5 * q && *r <= upper_bound(rates, &quotas, i, 1.75))
     };
-    let groups = [tcp("200mbit"), tcp("750mbit")];
+    let plain = Group {
+        ecn: false,
+        ..tcp("200mbit")
+    };
+    let groups = [plain, tcp("750mbit")];
     let o = common::retry_while_shares_off(
         SHARE_TRIES,
         || run_over(&link, &groups, false, true, 4.0),
@@ -509,26 +514,50 @@ fn ipv6_received_flows_are_held_at_their_shares() -> Result<()> {
         shares_ok,
     )?;
     assert!(shares_ok(&o.rates), "IPv6 shares: {:?}", o.rates);
-    let (mut marks, mut drops, mut packets) = (0, 0, 0);
-    for i in 0..2 {
-        let c = class(&o.status, i);
-        assert!(c.bytes > 0, "class {i}: no IPv6 bytes charged");
-        (marks, drops, packets) = (marks + c.ce_marks, drops + c.drops, packets + c.packets);
+    let (plain, ecn) = (class(&o.status, 0), class(&o.status, 1));
+    for c in [plain, ecn] {
+        assert!(c.bytes > 0, "{}: no IPv6 bytes charged", c.cgroup);
     }
     let paced = ingress(&o.status).ack_pacing == "on";
-    eprintln!("ACK pacing {paced}: {marks} marks, {drops} drops, {packets} packets");
+    eprintln!(
+        "ACK pacing {paced}: clamps {} / {}, marks {} / {}, drops {} / {} of {} / {} packets",
+        plain.window_clamps,
+        ecn.window_clamps,
+        plain.ce_marks,
+        ecn.ce_marks,
+        plain.drops,
+        ecn.drops,
+        plain.packets,
+        ecn.packets
+    );
     if paced {
-        assert_eq!(drops, 0, "ACK-paced IPv6 flows dropped");
-    } else {
-        assert!(marks > 0, "IPv6 ECN flows were not marked");
-        assert!(
-            drops * 20 < marks && drops * 100 < packets,
-            "{drops} drops, {marks} marks, {packets} packets"
+        assert_eq!(
+            (plain.drops, ecn.drops),
+            (0, 0),
+            "ACK-paced IPv6 flows dropped"
         );
+    } else {
+        assert!(
+            plain.window_clamps > 0,
+            "the IPv6 flow without ECN was not clamped"
+        );
+        assert_eq!(plain.ce_marks, 0, "a non-ECN IPv6 flow cannot be marked");
+        assert!(ecn.ce_marks > 0, "the IPv6 ECN flow was not marked");
+        for c in [plain, ecn] {
+            assert!(
+                c.drops * 100 <= c.packets,
+                "{}: {} drops of {} packets",
+                c.cgroup,
+                c.drops,
+                c.packets
+            );
+        }
     }
     Ok(())
 }
 
+/// Receive windows (`rcv_ssthresh`, bytes) of the host's established TCP
+/// sockets on local `port`, accepted or still queued.
 fn receive_windows(port: u16) -> Result<Vec<u64>> {
     let out = testbeds::run(
         "ss",
@@ -564,7 +593,9 @@ fn a_dual_stack_listeners_ipv4_flows_get_their_first_flights_bounded() -> Result
 
 #[test]
 fn an_ipv6_listeners_flows_get_their_first_flights_bounded() -> Result<()> {
-    if !require_root("an_ipv6_listeners_flows_get_their_first_flights_bounded") {
+    if !require_root("an_ipv6_listeners_flows_get_their_first_flights_bounded")
+        || !testbeds::net::require_ipv6("an_ipv6_listeners_flows_get_their_first_flights_bounded")
+    {
         return Ok(());
     }
     first_flights_bounded(5473, Listener::V6)
@@ -601,7 +632,7 @@ fn first_flights_bounded(port: u16, listener: Listener) -> Result<()> {
     // each.
     let rate: qos_core::Rate = "2mbit".parse()?;
     shaper.set(&cg, NetQuota::ingress(rate, Some(rate), 0))?;
-    let ip = bed.sender_addr(0, listener == Listener::V6);
+    let ip = bed.sender_addr(0, listener == Listener::V6)?;
     // A listener in the class; its accept queue holds the connections
     // whether or not it accepts them.
     let receiver = Placement {

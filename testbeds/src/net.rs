@@ -10,9 +10,10 @@
 //!  ct netns: sender ═ veth ═ host veth ─ routed ─┘
 //! ```
 //!
-//! The host, the peer and the sender groups have IPv6 addresses as well
-//! (`fd71:7105:<net>::/64`, on the shaped veth only: containers are
-//! reached over IPv4).
+//! Where the kernel has IPv6, the host, the peer and the sender groups have
+//! IPv6 addresses as well (`fd71:7105:<net>::/64`, `<net>` in hex: 10.100.
+//! goes with fd71:7105:64::), on the shaped veth only: containers are
+//! reached over IPv4.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -41,11 +42,36 @@ pub struct EgressBed {
     pub peer_ip: Ipv4Addr,
     /// Extra host addresses on the shaped veth, one per sender group.
     pub sender_ips: Vec<Ipv4Addr>,
-    /// The same three in IPv6.
-    pub host_ip6: Ipv6Addr,
-    pub peer_ip6: Ipv6Addr,
-    pub sender_ips6: Vec<Ipv6Addr>,
+    /// The same three in IPv6; None where the kernel has no IPv6.
+    pub ipv6: Option<BedIpv6>,
     _forward: Option<Sysctl>,
+}
+
+/// A bed's IPv6 addresses (see [`EgressBed`]).
+#[derive(Debug)]
+pub struct BedIpv6 {
+    pub host: Ipv6Addr,
+    pub peer: Ipv6Addr,
+    pub senders: Vec<Ipv6Addr>,
+}
+
+/// Whether this kernel has IPv6 (it has not when booted with
+/// `ipv6.disable=1`).
+pub fn ipv6_available() -> bool {
+    std::path::Path::new("/proc/sys/net/ipv6").exists()
+}
+
+/// Whether an IPv6 test can run here; like [`crate::require_root`]: under
+/// CI a kernel without IPv6 fails the test instead of skipping it.
+pub fn require_ipv6(test: &str) -> bool {
+    if ipv6_available() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test} needs IPv6 and CI is set: this kernel has none (ipv6.disable=1?)");
+    }
+    eprintln!("SKIPPED {test}: needs IPv6, which this kernel does not have (ipv6.disable=1?)");
+    false
 }
 
 /// Held while a bed picks its 10.x network and claims it (adds its host
@@ -116,46 +142,11 @@ impl EgressBed {
             run("ip", &["addr", "add", &format!("{ip}/32"), "dev", &host_if])?;
             sender_ips.push(ip);
         }
-        // IPv6 in the network the IPv4 claim made this bed's; without
-        // duplicate address detection, which would hold the addresses
-        // back for a second or more.
-        let ip6 = |host: u16| Ipv6Addr::new(0xfd71, 0x7105, u16::from(net), 0, 0, 0, 0, host);
-        let (host_ip6, peer_ip6) = (ip6(1), ip6(2));
-        run(
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("{host_ip6}/64"),
-                "dev",
-                &host_if,
-                "nodad",
-            ],
-        )?;
-        peer.ip(&[
-            "addr",
-            "add",
-            &format!("{peer_ip6}/64"),
-            "dev",
-            &peer_if,
-            "nodad",
-        ])?;
-        let mut sender_ips6 = Vec::new();
-        for i in 0..senders {
-            let ip = ip6(0x10 + i as u16);
-            run(
-                "ip",
-                &[
-                    "addr",
-                    "add",
-                    &format!("{ip}/128"),
-                    "dev",
-                    &host_if,
-                    "nodad",
-                ],
-            )?;
-            sender_ips6.push(ip);
-        }
+        let ipv6 = if ipv6_available() {
+            Some(add_ipv6(net, senders, &peer, &host_if, &peer_if)?)
+        } else {
+            None
+        };
         let forward = if containers > 0 {
             Some(Sysctl::set("net.ipv4.ip_forward", "1")?)
         } else {
@@ -169,9 +160,7 @@ impl EgressBed {
             host_ip,
             peer_ip,
             sender_ips,
-            host_ip6,
-            peer_ip6,
-            sender_ips6,
+            ipv6,
             _forward: forward,
         };
         for i in 0..containers {
@@ -203,21 +192,28 @@ impl EgressBed {
     }
 
     /// Sender group `i`'s host address in IPv4 or (`ipv6`) IPv6.
-    pub fn sender_addr(&self, i: usize, ipv6: bool) -> IpAddr {
-        if ipv6 {
-            self.sender_ips6[i].into()
+    pub fn sender_addr(&self, i: usize, ipv6: bool) -> Result<IpAddr> {
+        let addr = if ipv6 {
+            self.ipv6()?.senders.get(i).copied().map(IpAddr::from)
         } else {
-            self.sender_ips[i].into()
-        }
+            self.sender_ips.get(i).copied().map(IpAddr::from)
+        };
+        addr.with_context(|| format!("the bed has no sender group {i}"))
     }
 
     /// The peer's address in IPv4 or (`ipv6`) IPv6.
-    pub fn peer_addr(&self, ipv6: bool) -> IpAddr {
-        if ipv6 {
-            self.peer_ip6.into()
+    pub fn peer_addr(&self, ipv6: bool) -> Result<IpAddr> {
+        Ok(if ipv6 {
+            self.ipv6()?.peer.into()
         } else {
             self.peer_ip.into()
-        }
+        })
+    }
+
+    fn ipv6(&self) -> Result<&BedIpv6> {
+        self.ipv6
+            .as_ref()
+            .context("the test bed has no IPv6: this kernel has none (see require_ipv6)")
     }
 
     /// Makes the peer the sending side of ingress tests: CUBIC (the host
@@ -294,7 +290,7 @@ impl EgressBed {
     pub fn sender_ecn(&self, dst: impl Into<IpAddr>, ecn: bool) -> Result<()> {
         let (dst, gw) = match dst.into() {
             IpAddr::V4(a) => (format!("{a}/32"), self.host_ip.to_string()),
-            IpAddr::V6(a) => (format!("{a}/128"), self.host_ip6.to_string()),
+            IpAddr::V6(a) => (format!("{a}/128"), self.ipv6()?.host.to_string()),
         };
         let mut args = vec!["route", "replace", &dst, "via", &gw];
         if ecn {
@@ -303,6 +299,58 @@ impl EgressBed {
         self.peer.ip(&args)?;
         Ok(())
     }
+}
+
+/// Gives a bed's shaped veth IPv6 in the network the IPv4 claim made the
+/// bed's (`net`): the host, the peer and `senders` sender addresses.
+/// IPv6 is turned on on both ends first (a host may have it off by
+/// default), and duplicate address detection is skipped: it would hold the
+/// addresses back for a second or more.
+fn add_ipv6(
+    net: u8,
+    senders: usize,
+    peer: &Netns,
+    host_if: &str,
+    peer_if: &str,
+) -> Result<BedIpv6> {
+    let ip6 = |host: u16| Ipv6Addr::new(0xfd71, 0x7105, u16::from(net), 0, 0, 0, 0, host);
+    let on = |dev: &str| format!("net.ipv6.conf.{dev}.disable_ipv6=0");
+    run("sysctl", &["-qw", &on(host_if)])?;
+    peer.exec("sysctl", &["-qw", &on(peer_if)])?;
+    let (host, peer_ip) = (ip6(1), ip6(2));
+    run(
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{host}/64"),
+            "dev",
+            host_if,
+            "nodad",
+        ],
+    )?;
+    peer.ip(&[
+        "addr",
+        "add",
+        &format!("{peer_ip}/64"),
+        "dev",
+        peer_if,
+        "nodad",
+    ])?;
+    let mut sender_ips = Vec::new();
+    for i in 0..senders {
+        let ip = ip6(0x10 + i as u16);
+        run(
+            "ip",
+            &["addr", "add", &format!("{ip}/128"), "dev", host_if, "nodad"],
+        )?;
+        sender_ips.push(ip);
+    }
+    Ok(BedIpv6 {
+        host,
+        peer: peer_ip,
+        senders: sender_ips,
+    })
 }
 
 /// A veth pair left in the host namespace (`<name>`, `<name>p`), up, with
