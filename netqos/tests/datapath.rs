@@ -198,7 +198,23 @@ fn run_retrying_if_off(
     secs: f64,
     shares_ok: impl Fn(&[f64]) -> bool,
 ) -> Result<Outcome> {
-    common::retry_while_shares_off(2, || run(groups, containers, secs), |o| &o.rates, shares_ok)
+    run_family_retrying_if_off(groups, containers, secs, false, shares_ok)
+}
+
+/// [`run_retrying_if_off`] over IPv4 or (`ipv6`) IPv6.
+fn run_family_retrying_if_off(
+    groups: &[Group],
+    containers: bool,
+    secs: f64,
+    ipv6: bool,
+    shares_ok: impl Fn(&[f64]) -> bool,
+) -> Result<Outcome> {
+    common::retry_while_shares_off(
+        2,
+        || run_family(groups, containers, secs, ipv6),
+        |o| &o.rates,
+        shares_ok,
+    )
 }
 
 fn egress_entries(shaper: &mut Shaper) -> usize {
@@ -404,7 +420,9 @@ fn container_traffic_is_classified_by_its_cgroup() -> Result<()> {
 /// parsed at another offset, its wire length from its own header size).
 #[test]
 fn ipv6_classes_get_their_guarantees() -> Result<()> {
-    if !require_root("ipv6_classes_get_their_guarantees") {
+    if !require_root("ipv6_classes_get_their_guarantees")
+        || !testbeds::net::require_ipv6("ipv6_classes_get_their_guarantees")
+    {
         return Ok(());
     }
     let quotas = [200.0, 800.0];
@@ -415,12 +433,7 @@ fn ipv6_classes_get_their_guarantees() -> Result<()> {
             .all(|(r, q)| *r >= 0.93 * q && *r <= 1.05 * q)
     };
     let groups = [tcp("200mbit"), tcp("800mbit")];
-    let o = common::retry_while_shares_off(
-        2,
-        || run_family(&groups, false, 4.0, true),
-        |o| &o.rates,
-        within,
-    )?;
+    let o = run_family_retrying_if_off(&groups, false, 4.0, true, within)?;
     for (r, q) in o.rates.iter().zip(quotas) {
         assert!(
             *r >= 0.93 * q && *r <= 1.05 * q,
@@ -454,19 +467,12 @@ fn ipv6_classes_get_their_guarantees() -> Result<()> {
 /// CE-marked in its IPv6 header and held to its share.
 #[test]
 fn ecn_capable_ipv6_traffic_is_marked() -> Result<()> {
-    if !require_root("ecn_capable_ipv6_traffic_is_marked") {
+    if !require_root("ecn_capable_ipv6_traffic_is_marked")
+        || !testbeds::net::require_ipv6("ecn_capable_ipv6_traffic_is_marked")
+    {
         return Ok(());
     }
-    let ect = Group {
-        udp_bps: Some(600_000_000),
-        tos: Some(2),
-        ..tcp("300mbit")
-    };
-    let o = run_family(&[ect, tcp("700mbit")], false, 3.0, true)?;
-    let c = class(&o.status, 0);
-    assert!(c.ce_marks > 0, "no CE marks on IPv6 packets");
-    assert!(o.rates[0] < 330.0, "IPv6 ect flood got {:.1}", o.rates[0]);
-    Ok(())
+    ect_flood_is_marked_and_held(true)
 }
 
 #[test]
@@ -492,17 +498,27 @@ fn ecn_capable_traffic_is_marked_before_it_is_dropped() -> Result<()> {
     if !require_root("ecn_capable_traffic_is_marked_before_it_is_dropped") {
         return Ok(());
     }
-    // An ECT(0) sender that ignores the marks: it is marked first, and only
-    // the excess beyond the drop threshold is dropped.
+    ect_flood_is_marked_and_held(false)
+}
+
+/// An ECT(0) sender that ignores the marks, over IPv4 or (`ipv6`) IPv6: it
+/// is marked first, and only the excess beyond the drop threshold is
+/// dropped.
+fn ect_flood_is_marked_and_held(ipv6: bool) -> Result<()> {
     let ect = Group {
         udp_bps: Some(600_000_000),
         tos: Some(2),
         ..tcp("300mbit")
     };
-    let o = run(&[ect, tcp("700mbit")], false, 3.0)?;
+    let o = run_family(&[ect, tcp("700mbit")], false, 3.0, ipv6)?;
     let c = class(&o.status, 0);
-    assert!(c.ce_marks > 0, "no CE marks");
-    assert!(o.rates[0] < 330.0, "ect flood got {:.1}", o.rates[0]);
+    let family = if ipv6 { "IPv6" } else { "IPv4" };
+    assert!(c.ce_marks > 0, "no CE marks on {family} packets");
+    assert!(
+        o.rates[0] < 330.0,
+        "{family} ect flood got {:.1}",
+        o.rates[0]
+    );
     Ok(())
 }
 

@@ -107,15 +107,17 @@ fn one_shaper_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 /// `ack_pacing`: `[net] ingress_ack_pacing` (it takes effect only where the
 /// kernel has fq).
 fn run(groups: &[Group], containers: bool, ack_pacing: bool, secs: f64) -> Result<Outcome> {
-    let link = Link {
-        rate: LINK,
-        capacity: CAPACITY,
-        delay_ms: 0,
-        delay_later: None,
-        ipv6: false,
-    };
-    run_over(&link, groups, containers, ack_pacing, secs)
+    run_over(&BASE_LINK, groups, containers, ack_pacing, secs)
 }
+
+/// The link of [`run`]: IPv4, no delay.
+const BASE_LINK: Link = Link {
+    rate: LINK,
+    capacity: CAPACITY,
+    delay_ms: 0,
+    delay_later: None,
+    ipv6: false,
+};
 
 /// What the senders reach the receivers over (nominal, unscaled rates).
 struct Link {
@@ -312,9 +314,21 @@ fn run_retrying_if_off(
     secs: f64,
     shares_ok: impl Fn(&[f64]) -> bool,
 ) -> Result<Outcome> {
+    run_over_retrying_if_off(&BASE_LINK, groups, containers, ack_pacing, secs, shares_ok)
+}
+
+/// [`run_retrying_if_off`] over `link`.
+fn run_over_retrying_if_off(
+    link: &Link,
+    groups: &[Group],
+    containers: bool,
+    ack_pacing: bool,
+    secs: f64,
+    shares_ok: impl Fn(&[f64]) -> bool,
+) -> Result<Outcome> {
     common::retry_while_shares_off(
         SHARE_TRIES,
-        || run(groups, containers, ack_pacing, secs),
+        || run_over(link, groups, containers, ack_pacing, secs),
         |o| &o.rates,
         shares_ok,
     )
@@ -493,11 +507,8 @@ fn ipv6_received_flows_are_held_at_their_shares() -> Result<()> {
         return Ok(());
     }
     let link = Link {
-        rate: LINK,
-        capacity: CAPACITY,
-        delay_ms: 0,
-        delay_later: None,
         ipv6: true,
+        ..BASE_LINK
     };
     let quotas = [200.0, 750.0];
     // As loose as the IPv4 tests' without ACK pacing (see
@@ -514,12 +525,7 @@ fn ipv6_received_flows_are_held_at_their_shares() -> Result<()> {
         ..tcp("200mbit")
     };
     let groups = [plain, tcp("750mbit")];
-    let o = common::retry_while_shares_off(
-        SHARE_TRIES,
-        || run_over(&link, &groups, false, true, 4.0),
-        |o| &o.rates,
-        shares_ok,
-    )?;
+    let o = run_over_retrying_if_off(&link, &groups, false, true, 4.0, shares_ok)?;
     assert!(shares_ok(&o.rates), "IPv6 shares: {:?}", o.rates);
     let (plain, ecn) = (class(&o.status, 0), class(&o.status, 1));
     for c in [plain, ecn] {
