@@ -23,10 +23,24 @@ pub const CGROUP_MAP_ENTRIES: u32 = 16_384;
 pub const TAG_OFFSET: u32 = 1;
 /// `tc_index` bit set by the tagger when the packet's socket is paced.
 pub const TAG_PACED: u32 = 0x8000;
-/// `tc_index` bit set on packets received through the shaped interface
-/// (tc ingress there); the ingress program only charges packets carrying it,
-/// also after they were forwarded into a container's network namespace.
+/// `tc_index` bit set on packets received through a shaped interface (tc
+/// ingress there), with that interface in the bits below
+/// ([`ingress_tag`]); the ingress program only charges packets carrying
+/// its own interface's tag, also after they were forwarded into a
+/// container's network namespace. (It is a cgroup program: it sees what
+/// every interface of the host delivers, also another shaper's.)
 pub const TAG_INGRESS: u32 = 0x4000;
+/// Bits of an ingress tag that carry the receiving interface's ifindex,
+/// modulo their range: two shaped interfaces whose ifindexes are equal
+/// modulo 16384 cannot be told apart.
+pub const TAG_INGRESS_IFINDEX: u32 = 0x3FFF;
+
+/// The `tc_index` of a packet received through interface `ifindex`. Never
+/// a class tag (`TAG_OFFSET..=MAX_CLASSES`): its `TAG_INGRESS` bit is above
+/// their range.
+pub const fn ingress_tag(ifindex: u32) -> u32 {
+    TAG_INGRESS | (ifindex & TAG_INGRESS_IFINDEX)
+}
 /// `tc_index` bit set by the tagger on a small packet whose socket is a TCP
 /// socket: only then may a segment without payload pass as an ACK (a raw
 /// socket can forge such segments at any rate).
@@ -366,4 +380,23 @@ mod pod {
     unsafe impl aya::Pod for ClassCounters {}
     unsafe impl aya::Pod for PoolState {}
     unsafe impl aya::Pod for SockClass {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingress_tags_name_the_interface_and_are_never_class_tags() {
+        let class_tags = TAG_OFFSET..=MAX_CLASSES - 1 + TAG_OFFSET;
+        for ifindex in [0, 1, 2, 4097, 0x3FFF, 0x4000, 0x4001, 70_000, u32::MAX] {
+            let tag = ingress_tag(ifindex);
+            assert!(!class_tags.contains(&(tag & !(TAG_PACED | TAG_TCP_SOCK))));
+            assert_eq!(tag & TAG_INGRESS, TAG_INGRESS);
+            assert!(tag <= u16::MAX as u32, "tc_index is 16 bits");
+        }
+        assert_ne!(ingress_tag(5), ingress_tag(6));
+        // Modulo the tag's range: the documented limit.
+        assert_eq!(ingress_tag(5), ingress_tag(5 + 0x4000));
+    }
 }

@@ -12,7 +12,7 @@
 //!   received through the shaped interface without ECN it clamps the
 //!   receive window to the class's per-flow rate × the flow's RTT.
 //! - `qos_ingress_tag` (tc ingress on the shaped interface) marks packets
-//!   that arrived through it (`TAG_INGRESS` in `tc_index`).
+//!   that arrived through it (`ingress_tag` in `tc_index`).
 //! - `qos_ingress` (cgroup_skb ingress on the cgroup2 root) runs the same
 //!   buckets for received traffic, classified by the receiving socket's
 //!   cgroup (host and container sockets alike): CE-marks ECN-capable packets
@@ -33,10 +33,10 @@
 use aya_ebpf::{
     bindings::{
         __sk_buff, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
-        BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE, SO_MAX_PACING_RATE, SOL_SOCKET,
-        TC_ACT_SHOT, TC_ACT_UNSPEC,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_RTT_CB,
+        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE,
+        SO_MAX_PACING_RATE, SOL_SOCKET, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     helpers::generated::{
         bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_fullsock,
@@ -51,8 +51,8 @@ use qos_common::{
         CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT,
         GLOBAL_ACK_PACING, GLOBAL_CLAMP_ECN, GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR,
         MAX_CGROUP_DEPTH, MAX_CLASSES, NetGlobal, PoolState, SOCK_ACKS_HELD, SOCK_CACHE_ENTRIES,
-        SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_INGRESS, TAG_OFFSET, TAG_PACED,
-        TAG_TCP_SOCK,
+        SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_INGRESS, TAG_INGRESS_IFINDEX,
+        TAG_OFFSET, TAG_PACED, TAG_TCP_SOCK, ingress_tag,
     },
     policy::{
         self, ACK_LEAD_WINDOW_US, BY_USE, CLAMP_FOLLOWS_CLOCK_RTT_US, CONTROL_INTERVAL_NS,
@@ -506,7 +506,9 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
             (*skb).gso_segs,
         )
     };
-    let class_tag = tag & !(TAG_PACED | TAG_INGRESS | TAG_TCP_SOCK);
+    // A received packet forwarded here keeps its ingress tag, which is
+    // above the class tags' range.
+    let class_tag = tag & !(TAG_PACED | TAG_TCP_SOCK);
     let small = small_packet_headers(&ctx, len, segs);
     let payload = small.tcp_payload(len);
     let (slot, paced, tcp_sock) = if cgroup != 0 {
@@ -574,8 +576,9 @@ fn from_tcp_socket(skb: *mut __sk_buff) -> bool {
 #[classifier]
 pub fn qos_ingress_tag(ctx: TcContext) -> i32 {
     if global(&ingress()).is_some() {
-        // SAFETY: tc programs may write tc_index.
-        unsafe { (*ctx.skb.skb).tc_index |= TAG_INGRESS };
+        // SAFETY: field read and tc_index write, both allowed to tc
+        // programs.
+        unsafe { (*ctx.skb.skb).tc_index = ingress_tag((*ctx.skb.skb).ifindex) };
     }
     PASS
 }
@@ -600,8 +603,9 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
             (*skb).protocol,
         )
     };
-    if tag & TAG_INGRESS == 0 {
-        // Not received through the shaped interface (loopback, bridges).
+    if tag & (TAG_INGRESS | TAG_INGRESS_IFINDEX) != ingress_tag(g.shaped_ifindex) {
+        // Not received through the shaped interface (loopback, bridges,
+        // another shaper's interface).
         return SKB_PASS;
     }
     let v = socket_view(&d, skb, g, None);
@@ -928,7 +932,9 @@ pub fn qos_pacer(ctx: SockOpsContext) -> u32 {
             // a receiver's window clamp is kept up to date.
             flags |= BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
         }
-        let _ = ctx.set_cb_flags(flags as i32);
+        // Added to the socket's flags: other sockops programs (another
+        // shaper's, other tools') set theirs in the same callback.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
         replace_bbr(&ctx);
         on_ack(&ctx);
     } else if op == BPF_SOCK_OPS_RTT_CB {
@@ -1233,6 +1239,12 @@ fn on_ack(ctx: &SockOpsContext) {
 /// `tcp_sock::ecn_flags` bit: ECN was negotiated.
 const TCP_ECN_OK: u32 = 1;
 const TCP_WINDOW_CLAMP: i32 = 10;
+/// Marks a socket received through some shaper's interface. The callback
+/// flags are the socket's, shared by every sockops program, so the mark is
+/// seen by all shapers on the host, which is what keeps one from turning off
+/// the per-segment callback another needs. The RTO callback it also asks
+/// for runs only on retransmission timeouts, and `qos_pacer` ignores it.
+const RECEIVED_BY_A_SHAPER: u32 = BPF_SOCK_OPS_RTO_CB_FLAG;
 /// Clamp that gives a socket back its own window sizing at shutdown (the
 /// kernel bounds it by the receive buffer).
 const UNCLAMPED: u32 = 1 << 30;
@@ -1245,14 +1257,22 @@ fn on_send(ctx: &SockOpsContext) {
     let d = ingress();
     let cookie = cookie_of(ctx);
     let Some(g) = d.global.get(0) else { return };
+    let flags = ctx.cb_flags();
     let Some(sc) = d.socks.get_ptr_mut(cookie) else {
         // SAFETY: field read of the program's own context.
-        if unsafe { (*ctx.ops).data_segs_in } > 1 {
-            // Receives, but not through the shaped interface: stop calling.
-            let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+        if unsafe { (*ctx.ops).data_segs_in } > 1 && flags & RECEIVED_BY_A_SHAPER == 0 {
+            // Receives, but not through a shaped interface: stop calling.
+            let _ = ctx.set_cb_flags((flags & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
         }
         return;
     };
+    let wanted = flags | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG | RECEIVED_BY_A_SHAPER;
+    if flags != wanted {
+        // Marked for the programs of shapers on other interfaces, which do
+        // not know this socket; and called again if one of them ran first
+        // this time and turned the callback off.
+        let _ = ctx.set_cb_flags(wanted as i32);
+    }
     // SAFETY: pointer into the socket map value.
     let applied = unsafe { (*sc).pacing };
     if g.flags & GLOBAL_RELEASE != 0 {
