@@ -170,8 +170,7 @@ struct Link {
     /// (s, ms): this long after the senders start, the link's delay
     /// becomes that (needs `delay_ms` > 0: the netem to change).
     delay_later: Option<(f64, u32)>,
-    /// Flows over IPv6 (receivers on the host only: containers are
-    /// reached over IPv4).
+    /// Flows over IPv6 (to containers: forwarded IPv6).
     ipv6: bool,
     /// Two more shapers run meanwhile on links of their own, started
     /// before and after this run's: one shaping ingress, one egress only.
@@ -187,10 +186,6 @@ fn run_over(
     ack_pacing: bool,
     secs: f64,
 ) -> Result<Outcome> {
-    assert!(
-        !(containers && link.ipv6),
-        "containers are reached over IPv4"
-    );
     let _one_shaper = one_shaper_at_a_time();
     let n = groups.len();
     let bed = EgressBed::new(n, if containers { n } else { 0 })?;
@@ -258,7 +253,7 @@ fn run_over(
         shaper.set(&cg, quota)?;
         let (ip, netns) = if containers {
             (
-                bed.containers[i].ip.into(),
+                bed.containers[i].addr(link.ipv6)?,
                 Some(bed.containers[i].ns.path()),
             )
         } else {
@@ -540,7 +535,8 @@ fn ingress_flow_without_ecn_is_clamped() -> Result<()> {
 /// program turned off the per-segment callback the other's clamps need (the
 /// flag is the socket's). Without the fixes: no clamp and 4.4 % of the
 /// packets dropped in a CI run, or the clamped flow starved (0.02-76 of its
-/// 200 Mbit/s).
+/// 200 Mbit/s). Clamps and drops are compared with the same run alone,
+/// made first.
 #[test]
 fn other_shapers_leave_a_received_flow_its_window_clamp() -> Result<()> {
     if !require_root("other_shapers_leave_a_received_flow_its_window_clamp") {
@@ -557,27 +553,42 @@ fn other_shapers_leave_a_received_flow_its_window_clamp() -> Result<()> {
     let quotas = [200.0, 750.0];
     let shares_ok =
         |rates: &[f64]| rates[0] >= 0.7 * 200.0 && rates[0] <= upper_bound(rates, &quotas, 0, 1.45);
-    let o = run_over_retrying_if_off(
-        &link,
-        &[plain, tcp("750mbit")],
-        false,
-        false,
-        4.0,
-        shares_ok,
-    )?;
+    let groups = [plain, tcp("750mbit")];
+    let alone = run_over_retrying_if_off(&BASE_LINK, &groups, false, false, 4.0, shares_ok)?;
+    let o = run_over_retrying_if_off(&link, &groups, false, false, 4.0, shares_ok)?;
     // Its program sees every packet delivered to a socket: it must tell the
     // ones received through its own interface (none here) from this run's.
     assert_eq!(
         o.others_received, 0,
         "another shaper charged this run's packets"
     );
-    let c = class(&o.status, 0);
-    assert!(c.window_clamps > 0, "no window clamp written");
+    let (a, c) = (class(&alone.status, 0), class(&o.status, 0));
+    let dropped = |c: &NetClassStatus| c.drops as f64 / c.packets.max(1) as f64;
+    eprintln!(
+        "alone: {} clamps, {:.2} % dropped; beside other shapers: {} clamps, {:.2} % dropped",
+        a.window_clamps,
+        100.0 * dropped(a),
+        c.window_clamps,
+        100.0 * dropped(c)
+    );
+    // The clamp acts as it does alone, give or take a run's noise. With
+    // the callback lost: 2 clamps (or none) against 190 alone on the host.
     assert!(
-        c.drops * 100 <= c.packets,
-        "{} drops of {} packets",
+        c.window_clamps > 0 && c.window_clamps * 2 >= a.window_clamps,
+        "{} clamps beside other shapers, {} alone",
+        c.window_clamps,
+        a.window_clamps
+    );
+    // And holds the flow as well: with the callback lost 3.4 % and 4.4 %
+    // were dropped against 0.34 % alone on the host. (In the VM the clamp
+    // alone loses 3-4 %: see the VM suite's exclusions.)
+    assert!(
+        dropped(c) <= 2.0 * dropped(a) + 0.01,
+        "{} drops of {} packets beside other shapers; alone {} of {}",
         c.drops,
-        c.packets
+        c.packets,
+        a.drops,
+        a.packets
     );
     assert!(shares_ok(&o.rates), "{:?}", o.rates);
     Ok(())
@@ -588,6 +599,26 @@ fn ingress_into_containers_is_classified_by_the_receiving_cgroup() -> Result<()>
     if !require_root("ingress_into_containers_is_classified_by_the_receiving_cgroup") {
         return Ok(());
     }
+    flows_into_containers_are_classified(&BASE_LINK)
+}
+
+/// Forwarded IPv6: the tag set on the shaped interface survives IPv6
+/// forwarding, and the receiving socket's cgroup is found inside the
+/// container's namespace.
+#[test]
+fn ipv6_flows_into_containers_are_classified_by_the_receiving_cgroup() -> Result<()> {
+    const NAME: &str = "ipv6_flows_into_containers_are_classified_by_the_receiving_cgroup";
+    if !require_root(NAME) || !testbeds::net::require_ipv6(NAME) {
+        return Ok(());
+    }
+    let link = Link {
+        ipv6: true,
+        ..BASE_LINK
+    };
+    flows_into_containers_are_classified(&link)
+}
+
+fn flows_into_containers_are_classified(link: &Link) -> Result<()> {
     // The smaller receiver takes at least half its guarantee and at most its
     // share plus what the larger left of its guarantee. Which one leads is
     // not asserted: a CI run on a slow day of this host moved only 770-895
@@ -597,13 +628,8 @@ fn ingress_into_containers_is_classified_by_the_receiving_cgroup() -> Result<()>
     let quotas = [200.0, 750.0];
     let shares_ok =
         |rates: &[f64]| rates[0] >= 0.5 * 200.0 && rates[0] <= upper_bound(rates, &quotas, 0, 1.3);
-    let o = run_retrying_if_off(
-        &[tcp("200mbit"), tcp("750mbit")],
-        true,
-        true,
-        4.0,
-        shares_ok,
-    )?;
+    let groups = [tcp("200mbit"), tcp("750mbit")];
+    let o = run_over_retrying_if_off(link, &groups, true, true, 4.0, shares_ok)?;
     // Classification is what this test checks: each class counted what its
     // container's receiver took in (within 5 %: the class also counts the
     // handshakes and iperf's control connection); left in the default class,

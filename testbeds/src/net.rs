@@ -10,10 +10,11 @@
 //!  ct netns: sender ═ veth ═ host veth ─ routed ─┘
 //! ```
 //!
-//! Where the kernel has IPv6, the host, the peer and the sender groups have
-//! IPv6 addresses as well (`fd71:7105:<net>::/64`, `<net>` in hex: 10.100.
-//! goes with fd71:7105:64::), on the shaped veth only: containers are
-//! reached over IPv4.
+//! Where the kernel has IPv6, the host, the peer, the sender groups and the
+//! containers have IPv6 addresses as well, in the bed's
+//! `fd71:7105:<net>::/48` (`<net>` in hex: 10.100. goes with
+//! fd71:7105:64::): the shaped link is its subnet 0, container `i`'s is
+//! 10 + i, as in IPv4.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -21,12 +22,26 @@ use anyhow::{Context, Result, bail};
 
 use crate::{Netns, Sysctl, Veth, run, unique};
 
-/// One container: its namespace, the host-side veth, its address.
+/// One container: its namespace, the host-side veth, its addresses.
 #[derive(Debug)]
 pub struct Container {
     pub ns: Netns,
     pub veth: Veth,
     pub ip: Ipv4Addr,
+    /// None where the kernel has no IPv6.
+    pub ip6: Option<Ipv6Addr>,
+}
+
+impl Container {
+    /// The container's address in IPv4 or (`ipv6`) IPv6.
+    pub fn addr(&self, ipv6: bool) -> Result<IpAddr> {
+        if !ipv6 {
+            return Ok(self.ip.into());
+        }
+        self.ip6
+            .map(IpAddr::from)
+            .context("the container has no IPv6: this kernel has none (see require_ipv6)")
+    }
 }
 
 /// See the module docs.
@@ -45,6 +60,7 @@ pub struct EgressBed {
     /// The same three in IPv6; None where the kernel has no IPv6.
     pub ipv6: Option<BedIpv6>,
     _forward: Option<Sysctl>,
+    _forward6: Option<Sysctl>,
 }
 
 /// A bed's IPv6 addresses (see [`EgressBed`]).
@@ -152,6 +168,24 @@ impl EgressBed {
         } else {
             None
         };
+        // The host routes the containers' IPv6 as a container host with
+        // IPv6 does (for as long as the bed lives: it also turns off
+        // router advertisements on interfaces with accept_ra=1).
+        let forward6 = match &ipv6 {
+            Some(v6) if containers > 0 => {
+                let guard = Sysctl::set("net.ipv6.conf.all.forwarding", "1")?;
+                peer.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("{}/48", bed_ip6(net, 0, 0)),
+                    "via",
+                    &v6.host.to_string(),
+                ])?;
+                Some(guard)
+            }
+            _ => None,
+        };
         let mut bed = Self {
             containers: Vec::new(),
             shaped,
@@ -162,6 +196,7 @@ impl EgressBed {
             sender_ips,
             ipv6,
             _forward: forward,
+            _forward6: forward6,
         };
         for i in 0..containers {
             bed.add_container(i)
@@ -183,7 +218,19 @@ impl EgressBed {
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         ns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
         ns.exec("sysctl", &["-qw", "net.ipv4.tcp_ecn=1"])?;
-        self.containers.push(Container { ns, veth, ip });
+        let ip6 = if self.ipv6.is_some() {
+            let (gw, ip) = (bed_ip6(self.net, sub, 1), bed_ip6(self.net, sub, 2));
+            run("sysctl", &["-qw", &ipv6_on(&host_if)])?;
+            ns.exec("sysctl", &["-qw", &ipv6_on("eth0")])?;
+            let (gw_net, ip_net) = (format!("{gw}/64"), format!("{ip}/64"));
+            run("ip", &["addr", "add", &gw_net, "dev", &host_if, "nodad"])?;
+            ns.ip(&["addr", "add", &ip_net, "dev", "eth0", "nodad"])?;
+            ns.ip(&["-6", "route", "add", "default", "via", &gw.to_string()])?;
+            Some(ip)
+        } else {
+            None
+        };
+        self.containers.push(Container { ns, veth, ip, ip6 });
         Ok(())
     }
 
@@ -313,10 +360,9 @@ fn add_ipv6(
     host_if: &str,
     peer_if: &str,
 ) -> Result<BedIpv6> {
-    let ip6 = |host: u16| Ipv6Addr::new(0xfd71, 0x7105, u16::from(net), 0, 0, 0, 0, host);
-    let on = |dev: &str| format!("net.ipv6.conf.{dev}.disable_ipv6=0");
-    run("sysctl", &["-qw", &on(host_if)])?;
-    peer.exec("sysctl", &["-qw", &on(peer_if)])?;
+    let ip6 = |host: u16| bed_ip6(net, 0, host);
+    run("sysctl", &["-qw", &ipv6_on(host_if)])?;
+    peer.exec("sysctl", &["-qw", &ipv6_on(peer_if)])?;
     let (host, peer_ip) = (ip6(1), ip6(2));
     run(
         "ip",
@@ -351,6 +397,27 @@ fn add_ipv6(
         peer: peer_ip,
         senders: sender_ips,
     })
+}
+
+/// Address `host` of a bed's IPv6 subnet `sub` (0: the shaped link;
+/// container `i`'s: 10 + i, as its IPv4 /24): the bed's IPv6 is the /48
+/// of `net`.
+fn bed_ip6(net: u8, sub: u8, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfd71,
+        0x7105,
+        u16::from(net),
+        u16::from(sub),
+        0,
+        0,
+        0,
+        host,
+    )
+}
+
+/// The sysctl that turns IPv6 on for `dev`.
+fn ipv6_on(dev: &str) -> String {
+    format!("net.ipv6.conf.{dev}.disable_ipv6=0")
 }
 
 /// A veth pair left in the host namespace (`<name>`, `<name>p`), up, with
