@@ -123,6 +123,18 @@ pub fn estimate_demand(o: &Observation) -> Option<u64> {
     }
 }
 
+/// How long after a drop a class's silence or low rate says nothing about
+/// its demand: a TCP flow that lost a packet may wait out a retransmission
+/// timeout (200 ms at least, longer after repeated losses) before it sends
+/// again.
+pub const DROP_STALL_NS: u64 = 1_000_000_000;
+
+/// Whether a class whose last packet drop was at `last_drop_ns` may still be
+/// stalled by it at `now_ns`.
+pub fn stalled_by_drops(last_drop_ns: Option<u64>, now_ns: u64) -> bool {
+    last_drop_ns.is_some_and(|t| now_ns.saturating_sub(t) < DROP_STALL_NS)
+}
+
 /// Demand with hysteresis: a class is taken to want less only once its
 /// estimate said so for `hold_ns` without interruption; it is greedy again
 /// at once. `since` keeps when the current run of "wants less" began.
@@ -429,6 +441,16 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(estimate_demand(&idle), Some(1));
+    }
+
+    #[test]
+    fn a_class_that_dropped_counts_as_stalled_for_a_second() {
+        assert!(!stalled_by_drops(None, 5_000_000_000));
+        assert!(stalled_by_drops(Some(1_000_000_000), 1_000_000_000));
+        assert!(stalled_by_drops(Some(1_000_000_000), 1_999_999_999));
+        assert!(!stalled_by_drops(Some(1_000_000_000), 2_000_000_000));
+        // A clock that went backwards (adoption) is no reason to lend.
+        assert!(stalled_by_drops(Some(3_000_000_000), 2_000_000_000));
     }
 
     #[test]

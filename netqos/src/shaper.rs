@@ -328,6 +328,8 @@ struct Class {
     wants_less_since: Option<u64>,
     /// Consecutive control steps in which it sent nothing.
     silent_ticks: u32,
+    /// When (ns) the datapath last dropped one of its packets.
+    last_drop_ns: Option<u64>,
     /// Flows acknowledged in the last three activity epochs (a flow stalled
     /// for an epoch still counts).
     recent_flows: [u64; 3],
@@ -365,6 +367,7 @@ impl Class {
             activations_mark: counters.flow_activations,
             wants_less_since: None,
             silent_ticks: 0,
+            last_drop_ns: None,
             recent_flows: [0; 3],
             flow_even: 0,
             use_mark: (counters.use_sum, counters.use_squares),
@@ -442,7 +445,17 @@ impl Class {
         } else {
             0
         };
-        let demand = if self.silent_ticks >= SILENT_TICKS {
+        let dropped_bytes = ct.drop_bytes.wrapping_sub(self.counters.drop_bytes);
+        if dropped_bytes > 0 {
+            self.last_drop_ns = Some(now_ns);
+        }
+        let demand = if policy::stalled_by_drops(self.last_drop_ns, now_ns) {
+            // Its flows may be waiting out a retransmission timeout: neither
+            // silence nor a low rate says it wants less (lent out, its share
+            // let the others fill the link while it stalled).
+            self.wants_less_since = None;
+            None
+        } else if self.silent_ticks >= SILENT_TICKS {
             // Gone quiet: lend its share out now.
             self.wants_less_since = Some(now_ns);
             Some(0)
@@ -452,7 +465,7 @@ impl Class {
                 rate: self.rate,
                 alloc: self.cfg.alloc,
                 over_bytes: ct.over_bytes.wrapping_sub(self.counters.over_bytes),
-                dropped_bytes: ct.drop_bytes.wrapping_sub(self.counters.drop_bytes),
+                dropped_bytes,
                 bytes: d_bytes,
             };
             policy::held_demand(
