@@ -494,15 +494,7 @@ fn ingress_flow_without_ecn_is_clamped() -> Result<()> {
     if !require_root("ingress_flow_without_ecn_is_clamped") {
         return Ok(());
     }
-    let plain = Group {
-        ecn: false,
-        ..tcp("200mbit")
-    };
-    // The clamp without ACK pacing (with it, the clamp sizes the ACK queue).
-    let quotas = [200.0, 750.0];
-    let shares_ok =
-        |rates: &[f64]| rates[0] >= 0.7 * 200.0 && rates[0] <= upper_bound(rates, &quotas, 0, 1.45);
-    let o = run_retrying_if_off(&[plain, tcp("750mbit")], false, false, 4.0, shares_ok)?;
+    let o = clamp_run(&BASE_LINK)?;
     let c = class(&o.status, 0);
     assert!(c.window_clamps > 0, "no window clamp written");
     assert_eq!(c.ce_marks, 0, "a non-ECN flow cannot be marked");
@@ -523,8 +515,24 @@ fn ingress_flow_without_ecn_is_clamped() -> Result<()> {
         c.drops,
         c.packets
     );
-    assert!(shares_ok(&o.rates), "{:?}", o.rates);
+    assert!(clamp_shares_ok(&o.rates), "{:?}", o.rates);
     Ok(())
+}
+
+/// The clamp scenario: a 200 Mbit/s flow without ECN beside a 750 one with
+/// it, no ACK pacing (with it, the clamp sizes the ACK queue instead).
+fn clamp_run(link: &Link) -> Result<Outcome> {
+    let plain = Group {
+        ecn: false,
+        ..tcp("200mbit")
+    };
+    let groups = [plain, tcp("750mbit")];
+    run_over_retrying_if_off(link, &groups, false, false, 4.0, clamp_shares_ok)
+}
+
+/// The clamped flow's bounds in [`clamp_run`].
+fn clamp_shares_ok(rates: &[f64]) -> bool {
+    rates[0] >= 0.7 * 200.0 && rates[0] <= upper_bound(rates, &[200.0, 750.0], 0, 1.45)
 }
 
 /// Shapers on other interfaces of the host (a library user's) leave this
@@ -546,16 +554,8 @@ fn other_shapers_leave_a_received_flow_its_window_clamp() -> Result<()> {
         other_shapers: true,
         ..BASE_LINK
     };
-    let plain = Group {
-        ecn: false,
-        ..tcp("200mbit")
-    };
-    let quotas = [200.0, 750.0];
-    let shares_ok =
-        |rates: &[f64]| rates[0] >= 0.7 * 200.0 && rates[0] <= upper_bound(rates, &quotas, 0, 1.45);
-    let groups = [plain, tcp("750mbit")];
-    let alone = run_over_retrying_if_off(&BASE_LINK, &groups, false, false, 4.0, shares_ok)?;
-    let o = run_over_retrying_if_off(&link, &groups, false, false, 4.0, shares_ok)?;
+    let alone = clamp_run(&BASE_LINK)?;
+    let o = clamp_run(&link)?;
     // Its program sees every packet delivered to a socket: it must tell the
     // ones received through its own interface (none here) from this run's.
     assert_eq!(
@@ -590,7 +590,7 @@ fn other_shapers_leave_a_received_flow_its_window_clamp() -> Result<()> {
         a.drops,
         a.packets
     );
-    assert!(shares_ok(&o.rates), "{:?}", o.rates);
+    assert!(clamp_shares_ok(&o.rates), "{:?}", o.rates);
     Ok(())
 }
 
