@@ -11,8 +11,8 @@ use std::{
 use qos_common::{
     net::{
         ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT, GLOBAL_ACK_PACING, GLOBAL_CLAMP_ECN,
-        GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, LOWEST_PRIORITY, MAX_CLASSES,
-        NetGlobal,
+        GLOBAL_ENABLED, GLOBAL_RECEIVED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR, LOWEST_PRIORITY,
+        MAX_CLASSES, NetGlobal,
     },
     policy::{UNIT, class_fill_at},
 };
@@ -945,7 +945,7 @@ impl Shaper {
         let mut ack_pacing = AckQdisc::Unavailable("ingress is not shaped".into());
         let ingress = match settings.ingress_capacity {
             Some(cap) => {
-                let mut flags = flags;
+                let mut flags = flags | GLOBAL_RECEIVED;
                 if settings.ingress_clamp_ecn {
                     flags |= GLOBAL_CLAMP_ECN;
                 }
@@ -958,7 +958,7 @@ impl Shaper {
                     flags |= GLOBAL_ACK_PACING;
                 } else if settings.ingress_ack_pacing {
                     warn!(iface = %settings.interface, reason = %ack_pacing.describe(),
-                        "ingress ACK pacing unavailable: received flows are held by CE marks, window clamps and drops only");
+                        "ingress ACK pacing unavailable: received TCP flows are held by their receive windows");
                 }
                 let t = ClassTable::start(
                     Direction::Ingress,

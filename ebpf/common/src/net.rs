@@ -126,13 +126,20 @@ pub const GLOBAL_RELEASE: u32 = 2;
 /// followed: the flow stays at the first rate it was held to.
 pub const GLOBAL_REPLACE_BBR: u32 = 4;
 /// `NetGlobal::flags` bit (ingress): clamp the receive window of flows that
-/// negotiated ECN as well. On microsecond round trips CE marks alone cannot
-/// hold a flow below what two segments per round trip make; the clamp can.
+/// negotiated ECN as well (qosd's default). On microsecond round trips CE
+/// marks alone cannot hold a flow below what two segments per round trip
+/// make; windows that share the link's queue upstream can
+/// (`policy::unpaced_window_clamp`). Flows whose ACKs are paced are
+/// clamped whatever this says.
 pub const GLOBAL_CLAMP_ECN: u32 = 8;
 /// `NetGlobal::flags` bit (ingress): pace received TCP flows by their ACKs
 /// (fq is at the shaped interface's root, which honours the ACKs'
 /// departure times; see `policy::ack_release`).
 pub const GLOBAL_ACK_PACING: u32 = 16;
+/// `NetGlobal::flags` bit: the direction is ingress (received traffic).
+/// Without `GLOBAL_ACK_PACING` its flows are held by their receive windows,
+/// which its pacing loop steers more slowly (`policy::window_ki`).
+pub const GLOBAL_RECEIVED: u32 = 32;
 
 /// Host-wide settings of the egress shaper (array map, one entry).
 #[repr(C)]

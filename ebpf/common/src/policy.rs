@@ -141,8 +141,27 @@ pub struct Limits {
     /// The packet's flow is paced by us: its sender slows down on its own,
     /// and a drop would only stall it (a local TCP sender retries a dropped
     /// packet after its probe timer, hundreds of ms). Such packets are
-    /// dropped only past `PACED_DROP_FACTOR` times the drop threshold.
+    /// marked only past the drop threshold and dropped only past
+    /// `PACED_DROP_FACTOR` times it.
     pub paced: bool,
+    /// The packet's flow answers CE marks (ECN-capable) but nothing paces
+    /// it: marked from the mark threshold like any other, since marks are
+    /// all that slows it, and dropped only past `PACED_DROP_FACTOR` times
+    /// the drop threshold, since a receive-side drop stalls it.
+    pub answers_marks: bool,
+    /// The packet belongs to a received flow that its receive window holds
+    /// at its share, without ACK pacing ([`unpaced_window_clamp`]): past the
+    /// drop threshold it passes uncharged ([`Verdict::OverUncharged`]), and
+    /// it is never marked.
+    /// Neither a mark nor a drop would help: CE cuts the sender's
+    /// congestion window below the clamp, and a congestion window of a
+    /// segment or two holds nothing on a round trip of microseconds; a drop
+    /// stalls the flow. And the debt it would leave is not the flow's: the
+    /// windows share the link upstream, which runs faster than the
+    /// configured capacity (they all get it in proportion). The debt up to
+    /// the drop threshold is what the class's pacing loop reads: a class
+    /// over its share empties its bucket, one under fills it.
+    pub window_bound: bool,
     /// The packet is a TCP segment without payload from a TCP socket (a
     /// pure ACK, or SYN/FIN/RST): a drop would not slow the traffic it is
     /// charged to, only the flow in the other direction (an upload's ACKs
@@ -178,7 +197,8 @@ pub enum Verdict {
     /// Debt past the drop threshold: dropped, not charged.
     Drop,
     /// Debt past the mark threshold, but the packet has no payload
-    /// ([`Limits::no_payload`]): passes, charged to nothing (counted).
+    /// ([`Limits::no_payload`]) or its flow's window holds it
+    /// ([`Limits::window_bound`]): passes, charged to nothing (counted).
     OverUncharged,
 }
 
@@ -207,15 +227,17 @@ pub const fn decide(levels: &Levels, limits: &Limits, len: u64) -> Verdict {
     let debt = len.saturating_add(levels.own.unsigned_abs());
     // A paced flow is slowed by its pacing; CE would also cut its window and
     // make it undershoot. It is marked only where others would be dropped.
-    let (mark_at, drop_at) = if limits.paced {
-        (
-            limits.drop_debt,
-            limits.drop_debt.saturating_mul(PACED_DROP_FACTOR),
-        )
+    let mark_at = if limits.paced || limits.window_bound {
+        limits.drop_debt
     } else {
-        (limits.mark_debt, limits.drop_debt)
+        limits.mark_debt
     };
-    if limits.no_payload && debt > mark_at {
+    let drop_at = if limits.paced || limits.answers_marks {
+        limits.drop_debt.saturating_mul(PACED_DROP_FACTOR)
+    } else {
+        limits.drop_debt
+    };
+    if (limits.no_payload || limits.window_bound) && debt > mark_at {
         Verdict::OverUncharged
     } else if debt > drop_at {
         Verdict::Drop
@@ -354,6 +376,35 @@ pub const fn next_multiplier(mult: u64, fill: i64, ki: u64, elapsed_ns: u64, hel
         mult + step
     };
     max_u64(min_u64(next, MULT_MAX), MULT_MIN)
+}
+
+/// Next pacing multiplier of a class whose received flows are held by
+/// their windows ([`unpaced_window_clamp`]): as [`next_multiplier`], with
+/// `ki` = [`window_ki`], never below 1. The link upstream runs faster than
+/// the capacity, so every class is in debt when they all get their shares;
+/// below 1 the multiplier would sink to its floor there and, since the
+/// windows count it from 1 up, take seconds to come back to where it acts
+/// when a class falls short.
+#[inline(always)]
+pub const fn next_window_multiplier(mult: u64, fill: i64, ki: u64, elapsed_ns: u64) -> u64 {
+    max_u64(
+        next_multiplier(mult, fill, window_ki(ki), elapsed_ns, true),
+        UNIT,
+    )
+}
+
+/// Integral gain of the pacing loop of received flows held by their windows
+/// (no ACK pacing; see [`unpaced_window_clamp`]): a sixteenth of `ki`. A
+/// window acts within a round trip, and the loop has only to make up for
+/// how receivers reopen their windows, a bias of some percent that fills a
+/// class's buckets and holds them full, so a slow gain is enough. A fast
+/// one follows the buckets' noise instead. Host, all-busy and containers,
+/// three 6 s runs each (2026-12-06): with a sixteenth the smallest class
+/// got 98-102 of its 100 Mbit/s and 0.86-0.93 in its worst 100 ms window;
+/// with a quarter 98-159 and 0.79-1.53; with no multiplier at all 75-113.
+#[inline(always)]
+pub const fn window_ki(ki: u64) -> u64 {
+    ki / 16
 }
 
 /// Round trip up to which the pacing loop's gains apply in full; beyond
@@ -931,28 +982,23 @@ pub const fn next_window_clamp(
 /// step's rate is mostly the previous clamp's ([`clamp_seen`]).
 pub const CLAMP_FOLLOWS_CLOCK_RTT_US: u64 = CLAMP_STEP_NS / 2_000;
 
-/// Receive-window clamp of a flow at a step (the arguments as for
-/// [`next_window_clamp`], with its handshake's round trip `rtt_us` and the
-/// round trip its window covers, `window_rtt_us`: see [`window_rtt_us`]).
-/// A flow whose ACKs are paced (`ack_paced`) from 10 ms away gets its
-/// ceiling ([`ack_paced_clamp_ceiling`]) at every step: its ACK clock
-/// holds the rate, and its window has only to bound the ACKs that wait.
-/// Scaled by the rate the flow received, a window a round trip old
-/// ratchets down, since a burst (slow start, a released backlog) halves it
-/// within one step and a step with nothing received leaves it as it is.
-/// Without ACK pacing the window is the only hold, and on short round trips
-/// a step sees its own clamp's effect: those follow the measured rate, up
-/// to a ceiling sized from `window_rtt_us`, so that a window grows past
-/// the handshake's round trip only while the flow receives less than its
-/// target (at the ceiling every step, a window sized from a path that
-/// includes the queue its class built grows that queue).
+/// Receive-window clamp of a flow whose ACKs are paced, at a step (the
+/// arguments as for [`next_window_clamp`], with its handshake's round trip
+/// `rtt_us` and the round trip its window covers, `window_rtt_us`: see
+/// [`window_rtt_us`]). From 10 ms away it gets its ceiling
+/// ([`ack_paced_clamp_ceiling`]) at every step: its ACK clock holds the
+/// rate, and its window has only to bound the ACKs that wait. Scaled by
+/// the rate the flow received, a window a round trip old ratchets down,
+/// since a burst (slow start, a released backlog) halves it within one
+/// step and a step with nothing received leaves it as it is. On shorter
+/// round trips a step sees its own clamp's effect: those follow the
+/// measured rate, up to a ceiling sized from `window_rtt_us`, so that a
+/// window grows past the handshake's round trip only while the flow
+/// receives less than its target (at the ceiling every step, a window
+/// sized from a path that includes the queue its class built grows that
+/// queue). Flows whose ACKs are not paced: [`unpaced_window_clamp`].
 #[inline(always)]
-#[allow(
-    clippy::too_many_arguments,
-    reason = "plain integers of one step; a struct would only rename them"
-)]
 pub const fn receive_window_clamp(
-    ack_paced: bool,
     clamp: u64,
     measured: u64,
     target: u64,
@@ -961,15 +1007,80 @@ pub const fn receive_window_clamp(
     window_rtt_us: u64,
     initial: u64,
 ) -> u64 {
-    if !ack_paced {
-        let ceiling = window_clamp_ceiling(target, window_rtt_us, mss);
-        return next_window_clamp(clamp, measured, target, mss, ceiling, initial);
-    }
     if rtt_us >= CLAMP_FOLLOWS_CLOCK_RTT_US {
         return ack_paced_clamp_ceiling(target, rtt_us, mss);
     }
     let ceiling = ack_paced_clamp_ceiling(target, window_rtt_us, mss);
     next_window_clamp(clamp, measured, target, mss, ceiling, initial)
+}
+
+/// Bytes the receive windows of a shaper without ACK pacing add up to
+/// beyond their round trips ([`unpaced_window_clamp`]): the standing queue
+/// they keep upstream, in the link's buffer, when its capacity is used.
+pub const SHARED_QUEUE_BYTES: u64 = 128 * 1024;
+/// Bounds of the time that queue takes ([`shared_queue_us`]). The upper
+/// one is what low capacities need: a flow's window must cover two
+/// segments at its share, or the floor gives it more (at 2 ms a 5 Mbit/s
+/// class of a 50 Mbit/s capacity got 1.33-1.43 × its share in the VM).
+pub const SHARED_QUEUE_MIN_US: u64 = 100;
+pub const SHARED_QUEUE_MAX_US: u64 = 10_000;
+
+/// Time (µs) [`SHARED_QUEUE_BYTES`] take at `capacity` (wire bytes/s),
+/// within 100 µs .. 10 ms: 1.05 ms at 1 Gbit/s, 104 µs at 10, 10 ms at
+/// 100 Mbit/s and below.
+#[inline(always)]
+pub const fn shared_queue_us(capacity: u64) -> u64 {
+    let us = match (SHARED_QUEUE_BYTES * 1_000_000).checked_div(capacity) {
+        Some(us) => us,
+        None => SHARED_QUEUE_MAX_US,
+    };
+    min_u64(max_u64(us, SHARED_QUEUE_MIN_US), SHARED_QUEUE_MAX_US)
+}
+
+/// Receive-window clamp of a received flow whose ACKs are not paced (no
+/// fq): its share, `flow_base` wire bytes/s, × its class's pacing
+/// multiplier `mult` where that is above 1, × (its handshake's round trip
+/// `rtt_us` + [`shared_queue_us`]), at least two segments.
+///
+/// Without ACK pacing the window is the only hold a receiver has, and a
+/// window sized for the flow's own round trip holds nothing on a short
+/// one: two segments per 5 µs (a veth) are 4.6 Gbit/s. But flows that
+/// share a FIFO queue (the link's buffer upstream) get its capacity in
+/// proportion to what they may have in flight, whatever their congestion
+/// windows, once their windows add up to more than the path holds: their
+/// round trips are then the same queue's. So every window covers the
+/// same queue's time beyond its round trip, and the windows add up to the
+/// capacity × that time: a standing queue of [`SHARED_QUEUE_BYTES`]
+/// upstream, which sets every flow's rate in proportion to its share. The
+/// link upstream runs faster than the configured capacity (it is set
+/// below the link's rate), so each flow gets its share scaled by the
+/// link's rate over the capacity.
+///
+/// Windows in proportion do not make rates quite in proportion: a
+/// receiver reopens its window as its application reads, in steps of
+/// about half the window, and 6 s runs gave a class 1.34 × its share
+/// beside one at 0.94. The class's multiplier corrects that: it rises
+/// while the class receives less than its allocation (its buckets fill).
+/// It falls while the class is in debt, which every class is when the
+/// link runs faster than the capacity: below 1 it would shrink every
+/// window alike until the smallest reach the floor, so it counts from 1
+/// up only. For the same reason the window does not follow the measured
+/// rate (target / measured is below 1 for every flow).
+#[inline(always)]
+pub const fn unpaced_window_clamp(
+    flow_base: u64,
+    mult: u64,
+    rtt_us: u64,
+    capacity: u64,
+    mss: u64,
+) -> u64 {
+    // ≤ 1.25e10 × 4096: fits.
+    let rate = min_u64(flow_base, MAX_RATE) * min_u64(max_u64(mult, UNIT), MULT_MAX) / UNIT;
+    window_clamp(
+        rate,
+        min_u64(rtt_us, 10_000_000) + shared_queue_us(capacity),
+        mss,
+    )
 }
 
 /// Shortest cap on how long a received flow's ACKs wait
@@ -1362,55 +1473,99 @@ mod tests {
         // nothing received does not freeze it, the first step starts there.
         for (clamp, measured) in [(5_000, 1_000_000), (5_000, 0), (0, 0), (40_000, 250_000)] {
             assert_eq!(
-                receive_window_clamp(true, clamp, measured, target, mss, 60_000, 60_000, 9_000),
+                receive_window_clamp(clamp, measured, target, mss, 60_000, 60_000, 9_000),
                 ceiling_60ms
             );
         }
         assert_eq!(
-            receive_window_clamp(
-                true,
-                5_000,
-                0,
-                target,
-                mss,
-                CLAMP_FOLLOWS_CLOCK_RTT_US,
-                90_000,
-                0
-            ),
+            receive_window_clamp(5_000, 0, target, mss, CLAMP_FOLLOWS_CLOCK_RTT_US, 90_000, 0),
             ack_paced_clamp_ceiling(target, CLAMP_FOLLOWS_CLOCK_RTT_US, mss),
             "the handshake's round trip sets a far flow's ceiling"
         );
-        // Closer, or without ACK pacing, it follows the measured rate (up
-        // to the ceiling of its kind).
-        // A path round trip longer than the handshake's sizes that ceiling
-        // only, even past 10 ms.
-        for (paced, rtt, window_rtt) in [
+        // Closer, it follows the measured rate (up to its ceiling). A path
+        // round trip longer than the handshake's sizes that ceiling only.
+        for (rtt, window_rtt) in [
             (
-                true,
                 CLAMP_FOLLOWS_CLOCK_RTT_US - 1,
                 CLAMP_FOLLOWS_CLOCK_RTT_US - 1,
             ),
-            (true, 500, 40_500),
-            (false, 60_000, 60_000),
-            (false, 100, 100),
+            (500, 40_500),
         ] {
             for (clamp, measured, initial) in
                 [(20_000, 1_000_000, 0), (20_000, 100_000, 0), (0, 0, 9_000)]
             {
-                let ceiling = if paced {
-                    ack_paced_clamp_ceiling(target, window_rtt, mss)
-                } else {
-                    window_clamp_ceiling(target, window_rtt, mss)
-                };
+                let ceiling = ack_paced_clamp_ceiling(target, window_rtt, mss);
                 assert_eq!(
-                    receive_window_clamp(
-                        paced, clamp, measured, target, mss, rtt, window_rtt, initial
-                    ),
+                    receive_window_clamp(clamp, measured, target, mss, rtt, window_rtt, initial),
                     next_window_clamp(clamp, measured, target, mss, ceiling, initial),
-                    "paced {paced} rtt {rtt} window {window_rtt} clamp {clamp} measured {measured}"
+                    "rtt {rtt} window {window_rtt} clamp {clamp} measured {measured}"
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_window_multiplier_moves_slowly_and_never_below_one() {
+        let (ki, dt) = (5 * UNIT, 5_000_000);
+        // A class short of its share (buckets full) widens its windows, a
+        // sixteenth as fast as the pacing loop would.
+        let up = next_window_multiplier(UNIT, 1024, ki, dt);
+        let paced_up = next_multiplier(UNIT, 1024, ki, dt, true);
+        assert!(up > UNIT && up < paced_up, "{up} {paced_up}");
+        assert_eq!(up - UNIT, (paced_up - UNIT) / 16);
+        // In debt it narrows them back, down to 1 and no further.
+        let down = next_window_multiplier(2 * UNIT, -1024, ki, dt);
+        assert!(down < 2 * UNIT);
+        assert_eq!(next_window_multiplier(UNIT, -1024, ki, dt), UNIT);
+        assert_eq!(next_window_multiplier(MULT_MIN, -1024, ki, dt), UNIT);
+        assert_eq!(next_window_multiplier(MULT_MAX, 1024, ki, dt), MULT_MAX);
+    }
+
+    #[test]
+    fn unpaced_windows_share_one_queue_in_proportion() {
+        let mss = 1448;
+        let gbit = 125_000_000;
+        assert_eq!(shared_queue_us(gbit), 1_048);
+        assert_eq!(shared_queue_us(10 * gbit), 104);
+        assert_eq!(shared_queue_us(100 * gbit), SHARED_QUEUE_MIN_US);
+        assert_eq!(shared_queue_us(gbit / 100), SHARED_QUEUE_MAX_US);
+        assert_eq!(shared_queue_us(0), SHARED_QUEUE_MAX_US);
+        // The shares of all-busy at 1 Gbit/s on a veth (5 µs): windows in
+        // proportion to the shares, adding up to about the queue's bytes.
+        let w: Vec<u64> = [1, 3, 6]
+            .iter()
+            .map(|tenth| unpaced_window_clamp(tenth * gbit / 10, UNIT, 5, gbit, mss))
+            .collect();
+        let sum: u64 = w.iter().sum();
+        assert!(
+            sum.abs_diff(SHARED_QUEUE_BYTES * 1480 / 1514) < 2_000,
+            "{sum}"
+        );
+        for (tenth, win) in [(3, w[1]), (6, w[2])] {
+            assert!(win.abs_diff(tenth * w[0]) <= tenth, "{w:?}");
+        }
+        // The round trip adds the flow's own path; the floor is two segments.
+        assert_eq!(
+            unpaced_window_clamp(gbit, UNIT, 60_000, gbit, mss),
+            window_clamp(gbit, 61_048, mss)
+        );
+        assert_eq!(unpaced_window_clamp(0, UNIT, 5, gbit, mss), 2 * mss);
+        // A multiplier above 1 widens the window; below 1 it counts as 1.
+        let base = unpaced_window_clamp(gbit / 10, UNIT, 5, gbit, mss);
+        assert_eq!(
+            unpaced_window_clamp(gbit / 10, MULT_MIN, 5, gbit, mss),
+            base
+        );
+        let wide = unpaced_window_clamp(gbit / 10, 2 * UNIT, 5, gbit, mss);
+        assert!(wide.abs_diff(2 * base) <= 2, "{wide} {base}");
+        assert_eq!(
+            unpaced_window_clamp(gbit / 10, u64::MAX, 5, gbit, mss),
+            unpaced_window_clamp(gbit / 10, MULT_MAX, 5, gbit, mss)
+        );
+        assert_eq!(
+            unpaced_window_clamp(u64::MAX, u64::MAX, u64::MAX, 0, mss),
+            window_clamp(MAX_RATE * 4, 10_000_000 + SHARED_QUEUE_MAX_US, mss)
+        );
     }
 
     #[test]
@@ -1611,6 +1766,8 @@ mod tests {
             mark_debt: 10_000,
             drop_debt: 100_000,
             paced: false,
+            answers_marks: false,
+            window_bound: false,
             no_payload: false,
         }
     }
@@ -1743,6 +1900,42 @@ mod tests {
         let deep = Levels { own: -399_000, ..l };
         assert_eq!(decide(&deep, &paced, 1000), Verdict::OverMark);
         assert_eq!(decide(&deep, &paced, 1001), Verdict::Drop);
+        // ECN without pacing: marked as early as an unpaced flow, dropped as
+        // late as a paced one.
+        let ecn = Limits {
+            answers_marks: true,
+            ..lim
+        };
+        let shallow = Levels { own: -8_000, ..l };
+        assert_eq!(decide(&shallow, &ecn, 1500), Verdict::Over);
+        assert_eq!(decide(&shallow, &ecn, 2500), Verdict::OverMark);
+        assert_eq!(decide(&l, &ecn, 1001), Verdict::OverMark);
+        assert_eq!(decide(&deep, &ecn, 1000), Verdict::OverMark);
+        assert_eq!(decide(&deep, &ecn, 1001), Verdict::Drop);
+        // Held by its window: charged up to the drop threshold, never
+        // marked, then passes uncharged however deep the debt, ECN or not.
+        for answers_marks in [false, true] {
+            let window = Limits {
+                window_bound: true,
+                answers_marks,
+                ..lim
+            };
+            assert_eq!(decide(&shallow, &window, 2500), Verdict::Over);
+            assert_eq!(decide(&l, &window, 1000), Verdict::Over);
+            assert_eq!(decide(&l, &window, 1001), Verdict::OverUncharged);
+            assert_eq!(
+                decide(
+                    &Levels {
+                        own: -i64::MAX,
+                        ..l
+                    },
+                    &window,
+                    1500
+                ),
+                Verdict::OverUncharged
+            );
+            assert_eq!(decide(&Levels { own: 1, ..l }, &window, 1500), Verdict::Own);
+        }
     }
 
     #[test]
@@ -2330,8 +2523,10 @@ mod tests {
         fn decide_is_total_and_consistent(own in any::<i64>(), borrow in any::<i64>(), ceil in any::<i64>(),
                                           pool in any::<i64>(), prio in 0u32..8, has_ceil in any::<bool>(),
                                           len in 0u64..200_000, paced in any::<bool>(),
+                                          answers_marks in any::<bool>(), window_bound in any::<bool>(),
                                           no_payload in any::<bool>()) {
-            let lim = Limits { priority: prio, has_ceil, paced, no_payload, ..limits() };
+            let lim = Limits { priority: prio, has_ceil, paced, answers_marks, window_bound, no_payload,
+                               ..limits() };
             let l = Levels { own, borrow, ceil, pool };
             let v = decide(&l, &lim, len);
             if own > 0 { prop_assert_eq!(v, Verdict::Own); }
@@ -2339,16 +2534,19 @@ mod tests {
                 prop_assert!(!has_ceil || ceil > 0);
                 prop_assert!(pool > borrow_threshold(prio, lim.prio_step));
             }
-            prop_assert!(!(no_payload && matches!(v, Verdict::Drop | Verdict::OverMark)));
+            prop_assert!(!((no_payload || window_bound) && matches!(v, Verdict::Drop | Verdict::OverMark)));
             if v == Verdict::OverUncharged {
-                prop_assert!(no_payload);
+                prop_assert!(no_payload || window_bound);
                 prop_assert!(len.saturating_add(own.unsigned_abs()) > lim.mark_debt);
             }
             if v == Verdict::Drop {
                 prop_assert!(len.saturating_add(own.unsigned_abs()) > lim.drop_debt);
-                if paced {
+                if paced || answers_marks {
                     prop_assert!(len.saturating_add(own.unsigned_abs()) > lim.drop_debt * PACED_DROP_FACTOR);
                 }
+            }
+            if v == Verdict::OverMark && !paced {
+                prop_assert!(len.saturating_add(own.unsigned_abs()) > lim.mark_debt);
             }
         }
 
@@ -2379,6 +2577,8 @@ mod tests {
             if !held && fill > FILL_TARGET {
                 prop_assert_eq!(n, m.clamp(MULT_MIN, MULT_MAX));
             }
+            let w = next_window_multiplier(m, fill, ki, dt);
+            prop_assert!((UNIT..=MULT_MAX).contains(&w));
         }
     }
 }

@@ -51,7 +51,7 @@ const TESTS: [&str; 6] = [
 /// CPU scheduler as much as the shaper. The VM asserts shares with the
 /// net-fairness smoke runs instead (the host's assertions); these tests run
 /// on the host.
-const EXCLUDED: [(&str, &str, &str); 4] = [
+const EXCLUDED: [(&str, &str, &str); 3] = [
     (
         "datapath",
         "spare_capacity_is_shared_in_proportion_to_guarantees",
@@ -73,13 +73,6 @@ const EXCLUDED: [(&str, &str, &str); 4] = [
          for 100); in the VM ACK pacing is on (fq), checked by \
          ack_pacing_holds_received_flows_at_their_shares_without_drops and the ingress \
          net-fairness smoke",
-    ),
-    (
-        "ingress",
-        "ingress_flow_without_ecn_is_clamped",
-        "the window clamp without ACK pacing acts, but at a tenth of the rates 3-4 % of the non-ECN flow's \
-         packets are dropped (≤ 1 % asserted, met on the host); open finding of the ingress \
-         issue",
     ),
 ];
 

@@ -86,15 +86,18 @@ pub struct NetConfig {
     /// Ingress guarantee of the default class; "0" makes it best effort.
     #[serde(with = "qos_core::units::rate_or_zero")]
     pub ingress_default_rate: Option<Rate>,
-    /// Clamp the receive window of ECN-capable flows too, not only of flows
-    /// without ECN (for senders on microsecond round trips, where CE marks
-    /// cannot slow a flow below two segments per round trip).
+    /// Hold ECN-capable received flows by their receive windows too, not
+    /// only flows without ECN (default). Matters only without ACK pacing
+    /// (with it every flow's window is clamped): false leaves ECN flows to
+    /// CE marks, which cannot slow a flow below two segments per round
+    /// trip, nothing on a round trip of microseconds.
     pub ingress_clamp_ecn: bool,
     /// Pace received TCP flows by holding their ACKs until the flow's rate
     /// allows them: qosd puts fq at the shaped interface's root when the
     /// root is the kernel's default (fq honours the ACKs' departure times).
-    /// Off, or without the fq qdisc, flows are held by CE marks, window
-    /// clamps and drops only.
+    /// Off, or without the fq qdisc, TCP flows are held by their receive
+    /// windows, which share the link's queue upstream in proportion, and
+    /// other traffic by CE marks and drops.
     pub ingress_ack_pacing: bool,
     /// Interfaces where container traffic enters the host: "auto" (every
     /// veth), "none", or a list of name patterns (`*` wildcard).
@@ -120,7 +123,7 @@ impl Default for NetConfig {
             default_priority: 7,
             ingress_capacity: None,
             ingress_default_rate: Rate::from_bits_per_sec(10_000_000).ok(),
-            ingress_clamp_ecn: false,
+            ingress_clamp_ecn: true,
             ingress_ack_pacing: true,
             container_interfaces: ContainerInterfaces::default(),
             bpf_stats: false,

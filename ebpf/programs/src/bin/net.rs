@@ -9,14 +9,17 @@
 //! - `qos_pacer` (sockops on the cgroup2 root) paces each shaped TCP flow at
 //!   its class's per-flow rate: with microsecond RTTs a policer alone cannot
 //!   slow TCP down (cwnd cannot go below 2 segments), pacing can. For flows
-//!   received through the shaped interface without ECN it clamps the
-//!   receive window to the class's per-flow rate × the flow's RTT.
+//!   received through the shaped interface it clamps the receive window:
+//!   with ACK pacing, to bound the ACKs that wait; without, to the flow's
+//!   share × (its RTT + the time of a standing queue upstream), which makes
+//!   flows that share the link's queue get its rate in proportion.
 //! - `qos_ingress_tag` (tc ingress on the shaped interface) marks packets
 //!   that arrived through it (`ingress_tag` in `tc_index`).
 //! - `qos_ingress` (cgroup_skb ingress on the cgroup2 root) runs the same
 //!   buckets for received traffic, classified by the receiving socket's
 //!   cgroup (host and container sockets alike): CE-marks ECN-capable packets
-//!   out of profile, drops only past the drop threshold. With ACK pacing on
+//!   out of profile, drops only past the drop threshold, and lets packets
+//!   of window-held flows pass (never marked nor dropped). With ACK pacing on
 //!   (fq at the shaped interface's root) it also runs each received TCP
 //!   flow's ACK clock at the flow's rate; `qos_egress` (host sockets) and
 //!   `qos_tag` (container sockets) give the ACKs the receiver sends that
@@ -49,20 +52,21 @@ use aya_ebpf::{
 use qos_common::{
     net::{
         CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT,
-        GLOBAL_ACK_PACING, GLOBAL_CLAMP_ECN, GLOBAL_ENABLED, GLOBAL_RELEASE, GLOBAL_REPLACE_BBR,
-        MAX_CGROUP_DEPTH, MAX_CLASSES, NetGlobal, PoolState, SOCK_ACKS_HELD, SOCK_CACHE_ENTRIES,
-        SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_INGRESS, TAG_INGRESS_IFINDEX,
-        TAG_OFFSET, TAG_PACED, TAG_TCP_SOCK, ingress_tag,
+        GLOBAL_ACK_PACING, GLOBAL_CLAMP_ECN, GLOBAL_ENABLED, GLOBAL_RECEIVED, GLOBAL_RELEASE,
+        GLOBAL_REPLACE_BBR, MAX_CGROUP_DEPTH, MAX_CLASSES, NetGlobal, PoolState, SOCK_ACKS_HELD,
+        SOCK_CACHE_ENTRIES, SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_INGRESS,
+        TAG_INGRESS_IFINDEX, TAG_OFFSET, TAG_PACED, TAG_TCP_SOCK, ingress_tag,
     },
     policy::{
         self, ACK_LEAD_WINDOW_US, BY_USE, CLAMP_FOLLOWS_CLOCK_RTT_US, CONTROL_INTERVAL_NS,
         HELD_STAMP_NS, Levels, Limits, NO_PAYLOAD_MAX_L3_LEN, PATH_PROBE_STALE_NS, PathRtt,
         SOCK_WOKEN_BITS, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns, class_rtt,
         clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned, epoch_count,
-        first_flight, flow_share, flow_use, kp_full_rate, next_multiplier, overflow_correction,
-        pacing_changed, pacing_rate, path_probe_sample, path_rtt_update, receive_window_clamp,
-        recently_held, rtt_gain, underflow_correction, use_units, use_weight, weight_reference,
-        window_clamp, window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle, woken_counts_now,
+        first_flight, flow_share, flow_use, kp_full_rate, next_multiplier, next_window_multiplier,
+        overflow_correction, pacing_changed, pacing_rate, path_probe_sample, path_rtt_update,
+        receive_window_clamp, recently_held, rtt_gain, underflow_correction, unpaced_window_clamp,
+        use_units, use_weight, weight_reference, window_clamp, window_rtt_us, wire_len,
+        wire_to_tcp_rate, woke_from_idle, woken_counts_now,
     },
 };
 use qos_ebpf::{
@@ -347,7 +351,12 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
             cfg,
             g.flags & GLOBAL_ACK_PACING != 0,
         );
-        (*st).mult = next_multiplier(read(&(*st).mult), fill, ki, now - last, held);
+        let mult = read(&(*st).mult);
+        (*st).mult = if g.flags & (GLOBAL_RECEIVED | GLOBAL_ACK_PACING) == GLOBAL_RECEIVED {
+            next_window_multiplier(mult, fill, ki, now - last)
+        } else {
+            next_multiplier(mult, fill, ki, now - last, held)
+        };
     }
 }
 
@@ -383,7 +392,7 @@ fn class_fill(st: *const ClassState, cfg: &ClassConfig) -> i64 {
 
 /// Charges one packet of `wire` bytes to class `slot` of direction `d` and
 /// says whether it passes (CE-marked when out of profile past the mark
-/// threshold and ECN-capable). `paced`, `no_payload`: see [`Limits`].
+/// threshold and ECN-capable). `flow`: see [`Limits`].
 #[inline(always)]
 fn account(
     d: &Dir,
@@ -391,8 +400,7 @@ fn account(
     skb: *mut __sk_buff,
     slot: u32,
     wire: u64,
-    paced: bool,
-    no_payload: bool,
+    flow: FlowKind,
 ) -> bool {
     // A slot whose quota was just removed counts as the default class.
     let (slot, cfg) = match d.cfg.get(slot) {
@@ -433,8 +441,10 @@ fn account(
         extra_watermark: g.extra_watermark,
         mark_debt: cfg.mark_debt,
         drop_debt: cfg.drop_debt,
-        paced,
-        no_payload,
+        paced: flow.paced,
+        answers_marks: flow.answers_marks,
+        window_bound: flow.window_bound,
+        no_payload: flow.no_payload,
     };
     let verdict = decide(&levels, &limits, wire);
     let w = wire as i64;
@@ -491,6 +501,15 @@ fn account(
     true
 }
 
+/// What a packet's flow answers, for [`Limits`] (whose fields these are).
+#[derive(Clone, Copy)]
+struct FlowKind {
+    paced: bool,
+    answers_marks: bool,
+    window_bound: bool,
+    no_payload: bool,
+}
+
 #[classifier]
 pub fn qos_egress(ctx: TcContext) -> i32 {
     let d = egress();
@@ -534,7 +553,13 @@ pub fn qos_egress(ctx: TcContext) -> i32 {
         0
     };
     let wire = wire_len(len, segs, hdr);
-    if account(&d, g, skb, slot, wire, paced, no_payload) {
+    let flow = FlowKind {
+        paced,
+        answers_marks: false,
+        window_bound: false,
+        no_payload,
+    };
+    if account(&d, g, skb, slot, wire, flow) {
         PASS
     } else {
         DROP
@@ -656,7 +681,10 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
     let wire = wire_len(len, segs, hdr) + packet::ETH_HLEN as u64;
     // A flow that answers CE marks (or whose window is clamped) slows down by
     // itself: it is dropped only far past the drop threshold, because every
-    // drop stalls a receive flow for at least a loss-probe timeout.
+    // drop stalls a receive flow for at least a loss-probe timeout. Without
+    // ACK pacing a clamped flow's window holds it (`Limits::window_bound`),
+    // and marks are all that slows an ECN flow whose window is not clamped:
+    // it is marked from the mark threshold.
     let ecn = packet::l3_ecn_capable(&ctx.skb, proto);
     // TCP data runs its flow's ACK clock.
     let clock = if tcp_data {
@@ -666,8 +694,13 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
     };
     // A flow whose ACKs are held slows down by itself: the decision below
     // must not undercut it (it counts as paced).
-    let responsive = v.paced || ecn || clock.sock_flags & SOCK_ACKS_HELD != 0;
-    if !account(&d, g, skb, v.slot, wire, responsive, no_payload) {
+    let flow = FlowKind {
+        paced: ack_pacing && (v.paced || ecn || clock.sock_flags & SOCK_ACKS_HELD != 0),
+        answers_marks: ecn,
+        window_bound: !ack_pacing && v.paced,
+        no_payload,
+    };
+    if !account(&d, g, skb, v.slot, wire, flow) {
         return SKB_DROP;
     }
     if !clock.sc.is_null() {
@@ -743,7 +776,7 @@ fn ack_clock(d: &Dir, g: &NetGlobal, cookie: u64, wire: u64) -> AckClock {
     };
     // SAFETY: pointer into the socket map value.
     let received = unsafe { (*sc).rcv_bytes };
-    let Some((slot, st, rate)) = flow_rate(d, g, sc, received) else {
+    let Some((slot, st, rate, _)) = flow_rate(d, g, sc, received) else {
         return AckClock::NONE;
     };
     // SAFETY: helper without arguments; pointer into the socket map value.
@@ -1102,7 +1135,7 @@ fn flow_rate(
     g: &NetGlobal,
     sc: *mut SockClass,
     moved: u64,
-) -> Option<(u32, *mut ClassState, u64)> {
+) -> Option<(u32, *mut ClassState, u64, u64)> {
     // SAFETY: `sc` points into the direction's socket map for this run.
     let (slot, flags) = unsafe { ((*sc).slot, (*sc).flags) };
     if flags & SOCK_SHAPED == 0 {
@@ -1199,7 +1232,7 @@ fn flow_rate(
             }
         }
     }
-    Some((slot, st, rate))
+    Some((slot, st, rate, cfg.flow_base))
 }
 
 #[inline(always)]
@@ -1219,7 +1252,7 @@ fn on_ack(ctx: &SockOpsContext) {
     };
     // SAFETY: field read of the program's own context.
     let acked = unsafe { (*ctx.ops).bytes_acked };
-    let Some((slot, _, rate)) = flow_rate(&d, g, sc, acked) else {
+    let Some((slot, _, rate, _)) = flow_rate(&d, g, sc, acked) else {
         return;
     };
     // SAFETY: pointer into the socket map value.
@@ -1250,8 +1283,9 @@ const RECEIVED_BY_A_SHAPER: u32 = BPF_SOCK_OPS_RTO_CB_FLAG;
 const UNCLAMPED: u32 = 1 << 30;
 
 /// A segment (usually an ACK) is about to leave a receiving socket: keep the
-/// window clamp of a shaped flow without ECN at its class's per-flow rate ×
-/// RTT. ECN flows are slowed by CE marks instead.
+/// window clamp of a shaped flow at its class's per-flow rate × RTT (see
+/// `receive_window_clamp` and `unpaced_window_clamp`). ECN flows are left to
+/// CE marks where `GLOBAL_CLAMP_ECN` is off and ACKs are not paced.
 #[inline(always)]
 fn on_send(ctx: &SockOpsContext) {
     let d = ingress();
@@ -1295,9 +1329,11 @@ fn on_send(ctx: &SockOpsContext) {
             (*ctx.ops).bytes_received,
         )
     };
-    // ECN flows are slowed by CE marks, unless their ACKs are paced: then
-    // the clamp bounds the ACKs queued for them (a CE mark would halve the
-    // window and leave the ACK clock idle).
+    // ECN flows are clamped where their ACKs are paced (the clamp bounds the
+    // ACKs queued for them; a CE mark would halve the window and leave the
+    // ACK clock idle) and, by default, where they are not (marks cannot
+    // hold a flow on a short round trip; windows sharing the link's queue
+    // can). Otherwise they are left to CE marks.
     let clamp_ecn = GLOBAL_CLAMP_ECN | GLOBAL_ACK_PACING;
     if g.flags & GLOBAL_ENABLED == 0 || (ecn & TCP_ECN_OK != 0 && g.flags & clamp_ecn == 0) {
         return;
@@ -1340,29 +1376,41 @@ fn on_send(ctx: &SockOpsContext) {
     } else {
         received
     };
-    let Some((slot, st, rate)) = flow_rate(&d, g, sc, moved) else {
+    let Some((slot, st, rate, flow_base)) = flow_rate(&d, g, sc, moved) else {
         return;
     };
-    // Payload bytes/s received over the step, against the payload rate of
-    // the flow's share.
-    let measured = if applied == 0 || now <= step_ns {
-        0
+    let clamp = if ack_paced {
+        // Payload bytes/s received over the step, against the payload rate
+        // of the flow's share.
+        let measured = if applied == 0 || now <= step_ns {
+            0
+        } else {
+            received.wrapping_sub(step_bytes) * 1_000_000 / ((now - step_ns) / 1000).max(1)
+        };
+        // First clamp: the share × the handshake RTT (srtt_us is kept ×8),
+        // plus the ACK queueing an ACK-paced flow is allowed. Later ones
+        // follow the measured rate, which sees the RTT under load (see
+        // `receive_window_clamp` for flows from afar).
+        let initial = window_clamp(rate, rtt_us + ACK_LEAD_WINDOW_US, mss as u64);
+        // SAFETY: pointer into the socket map value.
+        let previous = unsafe { (*sc).prev_clamp } as u64;
+        let seen = clamp_seen(applied, previous, window_rtt);
+        receive_window_clamp(
+            seen,
+            measured,
+            wire_to_tcp_rate(rate),
+            mss as u64,
+            rtt_us,
+            window_rtt,
+            initial,
+        )
     } else {
-        received.wrapping_sub(step_bytes) * 1_000_000 / ((now - step_ns) / 1000).max(1)
+        // The allocator's share, widened by the class's multiplier where
+        // the class falls short (see `unpaced_window_clamp`).
+        // SAFETY: pointer into a class state map value.
+        let mult = unsafe { read(&(*st).mult) };
+        unpaced_window_clamp(flow_base, mult, rtt_us, g.capacity, mss as u64)
     };
-    // First clamp: the share × the handshake RTT (srtt_us is kept ×8), plus
-    // the ACK queueing an ACK-paced flow is allowed. Later ones follow the
-    // measured rate, which sees the RTT under load (see
-    // `receive_window_clamp` for ACK-paced flows from afar).
-    let lead_us = if ack_paced { ACK_LEAD_WINDOW_US } else { 0 };
-    let initial = window_clamp(rate, rtt_us + lead_us, mss as u64);
-    let target = wire_to_tcp_rate(rate);
-    // SAFETY: pointer into the socket map value.
-    let previous = unsafe { (*sc).prev_clamp } as u64;
-    let seen = clamp_seen(applied, previous, window_rtt);
-    let clamp = receive_window_clamp(
-        ack_paced, seen, measured, target, mss as u64, rtt_us, window_rtt, initial,
-    );
     // The class's round trip, for its pacing loop's gains, and its
     // windows' (reported): written only when they move (one cache line
     // shared by every CPU).
