@@ -129,7 +129,8 @@ pub struct Levels {
     pub pool: i64,
 }
 
-/// What a class may do, from its configuration.
+/// What a class may do with one packet: its configuration and the kind of
+/// the packet's flow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Limits {
     pub priority: u32,
@@ -138,6 +139,14 @@ pub struct Limits {
     pub extra_watermark: u64,
     pub mark_debt: u64,
     pub drop_debt: u64,
+    /// What the packet's flow answers.
+    pub flow: FlowKind,
+}
+
+/// What a packet's flow answers, which moves the thresholds [`decide`]
+/// applies to its class's debt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKind {
     /// The packet's flow is paced by us: its sender slows down on its own,
     /// and a drop would only stall it (a local TCP sender retries a dropped
     /// packet after its probe timer, hundreds of ms). Such packets are
@@ -177,7 +186,7 @@ pub struct Limits {
 /// packets up to this size need their headers parsed to find out.
 pub const NO_PAYLOAD_MAX_L3_LEN: u32 = 120;
 
-/// See [`Limits::paced`].
+/// See [`FlowKind::paced`].
 pub const PACED_DROP_FACTOR: u64 = 4;
 
 /// Outcome of one packet.
@@ -197,8 +206,8 @@ pub enum Verdict {
     /// Debt past the drop threshold: dropped, not charged.
     Drop,
     /// Debt past the mark threshold, but the packet has no payload
-    /// ([`Limits::no_payload`]) or its flow's window holds it
-    /// ([`Limits::window_bound`]): passes, charged to nothing (counted).
+    /// ([`FlowKind::no_payload`]) or its flow's window holds it
+    /// ([`FlowKind::window_bound`]): passes, charged to nothing (counted).
     OverUncharged,
 }
 
@@ -227,17 +236,18 @@ pub const fn decide(levels: &Levels, limits: &Limits, len: u64) -> Verdict {
     let debt = len.saturating_add(levels.own.unsigned_abs());
     // A paced flow is slowed by its pacing; CE would also cut its window and
     // make it undershoot. It is marked only where others would be dropped.
-    let mark_at = if limits.paced || limits.window_bound {
+    let flow = limits.flow;
+    let mark_at = if flow.paced || flow.window_bound {
         limits.drop_debt
     } else {
         limits.mark_debt
     };
-    let drop_at = if limits.paced || limits.answers_marks {
+    let drop_at = if flow.paced || flow.answers_marks {
         limits.drop_debt.saturating_mul(PACED_DROP_FACTOR)
     } else {
         limits.drop_debt
     };
-    if (limits.no_payload || limits.window_bound) && debt > mark_at {
+    if (flow.no_payload || flow.window_bound) && debt > mark_at {
         Verdict::OverUncharged
     } else if debt > drop_at {
         Verdict::Drop
@@ -1765,11 +1775,13 @@ mod tests {
             extra_watermark: 50_000,
             mark_debt: 10_000,
             drop_debt: 100_000,
-            paced: false,
-            answers_marks: false,
-            window_bound: false,
-            no_payload: false,
+            flow: FlowKind::default(),
         }
+    }
+
+    /// `lim` for packets of a flow of kind `flow`.
+    fn of(lim: Limits, flow: FlowKind) -> Limits {
+        Limits { flow, ..lim }
     }
 
     #[test]
@@ -1891,7 +1903,13 @@ mod tests {
         let l = Levels { own: -99_000, ..l };
         assert_eq!(decide(&l, &lim, 1000), Verdict::OverMark); // exactly 100_000
         assert_eq!(decide(&l, &lim, 1001), Verdict::Drop);
-        let paced = Limits { paced: true, ..lim };
+        let paced = of(
+            lim,
+            FlowKind {
+                paced: true,
+                ..lim.flow
+            },
+        );
         assert_eq!(decide(&l, &paced, 1001), Verdict::OverMark);
         assert_eq!(
             decide(&Levels { own: -50_000, ..l }, &paced, 1000),
@@ -1902,10 +1920,13 @@ mod tests {
         assert_eq!(decide(&deep, &paced, 1001), Verdict::Drop);
         // ECN without pacing: marked as early as an unpaced flow, dropped as
         // late as a paced one.
-        let ecn = Limits {
-            answers_marks: true,
-            ..lim
-        };
+        let ecn = of(
+            lim,
+            FlowKind {
+                answers_marks: true,
+                ..lim.flow
+            },
+        );
         let shallow = Levels { own: -8_000, ..l };
         assert_eq!(decide(&shallow, &ecn, 1500), Verdict::Over);
         assert_eq!(decide(&shallow, &ecn, 2500), Verdict::OverMark);
@@ -1915,11 +1936,14 @@ mod tests {
         // Held by its window: charged up to the drop threshold, never
         // marked, then passes uncharged however deep the debt, ECN or not.
         for answers_marks in [false, true] {
-            let window = Limits {
-                window_bound: true,
-                answers_marks,
-                ..lim
-            };
+            let window = of(
+                lim,
+                FlowKind {
+                    window_bound: true,
+                    answers_marks,
+                    ..lim.flow
+                },
+            );
             assert_eq!(decide(&shallow, &window, 2500), Verdict::Over);
             assert_eq!(decide(&l, &window, 1000), Verdict::Over);
             assert_eq!(decide(&l, &window, 1001), Verdict::OverUncharged);
@@ -1952,10 +1976,13 @@ mod tests {
 
     #[test]
     fn a_packet_without_payload_is_never_dropped() {
-        let ack = Limits {
-            no_payload: true,
-            ..limits()
-        };
+        let ack = of(
+            limits(),
+            FlowKind {
+                no_payload: true,
+                ..FlowKind::default()
+            },
+        );
         let l = Levels {
             own: -99_000,
             borrow: 0,
@@ -1984,7 +2011,13 @@ mod tests {
             ..l
         };
         assert_eq!(decide(&deep, &ack, 66), Verdict::OverUncharged);
-        let paced_ack = Limits { paced: true, ..ack };
+        let paced_ack = of(
+            ack,
+            FlowKind {
+                paced: true,
+                ..ack.flow
+            },
+        );
         assert_eq!(decide(&l, &paced_ack, 66), Verdict::Over);
         assert_eq!(decide(&deep, &paced_ack, 66), Verdict::OverUncharged);
         // Within profile nothing changes.
@@ -2525,8 +2558,8 @@ mod tests {
                                           len in 0u64..200_000, paced in any::<bool>(),
                                           answers_marks in any::<bool>(), window_bound in any::<bool>(),
                                           no_payload in any::<bool>()) {
-            let lim = Limits { priority: prio, has_ceil, paced, answers_marks, window_bound, no_payload,
-                               ..limits() };
+            let flow = FlowKind { paced, answers_marks, window_bound, no_payload };
+            let lim = Limits { priority: prio, has_ceil, flow, ..limits() };
             let l = Levels { own, borrow, ceil, pool };
             let v = decide(&l, &lim, len);
             if own > 0 { prop_assert_eq!(v, Verdict::Own); }

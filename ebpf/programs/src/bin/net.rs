@@ -59,14 +59,14 @@ use qos_common::{
     },
     policy::{
         self, ACK_LEAD_WINDOW_US, BY_USE, CLAMP_FOLLOWS_CLOCK_RTT_US, CONTROL_INTERVAL_NS,
-        HELD_STAMP_NS, Levels, Limits, NO_PAYLOAD_MAX_L3_LEN, PATH_PROBE_STALE_NS, PathRtt,
-        SOCK_WOKEN_BITS, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns, class_rtt,
-        clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned, epoch_count,
-        first_flight, flow_share, flow_use, kp_full_rate, next_multiplier, next_window_multiplier,
-        overflow_correction, pacing_changed, pacing_rate, path_probe_sample, path_rtt_update,
-        receive_window_clamp, recently_held, rtt_gain, underflow_correction, unpaced_window_clamp,
-        use_units, use_weight, weight_reference, window_clamp, window_rtt_us, wire_len,
-        wire_to_tcp_rate, woke_from_idle, woken_counts_now,
+        FlowKind, HELD_STAMP_NS, Levels, Limits, NO_PAYLOAD_MAX_L3_LEN, PATH_PROBE_STALE_NS,
+        PathRtt, SOCK_WOKEN_BITS, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns,
+        class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned,
+        epoch_count, first_flight, flow_share, flow_use, kp_full_rate, next_multiplier,
+        next_window_multiplier, overflow_correction, pacing_changed, pacing_rate,
+        path_probe_sample, path_rtt_update, receive_window_clamp, recently_held, rtt_gain,
+        underflow_correction, unpaced_window_clamp, use_units, use_weight, weight_reference,
+        window_clamp, window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle, woken_counts_now,
     },
 };
 use qos_ebpf::{
@@ -392,7 +392,7 @@ fn class_fill(st: *const ClassState, cfg: &ClassConfig) -> i64 {
 
 /// Charges one packet of `wire` bytes to class `slot` of direction `d` and
 /// says whether it passes (CE-marked when out of profile past the mark
-/// threshold and ECN-capable). `flow`: see [`Limits`].
+/// threshold and ECN-capable). `flow`: see [`FlowKind`].
 #[inline(always)]
 fn account(
     d: &Dir,
@@ -441,10 +441,7 @@ fn account(
         extra_watermark: g.extra_watermark,
         mark_debt: cfg.mark_debt,
         drop_debt: cfg.drop_debt,
-        paced: flow.paced,
-        answers_marks: flow.answers_marks,
-        window_bound: flow.window_bound,
-        no_payload: flow.no_payload,
+        flow,
     };
     let verdict = decide(&levels, &limits, wire);
     let w = wire as i64;
@@ -499,15 +496,6 @@ fn account(
         (*ct).bytes += wire;
     }
     true
-}
-
-/// What a packet's flow answers, for [`Limits`] (whose fields these are).
-#[derive(Clone, Copy)]
-struct FlowKind {
-    paced: bool,
-    answers_marks: bool,
-    window_bound: bool,
-    no_payload: bool,
 }
 
 #[classifier]
@@ -682,7 +670,7 @@ pub fn qos_ingress(ctx: SkBuffContext) -> i32 {
     // A flow that answers CE marks (or whose window is clamped) slows down by
     // itself: it is dropped only far past the drop threshold, because every
     // drop stalls a receive flow for at least a loss-probe timeout. Without
-    // ACK pacing a clamped flow's window holds it (`Limits::window_bound`),
+    // ACK pacing a clamped flow's window holds it (`FlowKind::window_bound`),
     // and marks are all that slows an ECN flow whose window is not clamped:
     // it is marked from the mark threshold.
     let ecn = packet::l3_ecn_capable(&ctx.skb, proto);
