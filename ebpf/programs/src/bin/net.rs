@@ -461,8 +461,13 @@ fn account(
             }
             Verdict::BorrowExtra => (*ct).borrowed_bytes += wire,
             Verdict::OverUncharged => {
-                // Charged to nothing: neither the own bucket (whose debt is
-                // left to data) nor the ceiling, which has no floor.
+                // Charged to neither the own bucket (whose debt is left to
+                // data) nor the pool. A window-held packet is charged to the
+                // ceiling: the class's whole rate counts against it, and
+                // past it `decide` polices the class by the ceiling's debt.
+                if ceil_on && flow.window_bound {
+                    add_fetch_i64(&mut (*st).ceil, -w);
+                }
                 (*ct).over_bytes += wire;
                 (*ct).packets += 1;
                 (*ct).bytes += wire;
@@ -477,6 +482,18 @@ fn account(
                 if verdict == Verdict::OverMark && bpf_skb_ecn_set_ce(skb) == 1 {
                     (*ct).ce_marks += 1;
                 }
+            }
+            Verdict::PastCeiling { mark } => {
+                (*ct).over_bytes += wire;
+                if mark && bpf_skb_ecn_set_ce(skb) == 1 {
+                    (*ct).ce_marks += 1;
+                }
+            }
+            Verdict::DropCharged => {
+                add_fetch_i64(&mut (*st).ceil, -w);
+                (*ct).drops += 1;
+                (*ct).drop_bytes += wire;
+                return false;
             }
             Verdict::Drop => {
                 (*ct).drops += 1;
