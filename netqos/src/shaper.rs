@@ -242,6 +242,16 @@ pub struct NetClassStatus {
     /// kernel's (their class's first flights filled a round trip).
     #[serde(default)]
     pub initial_windows: u64,
+    /// Ingress without ACK pacing: received bytes that neither a window nor
+    /// CE marks hold (UDP, a TCP flow without ECN before its first window
+    /// step).
+    #[serde(default)]
+    pub unheld_bytes: u64,
+    /// Ingress without ACK pacing: the class is held at its allocation
+    /// (its ceiling in the datapath) while another class receives traffic
+    /// no window holds (`policy::datapath_ceil`).
+    #[serde(default)]
+    pub held_at_alloc: bool,
     /// Ingress: the longest round trip of the class's flows (µs, decaying),
     /// which scales its pacing loop's gains down past 30 ms.
     #[serde(default)]
@@ -341,6 +351,11 @@ struct Class {
     recent_use: [(u64, u64); 3],
     /// Adopted: its datapath parameters are left alone until then.
     settle_until: Option<Instant>,
+    /// Smoothed rate of its received bytes no window held, bytes/s.
+    unheld_rate: f64,
+    /// Since when (ns) that has been a part of its traffic
+    /// (`policy::receives_unheld`).
+    unheld_since: Option<u64>,
 }
 
 impl Class {
@@ -373,6 +388,8 @@ impl Class {
             use_mark: (counters.use_sum, counters.use_squares),
             recent_use: [(0, 0); 3],
             settle_until: None,
+            unheld_rate: 0.0,
+            unheld_since: None,
         })
     }
 
@@ -386,6 +403,13 @@ impl Class {
             self.flows =
                 ((cfg.alloc as u128 * UNIT as u128 / cfg.flow_base as u128) as u64).max(UNIT);
         }
+    }
+
+    /// Whether it has received traffic no window holds for
+    /// [`policy::UNHELD_HOLD_NS`].
+    fn receives_unheld(&self, now_ns: u64) -> bool {
+        self.unheld_since
+            .is_some_and(|t| now_ns.saturating_sub(t) >= policy::UNHELD_HOLD_NS)
     }
 
     fn name(&self) -> &str {
@@ -416,6 +440,18 @@ impl Class {
             dt_ns,
             RATE_TAU_NS,
         );
+        let d_unheld = ct.unheld_bytes.wrapping_sub(self.counters.unheld_bytes);
+        self.unheld_rate = policy::ewma(
+            self.unheld_rate,
+            d_unheld as f64 * 1e9 / dt_ns as f64,
+            dt_ns,
+            RATE_TAU_NS,
+        );
+        if policy::receives_unheld(self.unheld_rate, self.rate, capacity) {
+            self.unheld_since.get_or_insert(now_ns);
+        } else {
+            self.unheld_since = None;
+        }
         // The datapath refills lazily, on packets: add what an idle class
         // earned since its last packet.
         let since = now_ns.saturating_sub(st.last_ns);
@@ -505,6 +541,9 @@ struct ClassTable {
     /// cgroup id → slot that an earlier daemon left in the adopted maps,
     /// not yet claimed by a quota of ours.
     adopted: BTreeMap<u64, u32>,
+    /// Until when (ns) the classes that receive no traffic unheld by
+    /// windows are held at their allocations (`policy::datapath_ceil`).
+    hold_at_alloc_until: Option<u64>,
 }
 
 fn bytes(rate: Rate) -> u64 {
@@ -585,6 +624,7 @@ impl ClassTable {
             next_slot: adopted.values().max().map_or(DEFAULT_SLOT, |m| *m) + 1,
             slot_limit: settings.max_quotas.clamp(1, MAX_QUOTAS) + 1,
             adopted,
+            hold_at_alloc_until: None,
         })
     }
 
@@ -796,14 +836,26 @@ impl ClassTable {
             let ct = maps.read_counters(c.slot)?;
             demands.push(c.observe(st, ct, dt_ns, now_ns, epoch_due, capacity));
         }
+        if std::iter::once(&self.default)
+            .chain(self.classes.values())
+            .any(|c| c.receives_unheld(now_ns))
+        {
+            self.hold_at_alloc_until = Some(now_ns + policy::HOLD_AT_ALLOC_NS);
+        }
+        let hold_at_alloc = self.hold_at_alloc_until.is_some_and(|t| now_ns < t);
         let shares = policy::share_spare(capacity, &demands);
         for (c, extra) in std::iter::once(&mut self.default)
             .chain(self.classes.values_mut())
             .zip(shares)
         {
+            let ceil = policy::datapath_ceil(
+                c.ceil(capacity),
+                c.guarantee.saturating_add(extra),
+                hold_at_alloc && c.unheld_since.is_none(),
+            );
             let cfg = policy::class_params(
                 c.guarantee,
-                c.ceil(capacity),
+                ceil,
                 c.quota.priority,
                 extra,
                 c.flows,
@@ -857,6 +909,8 @@ impl ClassTable {
                 pacing_updates: c.counters.pacing_updates,
                 window_clamps: c.counters.window_clamps,
                 initial_windows: c.counters.initial_windows,
+                unheld_bytes: c.counters.unheld_bytes,
+                held_at_alloc: c.cfg.ceil < c.ceil(bytes(self.capacity)),
                 rtt_us: c.prev.rtt_us,
                 window_rtt_us: c.prev.window_rtt_us,
             })

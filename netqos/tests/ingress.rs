@@ -34,6 +34,8 @@ struct Group {
     ecn: bool,
     /// Parallel TCP flows into the group.
     flows: u32,
+    /// One UDP flow instead, offered at the link's rate.
+    udp: bool,
 }
 
 const fn tcp(quota: &'static str) -> Group {
@@ -43,6 +45,7 @@ const fn tcp(quota: &'static str) -> Group {
         priority: 0,
         ecn: true,
         flows: 1,
+        udp: false,
     }
 }
 
@@ -55,6 +58,8 @@ struct Step {
     flows: Vec<(u64, f64)>,
     /// Each group's window round trip (`NetClassStatus::window_rtt_us`).
     window_rtts: Vec<u64>,
+    /// Each group held at its allocation (`NetClassStatus::held_at_alloc`).
+    held_at_alloc: Vec<bool>,
 }
 
 struct Outcome {
@@ -281,10 +286,12 @@ fn run_over(
             .map(|i| (class(&st, i).flows, class(&st, i).active_flows))
             .collect();
         let window_rtts = (0..n).map(|i| class(&st, i).window_rtt_us).collect();
+        let held_at_alloc = (0..n).map(|i| class(&st, i).held_at_alloc).collect();
         Step {
             t: t0.elapsed().as_secs_f64(),
             flows,
             window_rtts,
+            held_at_alloc,
         }
     });
     let sender = Placement {
@@ -296,7 +303,10 @@ fn run_over(
         let opts = ClientOpts {
             seconds: secs,
             parallel: g.flows,
-            udp_bps: None,
+            udp_bps: g
+                .udp
+                .then(|| common::scaled(link.rate).map(|r| r.bits_per_sec()))
+                .transpose()?,
             bind: None,
             tos: None,
             pacing_bps: None,
@@ -324,7 +334,7 @@ fn run_over(
     let mut rates = Vec::new();
     let mut wire = Vec::new();
     let mut intervals = Vec::new();
-    for (server, client) in running {
+    for ((server, client), g) in running.into_iter().zip(groups) {
         client.finish(Duration::from_secs_f64(secs + 20.0))?;
         let r = server.finish(Duration::from_secs(20))?;
         let (bytes, t) = r
@@ -333,7 +343,7 @@ fn run_over(
             .filter(|i| i.0 >= 1.0 && i.1 - i.0 >= 0.05)
             .fold((0u64, 0.0), |(b, t), i| (b + i.2, t + i.1 - i.0));
         // In nominal (unscaled) Mbit/s, what the assertions are written in.
-        let wire_of = |b| wire_bytes_of(b, false, link.ipv6);
+        let wire_of = |b| wire_bytes_of(b, g.udp, link.ipv6);
         rates.push(wire_of(bytes) as f64 * 8.0 / t / 1e6 / common::rate_scale());
         let on_wire = wire_of(r.bytes);
         eprintln!("receiver bytes {} wire {on_wire}", r.bytes);
@@ -581,6 +591,60 @@ fn a_ceiling_holds_received_flows_their_windows_do_not() -> Result<()> {
     assert!(marked.ce_marks > 0, "the ECN class was not marked");
     assert!(plain.drops > 0, "the class without ECN lost nothing");
     assert_eq!(plain.ce_marks, 0, "a flow without ECN cannot be marked");
+    Ok(())
+}
+
+/// A UDP flood beside a window-held TCP class gets its guarantee: its
+/// sender waits on the same queue upstream as the TCP sender, whose window
+/// takes that queue from it whatever it is sized for (56-329 of 500 Mbit/s
+/// in the fairness script's udp scenario), so while the UDP class receives
+/// traffic no window holds, the TCP class is held at its allocation by its
+/// ceiling bucket (`policy::datapath_ceil`), marked past it.
+#[test]
+fn a_udp_class_beside_window_held_tcp_gets_its_guarantee() -> Result<()> {
+    if !require_root("a_udp_class_beside_window_held_tcp_gets_its_guarantee") {
+        return Ok(());
+    }
+    let quotas = [475.0, 475.0];
+    let shares_ok = |rates: &[f64]| shares_within(rates, &quotas, 0.8, 1.3);
+    let link = Link {
+        clamp_ecn: true,
+        ..BASE_LINK
+    };
+    let groups = [
+        Group {
+            udp: true,
+            ..tcp("475mbit")
+        },
+        tcp("475mbit"),
+    ];
+    let o = run_over_retrying_if_off(&link, &groups, false, false, 4.0, shares_ok)?;
+    assert_shares_within(&o.rates, &quotas, 0.8, 1.3);
+    let (udp, held) = (class(&o.status, 0), class(&o.status, 1));
+    assert!(
+        udp.unheld_bytes * 2 > udp.bytes,
+        "the UDP class's traffic counted as held: {} of {} bytes unheld",
+        udp.unheld_bytes,
+        udp.bytes
+    );
+    assert!(
+        held.window_clamps > 0,
+        "the TCP flow's window was not clamped"
+    );
+    let steps = o.steps.len();
+    let held_steps = o.steps.iter().filter(|s| s.held_at_alloc[1]).count();
+    assert!(
+        held_steps * 3 > steps,
+        "the TCP class held at its allocation in {held_steps} of {steps} control steps"
+    );
+    assert!(
+        o.steps.iter().all(|s| !s.held_at_alloc[0]),
+        "the UDP class held at its allocation"
+    );
+    assert!(
+        held.ce_marks > 0,
+        "the TCP class was not marked past its allocation"
+    );
     Ok(())
 }
 

@@ -271,6 +271,11 @@ pub struct ClassCounters {
     /// Flows accepted with an initial receive window below the kernel's
     /// (ingress; `policy::first_flight`).
     pub initial_windows: u64,
+    /// Received bytes that neither a receive window nor CE marks hold while
+    /// windows hold the received TCP flows (ingress without ACK pacing):
+    /// UDP and other traffic without ECN, a TCP flow without ECN before its
+    /// first window step. 0 otherwise.
+    pub unheld_bytes: u64,
 }
 
 impl ClassCounters {
@@ -290,6 +295,7 @@ impl ClassCounters {
         self.use_sum = self.use_sum.wrapping_add(o.use_sum);
         self.use_squares = self.use_squares.wrapping_add(o.use_squares);
         self.initial_windows = self.initial_windows.wrapping_add(o.initial_windows);
+        self.unheld_bytes = self.unheld_bytes.wrapping_add(o.unheld_bytes);
     }
 }
 

@@ -511,6 +511,13 @@ fn account(
         }
         (*ct).packets += 1;
         (*ct).bytes += wire;
+        if g.flags & (GLOBAL_RECEIVED | GLOBAL_ACK_PACING) == GLOBAL_RECEIVED
+            && !flow.window_bound
+            && !flow.no_payload
+            && !flow.answers_marks
+        {
+            (*ct).unheld_bytes += wire;
+        }
     }
     true
 }

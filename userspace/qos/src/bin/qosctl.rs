@@ -836,7 +836,12 @@ fn class_table(classes: &[NetClassStatus], flow_action: &str) -> String {
             c.rate.clone(),
             c.ceil.clone(),
             c.priority.to_string(),
-            format_bps(c.alloc_bps as f64),
+            // Held at it per packet (ingress beside UDP, without fq).
+            if c.held_at_alloc {
+                format!("{} (held)", format_bps(c.alloc_bps as f64))
+            } else {
+                format_bps(c.alloc_bps as f64)
+            },
             format_bps(c.rate_bps as f64),
             c.flows.to_string(),
             bytes(c.bytes),
