@@ -853,7 +853,7 @@ impl ClassTable {
                 c.guarantee.saturating_add(extra),
                 hold_at_alloc && c.unheld_since.is_none(),
             );
-            let cfg = policy::class_params(
+            let mut cfg = policy::class_params(
                 c.guarantee,
                 ceil,
                 c.quota.priority,
@@ -862,6 +862,9 @@ impl ClassTable {
                 c.flow_even,
                 tuning,
             );
+            if ceil < c.ceil(capacity) {
+                cfg.window_mult = policy::HELD_WINDOW_MULT;
+            }
             if c.settle_until.is_some_and(|t| Instant::now() < t) {
                 continue;
             }

@@ -200,6 +200,11 @@ pub struct ClassConfig {
     pub mark_debt: u64,
     /// Debt beyond which packets are dropped: the last resort.
     pub drop_debt: u64,
+    /// Multiplier (1/1024) the receive windows of its flows are sized at
+    /// without ACK pacing, instead of its pacing loop's; 0: the loop's. Set
+    /// while the class is held at its allocation per packet beside UDP,
+    /// where its windows need not hold it (netqos `datapath_ceil`).
+    pub window_mult: u64,
     /// 0 (highest) ..= `LOWEST_PRIORITY`.
     pub priority: u32,
     /// 1 when the slot is in use.

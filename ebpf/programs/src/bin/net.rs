@@ -309,6 +309,11 @@ fn refill_class(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64)
         }
         if has_ceil(cfg, g) {
             refill(&mut (*st).ceil, earned(el, cfg.ceil), cfg.ceil_depth);
+        } else {
+            // Full while no ceiling applies: one that comes to apply (a
+            // class held at its allocation beside UDP, `datapath_ceil` in
+            // netqos) starts without the debt of an earlier spell.
+            (*st).ceil = cfg.ceil_depth as i64;
         }
     }
 }
@@ -1419,8 +1424,15 @@ fn on_send(ctx: &SockOpsContext) {
     } else {
         // The allocator's share, widened by the class's multiplier where
         // the class falls short (see `unpaced_window_clamp`).
-        // SAFETY: pointer into a class state map value.
-        let mult = unsafe { read(&(*st).mult) };
+        // A class held at its allocation per packet is sized its windows'
+        // multiplier by user space (`ClassConfig::window_mult`).
+        let held = d.cfg.get(slot).map_or(0, |c| c.window_mult);
+        let mult = if held != 0 {
+            held
+        } else {
+            // SAFETY: pointer into a class state map value.
+            unsafe { read(&(*st).mult) }
+        };
         unpaced_window_clamp(flow_base, mult, rtt_us, g.capacity, mss as u64)
     };
     // The class's round trip, for its pacing loop's gains, and its
