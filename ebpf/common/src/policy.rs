@@ -246,7 +246,10 @@ pub const fn decide(levels: &Levels, limits: &Limits, len: u64) -> Verdict {
         }
     }
     let flow = limits.flow;
-    if flow.window_bound && !ceil_ok {
+    // A packet without payload of a window-held flow (an ACK its socket
+    // receives for what it sends) is never dropped, past the ceiling
+    // either: that would slow the other direction only.
+    if flow.window_bound && !flow.no_payload && !ceil_ok {
         return past_ceiling(levels.ceil, limits, len);
     }
     // own ≤ 0 here: the debt after this packet is len + |own|.
@@ -2032,6 +2035,20 @@ mod tests {
                 has_ceil: true,
                 ..window
             };
+            // ... but for packets without payload, never dropped.
+            let ack = of(
+                capped,
+                FlowKind {
+                    no_payload: true,
+                    ..capped.flow
+                },
+            );
+            let far_past = Levels {
+                own: -1_000_000,
+                ceil: -1_000_000,
+                ..l
+            };
+            assert_eq!(decide(&far_past, &ack, 60), Verdict::OverUncharged);
             for own in [-i64::MAX, -1_000_000, -99_000, 0] {
                 let at = |ceil: i64| Levels { own, ceil, ..l };
                 assert_eq!(
@@ -2682,7 +2699,7 @@ mod tests {
                 prop_assert!(!has_ceil || ceil > 0);
                 prop_assert!(pool > borrow_threshold(prio, lim.prio_step));
             }
-            let past_ceiling = window_bound && has_ceil && ceil <= 0;
+            let past_ceiling = window_bound && !no_payload && has_ceil && ceil <= 0;
             prop_assert!(!((no_payload || window_bound) && v == Verdict::OverMark));
             if matches!(v, Verdict::PastCeiling { .. } | Verdict::DropCharged) || (window_bound && v == Verdict::Drop) {
                 prop_assert!(past_ceiling && own <= 0);
@@ -2695,8 +2712,9 @@ mod tests {
                     prop_assert!(ceil.unsigned_abs() / step < debt / step);
                 }
             }
-            if no_payload && !past_ceiling {
-                prop_assert!(v != Verdict::Drop);
+            if no_payload {
+                let dropped_or_policed = matches!(v, Verdict::Drop | Verdict::DropCharged | Verdict::PastCeiling { .. });
+                prop_assert!(!dropped_or_policed);
             }
             if v == Verdict::OverUncharged {
                 prop_assert!(no_payload || window_bound);

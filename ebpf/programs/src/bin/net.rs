@@ -313,7 +313,10 @@ fn refill_class(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64)
             // Full while no ceiling applies: one that comes to apply (a
             // class held at its allocation beside UDP, `datapath_ceil` in
             // netqos) starts without the debt of an earlier spell.
-            (*st).ceil = cfg.ceil_depth as i64;
+            let full = cfg.ceil_depth as i64;
+            if read(&(*st).ceil) != full {
+                (*st).ceil = full;
+            }
         }
     }
 }
