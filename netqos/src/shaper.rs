@@ -433,20 +433,14 @@ impl Class {
         epoch_due: bool,
         capacity: u64,
     ) -> ClassDemand {
+        // A counter's smoothed rate over the interval, bytes/s.
+        let smoothed = |prev: f64, delta: u64| {
+            policy::ewma(prev, delta as f64 * 1e9 / dt_ns as f64, dt_ns, RATE_TAU_NS)
+        };
         let d_bytes = ct.bytes.wrapping_sub(self.counters.bytes);
-        self.rate = policy::ewma(
-            self.rate,
-            d_bytes as f64 * 1e9 / dt_ns as f64,
-            dt_ns,
-            RATE_TAU_NS,
-        );
+        self.rate = smoothed(self.rate, d_bytes);
         let d_unheld = ct.unheld_bytes.wrapping_sub(self.counters.unheld_bytes);
-        self.unheld_rate = policy::ewma(
-            self.unheld_rate,
-            d_unheld as f64 * 1e9 / dt_ns as f64,
-            dt_ns,
-            RATE_TAU_NS,
-        );
+        self.unheld_rate = smoothed(self.unheld_rate, d_unheld);
         if policy::receives_unheld(self.unheld_rate, self.rate, capacity) {
             self.unheld_since.get_or_insert(now_ns);
         } else {

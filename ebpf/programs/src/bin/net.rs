@@ -326,6 +326,13 @@ fn has_ceil(cfg: &ClassConfig, g: &NetGlobal) -> bool {
     cfg.ceil != 0 && cfg.ceil < g.capacity
 }
 
+/// Received TCP flows are held by their receive windows: ingress without
+/// ACK pacing (`unpaced_window_clamp`).
+#[inline(always)]
+fn windows_hold(g: &NetGlobal) -> bool {
+    g.flags & (GLOBAL_RECEIVED | GLOBAL_ACK_PACING) == GLOBAL_RECEIVED
+}
+
 #[inline(always)]
 fn refill_pool(pool: *mut PoolState, g: &NetGlobal, now: u64) {
     // SAFETY: `pool` points into a pool map.
@@ -360,7 +367,7 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
             g.flags & GLOBAL_ACK_PACING != 0,
         );
         let mult = read(&(*st).mult);
-        (*st).mult = if g.flags & (GLOBAL_RECEIVED | GLOBAL_ACK_PACING) == GLOBAL_RECEIVED {
+        (*st).mult = if windows_hold(g) {
             next_window_multiplier(mult, fill, ki, now - last)
         } else {
             next_multiplier(mult, fill, ki, now - last, held)
@@ -519,11 +526,7 @@ fn account(
         }
         (*ct).packets += 1;
         (*ct).bytes += wire;
-        if g.flags & (GLOBAL_RECEIVED | GLOBAL_ACK_PACING) == GLOBAL_RECEIVED
-            && !flow.window_bound
-            && !flow.no_payload
-            && !flow.answers_marks
-        {
+        if windows_hold(g) && !flow.window_bound && !flow.no_payload && !flow.answers_marks {
             (*ct).unheld_bytes += wire;
         }
     }
@@ -1150,12 +1153,12 @@ fn set_pacing(ctx: &SockOpsContext, wire_rate: u64) {
 /// direction. `moved`: the flow's byte count so far (any one count that
 /// only grows), which weighs it in the class's activity epochs.
 #[inline(always)]
-fn flow_rate(
-    d: &Dir,
+fn flow_rate<'a>(
+    d: &'a Dir,
     g: &NetGlobal,
     sc: *mut SockClass,
     moved: u64,
-) -> Option<(u32, *mut ClassState, u64, u64)> {
+) -> Option<(u32, *mut ClassState, u64, &'a ClassConfig)> {
     // SAFETY: `sc` points into the direction's socket map for this run.
     let (slot, flags) = unsafe { ((*sc).slot, (*sc).flags) };
     if flags & SOCK_SHAPED == 0 {
@@ -1252,7 +1255,7 @@ fn flow_rate(
             }
         }
     }
-    Some((slot, st, rate, cfg.flow_base))
+    Some((slot, st, rate, cfg))
 }
 
 #[inline(always)]
@@ -1396,7 +1399,7 @@ fn on_send(ctx: &SockOpsContext) {
     } else {
         received
     };
-    let Some((slot, st, rate, flow_base)) = flow_rate(&d, g, sc, moved) else {
+    let Some((slot, st, rate, cfg)) = flow_rate(&d, g, sc, moved) else {
         return;
     };
     let clamp = if ack_paced {
@@ -1429,14 +1432,13 @@ fn on_send(ctx: &SockOpsContext) {
         // the class falls short (see `unpaced_window_clamp`).
         // A class held at its allocation per packet is sized its windows'
         // multiplier by user space (`ClassConfig::window_mult`).
-        let held = d.cfg.get(slot).map_or(0, |c| c.window_mult);
-        let mult = if held != 0 {
-            held
+        let mult = if cfg.window_mult != 0 {
+            cfg.window_mult
         } else {
             // SAFETY: pointer into a class state map value.
             unsafe { read(&(*st).mult) }
         };
-        unpaced_window_clamp(flow_base, mult, rtt_us, g.capacity, mss as u64)
+        unpaced_window_clamp(cfg.flow_base, mult, rtt_us, g.capacity, mss as u64)
     };
     // The class's round trip, for its pacing loop's gains, and its
     // windows' (reported): written only when they move (one cache line
