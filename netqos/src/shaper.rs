@@ -356,6 +356,11 @@ struct Class {
     /// Since when (ns) that has been a part of its traffic
     /// (`policy::receives_unheld`).
     unheld_since: Option<u64>,
+    /// Multiplier its windows are sized at where windows hold received
+    /// flows (`policy::window_mults`).
+    window_mult: f64,
+    /// Since when (ns) it has received without falling silent.
+    busy_since: Option<u64>,
 }
 
 impl Class {
@@ -390,6 +395,8 @@ impl Class {
             settle_until: None,
             unheld_rate: 0.0,
             unheld_since: None,
+            window_mult: 1.0,
+            busy_since: None,
         })
     }
 
@@ -475,6 +482,11 @@ impl Class {
         } else {
             0
         };
+        if self.silent_ticks >= SILENT_TICKS {
+            self.busy_since = None;
+        } else if d_bytes > 0 {
+            self.busy_since.get_or_insert(now_ns);
+        }
         let dropped_bytes = ct.drop_bytes.wrapping_sub(self.counters.drop_bytes);
         if dropped_bytes > 0 {
             self.last_drop_ns = Some(now_ns);
@@ -837,11 +849,33 @@ impl ClassTable {
             self.hold_at_alloc_until = Some(now_ns + policy::HOLD_AT_ALLOC_NS);
         }
         let hold_at_alloc = self.hold_at_alloc_until.is_some_and(|t| now_ns < t);
+        let windows_hold =
+            self.global.flags & (GLOBAL_RECEIVED | GLOBAL_ACK_PACING) == GLOBAL_RECEIVED;
+        let window_classes: Vec<policy::WindowClass> = std::iter::once(&self.default)
+            .chain(self.classes.values())
+            .map(|c| policy::WindowClass {
+                alloc: c.cfg.alloc as f64,
+                rate: c.rate,
+                mult: c.window_mult,
+                steered: windows_hold
+                    && !hold_at_alloc
+                    && c.unheld_since.is_none()
+                    && c.silent_ticks == 0
+                    && c.busy_since
+                        .is_some_and(|t| now_ns.saturating_sub(t) >= policy::WINDOW_STEER_AFTER_NS)
+                    && c.cfg.alloc > 0
+                    && c.rate > 0.0,
+                wants_less: c.wants_less_since.is_some(),
+            })
+            .collect();
+        let window_mults = policy::window_mults(&window_classes, dt_ns);
         let shares = policy::share_spare(capacity, &demands);
-        for (c, extra) in std::iter::once(&mut self.default)
+        for ((c, extra), window_mult) in std::iter::once(&mut self.default)
             .chain(self.classes.values_mut())
             .zip(shares)
+            .zip(window_mults)
         {
+            c.window_mult = window_mult.integral;
             let ceil = policy::datapath_ceil(
                 c.ceil(capacity),
                 c.guarantee.saturating_add(extra),
@@ -858,6 +892,8 @@ impl ClassTable {
             );
             if ceil < c.ceil(capacity) {
                 cfg.window_mult = policy::HELD_WINDOW_MULT;
+            } else if windows_hold {
+                cfg.window_mult = ((window_mult.applied * UNIT as f64) as u64).max(1);
             }
             if c.settle_until.is_some_and(|t| Instant::now() < t) {
                 continue;
@@ -900,7 +936,14 @@ impl ClassTable {
                 drop_bytes: c.counters.drop_bytes,
                 own_tokens: c.prev.own,
                 borrow_tokens: c.prev.borrow,
-                pacing_multiplier: c.prev.mult as f64 / UNIT as f64,
+                // Where user space sizes the windows, its multiplier is
+                // the one that acts.
+                pacing_multiplier: if c.cfg.window_mult != 0 {
+                    c.cfg.window_mult
+                } else {
+                    c.prev.mult
+                } as f64
+                    / UNIT as f64,
                 flows: c.prev.flows_open,
                 active_flows: c.flows as f64 / UNIT as f64,
                 pacing_updates: c.counters.pacing_updates,

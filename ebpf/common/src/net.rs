@@ -138,7 +138,7 @@ pub const GLOBAL_CLAMP_ECN: u32 = 8;
 pub const GLOBAL_ACK_PACING: u32 = 16;
 /// `NetGlobal::flags` bit: the direction is ingress (received traffic).
 /// Without `GLOBAL_ACK_PACING` its flows are held by their receive windows,
-/// which its pacing loop steers more slowly (`policy::window_ki`).
+/// sized by user space (`ClassConfig::window_mult`).
 pub const GLOBAL_RECEIVED: u32 = 32;
 
 /// Host-wide settings of the egress shaper (array map, one entry).
@@ -201,9 +201,10 @@ pub struct ClassConfig {
     /// Debt beyond which packets are dropped: the last resort.
     pub drop_debt: u64,
     /// Multiplier (1/1024) the receive windows of its flows are sized at
-    /// without ACK pacing, instead of its pacing loop's; 0: the loop's. Set
-    /// while the class is held at its allocation per packet beside UDP,
-    /// where its windows need not hold it (netqos `datapath_ceil`).
+    /// without ACK pacing (0: 1). User space sets it from how the classes'
+    /// rates compare (netqos `window_mults`), or at 4 while the class is
+    /// held at its allocation per packet beside UDP, where its windows need
+    /// not hold it (netqos `datapath_ceil`).
     pub window_mult: u64,
     /// 0 (highest) ..= `LOWEST_PRIORITY`.
     pub priority: u32,

@@ -458,35 +458,6 @@ pub const fn next_multiplier(mult: u64, fill: i64, ki: u64, elapsed_ns: u64, hel
     max_u64(min_u64(next, MULT_MAX), MULT_MIN)
 }
 
-/// Next pacing multiplier of a class whose received flows are held by
-/// their windows ([`unpaced_window_clamp`]): as [`next_multiplier`], with
-/// `ki` = [`window_ki`], never below 1. The link upstream runs faster than
-/// the capacity, so every class is in debt when they all get their shares;
-/// below 1 the multiplier would sink to its floor there and, since the
-/// windows count it from 1 up, take seconds to come back to where it acts
-/// when a class falls short.
-#[inline(always)]
-pub const fn next_window_multiplier(mult: u64, fill: i64, ki: u64, elapsed_ns: u64) -> u64 {
-    max_u64(
-        next_multiplier(mult, fill, window_ki(ki), elapsed_ns, true),
-        UNIT,
-    )
-}
-
-/// Integral gain of the pacing loop of received flows held by their windows
-/// (no ACK pacing; see [`unpaced_window_clamp`]): a sixteenth of `ki`. A
-/// window acts within a round trip, and the loop has only to make up for
-/// how receivers reopen their windows, a bias of some percent that fills a
-/// class's buckets and holds them full, so a slow gain is enough. A fast
-/// one follows the buckets' noise instead. Host, all-busy and containers,
-/// three 6 s runs each (2026-12-06): with a sixteenth the smallest class
-/// got 98-102 of its 100 Mbit/s and 0.86-0.93 in its worst 100 ms window;
-/// with a quarter 98-159 and 0.79-1.53; with no multiplier at all 75-113.
-#[inline(always)]
-pub const fn window_ki(ki: u64) -> u64 {
-    ki / 16
-}
-
 /// Round trip up to which the pacing loop's gains apply in full; beyond
 /// it they shrink in proportion ([`rtt_gain`]).
 pub const RTT_GAIN_FULL_US: u64 = 30_000;
@@ -1118,9 +1089,10 @@ pub const fn shared_queue_us(capacity: u64) -> u64 {
 }
 
 /// Receive-window clamp of a received flow whose ACKs are not paced (no
-/// fq): its share, `flow_base` wire bytes/s, × its class's pacing
-/// multiplier `mult` where that is above 1, × (its handshake's round trip
-/// `rtt_us` + [`shared_queue_us`]), at least two segments.
+/// fq): its share, `flow_base` wire bytes/s, × its class's window
+/// multiplier `mult` (0.5-4, set by user space: `netqos::policy::window_mults`), × (its handshake's round trip
+/// `rtt_us` + [`shared_queue_us`], see [`unpaced_window_time_us`]), at
+/// least two segments.
 ///
 /// Without ACK pacing the window is the only hold a receiver has, and a
 /// window sized for the flow's own round trip holds nothing on a short
@@ -1155,12 +1127,30 @@ pub const fn unpaced_window_clamp(
     mss: u64,
 ) -> u64 {
     // ≤ 1.25e10 × 4096: fits.
-    let rate = min_u64(flow_base, MAX_RATE) * min_u64(max_u64(mult, UNIT), MULT_MAX) / UNIT;
-    window_clamp(
-        rate,
-        min_u64(rtt_us, 10_000_000) + shared_queue_us(capacity),
-        mss,
-    )
+    let rate = min_u64(flow_base, MAX_RATE) * min_u64(max_u64(mult, MULT_MIN), MULT_MAX) / UNIT;
+    window_clamp(rate, unpaced_window_time_us(rtt_us, capacity), mss)
+}
+
+/// Time (µs) the window of a received flow held by its window covers: its
+/// handshake's round trip `rtt_us` + the shared queue's time `q`
+/// ([`shared_queue_us`]), except that a round trip up to `q` counts as
+/// queueing on a near path (the window covers `q` alone), and one
+/// between `q` and `2q` counts in part (the time rises from `q` to `3q`,
+/// continuous).
+///
+/// A flow opened while the queue upstream stands measures the queue in its
+/// handshake: on-off's 600 Mbit/s class reconnected at 777 µs where it had
+/// first seen 14 µs, and its windows, sized for 1.8 ms instead of 1.06,
+/// took so much more that its class's multiplier had to fall to 0.82 and
+/// the two other classes' rise to 1.3, which took most of a second after
+/// every reconnect. A far flow (a round trip past `2q`) keeps its round trip
+/// + `q`.
+#[inline(always)]
+pub const fn unpaced_window_time_us(rtt_us: u64, capacity: u64) -> u64 {
+    let q = shared_queue_us(capacity);
+    let rtt = min_u64(rtt_us, 10_000_000);
+    let queued = min_u64(rtt, (2 * q).saturating_sub(rtt));
+    rtt + q - queued
 }
 
 /// Shortest cap on how long a received flow's ACKs wait
@@ -1585,23 +1575,6 @@ mod tests {
     }
 
     #[test]
-    fn a_window_multiplier_moves_slowly_and_never_below_one() {
-        let (ki, dt) = (5 * UNIT, 5_000_000);
-        // A class short of its share (buckets full) widens its windows, a
-        // sixteenth as fast as the pacing loop would.
-        let up = next_window_multiplier(UNIT, 1024, ki, dt);
-        let paced_up = next_multiplier(UNIT, 1024, ki, dt, true);
-        assert!(up > UNIT && up < paced_up, "{up} {paced_up}");
-        assert_eq!(up - UNIT, (paced_up - UNIT) / 16);
-        // In debt it narrows them back, down to 1 and no further.
-        let down = next_window_multiplier(2 * UNIT, -1024, ki, dt);
-        assert!(down < 2 * UNIT);
-        assert_eq!(next_window_multiplier(UNIT, -1024, ki, dt), UNIT);
-        assert_eq!(next_window_multiplier(MULT_MIN, -1024, ki, dt), UNIT);
-        assert_eq!(next_window_multiplier(MULT_MAX, 1024, ki, dt), MULT_MAX);
-    }
-
-    #[test]
     fn unpaced_windows_share_one_queue_in_proportion() {
         let mss = 1448;
         let gbit = 125_000_000;
@@ -1630,12 +1603,25 @@ mod tests {
             window_clamp(gbit, 61_048, mss)
         );
         assert_eq!(unpaced_window_clamp(0, UNIT, 5, gbit, mss), 2 * mss);
-        // A multiplier above 1 widens the window; below 1 it counts as 1.
+        // A round trip up to the queue's time is taken for queueing, one
+        // past twice it for a far path; between them the time is continuous.
+        assert_eq!(unpaced_window_time_us(0, gbit), 1_048);
+        assert_eq!(unpaced_window_time_us(777, gbit), 1_048);
+        assert_eq!(unpaced_window_time_us(1_048, gbit), 1_048);
+        assert_eq!(unpaced_window_time_us(1_500, gbit), 1_952);
+        assert_eq!(unpaced_window_time_us(2_096, gbit), 3_144);
+        assert_eq!(unpaced_window_time_us(60_000, gbit), 61_048);
+        let mut last = 0;
+        for rtt in 0..5_000 {
+            let t = unpaced_window_time_us(rtt, gbit);
+            assert!(t >= last && t >= 1_048 && t <= rtt + 1_048, "{rtt}: {t}");
+            last = t;
+        }
+        // A multiplier widens or narrows the window, within its bounds.
         let base = unpaced_window_clamp(gbit / 10, UNIT, 5, gbit, mss);
-        assert_eq!(
-            unpaced_window_clamp(gbit / 10, MULT_MIN, 5, gbit, mss),
-            base
-        );
+        let narrow = unpaced_window_clamp(gbit / 10, MULT_MIN, 5, gbit, mss);
+        assert!(narrow.abs_diff(base / 2) <= 2, "{narrow} {base}");
+        assert_eq!(unpaced_window_clamp(gbit / 10, 0, 5, gbit, mss), narrow);
         let wide = unpaced_window_clamp(gbit / 10, 2 * UNIT, 5, gbit, mss);
         assert!(wide.abs_diff(2 * base) <= 2, "{wide} {base}");
         assert_eq!(
@@ -2758,8 +2744,6 @@ mod tests {
             if !held && fill > FILL_TARGET {
                 prop_assert_eq!(n, m.clamp(MULT_MIN, MULT_MAX));
             }
-            let w = next_window_multiplier(m, fill, ki, dt);
-            prop_assert!((UNIT..=MULT_MAX).contains(&w));
         }
     }
 }

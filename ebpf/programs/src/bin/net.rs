@@ -63,10 +63,10 @@ use qos_common::{
         PathRtt, SOCK_WOKEN_BITS, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns,
         class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned,
         epoch_count, first_flight, flow_share, flow_use, kp_full_rate, next_multiplier,
-        next_window_multiplier, overflow_correction, pacing_changed, pacing_rate,
-        path_probe_sample, path_rtt_update, receive_window_clamp, recently_held, rtt_gain,
-        underflow_correction, unpaced_window_clamp, use_units, use_weight, weight_reference,
-        window_clamp, window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle, woken_counts_now,
+        overflow_correction, pacing_changed, pacing_rate, path_probe_sample, path_rtt_update,
+        receive_window_clamp, recently_held, rtt_gain, underflow_correction, unpaced_window_clamp,
+        use_units, use_weight, weight_reference, window_clamp, window_rtt_us, wire_len,
+        wire_to_tcp_rate, woke_from_idle, woken_counts_now,
     },
 };
 use qos_ebpf::{
@@ -366,12 +366,12 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
             cfg,
             g.flags & GLOBAL_ACK_PACING != 0,
         );
-        let mult = read(&(*st).mult);
-        (*st).mult = if windows_hold(g) {
-            next_window_multiplier(mult, fill, ki, now - last)
-        } else {
-            next_multiplier(mult, fill, ki, now - last, held)
-        };
+        // Windows that hold received flows are sized by user space
+        // (`ClassConfig::window_mult`), which weighs the classes against
+        // each other.
+        if !windows_hold(g) {
+            (*st).mult = next_multiplier(read(&(*st).mult), fill, ki, now - last, held);
+        }
     }
 }
 
@@ -1428,15 +1428,12 @@ fn on_send(ctx: &SockOpsContext) {
             initial,
         )
     } else {
-        // The allocator's share, widened by the class's multiplier where
-        // the class falls short (see `unpaced_window_clamp`).
-        // A class held at its allocation per packet is sized its windows'
-        // multiplier by user space (`ClassConfig::window_mult`).
+        // The allocator's share × the multiplier user space sizes the
+        // class's windows at (`ClassConfig::window_mult`; 1 until it has).
         let mult = if cfg.window_mult != 0 {
             cfg.window_mult
         } else {
-            // SAFETY: pointer into a class state map value.
-            unsafe { read(&(*st).mult) }
+            UNIT
         };
         unpaced_window_clamp(cfg.flow_base, mult, rtt_us, g.capacity, mss as u64)
     };
