@@ -887,6 +887,9 @@ impl Qos {
                     .parse::<qos_core::Rate>()
                     .map_or(0, |r| r.bits_per_sec()),
                 alloc_bps: c.alloc_bps,
+                unheld_bytes: c.unheld_bytes,
+                held_at_alloc: c.held_at_alloc,
+                multiplier: c.pacing_multiplier,
             };
             for c in &st.classes {
                 cgroups.entry(c.cgroup.clone()).or_default().egress = Some(class(c));

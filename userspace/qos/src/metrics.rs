@@ -25,6 +25,17 @@ pub struct NetMetrics {
     /// Guarantee, and what the allocator currently gives (bits/s).
     pub guarantee_bps: u64,
     pub alloc_bps: u64,
+    /// Received bytes that neither a receive window nor CE marks held
+    /// (ingress without ACK pacing: UDP, mostly).
+    #[serde(default)]
+    pub unheld_bytes: u64,
+    /// Held at its allocation per packet beside such traffic.
+    #[serde(default)]
+    pub held_at_alloc: bool,
+    /// Multiplier of its flows' pacing or, where windows hold received
+    /// flows, of their receive windows.
+    #[serde(default)]
+    pub multiplier: f64,
 }
 
 /// A cgroup's disk IO, summed over its devices.
@@ -221,7 +232,7 @@ impl Collector for SnapshotCollector {
             },
         ];
         type Pick = fn(&CgroupMetrics) -> Option<f64>;
-        let per_cgroup: [(&str, &str, bool, Pick); 21] = [
+        let per_cgroup: [(&str, &str, bool, Pick); 25] = [
             ("net_egress_bytes", "Bytes sent.", true, |c| {
                 c.egress.map(|n| n.bytes as f64)
             }),
@@ -281,6 +292,30 @@ impl Collector for SnapshotCollector {
                 "Ingress guarantee, bits/s.",
                 false,
                 |c| c.ingress.map(|n| n.guarantee_bps as f64),
+            ),
+            (
+                "net_ingress_alloc_bps",
+                "Ingress allocation now (guarantee + borrowed), bits/s.",
+                false,
+                |c| c.ingress.map(|n| n.alloc_bps as f64),
+            ),
+            (
+                "net_ingress_unheld_bytes",
+                "Received bytes that neither a receive window nor CE marks held.",
+                true,
+                |c| c.ingress.map(|n| n.unheld_bytes as f64),
+            ),
+            (
+                "net_ingress_held_at_alloc",
+                "1 while the class is held at its allocation per packet beside unheld traffic.",
+                false,
+                |c| c.ingress.map(|n| f64::from(u8::from(n.held_at_alloc))),
+            ),
+            (
+                "net_ingress_multiplier",
+                "Multiplier of the class's ACK pacing or receive windows.",
+                false,
+                |c| c.ingress.map(|n| n.multiplier),
             ),
             (
                 "io_written_bytes",
@@ -549,6 +584,19 @@ mod tests {
             },
         );
         s.cgroups.insert(
+            "tenants/c".into(),
+            CgroupMetrics {
+                ingress: Some(NetMetrics {
+                    unheld_bytes: 3000,
+                    held_at_alloc: true,
+                    multiplier: 1.25,
+                    alloc_bps: 200_000_000,
+                    ..NetMetrics::default()
+                }),
+                ..CgroupMetrics::default()
+            },
+        );
+        s.cgroups.insert(
             "b\"quoted\"".into(),
             CgroupMetrics {
                 io: Some(IoMetrics {
@@ -572,13 +620,20 @@ mod tests {
             "qos_net_egress_guarantee_bps{cgroup=\"tenants/a\"} 100000000",
             "qos_mem_usage_bytes{cgroup=\"tenants/a\"} 4096",
             "qos_io_written_bytes_total{cgroup=\"b\\\"quoted\\\"\"} 7",
+            "qos_net_ingress_unheld_bytes_total{cgroup=\"tenants/c\"} 3000",
+            "qos_net_ingress_held_at_alloc{cgroup=\"tenants/c\"} 1",
+            "qos_net_ingress_multiplier{cgroup=\"tenants/c\"} 1.25",
+            "qos_net_ingress_alloc_bps{cgroup=\"tenants/c\"} 200000000",
             "# EOF",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
-        // No cap in force, no ingress configured: no sample at all.
+        // No cap in force, no ingress configured for a: no sample at all.
         assert!(!text.contains("qos_mem_cap_bytes{"), "{text}");
-        assert!(!text.contains("qos_net_ingress_bytes"), "{text}");
+        assert!(
+            !text.contains("qos_net_ingress_bytes_total{cgroup=\"tenants/a"),
+            "{text}"
+        );
         assert!(!text.contains("{}"), "{text}");
     }
 
