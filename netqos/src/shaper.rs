@@ -229,6 +229,9 @@ pub struct NetClassStatus {
     /// (1.0 = neutral), for diagnosis.
     pub own_tokens: i64,
     pub borrow_tokens: i64,
+    /// Ceiling bucket (full while no ceiling applies).
+    #[serde(default)]
+    pub ceil_tokens: i64,
     pub pacing_multiplier: f64,
     /// Open TCP flows that are paced.
     pub flows: u64,
@@ -936,6 +939,7 @@ impl ClassTable {
                 drop_bytes: c.counters.drop_bytes,
                 own_tokens: c.prev.own,
                 borrow_tokens: c.prev.borrow,
+                ceil_tokens: c.prev.ceil,
                 // Where user space sizes the windows, its multiplier is
                 // the one that acts.
                 pacing_multiplier: if c.cfg.window_mult != 0 {
