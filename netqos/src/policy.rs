@@ -188,7 +188,7 @@ pub struct WindowClass {
     pub alloc: f64,
     /// Its smoothed received rate, bytes/s.
     pub rate: f64,
-    /// The multiplier its windows are sized at now.
+    /// The loop's integral from its last step ([`WindowMult::integral`]).
     pub mult: f64,
     /// Busy and held by its windows alone: steered. Others are sized at 1.
     pub steered: bool,

@@ -360,8 +360,9 @@ struct Class {
     /// (`policy::receives_unheld`).
     unheld_since: Option<u64>,
     /// Multiplier its windows are sized at where windows hold received
-    /// flows (`policy::window_mults`).
-    window_mult: f64,
+    /// flows: the integral of `policy::window_mults` (what is applied is
+    /// in `cfg.window_mult`).
+    window_integral: f64,
     /// Since when (ns) it has received without falling silent.
     busy_since: Option<u64>,
 }
@@ -398,7 +399,7 @@ impl Class {
             settle_until: None,
             unheld_rate: 0.0,
             unheld_since: None,
-            window_mult: 1.0,
+            window_integral: 1.0,
             busy_since: None,
         })
     }
@@ -859,7 +860,7 @@ impl ClassTable {
             .map(|c| policy::WindowClass {
                 alloc: c.cfg.alloc as f64,
                 rate: c.rate,
-                mult: c.window_mult,
+                mult: c.window_integral,
                 steered: windows_hold
                     && !hold_at_alloc
                     && c.unheld_since.is_none()
@@ -878,7 +879,7 @@ impl ClassTable {
             .zip(shares)
             .zip(window_mults)
         {
-            c.window_mult = window_mult.integral;
+            c.window_integral = window_mult.integral;
             let ceil = policy::datapath_ceil(
                 c.ceil(capacity),
                 c.guarantee.saturating_add(extra),

@@ -353,6 +353,12 @@ fn refill_pool(pool: *mut PoolState, g: &NetGlobal, now: u64) {
 /// `CONTROL_INTERVAL_NS`.
 #[inline(always)]
 fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
+    // Windows that hold received flows are sized by user space
+    // (`ClassConfig::window_mult`), which weighs the classes against each
+    // other: no step here.
+    if windows_hold(g) {
+        return;
+    }
     // SAFETY: `st` points into a class state map.
     unsafe {
         let last = read(&(*st).ctl_ns);
@@ -366,12 +372,7 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
             cfg,
             g.flags & GLOBAL_ACK_PACING != 0,
         );
-        // Windows that hold received flows are sized by user space
-        // (`ClassConfig::window_mult`), which weighs the classes against
-        // each other.
-        if !windows_hold(g) {
-            (*st).mult = next_multiplier(read(&(*st).mult), fill, ki, now - last, held);
-        }
+        (*st).mult = next_multiplier(read(&(*st).mult), fill, ki, now - last, held);
     }
 }
 
