@@ -423,6 +423,16 @@ impl Class {
             .is_some_and(|t| now_ns.saturating_sub(t) >= policy::UNHELD_HOLD_NS)
     }
 
+    /// Whether it has received for [`policy::WINDOW_STEER_AFTER_NS`]
+    /// without falling silent: long enough for its smoothed rate to say
+    /// what its windows give it.
+    fn busy_long_enough(&self, now_ns: u64) -> bool {
+        self.silent_ticks == 0
+            && self
+                .busy_since
+                .is_some_and(|t| now_ns.saturating_sub(t) >= policy::WINDOW_STEER_AFTER_NS)
+    }
+
     fn name(&self) -> &str {
         self.cgroup
             .as_ref()
@@ -864,9 +874,7 @@ impl ClassTable {
                 steered: windows_hold
                     && !hold_at_alloc
                     && c.unheld_since.is_none()
-                    && c.silent_ticks == 0
-                    && c.busy_since
-                        .is_some_and(|t| now_ns.saturating_sub(t) >= policy::WINDOW_STEER_AFTER_NS)
+                    && c.busy_long_enough(now_ns)
                     && c.cfg.alloc > 0
                     && c.rate > 0.0,
                 wants_less: c.wants_less_since.is_some(),
@@ -879,12 +887,22 @@ impl ClassTable {
             .zip(shares)
             .zip(window_mults)
         {
+            // Held at its allocation beside UDP: its windows are steered to
+            // that allocation on their own (`policy::held_window_mult`).
+            let held = hold_at_alloc && c.unheld_since.is_none();
+            let window_mult = if held && windows_hold && c.busy_long_enough(now_ns) {
+                policy::held_window_mult(c.window_integral, c.rate, c.cfg.alloc as f64, dt_ns)
+            } else if held {
+                policy::WindowMult {
+                    integral: c.window_integral,
+                    applied: policy::HELD_WINDOW_MULT as f64 / UNIT as f64,
+                }
+            } else {
+                window_mult
+            };
             c.window_integral = window_mult.integral;
-            let ceil = policy::datapath_ceil(
-                c.ceil(capacity),
-                c.guarantee.saturating_add(extra),
-                hold_at_alloc && c.unheld_since.is_none(),
-            );
+            let ceil =
+                policy::datapath_ceil(c.ceil(capacity), c.guarantee.saturating_add(extra), held);
             let mut cfg = policy::class_params(
                 c.guarantee,
                 ceil,
@@ -894,9 +912,7 @@ impl ClassTable {
                 c.flow_even,
                 tuning,
             );
-            if ceil < c.ceil(capacity) {
-                cfg.window_mult = policy::HELD_WINDOW_MULT;
-            } else if windows_hold {
+            if windows_hold || ceil < c.ceil(capacity) {
                 cfg.window_mult = ((window_mult.applied * UNIT as f64) as u64).max(1);
             }
             if c.settle_until.is_some_and(|t| Instant::now() < t) {
