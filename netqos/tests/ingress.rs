@@ -932,6 +932,17 @@ fn an_ipv6_listeners_flows_get_their_first_flights_bounded() -> Result<()> {
     first_flights_bounded(5473, Listener::V6)
 }
 
+#[test]
+fn ipv6_flows_with_extension_headers_get_their_first_flights_bounded() -> Result<()> {
+    let name = "ipv6_flows_with_extension_headers_get_their_first_flights_bounded";
+    if !require_root(name) || !testbeds::net::require_ipv6(name) {
+        return Ok(());
+    }
+    // The class of a SYN is read from its TCP ports, past the destination
+    // options header the senders' sockets put before TCP.
+    first_flights_bounded(5476, Listener::V6DestOpts)
+}
+
 /// Where the listener of [`first_flights_bounded`] listens.
 #[derive(Clone, Copy, PartialEq)]
 enum Listener {
@@ -942,6 +953,56 @@ enum Listener {
     DualStack,
     /// The class's IPv6 address; IPv6 flows.
     V6,
+    /// As `V6`, every packet of the senders' flows carrying a destination
+    /// options header (an IPv6 extension header) before TCP.
+    V6DestOpts,
+}
+
+/// Connects to `addr` from a socket whose packets carry a destination
+/// options header (8 bytes: one PadN option) before TCP.
+fn connect_with_dest_opts(addr: std::net::SocketAddrV6) -> Result<std::net::TcpStream> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Next header (the kernel fills it in), length 0 (8 bytes), PadN of 4.
+    let opts: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+    // SAFETY: the option buffer outlives the call; its length is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_DSTOPTS,
+            opts.as_ptr().cast(),
+            opts.len() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(rc == 0, "IPV6_DSTOPTS: {}", std::io::Error::last_os_error());
+    let sa = libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: addr.port().to_be(),
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr {
+            s6_addr: addr.ip().octets(),
+        },
+        sin6_scope_id: 0,
+    };
+    // SAFETY: `sa` is a valid sockaddr_in6 of the size passed.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(
+        rc == 0,
+        "connect to {addr}: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(std::net::TcpStream::from(fd))
 }
 
 /// Eight connections into a 2 Mbit/s class, to an iperf3 server listening
@@ -963,7 +1024,8 @@ fn first_flights_bounded(port: u16, listener: Listener) -> Result<()> {
     // each.
     let rate: qos_core::Rate = "2mbit".parse()?;
     shaper.set(&cg, NetQuota::ingress(rate, Some(rate), 0))?;
-    let ip = bed.sender_addr(0, listener == Listener::V6)?;
+    let v6 = matches!(listener, Listener::V6 | Listener::V6DestOpts);
+    let ip = bed.sender_addr(0, v6)?;
     // A listener in the class; its accept queue holds the connections
     // whether or not it accepts them.
     let receiver = Placement {
@@ -999,7 +1061,12 @@ fn first_flights_bounded(port: u16, listener: Listener) -> Result<()> {
             let ns = std::fs::File::open(&peer)?;
             nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
             (0..FLOWS)
-                .map(|_| Ok(std::net::TcpStream::connect((ip, port))?))
+                .map(|_| match (listener, ip) {
+                    (Listener::V6DestOpts, std::net::IpAddr::V6(v6)) => {
+                        connect_with_dest_opts(std::net::SocketAddrV6::new(v6, port, 0, 0))
+                    }
+                    _ => Ok(std::net::TcpStream::connect((ip, port))?),
+                })
                 .collect()
         })
         .join()
@@ -1024,7 +1091,7 @@ fn first_flights_bounded(port: u16, listener: Listener) -> Result<()> {
     // The client's connections may be spread over more than the 6 ms a
     // segment drains in at 2 Mbit/s on a slow host: a little room may come
     // back.
-    let segment = if listener == Listener::V6 { 1428 } else { 1448 };
+    let segment = if v6 { 1428 } else { 1448 };
     assert!(
         (10 * segment..=16 * segment).contains(&windows[FLOWS - 1]),
         "the first flow's window is not the class's room (16 segments): {windows:?}"

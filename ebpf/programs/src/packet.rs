@@ -1,5 +1,5 @@
 //! Bounded packet parsing for tc and cgroup_skb programs (Ethernet, optional
-//! VLAN, IPv4/IPv6, TCP/UDP).
+//! VLAN, IPv4/IPv6 with up to two extension headers, TCP/UDP).
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
@@ -63,7 +63,8 @@ fn headers_from(skb: &SkBuff, l3: usize, ethertype: u16) -> Option<Headers> {
         let ihl = (load_u8(skb, l3)? & 0x0f) as usize * 4;
         (AF_INET, load_u8(skb, l3 + 9)?, ihl)
     } else if ethertype == ETH_P_IPV6 {
-        (AF_INET6, load_u8(skb, l3 + 6)?, 40)
+        let (next, len) = qos_common::net::ipv6_upper_layer(|off| load_u8(skb, l3 + off))?;
+        (AF_INET6, next, len)
     } else {
         return None;
     };
@@ -174,8 +175,7 @@ pub fn tcp_timestamps(skb: &SkBuff, h: &Headers) -> Option<(u32, u32)> {
 }
 
 /// Parses the L3/L4 headers of a packet whose data starts at the network
-/// header, as cgroup_skb programs see it (IPv6 extension headers are not
-/// followed). `ethertype` is `__sk_buff::protocol` (network order).
+/// header, as cgroup_skb programs see it. `ethertype` is `__sk_buff::protocol` (network order).
 #[inline(always)]
 pub fn l3_headers(skb: &SkBuff, ethertype_be: u32) -> Option<Headers> {
     headers_from(skb, 0, u16::from_be(ethertype_be as u16))
