@@ -28,6 +28,36 @@ use testbeds::{
     sockdiag::{self, RxGroup, RxSampler},
 };
 
+/// `--upstream-buffer`'s default: a switch port's buffer of a few
+/// hundred KB.
+const DEFAULT_UPSTREAM_BUFFER: u64 = 256 * 1024;
+
+/// Bytes of a buffer size as `--upstream-buffer` takes it: digits, then
+/// nothing, b, k/kb or m/mb (×1024, as tc reads them); at least 2 KB (one
+/// full-size frame and then some) and at most 1 GB.
+fn parse_buffer(s: &str) -> Result<u64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let digits = lower.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = match &lower[digits.len()..] {
+        "" | "b" => 1,
+        "k" | "kb" => 1024,
+        "m" | "mb" => 1024 * 1024,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in buffer size {s:?} (b, kb or mb)"
+            ));
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("buffer size {s:?} is not a number of bytes (e.g. 64kb)"))?;
+    let bytes = n
+        .checked_mul(unit)
+        .filter(|b| (2048..=1 << 30).contains(b))
+        .ok_or_else(|| format!("buffer size {s:?} is outside 2kb..1024mb"))?;
+    Ok(bytes)
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "Per-cgroup bandwidth fairness: qosd vs HTB, same host, same run")]
 struct Args {
@@ -74,6 +104,11 @@ struct Args {
     /// the round trip of a download from across a wide-area network.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     rtt_ms: u32,
+    /// Ingress: the buffer of the senders' link (tbf limit), the upstream
+    /// switch port's: bytes, or with a suffix k/kb or m/mb (×1024, as tc
+    /// reads them).
+    #[arg(long, value_name = "SIZE", default_value = "256kb", value_parser = parse_buffer)]
+    upstream_buffer: u64,
     /// Leave out the request/response probe of the ingress scenarios that
     /// run one.
     #[arg(long)]
@@ -129,6 +164,9 @@ struct RunResult {
     /// Delay of the ingress senders' link (`--rtt-ms`), when there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rtt_ms: Option<u32>,
+    /// Buffer of the ingress senders' link, bytes (`--upstream-buffer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upstream_buffer_bytes: Option<u64>,
     duration_s: f64,
     utilization: f64,
     /// Jain index of mean/quota within each priority that has ≥ 2 busy groups.
@@ -224,6 +262,9 @@ fn real_main() -> Result<ExitCode> {
     }
     if args.rtt_ms > 0 && !ingress {
         bail!("--rtt-ms delays the ingress senders' link: use it with --direction ingress");
+    }
+    if args.upstream_buffer != DEFAULT_UPSTREAM_BUFFER && !ingress {
+        bail!("--upstream-buffer sizes the ingress senders' link: use it with --direction ingress");
     }
     if args.duration < 4.0 {
         bail!("--duration must be at least 4 s (1 s warm-up plus an on/off cycle)");
@@ -980,7 +1021,11 @@ fn run_scenario(sc: &Scenario, mode: &str, args: &Args, bin_dir: &Path) -> Resul
         // shared is 95 % of it, so that the shaper, not the upstream buffer,
         // decides the shares (the usual setting for ingress shaping).
         let link = Rate::from_bits_per_sec(args.capacity.bits_per_sec() * 100 / 95)?;
-        bed.peer_link_with_delay(&link.to_string(), "256kb", args.rtt_ms)?;
+        bed.peer_link_with_delay(
+            &link.to_string(),
+            &args.upstream_buffer.to_string(),
+            args.rtt_ms,
+        )?;
         for (g, ip) in sc.groups.iter().zip(&sources) {
             bed.sender_ecn(*ip, g.ecn)?;
         }
@@ -1346,6 +1391,7 @@ fn traffic(
         direction: args.direction.clone(),
         capacity_bps: cap,
         rtt_ms: (args.rtt_ms > 0).then_some(args.rtt_ms),
+        upstream_buffer_bytes: is_ingress(args).then_some(args.upstream_buffer),
         duration_s: d,
         utilization,
         jain_by_priority,
@@ -1452,6 +1498,18 @@ mod tests {
         // iperf3 would take as "unpaced".
         assert_eq!(paced_flow_ip_bps(0, 1), 1);
         assert_eq!(paced_flow_ip_bps(1_000_000, 0), 990_752);
+    }
+
+    #[test]
+    fn buffer_sizes_read_as_tc_reads_them() {
+        assert_eq!(parse_buffer("256kb"), Ok(DEFAULT_UPSTREAM_BUFFER));
+        assert_eq!(parse_buffer("64K"), Ok(65_536));
+        assert_eq!(parse_buffer("4096"), Ok(4096));
+        assert_eq!(parse_buffer("2mb"), Ok(2 << 20));
+        for bad in ["", "kb", "64 gb", "1.5kb", "-4kb", "1kb", "2048mb"] {
+            let e = parse_buffer(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
     }
 
     #[test]
