@@ -16,9 +16,10 @@ use std::path::PathBuf;
 
 pub use datapath::Direction;
 pub use ifaces::ContainerInterfaces;
+pub use qos_common::policy::DEFAULT_UPSTREAM_BUFFER;
 pub use shaper::{
     DirQuota, IngressStatus, InterfaceEvent, MAX_QUOTAS, NetClassStatus, NetQuota, NetStatus,
-    ProgramStatsOut, Shaper, ShaperSettings, TICK,
+    ProgramStatsOut, Shaper, ShaperSettings, TICK, UPSTREAM_BUFFER_RANGE,
 };
 
 /// Everything that can go wrong in the network subsystem.
@@ -56,6 +57,8 @@ pub enum NetError {
     },
     #[error("invalid network quota: {0}")]
     InvalidQuota(String),
+    #[error("invalid network setting: {0}")]
+    InvalidSetting(String),
     #[error(transparent)]
     Admission(#[from] policy::AdmissionError),
     #[error(

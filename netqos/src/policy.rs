@@ -482,10 +482,18 @@ fn bytes_in(rate: u64, ns: u64) -> u64 {
     (rate.min(MAX_RATE) as u128 * ns as u128 / 1_000_000_000) as u64
 }
 
-/// Host-wide datapath parameters.
-pub fn global_params(capacity: u64, shaped_ifindex: u32, t: &Tuning) -> NetGlobal {
+/// Host-wide datapath parameters. `upstream_buffer`: bytes of the buffer
+/// received traffic queues in upstream (the switch port); windows without
+/// ACK pacing add up to half of it (`NetGlobal::shared_queue_us`).
+pub fn global_params(
+    capacity: u64,
+    shaped_ifindex: u32,
+    upstream_buffer: u64,
+    t: &Tuning,
+) -> NetGlobal {
     let pool_depth = bytes_in(capacity, t.pool_ns).max(t.min_pool);
     NetGlobal {
+        shared_queue_us: qos_common::policy::shared_queue_us(upstream_buffer / 2, capacity),
         capacity,
         pool_depth,
         prio_step: pool_depth / 16,
@@ -994,9 +1002,10 @@ mod tests {
         assert_eq!(small.depth, t.min_depth);
         assert_eq!(small.flow_base, M);
         assert_eq!(small.flow_even, 0);
-        let g = global_params(1000 * M, 7, &t);
+        let g = global_params(1000 * M, 7, 256 * 1024, &t);
         assert_eq!(g.pool_depth, 1_250_000);
         assert_eq!(g.shaped_ifindex, 7);
+        assert_eq!(g.shared_queue_us, 1_048); // 128 KB at 1 Gbit/s
         assert!(worth_update(
             &p,
             &ClassConfig {

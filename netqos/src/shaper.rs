@@ -69,6 +69,10 @@ pub struct ShaperSettings {
     /// Pace received TCP flows by their ACKs (fq at the interface's root;
     /// see [`crate::qdisc`]).
     pub ingress_ack_pacing: bool,
+    /// Bytes of the buffer received traffic queues in upstream (the switch
+    /// port): without ACK pacing, received flows' windows add up to half of
+    /// it beyond their round trips. [`UPSTREAM_BUFFER_RANGE`].
+    pub ingress_upstream_buffer: u64,
     pub default_priority: u32,
     pub container_interfaces: ContainerInterfaces,
     /// Switch shaped BBR flows to CUBIC (see `GLOBAL_REPLACE_BBR`).
@@ -81,6 +85,11 @@ pub struct ShaperSettings {
     /// default class); each costs map reads every control step.
     pub max_quotas: u32,
 }
+
+/// Upstream buffers a shaper accepts (`ShaperSettings::ingress_upstream_buffer`):
+/// half must hold a few full-size segments; past 256 MB it is not a
+/// switch port's.
+pub const UPSTREAM_BUFFER_RANGE: std::ops::RangeInclusive<u64> = 16 * 1024..=256 << 20;
 
 /// The most quotas one direction can hold.
 pub const MAX_QUOTAS: u32 = MAX_CLASSES - 1;
@@ -585,7 +594,12 @@ impl ClassTable {
             )));
         }
         let cap = bytes(capacity);
-        let mut global = policy::global_params(cap, dp.ifindex(), &settings.tuning);
+        let mut global = policy::global_params(
+            cap,
+            dp.ifindex(),
+            settings.ingress_upstream_buffer,
+            &settings.tuning,
+        );
         global.flags = flags;
         let default_guarantee = default_rate.map(bytes).unwrap_or(0);
         let default_quota = DirQuota {
@@ -1036,6 +1050,14 @@ impl Shaper {
             return Err(NetError::InvalidQuota(format!(
                 "default priority {} is out of range 0..={LOWEST_PRIORITY}",
                 settings.default_priority
+            )));
+        }
+        if !UPSTREAM_BUFFER_RANGE.contains(&settings.ingress_upstream_buffer) {
+            return Err(NetError::InvalidSetting(format!(
+                "ingress upstream buffer of {} bytes is outside {}..={} (16 KiB..256 MiB)",
+                settings.ingress_upstream_buffer,
+                UPSTREAM_BUFFER_RANGE.start(),
+                UPSTREAM_BUFFER_RANGE.end()
             )));
         }
         if settings.ingress_capacity.is_none() && settings.ingress_default_rate.is_some() {

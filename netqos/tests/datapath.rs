@@ -59,6 +59,7 @@ fn settings(iface: &str, containers: bool) -> Result<ShaperSettings> {
         ingress_default_rate: None,
         ingress_clamp_ecn: false,
         ingress_ack_pacing: true,
+        ingress_upstream_buffer: netqos::DEFAULT_UPSTREAM_BUFFER,
         default_priority: 7,
         container_interfaces: if containers {
             ContainerInterfaces::Patterns(vec!["qch*".into()])

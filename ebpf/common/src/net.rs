@@ -163,6 +163,11 @@ pub struct NetGlobal {
     pub pacing_kp: u64,
     /// Integral gain of the class pacing multiplier, 1/1024 per second.
     pub pacing_ki: u64,
+    /// Time (µs) the receive windows of flows held by their windows (no
+    /// ACK pacing) add up to beyond their round trips: half the upstream
+    /// buffer at the capacity (`policy::shared_queue_us`); 0 for
+    /// `policy::SHARED_QUEUE_BYTES`'s.
+    pub shared_queue_us: u64,
     /// ifindex of the shaped interface.
     pub shaped_ifindex: u32,
     /// `GLOBAL_*` bits.

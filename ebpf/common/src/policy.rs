@@ -1065,10 +1065,18 @@ pub const fn receive_window_clamp(
     next_window_clamp(clamp, measured, target, mss, ceiling, initial)
 }
 
+/// Buffer of the link upstream (the switch port received traffic queues
+/// in) a shaper assumes unless told: a few hundred KB, as switch ports
+/// commonly have per port.
+pub const DEFAULT_UPSTREAM_BUFFER: u64 = 256 * 1024;
 /// Bytes the receive windows of a shaper without ACK pacing add up to
-/// beyond their round trips ([`unpaced_window_clamp`]): the standing queue
-/// they keep upstream, in the link's buffer, when its capacity is used.
-pub const SHARED_QUEUE_BYTES: u64 = 128 * 1024;
+/// beyond their round trips ([`unpaced_window_clamp`]), at
+/// [`DEFAULT_UPSTREAM_BUFFER`]: the standing queue they keep upstream, in
+/// the link's buffer, when its capacity is used. Half the buffer: the
+/// rest absorbs bursts. Sized for 128 KB in a 64 KB buffer, the windows
+/// overflowed it (all-busy's classes of 100 and 600 got p5 0.00 and 0.55
+/// of their quotas, with 838 retransmissions).
+pub const SHARED_QUEUE_BYTES: u64 = DEFAULT_UPSTREAM_BUFFER / 2;
 /// Bounds of the time that queue takes ([`shared_queue_us`]). The upper
 /// one is what low capacities need: a flow's window must cover two
 /// segments at its share, or the floor gives it more (at 2 ms a 5 Mbit/s
@@ -1076,12 +1084,13 @@ pub const SHARED_QUEUE_BYTES: u64 = 128 * 1024;
 pub const SHARED_QUEUE_MIN_US: u64 = 100;
 pub const SHARED_QUEUE_MAX_US: u64 = 10_000;
 
-/// Time (µs) [`SHARED_QUEUE_BYTES`] take at `capacity` (wire bytes/s),
-/// within 100 µs .. 10 ms: 1.05 ms at 1 Gbit/s, 104 µs at 10, 10 ms at
-/// 100 Mbit/s and below.
+/// Time (µs) `queue_bytes` take at `capacity` (wire bytes/s), within
+/// 100 µs .. 10 ms: [`SHARED_QUEUE_BYTES`] take 1.05 ms at 1 Gbit/s, 104 µs
+/// at 10, 10 ms at 100 Mbit/s and below.
 #[inline(always)]
-pub const fn shared_queue_us(capacity: u64) -> u64 {
-    let us = match (SHARED_QUEUE_BYTES * 1_000_000).checked_div(capacity) {
+pub const fn shared_queue_us(queue_bytes: u64, capacity: u64) -> u64 {
+    let bytes = min_u64(queue_bytes, u64::MAX / 1_000_000);
+    let us = match (bytes * 1_000_000).checked_div(capacity) {
         Some(us) => us,
         None => SHARED_QUEUE_MAX_US,
     };
@@ -1091,7 +1100,8 @@ pub const fn shared_queue_us(capacity: u64) -> u64 {
 /// Receive-window clamp of a received flow whose ACKs are not paced (no
 /// fq): its share, `flow_base` wire bytes/s, × its class's window
 /// multiplier `mult` (0.5-4, set by user space: `netqos::policy::window_mults`), × (its handshake's round trip
-/// `rtt_us` + [`shared_queue_us`], see [`unpaced_window_time_us`]), at
+/// `rtt_us` + the shared queue's time `queue_us` ([`shared_queue_us`],
+/// `NetGlobal::shared_queue_us`), see [`unpaced_window_time_us`]), at
 /// least two segments.
 ///
 /// Without ACK pacing the window is the only hold a receiver has, and a
@@ -1123,17 +1133,17 @@ pub const fn unpaced_window_clamp(
     flow_base: u64,
     mult: u64,
     rtt_us: u64,
-    capacity: u64,
+    queue_us: u64,
     mss: u64,
 ) -> u64 {
     // ≤ 1.25e10 × 4096: fits.
     let rate = min_u64(flow_base, MAX_RATE) * min_u64(max_u64(mult, MULT_MIN), MULT_MAX) / UNIT;
-    window_clamp(rate, unpaced_window_time_us(rtt_us, capacity), mss)
+    window_clamp(rate, unpaced_window_time_us(rtt_us, queue_us), mss)
 }
 
 /// Time (µs) the window of a received flow held by its window covers: its
 /// handshake's round trip `rtt_us` + the shared queue's time `q`
-/// ([`shared_queue_us`]), except that a round trip up to `q` counts as
+/// (`queue_us`, [`shared_queue_us`]), except that a round trip up to `q` counts as
 /// queueing on a near path (the window covers `q` alone), and one
 /// between `q` and `2q` counts in part (the time rises from `q` to `3q`,
 /// continuous).
@@ -1146,8 +1156,8 @@ pub const fn unpaced_window_clamp(
 /// every reconnect. A far flow (a round trip past `2q`) keeps its round trip
 /// + `q`.
 #[inline(always)]
-pub const fn unpaced_window_time_us(rtt_us: u64, capacity: u64) -> u64 {
-    let q = shared_queue_us(capacity);
+pub const fn unpaced_window_time_us(rtt_us: u64, queue_us: u64) -> u64 {
+    let q = min_u64(max_u64(queue_us, SHARED_QUEUE_MIN_US), SHARED_QUEUE_MAX_US);
     let rtt = min_u64(rtt_us, 10_000_000);
     let queued = min_u64(rtt, (2 * q).saturating_sub(rtt));
     rtt + q - queued
@@ -1578,16 +1588,26 @@ mod tests {
     fn unpaced_windows_share_one_queue_in_proportion() {
         let mss = 1448;
         let gbit = 125_000_000;
-        assert_eq!(shared_queue_us(gbit), 1_048);
-        assert_eq!(shared_queue_us(10 * gbit), 104);
-        assert_eq!(shared_queue_us(100 * gbit), SHARED_QUEUE_MIN_US);
-        assert_eq!(shared_queue_us(gbit / 100), SHARED_QUEUE_MAX_US);
-        assert_eq!(shared_queue_us(0), SHARED_QUEUE_MAX_US);
+        let q = shared_queue_us(SHARED_QUEUE_BYTES, gbit);
+        assert_eq!(q, 1_048);
+        assert_eq!(shared_queue_us(SHARED_QUEUE_BYTES, 10 * gbit), 104);
+        assert_eq!(
+            shared_queue_us(SHARED_QUEUE_BYTES, 100 * gbit),
+            SHARED_QUEUE_MIN_US
+        );
+        assert_eq!(
+            shared_queue_us(SHARED_QUEUE_BYTES, gbit / 100),
+            SHARED_QUEUE_MAX_US
+        );
+        assert_eq!(shared_queue_us(SHARED_QUEUE_BYTES, 0), SHARED_QUEUE_MAX_US);
+        // Half of a 64 KB buffer; any size without overflow.
+        assert_eq!(shared_queue_us(32 * 1024, gbit), 262);
+        assert_eq!(shared_queue_us(u64::MAX, gbit), SHARED_QUEUE_MAX_US);
         // The shares of all-busy at 1 Gbit/s on a veth (5 µs): windows in
         // proportion to the shares, adding up to about the queue's bytes.
         let w: Vec<u64> = [1, 3, 6]
             .iter()
-            .map(|tenth| unpaced_window_clamp(tenth * gbit / 10, UNIT, 5, gbit, mss))
+            .map(|tenth| unpaced_window_clamp(tenth * gbit / 10, UNIT, 5, q, mss))
             .collect();
         let sum: u64 = w.iter().sum();
         assert!(
@@ -1597,39 +1617,48 @@ mod tests {
         for (tenth, win) in [(3, w[1]), (6, w[2])] {
             assert!(win.abs_diff(tenth * w[0]) <= tenth, "{w:?}");
         }
+        // A smaller queue (a 64 KB buffer upstream): windows adding up to it.
+        let small = shared_queue_us(32 * 1024, gbit);
+        let sum: u64 = [1, 3, 6]
+            .iter()
+            .map(|tenth| unpaced_window_clamp(tenth * gbit / 10, UNIT, 5, small, mss))
+            .sum();
+        assert!(sum.abs_diff(32 * 1024 * 1480 / 1514) < 2_000, "{sum}");
+        // Out-of-range queue times are bounded.
+        assert_eq!(unpaced_window_time_us(0, 0), SHARED_QUEUE_MIN_US);
         // The round trip adds the flow's own path; the floor is two segments.
         assert_eq!(
-            unpaced_window_clamp(gbit, UNIT, 60_000, gbit, mss),
+            unpaced_window_clamp(gbit, UNIT, 60_000, q, mss),
             window_clamp(gbit, 61_048, mss)
         );
-        assert_eq!(unpaced_window_clamp(0, UNIT, 5, gbit, mss), 2 * mss);
+        assert_eq!(unpaced_window_clamp(0, UNIT, 5, q, mss), 2 * mss);
         // A round trip up to the queue's time is taken for queueing, one
         // past twice it for a far path; between them the time is continuous.
-        assert_eq!(unpaced_window_time_us(0, gbit), 1_048);
-        assert_eq!(unpaced_window_time_us(777, gbit), 1_048);
-        assert_eq!(unpaced_window_time_us(1_048, gbit), 1_048);
-        assert_eq!(unpaced_window_time_us(1_500, gbit), 1_952);
-        assert_eq!(unpaced_window_time_us(2_096, gbit), 3_144);
-        assert_eq!(unpaced_window_time_us(60_000, gbit), 61_048);
+        assert_eq!(unpaced_window_time_us(0, q), 1_048);
+        assert_eq!(unpaced_window_time_us(777, q), 1_048);
+        assert_eq!(unpaced_window_time_us(1_048, q), 1_048);
+        assert_eq!(unpaced_window_time_us(1_500, q), 1_952);
+        assert_eq!(unpaced_window_time_us(2_096, q), 3_144);
+        assert_eq!(unpaced_window_time_us(60_000, q), 61_048);
         let mut last = 0;
         for rtt in 0..5_000 {
-            let t = unpaced_window_time_us(rtt, gbit);
+            let t = unpaced_window_time_us(rtt, q);
             assert!(t >= last && t >= 1_048 && t <= rtt + 1_048, "{rtt}: {t}");
             last = t;
         }
         // A multiplier widens or narrows the window, within its bounds.
-        let base = unpaced_window_clamp(gbit / 10, UNIT, 5, gbit, mss);
-        let narrow = unpaced_window_clamp(gbit / 10, MULT_MIN, 5, gbit, mss);
+        let base = unpaced_window_clamp(gbit / 10, UNIT, 5, q, mss);
+        let narrow = unpaced_window_clamp(gbit / 10, MULT_MIN, 5, q, mss);
         assert!(narrow.abs_diff(base / 2) <= 2, "{narrow} {base}");
-        assert_eq!(unpaced_window_clamp(gbit / 10, 0, 5, gbit, mss), narrow);
-        let wide = unpaced_window_clamp(gbit / 10, 2 * UNIT, 5, gbit, mss);
+        assert_eq!(unpaced_window_clamp(gbit / 10, 0, 5, q, mss), narrow);
+        let wide = unpaced_window_clamp(gbit / 10, 2 * UNIT, 5, q, mss);
         assert!(wide.abs_diff(2 * base) <= 2, "{wide} {base}");
         assert_eq!(
-            unpaced_window_clamp(gbit / 10, u64::MAX, 5, gbit, mss),
-            unpaced_window_clamp(gbit / 10, MULT_MAX, 5, gbit, mss)
+            unpaced_window_clamp(gbit / 10, u64::MAX, 5, q, mss),
+            unpaced_window_clamp(gbit / 10, MULT_MAX, 5, q, mss)
         );
         assert_eq!(
-            unpaced_window_clamp(u64::MAX, u64::MAX, u64::MAX, 0, mss),
+            unpaced_window_clamp(u64::MAX, u64::MAX, u64::MAX, u64::MAX, mss),
             window_clamp(MAX_RATE * 4, 10_000_000 + SHARED_QUEUE_MAX_US, mss)
         );
     }

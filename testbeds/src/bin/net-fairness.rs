@@ -109,6 +109,11 @@ struct Args {
     /// reads them).
     #[arg(long, value_name = "SIZE", default_value = "256kb", value_parser = parse_buffer)]
     upstream_buffer: u64,
+    /// Ingress: the upstream buffer qosd is told of (`[net]
+    /// ingress_upstream_buffer`); --upstream-buffer's when absent. Telling
+    /// it a larger one than the link has shows what a wrong setting costs.
+    #[arg(long, value_name = "SIZE", value_parser = parse_buffer)]
+    qosd_upstream_buffer: Option<u64>,
     /// Leave out the request/response probe of the ingress scenarios that
     /// run one.
     #[arg(long)]
@@ -167,6 +172,9 @@ struct RunResult {
     /// Buffer of the ingress senders' link, bytes (`--upstream-buffer`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     upstream_buffer_bytes: Option<u64>,
+    /// The upstream buffer qosd was told of, where it differed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    qosd_upstream_buffer_bytes: Option<u64>,
     duration_s: f64,
     utilization: f64,
     /// Jain index of mean/quota within each priority that has ≥ 2 busy groups.
@@ -263,8 +271,13 @@ fn real_main() -> Result<ExitCode> {
     if args.rtt_ms > 0 && !ingress {
         bail!("--rtt-ms delays the ingress senders' link: use it with --direction ingress");
     }
-    if args.upstream_buffer != DEFAULT_UPSTREAM_BUFFER && !ingress {
-        bail!("--upstream-buffer sizes the ingress senders' link: use it with --direction ingress");
+    if (args.upstream_buffer != DEFAULT_UPSTREAM_BUFFER || args.qosd_upstream_buffer.is_some())
+        && !ingress
+    {
+        bail!(
+            "--upstream-buffer and --qosd-upstream-buffer size the ingress senders' link: use them \
+             with --direction ingress"
+        );
     }
     if args.duration < 4.0 {
         bail!("--duration must be at least 4 s (1 s warm-up plus an on/off cycle)");
@@ -655,8 +668,10 @@ fn start_qosd(
     );
     if is_ingress(args) {
         net += &format!(
-            "ingress_capacity = \"{}\"\ningress_default_rate = \"0\"\ningress_ack_pacing = {ack_pacing}\n",
-            args.capacity
+            "ingress_capacity = \"{}\"\ningress_default_rate = \"0\"\ningress_ack_pacing = {ack_pacing}\n\
+             ingress_upstream_buffer = \"{}\"\n",
+            args.capacity,
+            args.qosd_upstream_buffer.unwrap_or(args.upstream_buffer)
         );
     }
     let (rate_flag, ceil_flag) = if is_ingress(args) {
@@ -1392,6 +1407,9 @@ fn traffic(
         capacity_bps: cap,
         rtt_ms: (args.rtt_ms > 0).then_some(args.rtt_ms),
         upstream_buffer_bytes: is_ingress(args).then_some(args.upstream_buffer),
+        qosd_upstream_buffer_bytes: args
+            .qosd_upstream_buffer
+            .filter(|b| *b != args.upstream_buffer && mode.starts_with("qosd")),
         duration_s: d,
         utilization,
         jain_by_priority,

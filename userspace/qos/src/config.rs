@@ -99,6 +99,13 @@ pub struct NetConfig {
     /// windows, which share the link's queue upstream in proportion, and
     /// other traffic by CE marks and drops.
     pub ingress_ack_pacing: bool,
+    /// Buffer of the link's far end that received traffic queues in (the
+    /// switch port's, per port). Without ACK pacing, received flows'
+    /// windows add up to half of it beyond their round trips: set it at or
+    /// below the real buffer, or the windows overflow it and the senders
+    /// lose packets there (a 64 KiB buffer under the 256 KiB default: a
+    /// class at 0.00 of its quota in its worst 100 ms windows).
+    pub ingress_upstream_buffer: Size,
     /// Interfaces where container traffic enters the host: "auto" (every
     /// veth), "none", or a list of name patterns (`*` wildcard).
     pub container_interfaces: ContainerInterfaces,
@@ -125,6 +132,7 @@ impl Default for NetConfig {
             ingress_default_rate: Rate::from_bits_per_sec(10_000_000).ok(),
             ingress_clamp_ecn: true,
             ingress_ack_pacing: true,
+            ingress_upstream_buffer: Size::clamped(netqos::DEFAULT_UPSTREAM_BUFFER),
             container_interfaces: ContainerInterfaces::default(),
             bpf_stats: false,
             replace_bbr: true,
@@ -343,6 +351,12 @@ impl Config {
                 n.default_priority
             ));
         }
+        if !netqos::UPSTREAM_BUFFER_RANGE.contains(&n.ingress_upstream_buffer.bytes()) {
+            return Err(format!(
+                "[net] ingress_upstream_buffer {} is out of range 16KiB..=256MiB",
+                n.ingress_upstream_buffer
+            ));
+        }
         if n.ingress_capacity.is_some() && n.interface.is_none() {
             return Err("[net] ingress_capacity is set but interface is not".into());
         }
@@ -431,6 +445,9 @@ mod tests {
         let best_effort = Config::parse("[net]\ndefault_rate = \"0\"").expect("zero default");
         assert_eq!(best_effort.net.default_rate, None);
         assert!(c.net.interface.is_none());
+        assert_eq!(c.net.ingress_upstream_buffer.bytes(), 256 * 1024);
+        let shallow = Config::parse("[net]\ningress_upstream_buffer = \"64KiB\"").expect("64KiB");
+        assert_eq!(shallow.net.ingress_upstream_buffer.bytes(), 64 * 1024);
     }
 
     #[test]
@@ -482,6 +499,14 @@ mod tests {
                 "exceeds",
             ),
             ("[net]\ndefault_priority = 9", "out of range"),
+            (
+                "[net]\ningress_upstream_buffer = \"8KiB\"",
+                "ingress_upstream_buffer 8KiB is out of range",
+            ),
+            (
+                "[net]\ningress_upstream_buffer = \"1GiB\"",
+                "ingress_upstream_buffer 1GiB is out of range",
+            ),
             ("[net]\ncontainer_interfaces = \"maybe\"", "use \"auto\""),
             (
                 "[[net.quota]]\ncgroup = \"a\"\nrate = \"1mbit\"",

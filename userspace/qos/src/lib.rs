@@ -236,6 +236,7 @@ impl Qos {
                         .and(config.net.ingress_default_rate),
                     ingress_clamp_ecn: config.net.ingress_clamp_ecn,
                     ingress_ack_pacing: config.net.ingress_ack_pacing,
+                    ingress_upstream_buffer: config.net.ingress_upstream_buffer.bytes(),
                     default_priority: config.net.default_priority,
                     container_interfaces: config.net.container_interfaces.clone(),
                     replace_bbr: config.net.replace_bbr,
