@@ -172,12 +172,13 @@ pub fn datapath_ceil(ceil: u64, alloc: u64, hold_at_alloc: bool) -> u64 {
     }
 }
 
-/// Multiplier the receive windows of a class held at its allocation are
-/// sized at ([`datapath_ceil`]; `ClassConfig::window_mult`): held per packet
-/// by its ceiling bucket, the class does not need its windows to hold it,
-/// and windows sized for the usual queue upstream starved it where UDP
-/// kept a deeper queue there (the VM, 50 Mbit/s, a 256 KB buffer: 41 ms;
-/// the TCP class got 0.66-0.70 of its allocation, the UDP class 1.30-1.34).
+/// Multiplier the receive windows of a class held at its allocation
+/// ([`datapath_ceil`]; `ClassConfig::window_mult`) are sized at until
+/// [`held_window_mult`] steers them (once it has received for
+/// [`WINDOW_STEER_AFTER_NS`]): windows sized for the usual queue upstream
+/// starved it where UDP kept a deeper queue there (the VM, 50 Mbit/s, a
+/// 256 KB buffer: 41 ms; the TCP class got 0.66-0.70 of its allocation, the
+/// UDP class 1.30-1.34), and its ceiling bucket holds it meanwhile.
 pub const HELD_WINDOW_MULT: u64 = qos_common::policy::MULT_MAX;
 
 /// A class whose received flows are held by their windows, as the loop

@@ -286,6 +286,10 @@ pub struct IngressStatus {
     /// "on", or "off: <why>".
     #[serde(default)]
     pub ack_pacing: String,
+    /// The upstream buffer the windows are sized for where ACK pacing is
+    /// off (`ShaperSettings::ingress_upstream_buffer`), bytes.
+    #[serde(default)]
+    pub upstream_buffer_bytes: u64,
 }
 
 /// What `net show` reports.
@@ -1420,6 +1424,7 @@ impl Shaper {
                 classes: t.status(),
                 pool_tokens: maps.read_pool().map(|p| p.tokens).unwrap_or(0),
                 ack_pacing: self.ack_pacing.describe(),
+                upstream_buffer_bytes: self.settings.ingress_upstream_buffer,
             }
         });
         NetStatus {

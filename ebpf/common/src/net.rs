@@ -207,9 +207,9 @@ pub struct ClassConfig {
     pub drop_debt: u64,
     /// Multiplier (1/1024) the receive windows of its flows are sized at
     /// without ACK pacing (0: 1). User space sets it from how the classes'
-    /// rates compare (netqos `window_mults`), or at 4 while the class is
-    /// held at its allocation per packet beside UDP, where its windows need
-    /// not hold it (netqos `datapath_ceil`).
+    /// rates compare (netqos `window_mults`), or, while the class is held
+    /// at its allocation beside UDP (netqos `datapath_ceil`), so that its
+    /// rate comes to that allocation (netqos `held_window_mult`).
     pub window_mult: u64,
     /// 0 (highest) ..= `LOWEST_PRIORITY`.
     pub priority: u32,

@@ -800,8 +800,18 @@ fn net_table(s: &NetStatus) -> String {
     let mut out = format!("{} egress {}\n", s.interface, s.capacity);
     out += &class_table(&s.classes, "PACED");
     if let Some(i) = &s.ingress {
+        // Without ACK pacing the windows are sized for the buffer upstream:
+        // say which, so a wrong `ingress_upstream_buffer` shows.
+        let sized = if i.ack_pacing == "on" || i.upstream_buffer_bytes == 0 {
+            String::new()
+        } else {
+            format!(
+                "; windows sized for a {} upstream buffer",
+                Size::clamped(i.upstream_buffer_bytes)
+            )
+        };
         out += &format!(
-            "\n{} ingress {} (ACK pacing {})\n",
+            "\n{} ingress {} (ACK pacing {}{sized})\n",
             s.interface, i.capacity, i.ack_pacing
         );
         out += &class_table(&i.classes, "CLAMPS");
@@ -857,4 +867,40 @@ fn class_table(classes: &[NetClassStatus], flow_action: &str) -> String {
         ]);
     }
     columns(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_ingress(ack_pacing: &str) -> NetStatus {
+        NetStatus {
+            interface: "eth0".into(),
+            capacity: "1gbit".into(),
+            ingress: Some(netqos::IngressStatus {
+                capacity: "950mbit".into(),
+                ack_pacing: ack_pacing.into(),
+                upstream_buffer_bytes: 64 * 1024,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn net_show_names_the_upstream_buffer_where_windows_hold_flows() {
+        let off = net_table(&with_ingress("off: the kernel has no fq qdisc"));
+        assert!(
+            off.contains(
+                "eth0 ingress 950mbit (ACK pacing off: the kernel has no fq qdisc; \
+                 windows sized for a 64KiB upstream buffer)"
+            ),
+            "{off}"
+        );
+        let on = net_table(&with_ingress("on"));
+        assert!(
+            on.contains("eth0 ingress 950mbit (ACK pacing on)\n"),
+            "{on}"
+        );
+    }
 }
