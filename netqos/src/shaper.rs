@@ -290,6 +290,11 @@ pub struct IngressStatus {
     /// off (`ShaperSettings::ingress_upstream_buffer`), bytes.
     #[serde(default)]
     pub upstream_buffer_bytes: u64,
+    /// The queue time (µs) the windows add up to beyond their round trips
+    /// there (`NetGlobal::shared_queue_us`): half that buffer's at the
+    /// capacity, within 100 µs .. 10 ms.
+    #[serde(default)]
+    pub shared_queue_us: u64,
 }
 
 /// What `net show` reports.
@@ -1109,6 +1114,21 @@ impl Shaper {
                     &settings,
                     &mut dp,
                 )?;
+                // Half a small buffer at a high capacity takes less than the
+                // shortest queue time windows are sized for: say so, since the
+                // windows then add up to more than that half.
+                let half_us = (settings.ingress_upstream_buffer / 2)
+                    .saturating_mul(1_000_000)
+                    .checked_div(bytes(cap))
+                    .unwrap_or(0);
+                if !ack_pacing.is_ready() && t.global.shared_queue_us > half_us {
+                    warn!(iface = %settings.interface,
+                        buffer = settings.ingress_upstream_buffer,
+                        queue_us = t.global.shared_queue_us,
+                        "half the ingress upstream buffer takes {half_us} µs at the ingress capacity: \
+                         receive windows are sized for the {} µs floor and may overflow it",
+                        t.global.shared_queue_us);
+                }
                 dp.attach_ingress()?;
                 Some(t)
             }
@@ -1425,6 +1445,7 @@ impl Shaper {
                 pool_tokens: maps.read_pool().map(|p| p.tokens).unwrap_or(0),
                 ack_pacing: self.ack_pacing.describe(),
                 upstream_buffer_bytes: self.settings.ingress_upstream_buffer,
+                shared_queue_us: t.global.shared_queue_us,
             }
         });
         NetStatus {

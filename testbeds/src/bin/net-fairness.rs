@@ -279,6 +279,18 @@ fn real_main() -> Result<ExitCode> {
              with --direction ingress"
         );
     }
+    let told = args.qosd_upstream_buffer.unwrap_or(args.upstream_buffer);
+    if ingress
+        && args.modes.iter().any(|m| m.starts_with("qosd"))
+        && !netqos::UPSTREAM_BUFFER_RANGE.contains(&told)
+    {
+        bail!(
+            "qosd would be told of an upstream buffer of {told} bytes, outside what it accepts \
+             ({}..={}): give --qosd-upstream-buffer within it",
+            netqos::UPSTREAM_BUFFER_RANGE.start(),
+            netqos::UPSTREAM_BUFFER_RANGE.end()
+        );
+    }
     if args.duration < 4.0 {
         bail!("--duration must be at least 4 s (1 s warm-up plus an on/off cycle)");
     }

@@ -806,8 +806,9 @@ fn net_table(s: &NetStatus) -> String {
             String::new()
         } else {
             format!(
-                "; windows sized for a {} upstream buffer",
-                Size::clamped(i.upstream_buffer_bytes)
+                "; windows sized for a {} upstream buffer, {} µs of queue",
+                Size::clamped(i.upstream_buffer_bytes),
+                i.shared_queue_us
             )
         };
         out += &format!(
@@ -881,6 +882,7 @@ mod tests {
                 capacity: "950mbit".into(),
                 ack_pacing: ack_pacing.into(),
                 upstream_buffer_bytes: 64 * 1024,
+                shared_queue_us: 276,
                 ..Default::default()
             }),
             ..Default::default()
@@ -893,7 +895,7 @@ mod tests {
         assert!(
             off.contains(
                 "eth0 ingress 950mbit (ACK pacing off: the kernel has no fq qdisc; \
-                 windows sized for a 64KiB upstream buffer)"
+                 windows sized for a 64KiB upstream buffer, 276 µs of queue)"
             ),
             "{off}"
         );
