@@ -254,7 +254,6 @@ pub fn window_mults(classes: &[WindowClass], dt_ns: u64) -> Vec<WindowMult> {
         return vec![neutral; classes.len()];
     }
     let common = bytes / alloc;
-    let step = WINDOW_LOOP_KI * dt_ns.min(100_000_000) as f64 / 1e9;
     let errors: Vec<f64> = classes
         .iter()
         .map(|c| {
@@ -262,7 +261,7 @@ pub fn window_mults(classes: &[WindowClass], dt_ns: u64) -> Vec<WindowMult> {
                 return 0.0;
             }
             let ratio = (c.rate / c.alloc).max(common / 4.0);
-            (common / ratio).ln().clamp(-LN_2, LN_2)
+            log_error(common / ratio)
         })
         .collect();
     let mut logs: Vec<f64> = classes
@@ -270,7 +269,7 @@ pub fn window_mults(classes: &[WindowClass], dt_ns: u64) -> Vec<WindowMult> {
         .zip(&errors)
         .map(|(c, e)| {
             if c.steered {
-                c.mult.clamp(WINDOW_MULT_MIN, WINDOW_MULT_MAX).ln() + step * e
+                integrated_log(c.mult, *e, dt_ns)
             } else {
                 0.0
             }
@@ -299,11 +298,30 @@ pub fn window_mults(classes: &[WindowClass], dt_ns: u64) -> Vec<WindowMult> {
         .zip(&errors)
         .map(|(l, e)| WindowMult {
             integral: l.exp(),
-            applied: (l + WINDOW_LOOP_KP * e)
-                .exp()
-                .clamp(WINDOW_MULT_MIN, WINDOW_MULT_MAX),
+            applied: applied_mult(*l, *e),
         })
         .collect()
+}
+
+/// A window loop's error in log space, the wanted over the measured
+/// ratio, within ±ln 2.
+fn log_error(wanted_over_measured: f64) -> f64 {
+    wanted_over_measured.ln().clamp(-LN_2, LN_2)
+}
+
+/// A window loop's integral `mult` (within its bounds) moved by `error`
+/// over `dt_ns` (at most 100 ms counted), in log space, unbounded.
+fn integrated_log(mult: f64, error: f64, dt_ns: u64) -> f64 {
+    let step = WINDOW_LOOP_KI * dt_ns.min(100_000_000) as f64 / 1e9;
+    mult.clamp(WINDOW_MULT_MIN, WINDOW_MULT_MAX).ln() + step * error
+}
+
+/// The multiplier a window loop applies: its integral `log` plus the
+/// proportional term, within the bounds.
+fn applied_mult(log: f64, error: f64) -> f64 {
+    (log + WINDOW_LOOP_KP * error)
+        .exp()
+        .clamp(WINDOW_MULT_MIN, WINDOW_MULT_MAX)
 }
 
 /// What a class held at its allocation ([`datapath_ceil`]) is steered
@@ -334,15 +352,11 @@ pub fn held_window_mult(mult: f64, rate: f64, alloc: f64, dt_ns: u64) -> WindowM
             applied: mult.clamp(WINDOW_MULT_MIN, WINDOW_MULT_MAX),
         };
     }
-    let step = WINDOW_LOOP_KI * dt_ns.min(100_000_000) as f64 / 1e9;
-    let error = (HELD_RATE_TARGET * alloc / rate).ln().clamp(-LN_2, LN_2);
-    let log = (mult.clamp(WINDOW_MULT_MIN, WINDOW_MULT_MAX).ln() + step * error)
-        .clamp(WINDOW_MULT_MIN.ln(), WINDOW_MULT_MAX.ln());
+    let error = log_error(HELD_RATE_TARGET * alloc / rate);
+    let log = integrated_log(mult, error, dt_ns).clamp(WINDOW_MULT_MIN.ln(), WINDOW_MULT_MAX.ln());
     WindowMult {
         integral: log.exp(),
-        applied: (log + WINDOW_LOOP_KP * error)
-            .exp()
-            .clamp(WINDOW_MULT_MIN, WINDOW_MULT_MAX),
+        applied: applied_mult(log, error),
     }
 }
 
@@ -481,6 +495,14 @@ impl Default for Tuning {
 
 fn bytes_in(rate: u64, ns: u64) -> u64 {
     (rate.min(MAX_RATE) as u128 * ns as u128 / 1_000_000_000) as u64
+}
+
+/// Whether half an upstream buffer of `buffer` bytes takes less than the
+/// shortest queue time received flows' windows are sized for
+/// (`qos_common::policy::SHARED_QUEUE_MIN_US`) at `capacity` (wire
+/// bytes/s): the windows then add up to more than that half.
+pub fn queue_floor_exceeds_half_buffer(capacity: u64, buffer: u64) -> bool {
+    bytes_in(capacity, qos_common::policy::SHARED_QUEUE_MIN_US * 1000) > buffer / 2
 }
 
 /// Host-wide datapath parameters. `upstream_buffer`: bytes of the buffer
@@ -1007,6 +1029,11 @@ mod tests {
         assert_eq!(g.pool_depth, 1_250_000);
         assert_eq!(g.shaped_ifindex, 7);
         assert_eq!(g.shared_queue_us, 1_048); // 128 KB at 1 Gbit/s
+        // The 100 µs floor holds 12.5 KB at 1 Gbit/s, 125 KB at 10.
+        assert!(!queue_floor_exceeds_half_buffer(1000 * M, 64 * 1024));
+        assert!(queue_floor_exceeds_half_buffer(1000 * M, 16 * 1024));
+        assert!(queue_floor_exceeds_half_buffer(10_000 * M, 64 * 1024));
+        assert!(!queue_floor_exceeds_half_buffer(10_000 * M, 256 * 1024));
         assert!(worth_update(
             &p,
             &ClassConfig {

@@ -1114,19 +1114,17 @@ impl Shaper {
                     &settings,
                     &mut dp,
                 )?;
-                // Half a small buffer at a high capacity takes less than the
-                // shortest queue time windows are sized for: say so, since the
-                // windows then add up to more than that half.
-                let half_us = (settings.ingress_upstream_buffer / 2)
-                    .saturating_mul(1_000_000)
-                    .checked_div(bytes(cap))
-                    .unwrap_or(0);
-                if !ack_pacing.is_ready() && t.global.shared_queue_us > half_us {
+                if !ack_pacing.is_ready()
+                    && policy::queue_floor_exceeds_half_buffer(
+                        bytes(cap),
+                        settings.ingress_upstream_buffer,
+                    )
+                {
                     warn!(iface = %settings.interface,
                         buffer = settings.ingress_upstream_buffer,
                         queue_us = t.global.shared_queue_us,
-                        "half the ingress upstream buffer takes {half_us} µs at the ingress capacity: \
-                         receive windows are sized for the {} µs floor and may overflow it",
+                        "half the ingress upstream buffer takes less than the {} µs floor at the \
+                         ingress capacity: receive windows are sized for the floor and may overflow it",
                         t.global.shared_queue_us);
                 }
                 dp.attach_ingress()?;

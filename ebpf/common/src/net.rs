@@ -165,8 +165,8 @@ pub struct NetGlobal {
     pub pacing_ki: u64,
     /// Time (µs) the receive windows of flows held by their windows (no
     /// ACK pacing) add up to beyond their round trips: half the upstream
-    /// buffer at the capacity (`policy::shared_queue_us`); 0 for
-    /// `policy::SHARED_QUEUE_BYTES`'s.
+    /// buffer at the capacity (`policy::shared_queue_us`), always set by
+    /// user space (0 would count as the 100 µs floor).
     pub shared_queue_us: u64,
     /// ifindex of the shaped interface.
     pub shaped_ifindex: u32,

@@ -28,33 +28,17 @@ use testbeds::{
     sockdiag::{self, RxGroup, RxSampler},
 };
 
-/// `--upstream-buffer`'s default: a switch port's buffer of a few
-/// hundred KB.
-const DEFAULT_UPSTREAM_BUFFER: u64 = 256 * 1024;
-
-/// Bytes of a buffer size as `--upstream-buffer` takes it: digits, then
-/// nothing, b, k/kb or m/mb (×1024, as tc reads them); at least 2 KB (one
-/// full-size frame and then some) and at most 1 GB.
+/// Bytes of a buffer size as `--upstream-buffer` takes it (a size as qosd's
+/// config reads it: 64KiB, 64kb, 65536): at least 2 KiB (one full-size
+/// frame and then some) and at most 1 GiB.
 fn parse_buffer(s: &str) -> Result<u64, String> {
-    let lower = s.trim().to_ascii_lowercase();
-    let digits = lower.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let unit = match &lower[digits.len()..] {
-        "" | "b" => 1,
-        "k" | "kb" => 1024,
-        "m" | "mb" => 1024 * 1024,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in buffer size {s:?} (b, kb or mb)"
-            ));
-        }
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("buffer size {s:?} is not a number of bytes (e.g. 64kb)"))?;
-    let bytes = n
-        .checked_mul(unit)
-        .filter(|b| (2048..=1 << 30).contains(b))
-        .ok_or_else(|| format!("buffer size {s:?} is outside 2kb..1024mb"))?;
+    let bytes = s
+        .parse::<qos_core::Size>()
+        .map_err(|e| format!("buffer size {s:?}: {e}"))?
+        .bytes();
+    if !(2048..=1 << 30).contains(&bytes) {
+        return Err(format!("buffer size {s:?} is outside 2KiB..1GiB"));
+    }
     Ok(bytes)
 }
 
@@ -105,8 +89,8 @@ struct Args {
     #[arg(long, value_name = "MS", default_value_t = 0)]
     rtt_ms: u32,
     /// Ingress: the buffer of the senders' link (tbf limit), the upstream
-    /// switch port's: bytes, or with a suffix k/kb or m/mb (×1024, as tc
-    /// reads them).
+    /// switch port's: bytes, or with a binary suffix (64KiB, 64kb: as
+    /// qosd's config and tc read them).
     #[arg(long, value_name = "SIZE", default_value = "256kb", value_parser = parse_buffer)]
     upstream_buffer: u64,
     /// Ingress: the upstream buffer qosd is told of (`[net]
@@ -271,7 +255,8 @@ fn real_main() -> Result<ExitCode> {
     if args.rtt_ms > 0 && !ingress {
         bail!("--rtt-ms delays the ingress senders' link: use it with --direction ingress");
     }
-    if (args.upstream_buffer != DEFAULT_UPSTREAM_BUFFER || args.qosd_upstream_buffer.is_some())
+    if (args.upstream_buffer != netqos::DEFAULT_UPSTREAM_BUFFER
+        || args.qosd_upstream_buffer.is_some())
         && !ingress
     {
         bail!(
@@ -1532,7 +1517,7 @@ mod tests {
 
     #[test]
     fn buffer_sizes_read_as_tc_reads_them() {
-        assert_eq!(parse_buffer("256kb"), Ok(DEFAULT_UPSTREAM_BUFFER));
+        assert_eq!(parse_buffer("256kb"), Ok(netqos::DEFAULT_UPSTREAM_BUFFER));
         assert_eq!(parse_buffer("64K"), Ok(65_536));
         assert_eq!(parse_buffer("4096"), Ok(4096));
         assert_eq!(parse_buffer("2mb"), Ok(2 << 20));

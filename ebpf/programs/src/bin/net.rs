@@ -60,13 +60,13 @@ use qos_common::{
     policy::{
         self, ACK_LEAD_WINDOW_US, BY_USE, CLAMP_FOLLOWS_CLOCK_RTT_US, CONTROL_INTERVAL_NS,
         FlowKind, HELD_STAMP_NS, Levels, Limits, NO_PAYLOAD_MAX_L3_LEN, PATH_PROBE_STALE_NS,
-        PathRtt, SHARED_QUEUE_BYTES, SOCK_WOKEN_BITS, UNIT, Verdict, ack_lead_holds, clamp_seen,
-        clamp_step_ns, class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide,
-        depth_gain, earned, epoch_count, first_flight, flow_share, flow_use, kp_full_rate,
-        next_multiplier, overflow_correction, pacing_changed, pacing_rate, path_probe_sample,
-        path_rtt_update, receive_window_clamp, recently_held, rtt_gain, shared_queue_us,
-        underflow_correction, unpaced_window_clamp, use_units, use_weight, weight_reference,
-        window_clamp, window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle, woken_counts_now,
+        PathRtt, SOCK_WOKEN_BITS, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns,
+        class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned,
+        epoch_count, first_flight, flow_share, flow_use, kp_full_rate, next_multiplier,
+        overflow_correction, pacing_changed, pacing_rate, path_probe_sample, path_rtt_update,
+        receive_window_clamp, recently_held, rtt_gain, underflow_correction, unpaced_window_clamp,
+        use_units, use_weight, weight_reference, window_clamp, window_rtt_us, wire_len,
+        wire_to_tcp_rate, woke_from_idle, woken_counts_now,
     },
 };
 use qos_ebpf::{
@@ -1436,12 +1436,7 @@ fn on_send(ctx: &SockOpsContext) {
         } else {
             UNIT
         };
-        let queue_us = if g.shared_queue_us != 0 {
-            g.shared_queue_us
-        } else {
-            shared_queue_us(SHARED_QUEUE_BYTES, g.capacity)
-        };
-        unpaced_window_clamp(cfg.flow_base, mult, rtt_us, queue_us, mss as u64)
+        unpaced_window_clamp(cfg.flow_base, mult, rtt_us, g.shared_queue_us, mss as u64)
     };
     // The class's round trip, for its pacing loop's gains, and its
     // windows' (reported): written only when they move (one cache line
