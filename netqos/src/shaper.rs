@@ -383,6 +383,8 @@ struct Class {
     window_integral: f64,
     /// Since when (ns) it has received without falling silent.
     busy_since: Option<u64>,
+    /// When (ns) `policy::held_window_mult` last steered its windows.
+    held_steered_ns: Option<u64>,
 }
 
 impl Class {
@@ -419,6 +421,7 @@ impl Class {
             unheld_since: None,
             window_integral: 1.0,
             busy_since: None,
+            held_steered_ns: None,
         })
     }
 
@@ -533,6 +536,9 @@ impl Class {
             // Gone quiet: lend its share out now.
             self.wants_less_since = Some(now_ns);
             Some(0)
+        } else if policy::wants_guarantee_while_unheld_starts(self.unheld_since, now_ns) {
+            self.wants_less_since = None;
+            None
         } else {
             let obs = Observation {
                 fill: self.fill,
@@ -914,18 +920,21 @@ impl ClassTable {
             // that allocation on their own (`policy::held_window_mult`).
             let held = hold_at_alloc && c.unheld_since.is_none();
             let window_mult = if held && windows_hold && c.busy_long_enough(now_ns) {
+                c.held_steered_ns = Some(now_ns);
                 policy::held_window_mult(c.window_integral, c.rate, c.cfg.alloc as f64, dt_ns)
             } else if held {
-                policy::WindowMult {
-                    integral: c.window_integral,
-                    applied: policy::HELD_WINDOW_MULT as f64 / UNIT as f64,
-                }
+                policy::held_window_rest(c.window_integral, c.held_steered_ns, now_ns)
             } else {
+                c.held_steered_ns = None;
                 window_mult
             };
             c.window_integral = window_mult.integral;
-            let ceil =
-                policy::datapath_ceil(c.ceil(capacity), c.guarantee.saturating_add(extra), held);
+            let ceil = policy::datapath_ceil(
+                c.ceil(capacity),
+                c.guarantee.saturating_add(extra),
+                held,
+                held && windows_hold,
+            );
             let mut cfg = policy::class_params(
                 c.guarantee,
                 ceil,

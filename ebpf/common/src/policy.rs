@@ -20,6 +20,12 @@ pub const UNIT: u64 = 1024;
 /// application-limited flows; transients are the proportional term's job.
 pub const MULT_MIN: u64 = UNIT / 2;
 pub const MULT_MAX: u64 = UNIT * 4;
+/// Lowest multiplier of a received flow's window ([`unpaced_window_clamp`]):
+/// below [`MULT_MIN`], which the loop that weighs classes against each other
+/// keeps to, because a class held at its allocation beside UDP may need
+/// windows far below its share of the queue upstream when the UDP sender
+/// keeps that queue short (netqos `held_window_mult`).
+pub const WINDOW_MULT_FLOOR: u64 = UNIT / 8;
 /// Bucket fill (1/1024 of the depth) the pacing loop steers a busy class
 /// to: slightly positive, so that a class sending exactly its allocation
 /// pays from its own tokens instead of hovering at the out-of-profile edge.
@@ -1099,7 +1105,7 @@ pub const fn shared_queue_us(queue_bytes: u64, capacity: u64) -> u64 {
 
 /// Receive-window clamp of a received flow whose ACKs are not paced (no
 /// fq): its share, `flow_base` wire bytes/s, × its class's window
-/// multiplier `mult` (0.5-4, set by user space: `netqos::policy::window_mults`), × (its handshake's round trip
+/// multiplier `mult` (1/8-4, set by user space: `netqos::policy::window_mults`), × (its handshake's round trip
 /// `rtt_us` + the shared queue's time `queue_us` ([`shared_queue_us`],
 /// `NetGlobal::shared_queue_us`), see [`unpaced_window_time_us`]), at
 /// least two segments.
@@ -1137,7 +1143,8 @@ pub const fn unpaced_window_clamp(
     mss: u64,
 ) -> u64 {
     // ≤ 1.25e10 × 4096: fits.
-    let rate = min_u64(flow_base, MAX_RATE) * min_u64(max_u64(mult, MULT_MIN), MULT_MAX) / UNIT;
+    let rate =
+        min_u64(flow_base, MAX_RATE) * min_u64(max_u64(mult, WINDOW_MULT_FLOOR), MULT_MAX) / UNIT;
     window_clamp(rate, unpaced_window_time_us(rtt_us, queue_us), mss)
 }
 
@@ -1650,7 +1657,21 @@ mod tests {
         let base = unpaced_window_clamp(gbit / 10, UNIT, 5, q, mss);
         let narrow = unpaced_window_clamp(gbit / 10, MULT_MIN, 5, q, mss);
         assert!(narrow.abs_diff(base / 2) <= 2, "{narrow} {base}");
-        assert_eq!(unpaced_window_clamp(gbit / 10, 0, 5, q, mss), narrow);
+        // Below the pacing multiplier's bound, down to the window's floor
+        // (a held class's windows, netqos `held_window_mult`).
+        let full = unpaced_window_clamp(gbit, UNIT, 5, q, mss);
+        let narrowest = unpaced_window_clamp(gbit, WINDOW_MULT_FLOOR, 5, q, mss);
+        assert!(narrowest.abs_diff(full / 8) <= 2, "{narrowest} {full}");
+        assert_eq!(unpaced_window_clamp(gbit, 0, 5, q, mss), narrowest);
+        assert_eq!(
+            unpaced_window_clamp(gbit, WINDOW_MULT_FLOOR / 2, 5, q, mss),
+            narrowest
+        );
+        // Never below two segments.
+        assert_eq!(
+            unpaced_window_clamp(gbit / 10, WINDOW_MULT_FLOOR, 5, q, mss),
+            2 * mss
+        );
         let wide = unpaced_window_clamp(gbit / 10, 2 * UNIT, 5, q, mss);
         assert!(wide.abs_diff(2 * base) <= 2, "{wide} {base}");
         assert_eq!(
