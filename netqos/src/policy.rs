@@ -150,19 +150,19 @@ pub fn receives_unheld(unheld_rate: f64, rate: f64, capacity: u64) -> bool {
 }
 
 /// How long a class that receives traffic no window holds is taken to want
-/// its whole guarantee, whatever it receives, once that traffic starts
-/// ([`wants_guarantee_while_unheld_starts`]).
+/// as much as it gets (greedy, never lent out) once that traffic starts
+/// ([`unheld_traffic_starting`]).
 pub const UNHELD_START_NS: u64 = 2_000_000_000;
 
 /// Whether a class that has received traffic no window holds since
 /// `unheld_since` is still starting: its low rate then does not say it wants
-/// less, because the window-held flows beside it may be what keeps it low.
-/// They share the queue upstream, and whichever started first holds it:
-/// the fairness script's udp scenario, on a 2-CPU host, saw the UDP class
-/// at 22-170 Mbit/s for its first 1.4 s while its share was lent to the TCP
-/// class (900 of 1000) that kept it there. Silence still lends its share at
-/// once.
-pub fn wants_guarantee_while_unheld_starts(unheld_since: Option<u64>, now_ns: u64) -> bool {
+/// less (it is taken to be greedy), because the window-held flows beside it
+/// may be what keeps it low. They share the queue upstream, and whichever
+/// started first holds it: the fairness script's udp scenario, on a 2-CPU
+/// host, saw the UDP class at 22-170 Mbit/s for its first 1.4 s while its
+/// share was lent to the TCP class (900 of 1000) that kept it there.
+/// Silence still lends its share at once.
+pub fn unheld_traffic_starting(unheld_since: Option<u64>, now_ns: u64) -> bool {
     unheld_since.is_some_and(|t| now_ns.saturating_sub(t) < UNHELD_START_NS)
 }
 
@@ -182,9 +182,12 @@ pub fn wants_guarantee_while_unheld_starts(unheld_since: Option<u64>, now_ns: u6
 /// use), so the class is held as HTB would hold it: as the UDP class gets
 /// more, it lends less.
 ///
-/// `windows_steer`: the class's windows are steered to its allocation
-/// ([`held_window_mult`]); the ceiling is then a backstop 1/
-/// [`HELD_CEIL_HEADROOM_DIV`] above it, not the control.
+/// `windows_steer`: the class's windows hold it (its ACKs are not paced):
+/// they are steered to its allocation ([`held_window_mult`]), or for its
+/// first 250 ms sized at [`HELD_WINDOW_MULT`]; the ceiling is then a
+/// backstop 1/[`HELD_CEIL_HEADROOM_DIV`] above the allocation, not the
+/// control, so a class that starts beside UDP may take up to 1.25 × its
+/// allocation for those 250 ms.
 pub fn datapath_ceil(ceil: u64, alloc: u64, hold_at_alloc: bool, windows_steer: bool) -> u64 {
     if !hold_at_alloc {
         return ceil;
@@ -221,7 +224,8 @@ pub const HELD_CEIL_HEADROOM_DIV: u64 = 4;
 /// [`WINDOW_STEER_AFTER_NS`]): windows sized for the usual queue upstream
 /// starved it where UDP kept a deeper queue there (the VM, 50 Mbit/s, a
 /// 256 KB buffer: 41 ms; the TCP class got 0.66-0.70 of its allocation, the
-/// UDP class 1.30-1.34), and its ceiling bucket holds it meanwhile.
+/// UDP class 1.30-1.34), and its ceiling bucket (1/4 above its allocation)
+/// bounds it meanwhile.
 pub const HELD_WINDOW_MULT: u64 = qos_common::policy::MULT_MAX;
 
 /// A class whose received flows are held by their windows, as the loop
@@ -873,19 +877,19 @@ mod tests {
     }
 
     #[test]
-    fn a_starting_unheld_class_wants_its_guarantee() {
+    fn a_class_whose_unheld_traffic_starts_is_not_lent_out() {
         let s = 1_000_000_000;
-        assert!(!wants_guarantee_while_unheld_starts(None, 10 * s));
-        assert!(wants_guarantee_while_unheld_starts(Some(10 * s), 10 * s));
-        assert!(wants_guarantee_while_unheld_starts(
+        assert!(!unheld_traffic_starting(None, 10 * s));
+        assert!(unheld_traffic_starting(Some(10 * s), 10 * s));
+        assert!(unheld_traffic_starting(
             Some(10 * s),
             10 * s + UNHELD_START_NS - 1
         ));
-        assert!(!wants_guarantee_while_unheld_starts(
+        assert!(!unheld_traffic_starting(
             Some(10 * s),
             10 * s + UNHELD_START_NS
         ));
-        assert!(wants_guarantee_while_unheld_starts(Some(10 * s), s));
+        assert!(unheld_traffic_starting(Some(10 * s), s));
     }
 
     #[test]

@@ -260,8 +260,9 @@ pub struct NetClassStatus {
     #[serde(default)]
     pub unheld_bytes: u64,
     /// Ingress without ACK pacing: the class is held at its allocation
-    /// (its ceiling in the datapath) while another class receives traffic
-    /// no window holds (`policy::datapath_ceil`).
+    /// (its windows steered to it, its ceiling in the datapath a quarter
+    /// above it) while another class receives traffic no window holds
+    /// (`policy::datapath_ceil`).
     #[serde(default)]
     pub held_at_alloc: bool,
     /// Ingress: the longest round trip of the class's flows (µs, decaying),
@@ -385,6 +386,9 @@ struct Class {
     busy_since: Option<u64>,
     /// When (ns) `policy::held_window_mult` last steered its windows.
     held_steered_ns: Option<u64>,
+    /// Held at its allocation beside traffic no window holds
+    /// (`policy::datapath_ceil`), as of the last step.
+    held: bool,
 }
 
 impl Class {
@@ -422,6 +426,7 @@ impl Class {
             window_integral: 1.0,
             busy_since: None,
             held_steered_ns: None,
+            held: false,
         })
     }
 
@@ -536,7 +541,8 @@ impl Class {
             // Gone quiet: lend its share out now.
             self.wants_less_since = Some(now_ns);
             Some(0)
-        } else if policy::wants_guarantee_while_unheld_starts(self.unheld_since, now_ns) {
+        } else if policy::unheld_traffic_starting(self.unheld_since, now_ns) {
+            // Starting UDP: greedy whatever it gets so far.
             self.wants_less_since = None;
             None
         } else {
@@ -919,6 +925,7 @@ impl ClassTable {
             // Held at its allocation beside UDP: its windows are steered to
             // that allocation on their own (`policy::held_window_mult`).
             let held = hold_at_alloc && c.unheld_since.is_none();
+            c.held = held;
             let window_mult = if held && windows_hold && c.busy_long_enough(now_ns) {
                 c.held_steered_ns = Some(now_ns);
                 policy::held_window_mult(c.window_integral, c.rate, c.cfg.alloc as f64, dt_ns)
@@ -1003,7 +1010,7 @@ impl ClassTable {
                 window_clamps: c.counters.window_clamps,
                 initial_windows: c.counters.initial_windows,
                 unheld_bytes: c.counters.unheld_bytes,
-                held_at_alloc: c.cfg.ceil < c.ceil(bytes(self.capacity)),
+                held_at_alloc: c.held,
                 rtt_us: c.prev.rtt_us,
                 window_rtt_us: c.prev.window_rtt_us,
             })

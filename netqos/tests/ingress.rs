@@ -647,7 +647,7 @@ fn a_ceiling_holds_received_flows_their_windows_do_not() -> Result<()> {
 /// in the fairness script's udp scenario), so while the UDP class receives
 /// traffic no window holds, the TCP class is held at its allocation: its
 /// windows steered to it (`policy::held_window_mult`), its ceiling bucket
-/// at it as the backstop (`policy::datapath_ceil`).
+/// a quarter above it as the backstop (`policy::datapath_ceil`).
 #[test]
 fn a_udp_class_beside_window_held_tcp_gets_its_guarantee() -> Result<()> {
     if !require_root("a_udp_class_beside_window_held_tcp_gets_its_guarantee") {

@@ -20,11 +20,11 @@ pub const UNIT: u64 = 1024;
 /// application-limited flows; transients are the proportional term's job.
 pub const MULT_MIN: u64 = UNIT / 2;
 pub const MULT_MAX: u64 = UNIT * 4;
-/// Lowest multiplier of a received flow's window ([`unpaced_window_clamp`]):
-/// below [`MULT_MIN`], which the loop that weighs classes against each other
-/// keeps to, because a class held at its allocation beside UDP may need
-/// windows far below its share of the queue upstream when the UDP sender
-/// keeps that queue short (netqos `held_window_mult`).
+/// Lowest multiplier of a received flow's window ([`unpaced_window_clamp`]).
+/// The loop that weighs classes against each other keeps to 0.5 (netqos
+/// `WINDOW_MULT_MIN`), but a class held at its allocation beside UDP may
+/// need windows far below its share of the queue upstream when the UDP
+/// sender keeps that queue short (netqos `held_window_mult`).
 pub const WINDOW_MULT_FLOOR: u64 = UNIT / 8;
 /// Bucket fill (1/1024 of the depth) the pacing loop steers a busy class
 /// to: slightly positive, so that a class sending exactly its allocation
@@ -1105,7 +1105,8 @@ pub const fn shared_queue_us(queue_bytes: u64, capacity: u64) -> u64 {
 
 /// Receive-window clamp of a received flow whose ACKs are not paced (no
 /// fq): its share, `flow_base` wire bytes/s, × its class's window
-/// multiplier `mult` (1/8-4, set by user space: `netqos::policy::window_mults`), × (its handshake's round trip
+/// multiplier `mult` (1/8-4, set by user space: `netqos::policy::window_mults`, 0.5-4, or
+/// `held_window_mult`, 1/8-4), × (its handshake's round trip
 /// `rtt_us` + the shared queue's time `queue_us` ([`shared_queue_us`],
 /// `NetGlobal::shared_queue_us`), see [`unpaced_window_time_us`]), at
 /// least two segments.
