@@ -182,17 +182,17 @@ pub fn unheld_traffic_starting(unheld_since: Option<u64>, now_ns: u64) -> bool {
 /// use), so the class is held as HTB would hold it: as the UDP class gets
 /// more, it lends less.
 ///
-/// `windows_steer`: the class's windows hold it (its ACKs are not paced):
+/// `windows_hold`: the class's windows hold it (its ACKs are not paced):
 /// they are steered to its allocation ([`held_window_mult`]), or for its
 /// first 250 ms sized at [`HELD_WINDOW_MULT`]; the ceiling is then a
 /// backstop 1/[`HELD_CEIL_HEADROOM_DIV`] above the allocation, not the
 /// control, so a class that starts beside UDP may take up to 1.25 × its
 /// allocation for those 250 ms.
-pub fn datapath_ceil(ceil: u64, alloc: u64, hold_at_alloc: bool, windows_steer: bool) -> u64 {
+pub fn datapath_ceil(ceil: u64, alloc: u64, hold_at_alloc: bool, windows_hold: bool) -> u64 {
     if !hold_at_alloc {
         return ceil;
     }
-    let headroom = if windows_steer {
+    let headroom = if windows_hold {
         alloc / HELD_CEIL_HEADROOM_DIV
     } else {
         0
