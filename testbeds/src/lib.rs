@@ -167,6 +167,24 @@ impl Veth {
         };
         run("ip", &["link", "set", host, "up"])?;
         peer_ns.ip(&["link", "set", peer, "up"])?;
+        // A veth hands each packet to the backlog of the CPU that sent it.
+        // The link's qdisc upstream (tbf) dequeues on whichever CPU runs it,
+        // so one flow's packets reach two CPUs' backlogs and overtake each
+        // other: reordering, spurious retransmissions, congestion windows
+        // cut. A NIC's RSS keeps a flow on one CPU; RPS over all CPUs does
+        // the same here.
+        let mask = cpu_mask(
+            &std::fs::read_to_string(CPUS_ONLINE)
+                .with_context(|| format!("reading {CPUS_ONLINE}"))?,
+        )?;
+        let steer = format!(
+            "for q in /sys/class/net/\"$0\"/queues/rx-*; do echo {mask} > \"$q/rps_cpus\" || exit 1; done"
+        );
+        run("sh", &["-c", &steer, host])
+            .with_context(|| format!("RPS (CONFIG_RPS) on the veth {host}"))?;
+        peer_ns.exec("sh", &["-c", &steer, peer]).with_context(|| {
+            format!("RPS (CONFIG_RPS) on the veth {peer} in {}", peer_ns.name())
+        })?;
         Ok(v)
     }
 
@@ -184,6 +202,34 @@ impl Drop for Veth {
     fn drop(&mut self) {
         let _ = run("ip", &["link", "del", &self.host]);
     }
+}
+
+const CPUS_ONLINE: &str = "/sys/devices/system/cpu/online";
+
+/// The hex CPU mask (`rps_cpus` format: 32-bit words, highest first, split
+/// by commas) of a CPU list such as `0-3,8,10-11` (`/sys/.../cpu/online`).
+pub fn cpu_mask(list: &str) -> Result<String> {
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',') {
+        let bad = || format!("bad CPU list {list:?}: {part:?}");
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (lo, hi),
+            None => (part, part),
+        };
+        let lo: usize = lo.parse().with_context(bad)?;
+        let hi: usize = hi.parse().with_context(bad)?;
+        if lo > hi || hi >= 8192 {
+            bail!(bad());
+        }
+        cpus.extend(lo..=hi);
+    }
+    let words = cpus.iter().max().map_or(0, |m| m / 32 + 1);
+    let mut mask = vec![0u32; words];
+    for c in cpus {
+        mask[c / 32] |= 1 << (c % 32);
+    }
+    let text: Vec<String> = mask.iter().rev().map(|w| format!("{w:08x}")).collect();
+    Ok(text.join(","))
 }
 
 /// A sysctl set for the test and restored on drop.
@@ -367,5 +413,22 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_mask;
+
+    #[test]
+    fn cpu_masks_from_cpu_lists() {
+        assert_eq!(cpu_mask("0-1\n").unwrap(), "00000003");
+        assert_eq!(cpu_mask("0").unwrap(), "00000001");
+        assert_eq!(cpu_mask("0-3,8,10-11").unwrap(), "00000d0f");
+        assert_eq!(cpu_mask("0,33").unwrap(), "00000002,00000001");
+        assert_eq!(cpu_mask("0-63").unwrap(), "ffffffff,ffffffff");
+        for bad in ["", "a", "3-1", "0-", "1,,2", "9000"] {
+            assert!(cpu_mask(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }
