@@ -397,13 +397,49 @@ pub const HELD_RATE_TARGET: f64 = 1.0;
 /// CPU-bound, that needed the lower bound and the ceiling's headroom
 /// ([`HELD_WINDOW_MULT_MIN`], [`HELD_CEIL_HEADROOM_DIV`]).
 pub fn held_window_mult(mult: f64, rate: f64, alloc: f64, dt_ns: u64) -> WindowMult {
-    if rate <= 0.0 || alloc <= 0.0 {
+    window_mult_to(mult, rate, HELD_RATE_TARGET * alloc, dt_ns)
+}
+
+/// Next multiplier of the windows of a class whose configured ceiling binds
+/// it ([`ceiling_binds`]): steered alone, as a held class is
+/// ([`held_window_mult`]), so that its rate comes to [`CEIL_RATE_TARGET`] ×
+/// that ceiling, where its ceiling bucket does not act.
+///
+/// In the loop over all classes ([`window_mults`]) such a class got the
+/// link's excess over the capacity like every other (104 % of its share on
+/// the fairness script's host), and its ceiling bucket took it back by CE
+/// marks (priority: 6 763 in 6 s) or, for a flow without ECN, by spaced
+/// drops and their stalls (100 ms windows of 0-900 Mbit/s under a 350
+/// ceiling).
+pub fn ceiling_window_mult(mult: f64, rate: f64, ceil: f64, dt_ns: u64) -> WindowMult {
+    window_mult_to(mult, rate, CEIL_RATE_TARGET * ceil, dt_ns)
+}
+
+/// What a class whose configured ceiling binds it is steered to receive,
+/// over that ceiling ([`ceiling_window_mult`]): a little under it, so that
+/// its 100 ms windows' swings (a few per cent) stay under the ceiling
+/// bucket, which marks or drops past it.
+pub const CEIL_RATE_TARGET: f64 = 0.99;
+
+/// Whether the configured ceiling `ceil` of a class binds it: it is below
+/// the `capacity` and the allocator gave the class all of it (`alloc`,
+/// bytes/s). Its windows are then steered to it ([`ceiling_window_mult`]),
+/// not shared out with the other classes' ([`window_mults`]).
+pub fn ceiling_binds(alloc: u64, ceil: u64, capacity: u64) -> bool {
+    ceil < capacity && alloc >= ceil
+}
+
+/// One step of a loop that steers a class's windows on their own so that
+/// its `rate` comes to `target` (bytes/s), with [`window_mults`]'s gains,
+/// between [`HELD_WINDOW_MULT_MIN`] and [`WINDOW_MULT_MAX`].
+fn window_mult_to(mult: f64, rate: f64, target: f64, dt_ns: u64) -> WindowMult {
+    if rate <= 0.0 || target <= 0.0 {
         return WindowMult {
             integral: mult,
             applied: mult.clamp(HELD_WINDOW_MULT_MIN, WINDOW_MULT_MAX),
         };
     }
-    let error = log_error(HELD_RATE_TARGET * alloc / rate);
+    let error = log_error(target / rate);
     let log = integrated_log(mult, error, dt_ns, HELD_WINDOW_MULT_MIN)
         .clamp(HELD_WINDOW_MULT_MIN.ln(), WINDOW_MULT_MAX.ln());
     WindowMult {
@@ -855,6 +891,45 @@ mod tests {
             "{integral}"
         );
         assert!(rate > 500.0, "{rate}");
+    }
+
+    #[test]
+    fn a_ceiling_binds_a_class_given_all_of_it_below_the_capacity() {
+        assert!(ceiling_binds(500, 500, 1000));
+        assert!(ceiling_binds(501, 500, 1000));
+        assert!(!ceiling_binds(499, 500, 1000));
+        // No ceiling of its own: the capacity does not count as one.
+        assert!(!ceiling_binds(1000, 1000, 1000));
+        assert!(!ceiling_binds(0, 0, 0));
+    }
+
+    #[test]
+    fn a_class_at_its_ceiling_is_steered_just_under_it_by_its_windows() {
+        // The priority scenario: a 500 ceiling on a link 5 % faster than
+        // the capacity, the other class's windows taking the rest of the
+        // queue (`other` bytes of it, whatever it is).
+        for other in [16.0, 64.0, 128.0, 250.0] {
+            let (mut rate, mut integral, mut applied) = (0.0, 1.0, 1.0);
+            for _ in 0..300 {
+                let queued = 64.0 * applied;
+                let got = 1050.0 * queued / (queued + other);
+                rate = ewma(rate, got, 10_000_000, 50_000_000);
+                let m = ceiling_window_mult(integral, rate, 500.0, 10_000_000);
+                assert!(
+                    (HELD_WINDOW_MULT_MIN..=WINDOW_MULT_MAX).contains(&m.applied),
+                    "{m:?}"
+                );
+                integral = m.integral;
+                applied = m.applied;
+            }
+            assert!(
+                (rate / (CEIL_RATE_TARGET * 500.0) - 1.0).abs() < 0.01,
+                "{other}: {rate}"
+            );
+        }
+        // Nothing measured: the integral kept.
+        let m = ceiling_window_mult(0.7, 0.0, 500.0, 10_000_000);
+        assert_eq!((m.integral, m.applied), (0.7, 0.7));
     }
 
     #[test]

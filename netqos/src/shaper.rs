@@ -911,7 +911,8 @@ impl ClassTable {
                     && c.unheld_since.is_none()
                     && c.busy_long_enough(now_ns)
                     && c.cfg.alloc > 0
-                    && c.rate > 0.0,
+                    && c.rate > 0.0
+                    && !policy::ceiling_binds(c.cfg.alloc, c.ceil(capacity), capacity),
                 wants_less: c.wants_less_since.is_some(),
             })
             .collect();
@@ -931,6 +932,19 @@ impl ClassTable {
                 policy::held_window_mult(c.window_integral, c.rate, c.cfg.alloc as f64, dt_ns)
             } else if held {
                 policy::held_window_rest(c.window_integral, c.held_steered_ns, now_ns)
+            } else if windows_hold
+                && c.busy_long_enough(now_ns)
+                && policy::ceiling_binds(c.cfg.alloc, c.ceil(capacity), capacity)
+            {
+                // Held at its configured ceiling by its windows, not by
+                // its ceiling bucket's marks and drops.
+                c.held_steered_ns = None;
+                policy::ceiling_window_mult(
+                    c.window_integral,
+                    c.rate,
+                    c.ceil(capacity) as f64,
+                    dt_ns,
+                )
             } else {
                 c.held_steered_ns = None;
                 window_mult

@@ -641,6 +641,45 @@ fn a_ceiling_holds_received_flows_their_windows_do_not() -> Result<()> {
     Ok(())
 }
 
+/// A class whose configured ceiling binds it on a full link is held there
+/// by its windows (`policy::ceiling_window_mult`), not by its ceiling
+/// bucket: a flow without ECN is not dropped to it. Before, its windows got
+/// the link's excess like every class's, and the bucket took it back by
+/// drops (and CE marks from an ECN flow: 6 763 in the fairness script's
+/// priority scenario).
+#[test]
+fn a_class_at_its_ceiling_on_a_full_link_is_held_by_its_windows() -> Result<()> {
+    if !require_root("a_class_at_its_ceiling_on_a_full_link_is_held_by_its_windows") {
+        return Ok(());
+    }
+    let ceil = 300.0;
+    let within = |rates: &[f64]| rates[0] >= 0.8 * ceil && rates[0] <= 1.1 * ceil;
+    let groups = [
+        Group {
+            ceil: Some("300mbit"),
+            ecn: false,
+            ..tcp("100mbit")
+        },
+        tcp("100mbit"),
+    ];
+    // Both classes window-held, as the daemon's default has them.
+    let link = Link {
+        clamp_ecn: true,
+        ..BASE_LINK
+    };
+    let o = run_over_retrying_if_off(&link, &groups, false, false, 4.0, within)?;
+    assert!(within(&o.rates), "ceiling {ceil}, got {:?}", o.rates);
+    let (capped, other) = (class(&o.status, 0), class(&o.status, 1));
+    assert!(
+        capped.drops * 1000 <= capped.packets,
+        "the class at its ceiling lost {} of {} packets",
+        capped.drops,
+        capped.packets
+    );
+    assert!(other.packets > capped.packets, "the link was not full");
+    Ok(())
+}
+
 /// A UDP flood beside a window-held TCP class gets its guarantee: its
 /// sender waits on the same queue upstream as the TCP sender, whose window
 /// takes that queue from it whatever it is sized for (56-329 of 500 Mbit/s
