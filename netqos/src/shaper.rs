@@ -389,6 +389,8 @@ struct Class {
     /// Held at its allocation beside traffic no window holds
     /// (`policy::datapath_ceil`), as of the last step.
     held: bool,
+    /// Marked or dropped in the last interval.
+    policed: bool,
 }
 
 impl Class {
@@ -427,6 +429,7 @@ impl Class {
             busy_since: None,
             held_steered_ns: None,
             held: false,
+            policed: false,
         })
     }
 
@@ -528,6 +531,7 @@ impl Class {
             self.busy_since.get_or_insert(now_ns);
         }
         let dropped_bytes = ct.drop_bytes.wrapping_sub(self.counters.drop_bytes);
+        self.policed = dropped_bytes > 0 || ct.ce_marks != self.counters.ce_marks;
         if dropped_bytes > 0 {
             self.last_drop_ns = Some(now_ns);
         }
@@ -943,6 +947,7 @@ impl ClassTable {
                     c.window_integral,
                     c.rate,
                     c.ceil(capacity) as f64,
+                    c.policed,
                     dt_ns,
                 )
             } else {

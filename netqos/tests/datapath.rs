@@ -136,6 +136,7 @@ fn run_family(groups: &[Group], containers: bool, secs: f64, ipv6: bool) -> Resu
             tos: g.tos,
             pacing_bps: None,
             tcp_bps: None,
+            socket_buffer: None,
         };
         pairs.push((server, Client::start(p, dst, port, &opts, tmp.path())?));
     }
@@ -326,6 +327,7 @@ fn a_light_flow_counts_by_what_it_uses() -> Result<()> {
                 tos: None,
                 pacing_bps: None,
                 tcp_bps,
+                socket_buffer: None,
             };
             let client = Client::start(&place, bed.peer_ip, port, &opts, tmp.path())?;
             flows.push((server, client));

@@ -13,7 +13,7 @@ use std::{sync::atomic::Ordering, time::Duration};
 
 use common::control_loop;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use netqos::{
     ContainerInterfaces, Direction, NetClassStatus, NetQuota, NetStatus, Shaper, ShaperSettings,
     policy::Tuning,
@@ -60,6 +60,9 @@ struct Step {
     window_rtts: Vec<u64>,
     /// Each group held at its allocation (`NetClassStatus::held_at_alloc`).
     held_at_alloc: Vec<bool>,
+    /// Each group's packets dropped and received so far
+    /// (`NetClassStatus::drops`, `NetClassStatus::packets`).
+    drops: Vec<(u64, u64)>,
 }
 
 struct Outcome {
@@ -295,11 +298,15 @@ fn run_over(
             .collect();
         let window_rtts = (0..n).map(|i| class(&st, i).window_rtt_us).collect();
         let held_at_alloc = (0..n).map(|i| class(&st, i).held_at_alloc).collect();
+        let drops = (0..n)
+            .map(|i| (class(&st, i).drops, class(&st, i).packets))
+            .collect();
         Step {
             t: t0.elapsed().as_secs_f64(),
             flows,
             window_rtts,
             held_at_alloc,
+            drops,
         }
     });
     let sender = Placement {
@@ -319,6 +326,7 @@ fn run_over(
             tos: None,
             pacing_bps: None,
             tcp_bps: None,
+            socket_buffer: None,
         };
         running.push((server, Client::start(&sender, ip, port, &opts, tmp.path())?));
     }
@@ -670,13 +678,29 @@ fn a_class_at_its_ceiling_on_a_full_link_is_held_by_its_windows() -> Result<()> 
     let o = run_over_retrying_if_off(&link, &groups, false, false, 4.0, within)?;
     assert!(within(&o.rates), "ceiling {ceil}, got {:?}", o.rates);
     let (capped, other) = (class(&o.status, 0), class(&o.status, 1));
+    assert!(other.packets > capped.packets, "the link was not full");
+    // The bound without ECN over the whole run; once the windows
+    // steer it (after the warm-up), ECN's: held by its windows, the class
+    // is not dropped (the bucket's drops were spaced all along: 0.3-0.5 %
+    // of its packets on the 2-CPU host; the start may cost a few, 29 of
+    // 1 517 aggregates in one run in the emulated VM).
     assert!(
-        capped.drops * 1000 <= capped.packets,
+        capped.drops * 100 <= capped.packets,
         "the class at its ceiling lost {} of {} packets",
         capped.drops,
         capped.packets
     );
-    assert!(other.packets > capped.packets, "the link was not full");
+    let (drops_then, packets_then) = o
+        .steps
+        .iter()
+        .find(|s| s.t >= 1.0)
+        .map(|s| s.drops[0])
+        .context("no control step after the warm-up")?;
+    let (drops, packets) = (capped.drops - drops_then, capped.packets - packets_then);
+    assert!(
+        drops * 1000 <= packets,
+        "after the warm-up the class at its ceiling lost {drops} of {packets} packets"
+    );
     Ok(())
 }
 

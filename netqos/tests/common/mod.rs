@@ -138,6 +138,7 @@ pub fn one_flow_under_control(
             tos: None,
             pacing_bps: None,
             tcp_bps: None,
+            socket_buffer: None,
         };
         let cl = Client::start(client, server_ip, port, &opts, out_dir)?;
         cl.finish(Duration::from_secs(30))?;

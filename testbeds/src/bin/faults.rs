@@ -253,6 +253,7 @@ fn traffic(
             tos: None,
             pacing_bps: None,
             tcp_bps: None,
+            socket_buffer: None,
         };
         clients.push(Some(Client::start(
             &place,

@@ -365,6 +365,7 @@ fn real_main() -> Result<ExitCode> {
         .with_context(|| format!("creating {}", args.out.display()))?;
     // Senders in the host namespace use ECN, as a tenant's stack would be set up.
     let _ecn = Sysctl::set("net.ipv4.tcp_ecn", "1")?;
+    let _udp_buffers = iperf::allow_udp_socket_buffers()?;
     let mut summary = Vec::new();
     for sc in &chosen {
         let mut runs = Vec::new();
@@ -1101,6 +1102,7 @@ fn traffic(
             tos: None,
             pacing_bps: (paced && !g.udp).then_some(flow_ip_bps),
             tcp_bps: None,
+            socket_buffer: g.udp.then_some(iperf::UDP_SOCKET_BUFFER),
         }
     };
     // Servers first (all listening), then clients as close together as possible.
