@@ -409,11 +409,12 @@ pub fn held_window_mult(mult: f64, rate: f64, alloc: f64, dt_ns: u64) -> WindowM
 /// link's excess over the capacity like every other (104 % of its share on
 /// the fairness script's host), and its ceiling bucket took it back by CE
 /// marks (priority: 6 763 in 6 s) or, for a flow without ECN, by spaced
-/// drops and their stalls (100 ms windows of 0-900 Mbit/s under a 350
-/// ceiling).
+/// drops (0.3-0.5 % of its packets at a 300 ceiling beside a busy class).
 ///
 /// `policed`: its ceiling bucket marked or dropped it in the last interval
-/// (a window-held class is marked and dropped by nothing else). Its rate is
+/// (a window-held class is marked and dropped by nothing else; with
+/// `ingress_clamp_ecn = false` its ECN flows' marks count too, and its
+/// other flows' windows then give way to them). Its rate is
 /// then clipped at the ceiling by the bucket, so the error is 1 % however
 /// far its windows would take it past, and they came down in 1-2 s,
 /// dropped all along (a flow without ECN at a 300 ceiling: 37 packets
@@ -427,17 +428,47 @@ pub fn ceiling_window_mult(
     dt_ns: u64,
 ) -> WindowMult {
     let mult = if policed {
-        mult.clamp(HELD_WINDOW_MULT_MIN, WINDOW_MULT_MAX) * CEIL_POLICED_BACKOFF
+        let kept = mult.clamp(HELD_WINDOW_MULT_MIN, WINDOW_MULT_MAX);
+        (kept * CEIL_POLICED_BACKOFF).max(kept.min(WINDOW_MULT_MIN))
     } else {
         mult
     };
     window_mult_to(mult, rate, CEIL_RATE_TARGET * ceil, dt_ns)
 }
 
+/// The multiplier of a class's windows while no loop steers them, left
+/// where it was (within the bounds of [`window_mult_to`]): a class at its
+/// ceiling ([`ceiling_window_mult`]) that fell silent for a moment (a
+/// retransmission timeout) resumes where its windows held it.
+pub fn window_mult_kept(integral: f64) -> WindowMult {
+    WindowMult {
+        integral,
+        applied: integral.clamp(HELD_WINDOW_MULT_MIN, WINDOW_MULT_MAX),
+    }
+}
+
+/// The rate (bytes/s) a class held at its allocation `alloc` beside
+/// traffic no window holds ([`held_window_mult`]) is steered to: that
+/// allocation, or [`CEIL_RATE_TARGET`] × its configured ceiling `ceil`
+/// where that ceiling binds it ([`ceiling_binds`]). Its datapath ceiling
+/// is then the configured one, no backstop above the allocation
+/// ([`datapath_ceil`]), and at the allocation itself its bucket would
+/// hover at empty: CE marks that cut the flow to two segments (see
+/// [`HELD_CEIL_HEADROOM_DIV`]).
+pub fn held_target(alloc: u64, ceil: u64, ceiling_binds: bool) -> f64 {
+    if ceiling_binds {
+        (alloc as f64).min(CEIL_RATE_TARGET * ceil as f64)
+    } else {
+        alloc as f64
+    }
+}
+
 /// What each interval in which its ceiling bucket polices a class at its
 /// ceiling does to its windows' integral ([`ceiling_window_mult`]): a
 /// multiplicative decrease, like a sender's on a loss, whatever the
-/// clipped rate says. Steering to a lower target while policed instead
+/// clipped rate says, down to [`WINDOW_MULT_MIN`] (a class alone on a link
+/// that is not full is policed all along, and its windows hold nothing
+/// there; below that bound only its rate's error moves them). Steering to a lower target while policed instead
 /// made a limit cycle: its proportional kick took the class under the
 /// ceiling, the next interval's back over.
 pub const CEIL_POLICED_BACKOFF: f64 = 0.97;
@@ -451,7 +482,9 @@ pub const CEIL_RATE_TARGET: f64 = 0.99;
 /// Whether the configured ceiling `ceil` of a class binds it: it is below
 /// the `capacity` and the allocator gave the class all of it (`alloc`,
 /// bytes/s). Its windows are then steered to it ([`ceiling_window_mult`]),
-/// not shared out with the other classes' ([`window_mults`]).
+/// not shared out with the other classes' ([`window_mults`]). That they
+/// hold it needs a queue upstream (a full link); where there is none its
+/// ceiling bucket holds it.
 pub fn ceiling_binds(alloc: u64, ceil: u64, capacity: u64) -> bool {
     ceil < capacity && alloc >= ceil
 }
@@ -993,6 +1026,35 @@ mod tests {
         let m = ceiling_window_mult(0.7, 0.0, 500.0, true, 10_000_000);
         let backed_off = 0.7 * CEIL_POLICED_BACKOFF;
         assert_eq!((m.integral, m.applied), (backed_off, backed_off));
+        // Not below WINDOW_MULT_MIN by backing off, nor raised to it.
+        let m = ceiling_window_mult(WINDOW_MULT_MIN, 0.0, 500.0, true, 10_000_000);
+        assert_eq!(m.integral, WINDOW_MULT_MIN);
+        let m = ceiling_window_mult(0.3, 0.0, 500.0, true, 10_000_000);
+        assert_eq!(m.integral, 0.3);
+    }
+
+    #[test]
+    fn a_class_at_its_ceiling_keeps_its_windows_while_not_steered() {
+        assert_eq!(
+            window_mult_kept(0.8),
+            WindowMult {
+                integral: 0.8,
+                applied: 0.8
+            }
+        );
+        let low = window_mult_kept(0.01);
+        assert_eq!((low.integral, low.applied), (0.01, HELD_WINDOW_MULT_MIN));
+        let high = window_mult_kept(9.0);
+        assert_eq!((high.integral, high.applied), (9.0, WINDOW_MULT_MAX));
+    }
+
+    #[test]
+    fn a_held_class_at_its_ceiling_is_steered_under_it() {
+        assert_eq!(held_target(500, 1000, false), 500.0);
+        assert_eq!(held_target(500, 500, true), CEIL_RATE_TARGET * 500.0);
+        // An allocation under the ceiling's target (the allocator's view
+        // lags): the allocation.
+        assert_eq!(held_target(400, 500, true), 400.0);
     }
 
     #[test]

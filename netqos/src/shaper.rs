@@ -931,25 +931,29 @@ impl ClassTable {
             // that allocation on their own (`policy::held_window_mult`).
             let held = hold_at_alloc && c.unheld_since.is_none();
             c.held = held;
+            let ceiling_binds = policy::ceiling_binds(c.cfg.alloc, c.ceil(capacity), capacity);
             let window_mult = if held && windows_hold && c.busy_long_enough(now_ns) {
                 c.held_steered_ns = Some(now_ns);
-                policy::held_window_mult(c.window_integral, c.rate, c.cfg.alloc as f64, dt_ns)
+                let target = policy::held_target(c.cfg.alloc, c.ceil(capacity), ceiling_binds);
+                policy::held_window_mult(c.window_integral, c.rate, target, dt_ns)
             } else if held {
                 policy::held_window_rest(c.window_integral, c.held_steered_ns, now_ns)
-            } else if windows_hold
-                && c.busy_long_enough(now_ns)
-                && policy::ceiling_binds(c.cfg.alloc, c.ceil(capacity), capacity)
-            {
+            } else if windows_hold && c.unheld_since.is_none() && ceiling_binds {
                 // Held at its configured ceiling by its windows, not by
-                // its ceiling bucket's marks and drops.
+                // its ceiling bucket's marks and drops; a silence (a
+                // retransmission timeout) keeps where they were steered.
                 c.held_steered_ns = None;
-                policy::ceiling_window_mult(
-                    c.window_integral,
-                    c.rate,
-                    c.ceil(capacity) as f64,
-                    c.policed,
-                    dt_ns,
-                )
+                if c.busy_long_enough(now_ns) {
+                    policy::ceiling_window_mult(
+                        c.window_integral,
+                        c.rate,
+                        c.ceil(capacity) as f64,
+                        c.policed,
+                        dt_ns,
+                    )
+                } else {
+                    policy::window_mult_kept(c.window_integral)
+                }
             } else {
                 c.held_steered_ns = None;
                 window_mult

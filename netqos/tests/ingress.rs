@@ -62,7 +62,7 @@ struct Step {
     held_at_alloc: Vec<bool>,
     /// Each group's packets dropped and received so far
     /// (`NetClassStatus::drops`, `NetClassStatus::packets`).
-    drops: Vec<(u64, u64)>,
+    drops_packets: Vec<(u64, u64)>,
 }
 
 struct Outcome {
@@ -298,7 +298,7 @@ fn run_over(
             .collect();
         let window_rtts = (0..n).map(|i| class(&st, i).window_rtt_us).collect();
         let held_at_alloc = (0..n).map(|i| class(&st, i).held_at_alloc).collect();
-        let drops = (0..n)
+        let drops_packets = (0..n)
             .map(|i| (class(&st, i).drops, class(&st, i).packets))
             .collect();
         Step {
@@ -306,7 +306,7 @@ fn run_over(
             flows,
             window_rtts,
             held_at_alloc,
-            drops,
+            drops_packets,
         }
     });
     let sender = Placement {
@@ -677,8 +677,10 @@ fn a_class_at_its_ceiling_on_a_full_link_is_held_by_its_windows() -> Result<()> 
     };
     let o = run_over_retrying_if_off(&link, &groups, false, false, 4.0, within)?;
     assert!(within(&o.rates), "ceiling {ceil}, got {:?}", o.rates);
-    let (capped, other) = (class(&o.status, 0), class(&o.status, 1));
-    assert!(other.packets > capped.packets, "the link was not full");
+    let capped = class(&o.status, 0);
+    // Windows hold only where a queue stands upstream: the link full.
+    let total: f64 = o.rates.iter().sum();
+    assert!(total >= 0.9 * 950.0, "the link was not full: {:?}", o.rates);
     // The bound without ECN over the whole run; once the windows
     // steer it (after the warm-up), ECN's: held by its windows, the class
     // is not dropped (the bucket's drops were spaced all along: 0.3-0.5 %
@@ -694,7 +696,7 @@ fn a_class_at_its_ceiling_on_a_full_link_is_held_by_its_windows() -> Result<()> 
         .steps
         .iter()
         .find(|s| s.t >= 1.0)
-        .map(|s| s.drops[0])
+        .map(|s| s.drops_packets[0])
         .context("no control step after the warm-up")?;
     let (drops, packets) = (capped.drops - drops_then, capped.packets - packets_then);
     assert!(
@@ -957,9 +959,16 @@ fn ipv6_received_flows_are_held_at_their_shares() -> Result<()> {
         ecn: false,
         ..tcp("200mbit")
     };
+    // Marks need the link full: a CI run of 5af68fc had the two receivers
+    // take 779 of the 950 Mbit/s (most likely both flows on one CPU by RPS)
+    // and the ECN class, under its share, was not marked. Tried again.
+    let full = |rates: &[f64]| rates.iter().sum::<f64>() >= 0.85 * 950.0;
     let groups = [plain, tcp("750mbit")];
-    let o = run_over_retrying_if_off(&link, &groups, false, true, 4.0, shares_ok)?;
+    let o = run_over_retrying_if_off(&link, &groups, false, true, 4.0, |r| {
+        shares_ok(r) && full(r)
+    })?;
     assert!(shares_ok(&o.rates), "IPv6 shares: {:?}", o.rates);
+    assert!(full(&o.rates), "the link was not full: {:?}", o.rates);
     let (plain, ecn) = (class(&o.status, 0), class(&o.status, 1));
     for c in [plain, ecn] {
         assert!(c.bytes > 0, "{}: no IPv6 bytes charged", c.cgroup);

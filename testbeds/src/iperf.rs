@@ -204,6 +204,10 @@ pub fn allow_udp_socket_buffers() -> Result<Vec<crate::Sysctl>> {
     let mut guards = Vec::new();
     for key in ["net.core.rmem_max", "net.core.wmem_max"] {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        if !std::path::Path::new(&path).exists() {
+            // Only the host's first network namespace has them.
+            continue;
+        }
         let now: u64 = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {path}"))?
             .trim()

@@ -365,7 +365,11 @@ fn real_main() -> Result<ExitCode> {
         .with_context(|| format!("creating {}", args.out.display()))?;
     // Senders in the host namespace use ECN, as a tenant's stack would be set up.
     let _ecn = Sysctl::set("net.ipv4.tcp_ecn", "1")?;
-    let _udp_buffers = iperf::allow_udp_socket_buffers()?;
+    let _udp_buffers = if chosen.iter().any(|sc| sc.groups.iter().any(|g| g.udp)) {
+        iperf::allow_udp_socket_buffers()?
+    } else {
+        Vec::new()
+    };
     let mut summary = Vec::new();
     for sc in &chosen {
         let mut runs = Vec::new();
