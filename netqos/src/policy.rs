@@ -468,9 +468,10 @@ pub fn held_target(alloc: u64, ceil: u64, ceiling_binds: bool) -> f64 {
 /// multiplicative decrease, like a sender's on a loss, whatever the
 /// clipped rate says, down to [`WINDOW_MULT_MIN`] (a class alone on a link
 /// that is not full is policed all along, and its windows hold nothing
-/// there; below that bound only its rate's error moves them). Steering to a lower target while policed instead
-/// made a limit cycle: its proportional kick took the class under the
-/// ceiling, the next interval's back over.
+/// there; below that bound only its rate's error moves them). Steering to
+/// a lower target while policed instead made a limit cycle: its
+/// proportional kick took the class under the ceiling, the next
+/// interval's back over.
 pub const CEIL_POLICED_BACKOFF: f64 = 0.97;
 
 /// What a class whose configured ceiling binds it is steered to receive,
@@ -494,10 +495,7 @@ pub fn ceiling_binds(alloc: u64, ceil: u64, capacity: u64) -> bool {
 /// between [`HELD_WINDOW_MULT_MIN`] and [`WINDOW_MULT_MAX`].
 fn window_mult_to(mult: f64, rate: f64, target: f64, dt_ns: u64) -> WindowMult {
     if rate <= 0.0 || target <= 0.0 {
-        return WindowMult {
-            integral: mult,
-            applied: mult.clamp(HELD_WINDOW_MULT_MIN, WINDOW_MULT_MAX),
-        };
+        return window_mult_kept(mult);
     }
     let error = log_error(target / rate);
     let log = integrated_log(mult, error, dt_ns, HELD_WINDOW_MULT_MIN)
