@@ -137,6 +137,7 @@ fn run_family(groups: &[Group], containers: bool, secs: f64, ipv6: bool) -> Resu
             pacing_bps: None,
             tcp_bps: None,
             socket_buffer: None,
+            interval: None,
         };
         pairs.push((server, Client::start(p, dst, port, &opts, tmp.path())?));
     }
@@ -328,6 +329,7 @@ fn a_light_flow_counts_by_what_it_uses() -> Result<()> {
                 pacing_bps: None,
                 tcp_bps,
                 socket_buffer: None,
+                interval: None,
             };
             let client = Client::start(&place, bed.peer_ip, port, &opts, tmp.path())?;
             flows.push((server, client));

@@ -327,6 +327,7 @@ fn run_over(
             pacing_bps: None,
             tcp_bps: None,
             socket_buffer: None,
+            interval: None,
         };
         running.push((server, Client::start(&sender, ip, port, &opts, tmp.path())?));
     }

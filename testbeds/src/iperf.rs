@@ -57,6 +57,22 @@ pub struct ServerReport {
 pub struct ClientReport {
     pub bytes: u64,
     pub retransmits: u64,
+    /// Per interval ([`ClientOpts::interval`]; iperf3's default is 1 s):
+    /// what it sent.
+    pub intervals: Vec<ClientInterval>,
+}
+
+/// One interval of a sender's report.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClientInterval {
+    /// Start and end, s, relative to the test start.
+    pub start: f64,
+    pub end: f64,
+    /// Payload bytes written in it (all streams).
+    pub bytes: u64,
+    /// Each TCP stream's smoothed round trip at its end, µs, as its
+    /// kernel saw it (none for UDP).
+    pub srtt_us: Vec<u64>,
 }
 
 /// A one-off iperf3 server writing its JSON report to a file.
@@ -187,6 +203,8 @@ pub struct ClientOpts {
     /// Both ends' socket buffers, bytes (iperf3 `-w`; UDP:
     /// [`UDP_SOCKET_BUFFER`], with [`allow_udp_socket_buffers`]).
     pub socket_buffer: Option<u64>,
+    /// Report interval, s (iperf3 `-i`; its default 1 s when absent).
+    pub interval: Option<f64>,
 }
 
 /// Socket buffers of the fairness script's UDP flows. With the default
@@ -269,6 +287,9 @@ impl Client {
         if let Some(bytes) = opts.socket_buffer {
             cmd.args(["-w", &bytes.to_string()]);
         }
+        if let Some(secs) = opts.interval {
+            cmd.args(["-i", &secs.to_string()]);
+        }
         let child = KillOnDrop(spawn(place, &mut cmd)?);
         Ok(Self { child, out })
     }
@@ -302,9 +323,32 @@ pub fn parse_client(text: &str) -> Result<ClientReport> {
     } else {
         &end["sum"]
     };
+    let mut intervals = Vec::new();
+    for iv in v["intervals"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        let s = &iv["sum"];
+        let (Some(start), Some(end), Some(bytes)) =
+            (s["start"].as_f64(), s["end"].as_f64(), s["bytes"].as_u64())
+        else {
+            continue;
+        };
+        let srtt_us = iv["streams"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(|st| st["rtt"].as_u64())
+            .collect();
+        intervals.push(ClientInterval {
+            start,
+            end,
+            bytes,
+            srtt_us,
+        });
+    }
     Ok(ClientReport {
         bytes: sent["bytes"].as_u64().unwrap_or(0),
         retransmits: sent["retransmits"].as_u64().unwrap_or(0),
+        intervals,
     })
 }
 
@@ -334,6 +378,26 @@ mod tests {
         let client = r#"{"end":{"sum_sent":{"bytes":5000,"retransmits":3}}}"#;
         let c = parse_client(client).expect("client");
         assert_eq!((c.bytes, c.retransmits), (5000, 3));
+        assert!(c.intervals.is_empty());
+        // TCP: streams carry their round trips; UDP's carry none.
+        let tcp = r#"{"intervals":[{"streams":[{"rtt":450},{"rtt":900}],"sum":{"start":0,"end":0.1,"bytes":7000}},
+                                   {"sum":{"start":0.1,"end":0.2}}],
+                      "end":{"sum_sent":{"bytes":7000,"retransmits":0}}}"#;
+        let c = parse_client(tcp).expect("tcp client");
+        assert_eq!(
+            c.intervals,
+            vec![ClientInterval {
+                start: 0.0,
+                end: 0.1,
+                bytes: 7000,
+                srtt_us: vec![450, 900]
+            }]
+        );
+        let udp = r#"{"intervals":[{"streams":[{"packets":5}],"sum":{"start":0,"end":0.1,"bytes":7000}}],
+                      "end":{"sum":{"bytes":7000}}}"#;
+        let c = parse_client(udp).expect("udp client");
+        assert_eq!(c.intervals[0].srtt_us, Vec::<u64>::new());
+        assert_eq!(c.intervals[0].bytes, 7000);
         assert!(parse_server(r#"{"error":"boom"}"#).is_err());
     }
 }

@@ -139,6 +139,7 @@ pub fn one_flow_under_control(
             pacing_bps: None,
             tcp_bps: None,
             socket_buffer: None,
+            interval: None,
         };
         let cl = Client::start(client, server_ip, port, &opts, out_dir)?;
         cl.finish(Duration::from_secs(30))?;

@@ -254,6 +254,7 @@ fn traffic(
             pacing_bps: None,
             tcp_bps: None,
             socket_buffer: None,
+            interval: None,
         };
         clients.push(Some(Client::start(
             &place,

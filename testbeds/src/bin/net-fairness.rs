@@ -136,6 +136,22 @@ struct GroupResult {
     /// (ingress TCP groups).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     p5_rx_window_bps: Option<f64>,
+    /// UDP groups: what their senders sent (wire bits/s, the sender's own
+    /// 100 ms windows over the same busy periods): the mean and the 5th
+    /// percentile. A class cannot receive what its sender did not send, and
+    /// a sender that shares the host's CPUs sends unevenly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    offered_mean_bps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    offered_p5_window_bps: Option<f64>,
+    /// TCP groups: the senders' smoothed round trips (µs) at the ends of
+    /// their 100 ms windows, median and 95th percentile. A flow held by its
+    /// receive window gets that window per round trip, so this is how much
+    /// the path alone moves its rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sender_srtt_p50_us: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sender_srtt_p95_us: Option<f64>,
     recovery_ms: Option<f64>,
     retransmits: u64,
     retransmit_ratio: f64,
@@ -546,6 +562,35 @@ fn print_table(r: &ScenarioResult) {
                 rx.join(", ")
             );
         }
+        for g in run.groups.iter().filter(|g| g.demand != Demand::Idle) {
+            if let (Some(m), Some(p5)) = (g.offered_mean_bps, g.offered_p5_window_bps) {
+                println!(
+                    "{:<6} {} sent {} on average, p5 {} ({:.3} of its quota)",
+                    run.mode,
+                    g.name,
+                    format_bps(m),
+                    format_bps(p5),
+                    p5 / g.quota_bps as f64
+                );
+            }
+        }
+        let srtt: Vec<String> = run
+            .groups
+            .iter()
+            .filter_map(|g| {
+                Some(format!(
+                    "{} {:.0}/{:.0}",
+                    g.name, g.sender_srtt_p50_us?, g.sender_srtt_p95_us?
+                ))
+            })
+            .collect();
+        if !srtt.is_empty() {
+            println!(
+                "{:<6} senders' smoothed round trips p50/p95, µs: {}",
+                run.mode,
+                srtt.join(", ")
+            );
+        }
         if let Some(a) = &run.ack_pacing {
             println!("{:<6} ingress ACK pacing {a}", run.mode);
         }
@@ -623,6 +668,9 @@ enum Shaping {
 }
 
 /// Mode: qosd with ingress ACK pacing turned off.
+/// The windows rates are measured in, s (iperf3's reports at both ends).
+const WINDOW_S: f64 = 0.1;
+
 const NO_ACK_PACING: &str = "qosd-no-ack-pacing";
 /// Mode (ingress): HTB at the senders' end of the link.
 const HTB_UPSTREAM: &str = "htb-upstream";
@@ -1107,6 +1155,7 @@ fn traffic(
             pacing_bps: (paced && !g.udp).then_some(flow_ip_bps),
             tcp_bps: None,
             socket_buffer: g.udp.then_some(iperf::UDP_SOCKET_BUFFER),
+            interval: Some(WINDOW_S),
         }
     };
     // Servers first (all listening), then clients as close together as possible.
@@ -1122,9 +1171,9 @@ fn traffic(
         for (start, secs) in phases {
             // Egress: receivers in the peer; ingress: in the groups.
             let server = if ingress {
-                Server::start(&places[v_group], sources[v_group], port, tmp, 0.1)?
+                Server::start(&places[v_group], sources[v_group], port, tmp, WINDOW_S)?
             } else {
-                Server::start(&peer, bed.peer_ip, port, tmp, 0.1)?
+                Server::start(&peer, bed.peer_ip, port, tmp, WINDOW_S)?
             };
             v.push((start, secs, server));
             port += 1;
@@ -1236,15 +1285,31 @@ fn traffic(
     }
     // Collect.
     let mut per_group: Vec<(Windows, u64, u64, u64)> = Vec::new(); // windows, payload, retx, segments
+    // Per group: the sender's windows (wire bits/s) and round trips (s, µs).
+    let mut sent_windows: Vec<Windows> = Vec::new();
+    let mut sender_srtt: Vec<Vec<(f64, u64)>> = Vec::new();
     let mut starts: Vec<Vec<(f64, f64)>> = Vec::new(); // per group phase (offset, end)
     for (i, ps) in phases.into_iter().enumerate() {
         let mut w = Windows::new();
+        let mut sent = Windows::new();
+        let mut srtt = Vec::new();
         let (mut payload, mut retx) = (0, 0);
         let mut spans = Vec::new();
         for p in ps {
             let c = p.client.finish(Duration::from_secs_f64(d + 20.0))?;
             let s = p.server.finish(Duration::from_secs(20))?;
             retx += c.retransmits;
+            for iv in &c.intervals {
+                if iv.end - iv.start >= 0.05 {
+                    let wire = iperf::wire_bytes(iv.bytes, sc.groups[i].udp) as f64 * 8.0;
+                    sent.push((
+                        p.offset + iv.start,
+                        p.offset + iv.end,
+                        wire / (iv.end - iv.start),
+                    ));
+                }
+                srtt.extend(iv.srtt_us.iter().map(|us| (p.offset + iv.end, *us)));
+            }
             payload += s.bytes;
             let mut end = p.offset;
             for (a, b, bytes) in s.intervals {
@@ -1259,6 +1324,8 @@ fn traffic(
         }
         let segments = payload.div_ceil(iperf::TCP_MSS);
         per_group.push((w, payload, retx, segments));
+        sent_windows.push(sent);
+        sender_srtt.push(srtt);
         starts.push(spans);
     }
     let rr_probe = match probe {
@@ -1301,12 +1368,22 @@ fn traffic(
             .filter(|_| !g.udp)
             .map(|s| sockdiag::windows(s, i));
         let mut p5_rx_samples = Vec::new();
+        let (mut sent_samples, mut sent_bits) = (Vec::new(), 0.0);
+        let mut srtt_samples = Vec::new();
         let mut busy_bits = 0.0;
         let mut busy_secs = 0.0;
         for (a, b) in &starts[i] {
             let from = a + 1.0;
             let to = b - 0.05;
             p5_samples.extend(fairness::rates_between(w, from, to));
+            sent_samples.extend(fairness::rates_between(&sent_windows[i], from, to));
+            sent_bits += fairness::mean_between(&sent_windows[i], from, to) * (to - from).max(0.0);
+            srtt_samples.extend(
+                sender_srtt[i]
+                    .iter()
+                    .filter(|(t, _)| *t >= from && *t <= to)
+                    .map(|(_, us)| *us as f64),
+            );
             if let Some(rw) = &rx_windows {
                 p5_rx_samples.extend(fairness::rates_between(rw, from, to));
             }
@@ -1351,6 +1428,13 @@ fn traffic(
             p5_rx_window_bps: rx_windows
                 .is_some()
                 .then(|| fairness::percentile(&p5_rx_samples, 5.0).unwrap_or(0.0)),
+            offered_mean_bps: (g.udp && busy_secs > 0.0).then_some(sent_bits / busy_secs),
+            offered_p5_window_bps: g
+                .udp
+                .then(|| fairness::percentile(&sent_samples, 5.0))
+                .flatten(),
+            sender_srtt_p50_us: fairness::percentile(&srtt_samples, 50.0),
+            sender_srtt_p95_us: fairness::percentile(&srtt_samples, 95.0),
             recovery_ms: recovery,
             retransmits: *retx,
             retransmit_ratio: if *segments > 0 && !g.udp {
