@@ -138,12 +138,15 @@ struct GroupResult {
     p5_rx_window_bps: Option<f64>,
     /// UDP groups: what their senders sent (wire bits/s, the sender's own
     /// 100 ms windows over the same busy periods): the mean and the 5th
-    /// percentile. A class cannot receive what its sender did not send, and
-    /// a sender that shares the host's CPUs sends unevenly.
+    /// and 95th percentiles. A class cannot receive what its sender did not
+    /// send, and a sender that shares the host's CPUs sends unevenly; on a
+    /// full link, what one sends in a window the others cannot receive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     offered_mean_bps: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     offered_p5_window_bps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    offered_p95_window_bps: Option<f64>,
     /// TCP groups: the senders' smoothed round trips (µs) at the ends of
     /// their 100 ms windows, median and 95th percentile. A flow held by its
     /// receive window gets that window per round trip, so this is how much
@@ -563,14 +566,19 @@ fn print_table(r: &ScenarioResult) {
             );
         }
         for g in run.groups.iter().filter(|g| g.demand != Demand::Idle) {
-            if let (Some(m), Some(p5)) = (g.offered_mean_bps, g.offered_p5_window_bps) {
+            if let (Some(m), Some(p5), Some(p95)) = (
+                g.offered_mean_bps,
+                g.offered_p5_window_bps,
+                g.offered_p95_window_bps,
+            ) {
                 println!(
-                    "{:<6} {} sent {} on average, p5 {} ({:.3} of its quota)",
+                    "{:<6} {} sent {} on average, p5 {} ({:.3} of its quota), p95 {}",
                     run.mode,
                     g.name,
                     format_bps(m),
                     format_bps(p5),
-                    p5 / g.quota_bps as f64
+                    p5 / g.quota_bps as f64,
+                    format_bps(p95)
                 );
             }
         }
@@ -1432,6 +1440,10 @@ fn traffic(
             offered_p5_window_bps: g
                 .udp
                 .then(|| fairness::percentile(&sent_samples, 5.0))
+                .flatten(),
+            offered_p95_window_bps: g
+                .udp
+                .then(|| fairness::percentile(&sent_samples, 95.0))
                 .flatten(),
             sender_srtt_p50_us: fairness::percentile(&srtt_samples, 50.0),
             sender_srtt_p95_us: fairness::percentile(&srtt_samples, 95.0),
