@@ -675,10 +675,10 @@ enum Shaping {
     PacedSenders,
 }
 
-/// Mode: qosd with ingress ACK pacing turned off.
 /// The windows rates are measured in, s (iperf3's reports at both ends).
 const WINDOW_S: f64 = 0.1;
 
+/// Mode: qosd with ingress ACK pacing turned off.
 const NO_ACK_PACING: &str = "qosd-no-ack-pacing";
 /// Mode (ingress): HTB at the senders' end of the link.
 const HTB_UPSTREAM: &str = "htb-upstream";
