@@ -380,7 +380,8 @@ pub const HELD_RATE_TARGET: f64 = 1.0;
 /// beside traffic no window holds (UDP): its windows alone move (the same
 /// gains as [`window_mults`], down to [`HELD_WINDOW_MULT_MIN`]) so that its
 /// rate comes to
-/// [`HELD_RATE_TARGET`] × its allocation. `mult` is the loop's integral
+/// [`HELD_RATE_TARGET`] × `target` (bytes/s: its allocation, or under a
+/// ceiling that binds it [`held_target`]'s). `mult` is the loop's integral
 /// from its last step.
 ///
 /// Its ceiling bucket holds it there per packet as well, but that is the
@@ -396,8 +397,8 @@ pub const HELD_RATE_TARGET: f64 = 1.0;
 /// 1 / 4 or 0.5 / 4 did no better. On a second host, whose UDP sender is
 /// CPU-bound, that needed the lower bound and the ceiling's headroom
 /// ([`HELD_WINDOW_MULT_MIN`], [`HELD_CEIL_HEADROOM_DIV`]).
-pub fn held_window_mult(mult: f64, rate: f64, alloc: f64, dt_ns: u64) -> WindowMult {
-    window_mult_to(mult, rate, HELD_RATE_TARGET * alloc, dt_ns)
+pub fn held_window_mult(mult: f64, rate: f64, target: f64, dt_ns: u64) -> WindowMult {
+    window_mult_to(mult, rate, HELD_RATE_TARGET * target, dt_ns)
 }
 
 /// Next multiplier of the windows of a class whose configured ceiling binds

@@ -153,22 +153,35 @@ fn wait_for_report(
     std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))
 }
 
+/// The elements of a JSON array, none where `v` is not one.
+fn elements(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+/// (start s, end s, bytes) of one interval of a report (all streams' sum),
+/// none where a field is missing.
+fn interval_sum(iv: &Value) -> Option<(f64, f64, u64)> {
+    let s = &iv["sum"];
+    Some((
+        s["start"].as_f64()?,
+        s["end"].as_f64()?,
+        s["bytes"].as_u64()?,
+    ))
+}
+
 /// Parses a receiver's JSON report.
 pub fn parse_server(text: &str) -> Result<ServerReport> {
     let v: Value = serde_json::from_str(text)?;
     if let Some(e) = v["error"].as_str() {
         bail!("iperf3 server: {e}");
     }
-    let mut r = ServerReport::default();
-    for iv in v["intervals"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-        let s = &iv["sum"];
-        let (Some(a), Some(b), Some(bytes)) =
-            (s["start"].as_f64(), s["end"].as_f64(), s["bytes"].as_u64())
-        else {
-            continue;
-        };
-        r.intervals.push((a, b, bytes));
-    }
+    let mut r = ServerReport {
+        intervals: elements(&v["intervals"])
+            .iter()
+            .filter_map(interval_sum)
+            .collect(),
+        ..ServerReport::default()
+    };
     let end = &v["end"];
     let sum = if end["sum_received"].is_object() {
         &end["sum_received"]
@@ -323,28 +336,21 @@ pub fn parse_client(text: &str) -> Result<ClientReport> {
     } else {
         &end["sum"]
     };
-    let mut intervals = Vec::new();
-    for iv in v["intervals"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-        let s = &iv["sum"];
-        let (Some(start), Some(end), Some(bytes)) =
-            (s["start"].as_f64(), s["end"].as_f64(), s["bytes"].as_u64())
-        else {
-            continue;
-        };
-        let srtt_us = iv["streams"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
-            .iter()
-            .filter_map(|st| st["rtt"].as_u64())
-            .collect();
-        intervals.push(ClientInterval {
-            start,
-            end,
-            bytes,
-            srtt_us,
-        });
-    }
+    let intervals = elements(&v["intervals"])
+        .iter()
+        .filter_map(|iv| {
+            let (start, end, bytes) = interval_sum(iv)?;
+            Some(ClientInterval {
+                start,
+                end,
+                bytes,
+                srtt_us: elements(&iv["streams"])
+                    .iter()
+                    .filter_map(|st| st["rtt"].as_u64())
+                    .collect(),
+            })
+        })
+        .collect();
     Ok(ClientReport {
         bytes: sent["bytes"].as_u64().unwrap_or(0),
         retransmits: sent["retransmits"].as_u64().unwrap_or(0),

@@ -1298,6 +1298,14 @@ fn traffic(
     let mut sender_srtt: Vec<Vec<(f64, u64)>> = Vec::new();
     let mut starts: Vec<Vec<(f64, f64)>> = Vec::new(); // per group phase (offset, end)
     for (i, ps) in phases.into_iter().enumerate() {
+        // A report's interval (s from its test's start, payload bytes) as a
+        // window of wire bits/s from the run's start; iperf3's last interval
+        // is a sliver whose rate is noise, left out.
+        let udp = sc.groups[i].udp;
+        let window = |offset: f64, a: f64, b: f64, bytes: u64| {
+            let wire = iperf::wire_bytes(bytes, udp) as f64 * 8.0;
+            (b - a >= 0.05).then(|| (offset + a, offset + b, wire / (b - a)))
+        };
         let mut w = Windows::new();
         let mut sent = Windows::new();
         let mut srtt = Vec::new();
@@ -1308,24 +1316,15 @@ fn traffic(
             let s = p.server.finish(Duration::from_secs(20))?;
             retx += c.retransmits;
             for iv in &c.intervals {
-                if iv.end - iv.start >= 0.05 {
-                    let wire = iperf::wire_bytes(iv.bytes, sc.groups[i].udp) as f64 * 8.0;
-                    sent.push((
-                        p.offset + iv.start,
-                        p.offset + iv.end,
-                        wire / (iv.end - iv.start),
-                    ));
-                }
+                sent.extend(window(p.offset, iv.start, iv.end, iv.bytes));
                 srtt.extend(iv.srtt_us.iter().map(|us| (p.offset + iv.end, *us)));
             }
             payload += s.bytes;
             let mut end = p.offset;
             for (a, b, bytes) in s.intervals {
-                let wire = iperf::wire_bytes(bytes, sc.groups[i].udp) as f64 * 8.0;
-                // iperf3's last interval is a sliver: its rate is noise.
-                if b - a >= 0.05 {
-                    w.push((p.offset + a, p.offset + b, wire / (b - a)));
-                    end = p.offset + b;
+                if let Some(win) = window(p.offset, a, b, bytes) {
+                    end = win.1;
+                    w.push(win);
                 }
             }
             spans.push((p.offset, end));
