@@ -213,30 +213,52 @@ pub struct ClientOpts {
     /// in blocks of one segment so that it sends steadily (iperf3 `-b`
     /// and `-l` without `-u`: a light flow, not held by any pacing).
     pub tcp_bps: Option<u64>,
-    /// Both ends' socket buffers, bytes (iperf3 `-w`; UDP:
-    /// [`UDP_SOCKET_BUFFER`], with [`allow_udp_socket_buffers`]).
+    /// Both ends' socket buffers, bytes (iperf3 `-w`, with
+    /// [`allow_socket_buffers`]). A UDP sender's decides whether a full
+    /// qdisc on its way out holds it back (the socket waits while its
+    /// buffer's worth is queued) or drops what it sends past the qdisc's
+    /// limit; absent, the kernel's defaults.
     pub socket_buffer: Option<u64>,
     /// Report interval, s (iperf3 `-i`; its default 1 s when absent).
     pub interval: Option<f64>,
 }
 
-/// Socket buffers of the fairness script's UDP flows. With the default
+/// Receive buffers of the fairness script's UDP flows. With the default
 /// (208 KiB: about 2 ms of a 500 Mbit/s flow's datagrams) the receiver
 /// lost datagrams whenever it was not scheduled for that long: 1 040 in a
 /// 6 s run of the udp scenario on a 2-CPU host (`UdpRcvbufErrors`), lost
 /// after the shaper counted them and missing from the receiver's 100 ms
 /// windows.
-pub const UDP_SOCKET_BUFFER: u64 = 4 << 20;
+pub const UDP_RECEIVE_BUFFER: u64 = 4 << 20;
 
-/// Raises `net.core.rmem_max` and `wmem_max` to [`UDP_SOCKET_BUFFER`]
-/// where lower (iperf3 fails when it cannot get the buffer it asks for),
-/// until the guards drop.
-pub fn allow_udp_socket_buffers() -> Result<Vec<crate::Sysctl>> {
+/// Raises `net.core.rmem_default` (and `rmem_max` with it) to
+/// [`UDP_RECEIVE_BUFFER`] where lower, until the guards drop: the UDP
+/// receivers get it without asking (TCP sizes its buffers from
+/// `tcp_rmem`), while the senders keep the kernel's send buffer. iperf3's
+/// `-w` would set both ends', and a sender's send buffer decides whether
+/// the link's qdisc holds it back (see [`ClientOpts::socket_buffer`]).
+pub fn udp_receive_buffers() -> Result<Vec<crate::Sysctl>> {
+    raise_sysctls(
+        &["net.core.rmem_max", "net.core.rmem_default"],
+        UDP_RECEIVE_BUFFER,
+    )
+}
+
+/// Raises `net.core.rmem_max` and `wmem_max` to `bytes` where lower
+/// (iperf3 fails when it cannot get the buffer `-w` asks for), until the
+/// guards drop.
+pub fn allow_socket_buffers(bytes: u64) -> Result<Vec<crate::Sysctl>> {
+    raise_sysctls(&["net.core.rmem_max", "net.core.wmem_max"], bytes)
+}
+
+/// Sets each of `keys` to `value` where it is lower, in order; the guards
+/// put the old values back. Only the host's first network namespace has
+/// the `net.core` buffer sysctls; they apply to every namespace.
+fn raise_sysctls(keys: &[&str], value: u64) -> Result<Vec<crate::Sysctl>> {
     let mut guards = Vec::new();
-    for key in ["net.core.rmem_max", "net.core.wmem_max"] {
+    for key in keys {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
         if !std::path::Path::new(&path).exists() {
-            // Only the host's first network namespace has them.
             continue;
         }
         let now: u64 = std::fs::read_to_string(&path)
@@ -244,8 +266,8 @@ pub fn allow_udp_socket_buffers() -> Result<Vec<crate::Sysctl>> {
             .trim()
             .parse()
             .with_context(|| format!("parsing {path}"))?;
-        if now < UDP_SOCKET_BUFFER {
-            guards.push(crate::Sysctl::set(key, &UDP_SOCKET_BUFFER.to_string())?);
+        if now < value {
+            guards.push(crate::Sysctl::set(key, &value.to_string())?);
         }
     }
     Ok(guards)

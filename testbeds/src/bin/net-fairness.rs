@@ -98,6 +98,16 @@ struct Args {
     /// it a larger one than the link has shows what a wrong setting costs.
     #[arg(long, value_name = "SIZE", value_parser = parse_buffer)]
     qosd_upstream_buffer: Option<u64>,
+    /// UDP flows' socket buffers at both ends (iperf3 `-w`): bytes, or
+    /// with a binary suffix. Absent, the receivers get 4 MiB
+    /// (`net.core.rmem_default`, restored after) and the senders the
+    /// kernel's send buffer (`wmem_default`), so that a UDP sender waits
+    /// while its buffer's worth is queued on the link: a sender behind its
+    /// own host's NIC. One larger than the link's buffer (ingress:
+    /// --upstream-buffer) overflows that queue instead, as a flood through
+    /// a switch port does, which no receiver can then hold back.
+    #[arg(long, value_name = "SIZE", value_parser = parse_buffer)]
+    udp_socket_buffer: Option<u64>,
     /// Leave out the request/response probe of the ingress scenarios that
     /// run one.
     #[arg(long)]
@@ -178,6 +188,10 @@ struct RunResult {
     /// The upstream buffer qosd was told of, where it differed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     qosd_upstream_buffer_bytes: Option<u64>,
+    /// Both ends' socket buffers of the UDP flows (`--udp-socket-buffer`),
+    /// where given (else the senders had the kernel's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    udp_socket_buffer_bytes: Option<u64>,
     duration_s: f64,
     utilization: f64,
     /// Jain index of mean/quota within each priority that has ≥ 2 busy groups.
@@ -384,10 +398,10 @@ fn real_main() -> Result<ExitCode> {
         .with_context(|| format!("creating {}", args.out.display()))?;
     // Senders in the host namespace use ECN, as a tenant's stack would be set up.
     let _ecn = Sysctl::set("net.ipv4.tcp_ecn", "1")?;
-    let _udp_buffers = if chosen.iter().any(|sc| sc.groups.iter().any(|g| g.udp)) {
-        iperf::allow_udp_socket_buffers()?
-    } else {
-        Vec::new()
+    let _udp_buffers = match args.udp_socket_buffer {
+        _ if !chosen.iter().any(|sc| sc.groups.iter().any(|g| g.udp)) => Vec::new(),
+        Some(bytes) => iperf::allow_socket_buffers(bytes)?,
+        None => iperf::udp_receive_buffers()?,
     };
     let mut summary = Vec::new();
     for sc in &chosen {
@@ -1162,7 +1176,7 @@ fn traffic(
             tos: None,
             pacing_bps: (paced && !g.udp).then_some(flow_ip_bps),
             tcp_bps: None,
-            socket_buffer: g.udp.then_some(iperf::UDP_SOCKET_BUFFER),
+            socket_buffer: args.udp_socket_buffer.filter(|_| g.udp),
             interval: Some(WINDOW_S),
         }
     };
@@ -1508,6 +1522,9 @@ fn traffic(
         qosd_upstream_buffer_bytes: args
             .qosd_upstream_buffer
             .filter(|b| *b != args.upstream_buffer && mode.starts_with("qosd")),
+        udp_socket_buffer_bytes: args
+            .udp_socket_buffer
+            .filter(|_| sc.groups.iter().any(|g| g.udp)),
         duration_s: d,
         utilization,
         jain_by_priority,
