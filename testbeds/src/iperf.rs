@@ -214,7 +214,8 @@ pub struct ClientOpts {
     /// and `-l` without `-u`: a light flow, not held by any pacing).
     pub tcp_bps: Option<u64>,
     /// Both ends' socket buffers, bytes (iperf3 `-w`, with
-    /// [`allow_socket_buffers`]). A UDP sender's decides whether a full
+    /// [`allow_socket_buffers`]; the kernel doubles what `SO_SNDBUF` and
+    /// `SO_RCVBUF` ask for). A UDP sender's buffer decides whether a full
     /// qdisc on its way out holds it back (the socket waits while its
     /// buffer's worth is queued) or drops what it sends past the qdisc's
     /// limit; absent, the kernel's defaults.

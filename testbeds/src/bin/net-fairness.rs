@@ -104,8 +104,12 @@ struct Args {
     /// kernel's send buffer (`wmem_default`), so that a UDP sender waits
     /// while its buffer's worth is queued on the link: a sender behind its
     /// own host's NIC. One larger than the link's buffer (ingress:
-    /// --upstream-buffer) overflows that queue instead, as a flood through
-    /// a switch port does, which no receiver can then hold back.
+    /// --upstream-buffer; the kernel doubles what `-w` asks for)
+    /// overflows that queue instead, as a flood through a switch port
+    /// does, which no receiver can then hold back. With --rtt-ms the
+    /// delay (netem, above the link's tbf) takes each datagram off its
+    /// sender's buffer as it queues it, so the sender never waits,
+    /// whatever its buffer.
     #[arg(long, value_name = "SIZE", value_parser = parse_buffer)]
     udp_socket_buffer: Option<u64>,
     /// Leave out the request/response probe of the ingress scenarios that
