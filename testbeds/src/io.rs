@@ -245,6 +245,38 @@ impl IoCgroup {
         }
     }
 
+    /// Lifts every IO throttle set on it (the toolkit's own
+    /// `Backend::clear`, for each device its io files list), so that IO its
+    /// dying tasks still have in flight completes at the device's speed. A
+    /// direct writer killed with a queue of asynchronous writes waits in
+    /// `exit_aio` for all of them: at a test's few MiB/s that took longer
+    /// than the removal waits, and the io-fairness runs without qosd (whose
+    /// limits nobody clears) left a cgroup behind every time.
+    fn lift_io_throttles(&self) {
+        let Ok(h) = qos_core::Hierarchy::detect() else {
+            return;
+        };
+        let Ok(backend) = blkio::Backend::detect(&h) else {
+            return;
+        };
+        let dir = self.roots[0].join(&self.name);
+        let mut devices: Vec<blkio::Device> = [
+            "blkio.throttle.read_bps_device",
+            "blkio.throttle.write_bps_device",
+            "blkio.throttle.read_iops_device",
+            "blkio.throttle.write_iops_device",
+            "io.max",
+        ]
+        .iter()
+        .flat_map(|f| devices_listed(&dir.join(f)))
+        .collect();
+        devices.sort();
+        devices.dedup();
+        for dev in devices {
+            let _ = backend.clear(&self.name, dev);
+        }
+    }
+
     /// Reads a file of this cgroup in the io hierarchy.
     pub fn read(&self, file: &str) -> Result<String> {
         let p = self.roots[0].join(&self.name).join(file);
@@ -252,43 +284,14 @@ impl IoCgroup {
     }
 }
 
-/// Lifts every IO throttle set on the cgroup directory `dir` (v1
-/// `blkio.throttle.*_device`, cgroup2 `io.max`), so that IO its dying tasks
-/// still have in flight completes at the device's speed. A direct writer
-/// killed with a queue of asynchronous writes waits in `exit_aio` for all
-/// of them: at a test's few MiB/s that took longer than the removal waits,
-/// and the io-fairness runs without qosd (whose limits nobody clears) left
-/// a cgroup behind every time.
-fn lift_io_throttles(dir: &Path) {
-    for file in [
-        "blkio.throttle.read_bps_device",
-        "blkio.throttle.write_bps_device",
-        "blkio.throttle.read_iops_device",
-        "blkio.throttle.write_iops_device",
-    ] {
-        let path = dir.join(file);
-        for dev in devices_listed(&path) {
-            let _ = std::fs::write(&path, format!("{dev} 0"));
-        }
-    }
-    let io_max = dir.join("io.max");
-    for dev in devices_listed(&io_max) {
-        let _ = std::fs::write(
-            &io_max,
-            format!("{dev} rbps=max wbps=max riops=max wiops=max"),
-        );
-    }
-}
-
-/// The `major:minor` at the start of each line of a per-device cgroup file
-/// (none when it cannot be read).
-fn devices_listed(path: &Path) -> Vec<String> {
+/// The devices a per-device cgroup file (`blkio.throttle.*_device`,
+/// `io.max`) has a line for; none when it cannot be read.
+fn devices_listed(path: &Path) -> Vec<blkio::Device> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|d| d.contains(':'))
-        .map(str::to_owned)
+        .filter_map(|d| blkio::Device::parse(d).ok())
         .collect()
 }
 
@@ -297,9 +300,7 @@ impl Drop for IoCgroup {
         if let Some(f) = &self.freezer {
             let _ = std::fs::write(f.join(&self.name).join("freezer.state"), "THAWED");
         }
-        for r in &self.roots {
-            lift_io_throttles(&r.join(&self.name));
-        }
+        self.lift_io_throttles();
         for r in &self.roots {
             kill_and_remove(&r.join(&self.name));
         }
@@ -357,10 +358,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let v1 = dir.path().join("blkio.throttle.write_bps_device");
         std::fs::write(&v1, "7:0 5242880\n8:16 100\n").expect("write");
-        assert_eq!(devices_listed(&v1), ["7:0", "8:16"]);
+        let named = |p| {
+            devices_listed(p)
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(named(&v1), ["7:0", "8:16"]);
         let v2 = dir.path().join("io.max");
         std::fs::write(&v2, "7:0 rbps=max wbps=5242880 riops=max wiops=max\n").expect("write");
-        assert_eq!(devices_listed(&v2), ["7:0"]);
+        assert_eq!(named(&v2), ["7:0"]);
         std::fs::write(&v2, "").expect("write");
         assert!(devices_listed(&v2).is_empty());
         assert!(devices_listed(&dir.path().join("absent")).is_empty());

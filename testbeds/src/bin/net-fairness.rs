@@ -402,10 +402,11 @@ fn real_main() -> Result<ExitCode> {
         .with_context(|| format!("creating {}", args.out.display()))?;
     // Senders in the host namespace use ECN, as a tenant's stack would be set up.
     let _ecn = Sysctl::set("net.ipv4.tcp_ecn", "1")?;
-    let _udp_buffers = match args.udp_socket_buffer {
-        _ if !chosen.iter().any(|sc| sc.groups.iter().any(|g| g.udp)) => Vec::new(),
-        Some(bytes) => iperf::allow_socket_buffers(bytes)?,
-        None => iperf::udp_receive_buffers()?,
+    let any_udp = chosen.iter().any(|sc| sc.groups.iter().any(|g| g.udp));
+    let _udp_buffers = match (any_udp, args.udp_socket_buffer) {
+        (false, _) => Vec::new(),
+        (true, Some(bytes)) => iperf::allow_socket_buffers(bytes)?,
+        (true, None) => iperf::udp_receive_buffers()?,
     };
     let mut summary = Vec::new();
     for sc in &chosen {
