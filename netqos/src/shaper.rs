@@ -18,7 +18,7 @@ use qos_common::{
 };
 use qos_core::{CgroupRef, Rate};
 use serde::{Deserialize, Serialize};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::{
     NetError,
@@ -922,10 +922,11 @@ impl ClassTable {
             .collect();
         let window_mults = policy::window_mults(&window_classes, dt_ns);
         let shares = policy::share_spare(capacity, &demands);
-        for ((c, extra), window_mult) in std::iter::once(&mut self.default)
+        for (((c, extra), window_mult), wanted) in std::iter::once(&mut self.default)
             .chain(self.classes.values_mut())
             .zip(shares)
             .zip(window_mults)
+            .zip(&demands)
         {
             // Held at its allocation beside UDP: its windows are steered to
             // that allocation on their own (`policy::held_window_mult`).
@@ -977,6 +978,26 @@ impl ClassTable {
             if windows_hold || ceil < c.ceil(capacity) {
                 cfg.window_mult = ((window_mult.applied * UNIT as f64) as u64).max(1);
             }
+            // One line per class and step (10 ms) at trace level: what the
+            // allocator saw and decided, for tracing lending at a finer grain
+            // than `net show` can be polled (`log = "qos::alloc=trace"`).
+            // demand_bps -1: as much as it gets.
+            trace!(
+                target: "qos::alloc",
+                dir = %self.dir,
+                cgroup = c.name(),
+                rate_bps = (c.rate * 8.0) as u64,
+                fill = c.fill,
+                demand_bps = wanted.demand.map_or(-1, |d| d.saturating_mul(8) as i64),
+                wants_less = c.wants_less_since.is_some(),
+                silent_ticks = c.silent_ticks,
+                policed = c.policed,
+                alloc_bps = cfg.alloc.saturating_mul(8),
+                ceil_bps = cfg.ceil.saturating_mul(8),
+                window_mult = window_mult.applied,
+                flows = c.flows,
+                "class step"
+            );
             if c.settle_until.is_some_and(|t| Instant::now() < t) {
                 continue;
             }

@@ -459,7 +459,9 @@ pub struct Step {
     /// The step prints a JSON document on stdout; keep it in the report.
     #[serde(default)]
     pub json_output: bool,
-    /// Print the output on the console even when the step passes.
+    /// Print the whole output on the console, even when the step passes
+    /// (an exec step's files are cut out of it); otherwise a failed step's
+    /// last lines.
     #[serde(default)]
     pub show_output: bool,
     /// Runs again after a failure (not after a timeout), this many times at
@@ -545,16 +547,18 @@ pub fn run_suite(suite: &Suite) -> GuestReport {
         println!("qos-vm: step {} ...", step.name);
         let mut failed_tries = Vec::new();
         let mut r = loop {
-            let r = run_step(step);
+            let mut r = run_step(step);
             println!(
                 "qos-vm: step {}: {:?} in {:.1} s",
                 r.name, r.status, r.seconds
             );
-            if let Some(tail) = &r.output_tail {
-                for line in tail.lines() {
+            if let Some(output) = &r.output_tail {
+                for line in output.lines() {
                     println!("qos-vm: {} | {line}", r.name);
                 }
             }
+            // The report (one console line) keeps the tail only.
+            r.output_tail = r.output_tail.map(|o| last_lines(&o, TAIL_LINES));
             if r.status != StepStatus::Failed || failed_tries.len() as u32 >= step.retries {
                 break r;
             }
@@ -587,6 +591,13 @@ pub fn run_suite(suite: &Suite) -> GuestReport {
     report
 }
 
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Runs a step; its result's `output_tail` holds all the step's output when
+/// it shows its output (run_suite prints it, then keeps the tail).
 fn run_step(step: &Step) -> StepResult {
     let start = Instant::now();
     let result = |status, exit_code, output_tail, json| StepResult {
@@ -652,12 +663,15 @@ fn run_step(step: &Step) -> StepResult {
         Some(s) => (StepStatus::Failed, s.code()),
         None => (StepStatus::TimedOut, None),
     };
-    let tail = (st != StepStatus::Passed || step.show_output).then(|| {
+    let output = (st != StepStatus::Passed || step.show_output).then(|| {
         let all = format!("{stdout}{stderr}");
-        let lines: Vec<&str> = all.lines().collect();
-        lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
+        if step.show_output {
+            all
+        } else {
+            last_lines(&all, TAIL_LINES)
+        }
     });
-    result(st, code, tail, json)
+    result(st, code, output, json)
 }
 
 fn read_all(r: Option<&mut impl Read>) -> String {

@@ -698,12 +698,26 @@ pub const fn pacing_rate(
     if max == 0 { rate } else { min_u64(rate, max) }
 }
 
+/// Round trip up to which a borrowing class in debt is cut back to its
+/// guarantee at once ([`flow_share`]): the pacing loop's full-gain range.
+pub const DEBT_CUT_RTT_MAX_US: u64 = RTT_GAIN_FULL_US;
+
 /// Feed-forward share and multiplier one flow of a class is paced with:
 /// the allocator's per-flow share and the class multiplier, cut back at
 /// once (without waiting for the allocator) when the class is in debt.
 ///
 /// - In debt while borrowing: the spare it was pacing for is gone (its owner
-///   came back), so the share falls back to the guaranteed part.
+///   came back), so the share falls back to the guaranteed part. Not for a
+///   class whose round trip (`rtt_us`) is past [`DEBT_CUT_RTT_MAX_US`]:
+///   an ACK clock reaches its senders a round trip late, so such a class
+///   runs into debt by its own loop's overshoot, and the cut then starved
+///   it. From 60 ms away (the 6.1 VM, 2026-12-07, 10 ms allocator trace)
+///   two borrowing classes' buckets sank into debt every second with the
+///   owner idle; each cut silenced the class for 30 ms, the allocator lent
+///   its share to the other, and the two traded 100 ms windows of 0-20
+///   Mbit/s (one-idle 4.8 / 13.8 of 5 / 15 at 92 %). Without the cut
+///   there: 5.0 / 14.9 at 96-99 %. The allocator takes the spare back
+///   within a step or two of the owner's return either way.
 /// - A burst of new connections overshoots until the epochs have counted
 ///   them: once it drives the class into debt, `young` flows get at most an
 ///   even share of the class and no multiplier above 1.
@@ -714,9 +728,10 @@ pub const fn flow_share(
     mult: u64,
     flows_open: u64,
     young: bool,
+    rtt_us: u64,
 ) -> (u64, u64) {
     let mut base = cfg.flow_base;
-    if own < -(cfg.mark_debt as i64) && cfg.alloc > cfg.guarantee {
+    if own < -(cfg.mark_debt as i64) && cfg.alloc > cfg.guarantee && rtt_us <= DEBT_CUT_RTT_MAX_US {
         let ratio = match (cfg.guarantee * UNIT).checked_div(cfg.alloc) {
             Some(r) => r,
             None => UNIT,
@@ -2437,26 +2452,42 @@ mod tests {
             ..Default::default()
         };
         // Not in debt: the allocator's share and the multiplier as they are.
-        assert_eq!(flow_share(&cfg, 0, 2 * UNIT, 4, true), (102_400, 2 * UNIT));
+        assert_eq!(
+            flow_share(&cfg, 0, 2 * UNIT, 4, true, 0),
+            (102_400, 2 * UNIT)
+        );
         // Shallow debt, old flow: nothing changes yet.
         assert_eq!(
-            flow_share(&cfg, -1000, 2 * UNIT, 4, false),
+            flow_share(&cfg, -1000, 2 * UNIT, 4, false, 0),
             (102_400, 2 * UNIT)
         );
         // Deep debt while borrowing: back to the guaranteed quarter.
         assert_eq!(
-            flow_share(&cfg, -1001, 2 * UNIT, 4, false),
+            flow_share(&cfg, -1001, 2 * UNIT, 4, false, 0),
             (25_600, 2 * UNIT)
+        );
+        // ... but not from further away than the pacing loop's full gains
+        // reach (its own overshoot; see `flow_share`).
+        assert_eq!(
+            flow_share(&cfg, -1001, 2 * UNIT, 4, false, DEBT_CUT_RTT_MAX_US),
+            (25_600, 2 * UNIT)
+        );
+        assert_eq!(
+            flow_share(&cfg, -1001, 2 * UNIT, 4, false, DEBT_CUT_RTT_MAX_US + 1),
+            (102_400, 2 * UNIT)
         );
         // Not borrowing: debt alone does not cut the share.
         let owner = ClassConfig { alloc: 100, ..cfg };
-        assert_eq!(flow_share(&owner, -5000, UNIT, 1, false), (102_400, UNIT));
+        assert_eq!(
+            flow_share(&owner, -5000, UNIT, 1, false, 0),
+            (102_400, UNIT)
+        );
         // Young flow in debt: an even share of the class, multiplier ≤ 1.
-        assert_eq!(flow_share(&cfg, -1, 2 * UNIT, 4, true), (100, UNIT));
-        assert_eq!(flow_share(&cfg, -1, UNIT / 2, 0, true), (400, UNIT / 2));
+        assert_eq!(flow_share(&cfg, -1, 2 * UNIT, 4, true, 0), (100, UNIT));
+        assert_eq!(flow_share(&cfg, -1, UNIT / 2, 0, true, 0), (400, UNIT / 2));
         // An empty config divides by nothing.
         assert_eq!(
-            flow_share(&ClassConfig::default(), -1, UNIT, 0, true),
+            flow_share(&ClassConfig::default(), -1, UNIT, 0, true, 0),
             (0, UNIT)
         );
     }

@@ -75,7 +75,9 @@ struct Args {
     bin_dir: Option<PathBuf>,
     /// Record `qosctl net show` about every 100 ms into
     /// <out>/trace-<scenario>.jsonl (qosd mode); ingress runs add both ends'
-    /// `ss -tin` (the senders' and the receivers' view of each flow).
+    /// `ss -tin` (the senders' and the receivers' view of each flow); and
+    /// qosd's log, with its allocator's line per class every 10 ms step,
+    /// into <out>/alloc-<scenario>.log. Both of the last qosd mode run.
     #[arg(long)]
     trace: bool,
     /// Fail (exit 2) when a busy group's mean under qosd is further than
@@ -758,7 +760,11 @@ fn start_qosd(
     };
     let daemon = testbeds::daemon::Qosd::start(
         bin_dir,
-        if args.trace { "debug" } else { "warn" },
+        if args.trace {
+            "debug,qos::alloc=trace"
+        } else {
+            "warn"
+        },
         "",
         &net,
     )?;
@@ -1059,9 +1065,16 @@ fn htb_drops(text: &str) -> BTreeMap<String, u64> {
     out
 }
 
-fn stop(shaping: Shaping) {
+/// Undoes the shaping; `keep_log`: where to copy qosd's log first (its
+/// allocator's per-step lines under `--trace`).
+fn stop(shaping: Shaping, keep_log: Option<PathBuf>) {
     match shaping {
         Shaping::Qosd { mut daemon, .. } => {
+            if let Some(path) = keep_log
+                && let Err(e) = std::fs::write(&path, daemon.log())
+            {
+                eprintln!("net-fairness: writing {}: {e}", path.display());
+            }
             // Kill and remove what it pinned.
             if let Err(e) = daemon.cleanup() {
                 eprintln!("net-fairness: {e:#}");
@@ -1142,7 +1155,10 @@ fn run_scenario(sc: &Scenario, mode: &str, args: &Args, bin_dir: &Path) -> Resul
     let result = traffic(
         sc, mode, args, bin_dir, &bed, &places, &sources, &cgroups, &shaping,
     );
-    stop(shaping);
+    let keep_log = args
+        .trace
+        .then(|| args.out.join(format!("alloc-{}.log", sc.name)));
+    stop(shaping, keep_log);
     result
 }
 

@@ -1204,7 +1204,7 @@ fn flow_rate<'a>(
         )
     };
     let young = applied == 0 || now - born < YOUNG_FLOW_NS;
-    let (base, mult) = flow_share(cfg, own, mult, open, young);
+    let (base, mult) = flow_share(cfg, own, mult, open, young, rtt_us);
     // The allocator keeps the feed-forward below the ceiling and the ceiling
     // bucket enforces it; clamping the rate at the ceiling as well would
     // keep the multiplier from correcting the wire/TCP byte conversion.

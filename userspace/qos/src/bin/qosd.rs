@@ -108,6 +108,8 @@ fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        // No colour codes in a log file or the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     if !nix::unistd::geteuid().is_root() {
         bail!("qosd must run as root (it loads eBPF programs and owns cgroup settings)");
