@@ -981,7 +981,9 @@ impl ClassTable {
             // One line per class and step (10 ms) at trace level: what the
             // allocator saw and decided, for tracing lending at a finer grain
             // than `net show` can be polled (`log = "qos::alloc=trace"`).
-            // demand_bps -1: as much as it gets.
+            // demand_bps -1: as much as it gets. The allocation is what it
+            // decided; the datapath keeps the one before while an adopted
+            // class settles or the move is too small to write.
             trace!(
                 target: "qos::alloc",
                 dir = %self.dir,
@@ -995,7 +997,7 @@ impl ClassTable {
                 alloc_bps = cfg.alloc.saturating_mul(8),
                 ceil_bps = cfg.ceil.saturating_mul(8),
                 window_mult = window_mult.applied,
-                flows = c.flows,
+                flows = c.flows as f64 / UNIT as f64,
                 "class step"
             );
             if c.settle_until.is_some_and(|t| Instant::now() < t) {

@@ -460,8 +460,8 @@ pub struct Step {
     #[serde(default)]
     pub json_output: bool,
     /// Print the whole output on the console, even when the step passes
-    /// (an exec step's files are cut out of it); otherwise a failed step's
-    /// last lines.
+    /// (`scripts/net-fairness-vm` cuts the files its exec steps print out
+    /// of the console log); otherwise a failed step's last lines.
     #[serde(default)]
     pub show_output: bool,
     /// Runs again after a failure (not after a timeout), this many times at
@@ -492,7 +492,8 @@ pub struct StepResult {
     pub status: StepStatus,
     pub exit_code: Option<i32>,
     pub seconds: f64,
-    /// The last lines of a failed step's output.
+    /// The last lines of the output of a failed step or one that shows
+    /// its output (all of it, until `run_suite` has printed it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_tail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

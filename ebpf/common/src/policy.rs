@@ -717,7 +717,10 @@ pub const DEBT_CUT_RTT_MAX_US: u64 = RTT_GAIN_FULL_US;
 ///   its share to the other, and the two traded 100 ms windows of 0-20
 ///   Mbit/s (one-idle 4.8 / 13.8 of 5 / 15 at 92 %). Without the cut
 ///   there: 5.0 / 14.9 at 96-99 %. The allocator takes the spare back
-///   within a step or two of the owner's return either way.
+///   within a step or two of the owner's return either way. The class's
+///   round trip is near its furthest flow's (`class_rtt`), so one far flow
+///   turns the cut off for its near ones too; egress classes have none
+///   (0) and are always cut.
 /// - A burst of new connections overshoots until the epochs have counted
 ///   them: once it drives the class into debt, `young` flows get at most an
 ///   even share of the class and no multiplier above 1.

@@ -108,8 +108,12 @@ fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        // No colour codes in a log file or the journal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        // No colour codes in a log file or the journal, nor where NO_COLOR
+        // asks for none.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stdout())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
     if !nix::unistd::geteuid().is_root() {
         bail!("qosd must run as root (it loads eBPF programs and owns cgroup settings)");
