@@ -493,7 +493,7 @@ pub struct StepResult {
     pub exit_code: Option<i32>,
     pub seconds: f64,
     /// The last lines of the output of a failed step or one that shows
-    /// its output (all of it, until `run_suite` has printed it).
+    /// its output (all of it until `run_suite` has printed it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_tail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -553,13 +553,16 @@ pub fn run_suite(suite: &Suite) -> GuestReport {
                 "qos-vm: step {}: {:?} in {:.1} s",
                 r.name, r.status, r.seconds
             );
-            if let Some(output) = &r.output_tail {
-                for line in output.lines() {
+            // A step that shows its output prints all of it; a failed one
+            // its last lines. The report (one console line) keeps those.
+            r.output_tail = r.output_tail.map(|output| {
+                let tail = last_lines(&output, TAIL_LINES);
+                let shown = if step.show_output { &output } else { &tail };
+                for line in shown.lines() {
                     println!("qos-vm: {} | {line}", r.name);
                 }
-            }
-            // The report (one console line) keeps the tail only.
-            r.output_tail = r.output_tail.map(|o| last_lines(&o, TAIL_LINES));
+                tail
+            });
             if r.status != StepStatus::Failed || failed_tries.len() as u32 >= step.retries {
                 break r;
             }
@@ -597,8 +600,9 @@ fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Runs a step; its result's `output_tail` holds all the step's output when
-/// it shows its output (run_suite prints it, then keeps the tail).
+/// Runs a step; its result's `output_tail` holds all the output of a step
+/// that failed or shows its output (`run_suite` prints it and keeps the
+/// tail).
 fn run_step(step: &Step) -> StepResult {
     let start = Instant::now();
     let result = |status, exit_code, output_tail, json| StepResult {
@@ -664,14 +668,8 @@ fn run_step(step: &Step) -> StepResult {
         Some(s) => (StepStatus::Failed, s.code()),
         None => (StepStatus::TimedOut, None),
     };
-    let output = (st != StepStatus::Passed || step.show_output).then(|| {
-        let all = format!("{stdout}{stderr}");
-        if step.show_output {
-            all
-        } else {
-            last_lines(&all, TAIL_LINES)
-        }
-    });
+    let output =
+        (st != StepStatus::Passed || step.show_output).then(|| format!("{stdout}{stderr}"));
     result(st, code, output, json)
 }
 
