@@ -49,13 +49,22 @@ pub struct RxSample {
     pub wire_bytes: Vec<u64>,
 }
 
+/// Payload bytes a server port's sockets must have received before its
+/// test counts as started: above what iperf3 sends before its data (the
+/// test's parameters and a 37-byte cookie per stream: under 3 KB for 64
+/// streams), below one stream's first flight. (A UDP test's control
+/// connection passes it only with its results, at the end: the caller
+/// leaves UDP tests out.)
+pub const FIRST_DATA_BYTES: u64 = 4096;
+
 /// Running per-group totals built from per-socket counters that appear,
 /// grow and vanish (a socket's bytes between its last sample and its close
-/// are not seen).
+/// are not seen), and the payload each local port's sockets received.
 #[derive(Debug)]
 pub struct RxTotals {
     last: HashMap<(usize, u64), (u64, u32)>,
     total: Vec<u64>,
+    port_payload: HashMap<u16, u64>,
 }
 
 impl RxTotals {
@@ -63,19 +72,49 @@ impl RxTotals {
         Self {
             last: HashMap::new(),
             total: vec![0; groups],
+            port_payload: HashMap::new(),
         }
     }
 
-    /// Records socket `key` of `group` at `bytes` received in `segs` data
-    /// segments (the kernel's cumulative counters; segments wrap at 2^32).
-    pub fn update(&mut self, group: usize, key: (usize, u64), bytes: u64, segs: u32) {
+    /// Records socket `key` of `group`, bound to local `port`, at `bytes`
+    /// received in `segs` data segments (the kernel's cumulative counters;
+    /// segments wrap at 2^32).
+    pub fn update(&mut self, group: usize, key: (usize, u64), port: u16, bytes: u64, segs: u32) {
         let (b0, s0) = self.last.insert(key, (bytes, segs)).unwrap_or((0, 0));
-        let wire = bytes.saturating_sub(b0) + u64::from(segs.wrapping_sub(s0)) * TCP_OVERHEAD;
+        let payload = bytes.saturating_sub(b0);
+        let wire = payload + u64::from(segs.wrapping_sub(s0)) * TCP_OVERHEAD;
         self.total[group] += wire;
+        *self.port_payload.entry(port).or_default() += payload;
     }
 
     pub fn totals(&self) -> &[u64] {
         &self.total
+    }
+
+    /// The local ports whose sockets have received at least `bytes` of
+    /// payload so far.
+    pub fn ports_past(&self, bytes: u64) -> impl Iterator<Item = u16> + '_ {
+        self.port_payload
+            .iter()
+            .filter(move |(_, b)| **b >= bytes)
+            .map(|(p, _)| *p)
+    }
+}
+
+/// What a sampler saw: the samples, and for each local port whose sockets
+/// received data, the two sample times between which they first passed
+/// [`FIRST_DATA_BYTES`].
+#[derive(Debug, Default)]
+pub struct RxRecord {
+    pub samples: Vec<RxSample>,
+    pub first_data: HashMap<u16, (f64, f64)>,
+}
+
+impl RxRecord {
+    /// When port `port`'s data began to arrive: midway between the samples
+    /// around its first [`FIRST_DATA_BYTES`] (half a period's error).
+    pub fn data_start(&self, port: u16) -> Option<f64> {
+        self.first_data.get(&port).map(|(a, b)| (a + b) / 2.0)
     }
 }
 
@@ -96,7 +135,7 @@ pub fn windows(samples: &[RxSample], group: usize) -> Vec<(f64, f64, f64)> {
 #[derive(Debug)]
 pub struct RxSampler {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Result<Vec<RxSample>>>,
+    thread: JoinHandle<Result<RxRecord>>,
 }
 
 impl RxSampler {
@@ -138,7 +177,7 @@ impl RxSampler {
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut totals = RxTotals::new(of_group.len());
-            let mut samples = Vec::new();
+            let mut record = RxRecord::default();
             let mut next = Instant::now();
             let mut sequence = 0;
             loop {
@@ -147,21 +186,32 @@ impl RxSampler {
                 let last = stopped.load(Ordering::Relaxed);
                 for (space, socket) in sockets.iter().enumerate() {
                     sequence += 1;
-                    for (local, cookie, bytes, segs) in dump_tcp(socket, sequence)? {
+                    for c in dump_tcp(socket, sequence)? {
                         if let Some(g) = of_group
                             .iter()
-                            .position(|&(s, a)| s == space && IpAddr::V4(a) == local)
+                            .position(|&(s, a)| s == space && IpAddr::V4(a) == c.local)
                         {
-                            totals.update(g, (space, cookie), bytes, segs);
+                            totals.update(
+                                g,
+                                (space, c.cookie),
+                                c.port,
+                                c.bytes_received,
+                                c.data_segs_in,
+                            );
                         }
                     }
                 }
-                samples.push(RxSample {
-                    t: t0.elapsed().as_secs_f64(),
+                let t = t0.elapsed().as_secs_f64();
+                let before = record.samples.last().map_or(0.0, |s| s.t);
+                for port in totals.ports_past(FIRST_DATA_BYTES) {
+                    record.first_data.entry(port).or_insert((before, t));
+                }
+                record.samples.push(RxSample {
+                    t,
                     wire_bytes: totals.totals().to_vec(),
                 });
                 if last {
-                    return Ok(samples);
+                    return Ok(record);
                 }
                 if stopped.load(Ordering::Relaxed) {
                     continue;
@@ -179,8 +229,9 @@ impl RxSampler {
         Ok(Self { stop, thread })
     }
 
-    /// Stops after one last sample and returns them all.
-    pub fn finish(self) -> Result<Vec<RxSample>> {
+    /// Stops after one last sample and returns the record: every sample
+    /// and each port's first data.
+    pub fn finish(self) -> Result<RxRecord> {
         self.stop.store(true, Ordering::Relaxed);
         match self.thread.join() {
             Ok(r) => r,
@@ -214,9 +265,17 @@ fn open_in(netns: Option<&Path>) -> Result<Socket> {
     }
 }
 
-/// Every IPv4 TCP socket of the socket's namespace: (local address, cookie,
-/// bytes received, data segments received).
-fn dump_tcp(socket: &Socket, sequence: u32) -> Result<Vec<(IpAddr, u64, u64, u32)>> {
+/// What a dump tells of one TCP socket.
+struct TcpSocketCounters {
+    local: IpAddr,
+    port: u16,
+    cookie: u64,
+    bytes_received: u64,
+    data_segs_in: u32,
+}
+
+/// Every IPv4 TCP socket of the socket's namespace.
+fn dump_tcp(socket: &Socket, sequence: u32) -> Result<Vec<TcpSocketCounters>> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     header.sequence_number = sequence;
@@ -259,12 +318,13 @@ fn dump_tcp(socket: &Socket, sequence: u32) -> Result<Vec<(IpAddr, u64, u64, u32
                         _ => None,
                     });
                     if let Some((bytes, segs)) = info {
-                        found.push((
-                            r.header.socket_id.source_address,
-                            u64::from_ne_bytes(r.header.socket_id.cookie),
-                            bytes,
-                            segs,
-                        ));
+                        found.push(TcpSocketCounters {
+                            local: r.header.socket_id.source_address,
+                            port: r.header.socket_id.source_port,
+                            cookie: u64::from_ne_bytes(r.header.socket_id.cookie),
+                            bytes_received: bytes,
+                            data_segs_in: segs,
+                        });
                     }
                 }
                 NetlinkPayload::Done(_) => return Ok(found),
@@ -294,26 +354,32 @@ mod tests {
     #[test]
     fn totals_add_each_sockets_growth_with_its_segment_headers() {
         let mut t = RxTotals::new(2);
-        t.update(0, (0, 1), 1448, 1);
+        t.update(0, (0, 1), 80, 1448, 1);
         assert_eq!(t.totals(), &[1448 + TCP_OVERHEAD, 0]);
-        t.update(0, (0, 1), 2 * 1448, 2);
-        t.update(0, (0, 2), 100, 1);
-        t.update(1, (1, 1), 0, 0);
+        t.update(0, (0, 1), 80, 2 * 1448, 2);
+        t.update(0, (0, 2), 80, 100, 1);
+        t.update(1, (1, 1), 81, 0, 0);
         assert_eq!(
             t.totals(),
             &[2 * 1448 + 2 * TCP_OVERHEAD + 100 + TCP_OVERHEAD, 0]
         );
         // The same cookie in another namespace is another socket.
-        t.update(1, (1, 2), 1448, 1);
+        t.update(1, (1, 2), 81, 1448, 1);
         assert_eq!(t.totals()[1], 1448 + TCP_OVERHEAD);
+        // Per port: the payload alone.
+        let mut past: Vec<u16> = t.ports_past(2 * 1448 + 100).collect();
+        assert_eq!(past, [80]);
+        past = t.ports_past(1448).collect();
+        past.sort_unstable();
+        assert_eq!(past, [80, 81]);
     }
 
     #[test]
     fn segment_counters_wrap() {
         let mut t = RxTotals::new(1);
-        t.update(0, (0, 1), 0, u32::MAX);
+        t.update(0, (0, 1), 80, 0, u32::MAX);
         let before = t.totals()[0];
-        t.update(0, (0, 1), 2896, 1);
+        t.update(0, (0, 1), 80, 2896, 1);
         assert_eq!(t.totals()[0] - before, 2896 + 2 * TCP_OVERHEAD);
     }
 
@@ -343,9 +409,10 @@ mod tests {
         let addr = Ipv4Addr::new(127, 83, (pid / 254 % 256) as u8, (pid % 254 + 1) as u8);
         let listener = std::net::TcpListener::bind((addr, 0))?;
         let port = listener.local_addr()?.port();
+        let t0 = Instant::now();
         let sampler = RxSampler::start(
             vec![RxGroup { netns: None, addr }],
-            Instant::now(),
+            t0,
             Duration::from_millis(10),
         )?;
         let mut tx = std::net::TcpStream::connect((addr, port))?;
@@ -356,14 +423,23 @@ mod tests {
         rx.read_to_end(&mut got)?;
         // finish() takes a last sample after it is called: the receiver's
         // socket is still open then.
-        let samples = sampler.finish()?;
-        let last = samples.last().map_or(0, |s| s.wire_bytes[0]);
+        let record = sampler.finish()?;
+        let finished = t0.elapsed().as_secs_f64();
+        let last = record.samples.last().map_or(0, |s| s.wire_bytes[0]);
         // The receiver's socket counts 100 000 bytes plus headers; the
         // sender's (its source is 127.0.0.1 here) received no data.
         assert!(
             (100_000..=100_000 + 100 * TCP_OVERHEAD + 1000).contains(&last),
             "counted {last} bytes for a 100 000 byte transfer"
         );
+        // Its data began on the listening port, between two samples.
+        let (a, b) = record.first_data[&port];
+        assert!(
+            0.0 <= a && a < b && b <= finished,
+            "first data between {a} and {b} s, finished at {finished} s"
+        );
+        assert_eq!(record.data_start(port), Some((a + b) / 2.0));
+        assert!(!record.first_data.contains_key(&0));
         drop(rx);
         Ok(())
     }

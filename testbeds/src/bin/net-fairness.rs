@@ -145,7 +145,14 @@ struct GroupResult {
     expected_bps: u64,
     mean_bps: f64,
     goodput_bps: f64,
-    /// 5th percentile of 100 ms windows after a 1 s warm-up, busy periods only.
+    /// When each of the group's iperf3 tests began on the run's clock, s
+    /// (from its receiving sockets' first data where sampled; see
+    /// `test_start`): a test of many streams begins late.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    test_starts_s: Vec<f64>,
+    /// 5th percentile of 100 ms windows within [`judged_range`] and the
+    /// group's own phases (from 1 s after each phase's start to 50 ms
+    /// before its end).
     p5_window_bps: f64,
     /// The same from what the kernel received on the group's TCP sockets
     /// (sock_diag every 100 ms), whenever the application read it
@@ -171,6 +178,10 @@ struct GroupResult {
     sender_srtt_p50_us: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sender_srtt_p95_us: Option<f64>,
+    /// On-off: ms from its return (the second test's start, see
+    /// `test_start`: for ingress its first data less the link's delay, so
+    /// since stop 40 the handshakes no longer count) to its first window at
+    /// 95 % of its quota.
     recovery_ms: Option<f64>,
     retransmits: u64,
     retransmit_ratio: f64,
@@ -1092,9 +1103,43 @@ fn stop(shaping: Shaping, keep_log: Option<PathBuf>) {
     }
 }
 
-/// One client phase of a group: when it started (s since run start), for how long.
+/// Least span of a run that is judged ([`judged_range`]): ten windows.
+const MIN_JUDGED_S: f64 = 1.0;
+
+/// The part of a run whose windows are judged: from a second after the
+/// last of the groups' tests began (`starts`, every group that sends from
+/// the start: a start disturbs the others) to 50 ms before the first busy
+/// group's test ended (`busy_ends`: the expected rates hold only while
+/// every busy group runs) and before `end_cap` (where the request/response
+/// probe ends: its rate is added to its group's windows). None when that
+/// leaves less than [`MIN_JUDGED_S`].
+fn judged_range(starts: &[f64], busy_ends: &[f64], end_cap: f64) -> Option<(f64, f64)> {
+    let from = starts.iter().copied().fold(0.0, f64::max) + 1.0;
+    let to = busy_ends.iter().copied().fold(end_cap, f64::min) - 0.05;
+    (to.is_finite() && to - from >= MIN_JUDGED_S).then_some((from, to))
+}
+
+/// Seconds of window (`a`, `b`) that lie within [`from`, `to`].
+fn overlap(a: f64, b: f64, from: f64, to: f64) -> f64 {
+    (b.min(to) - a.max(from)).max(0.0)
+}
+
+/// Where a phase's iperf3 intervals begin on the run's clock. iperf3 counts
+/// from its test's start, which follows its control connection and each
+/// stream's handshake, one after another: from 60 ms away a 32-stream test
+/// starts two seconds later than a one-stream test. The receiver's clock
+/// starts as it tells the sender to go, and the first data (`data_start`,
+/// seen by the sock_diag sampler) arrives the delay of the data's way
+/// (`data_delay_s`) later; without it (UDP, egress, no sampler) the
+/// process's start (`spawned`) stands.
+fn test_start(spawned: f64, data_start: Option<f64>, data_delay_s: f64) -> f64 {
+    data_start.map_or(spawned, |t| (t - data_delay_s).max(spawned))
+}
+
+/// One client phase of a group: its processes.
 struct Phase {
-    offset: f64,
+    /// When its client was started, s on the run's clock.
+    spawned: f64,
     server: Server,
     client: Client,
 }
@@ -1321,18 +1366,49 @@ fn traffic(
             Client::start(&places[i], bed.peer_ip, server.port, &opts, tmp)?
         };
         phases[i].push(Phase {
-            offset: t0.elapsed().as_secs_f64(),
+            spawned: t0.elapsed().as_secs_f64(),
             server,
             client,
         });
     }
-    // Collect.
+    // Collect every report first, then the sampler's record: it places each
+    // phase's intervals on the run's clock.
+    let mut reports = Vec::new(); // per group: (spawned at, server port, client, server)
+    for ps in phases {
+        let mut v = Vec::new();
+        for p in ps {
+            let port = p.server.port;
+            let c = p.client.finish(Duration::from_secs_f64(d + 20.0))?;
+            let s = p.server.finish(Duration::from_secs(20))?;
+            v.push((p.spawned, port, c, s));
+        }
+        reports.push(v);
+    }
+    let rr_probe = match probe {
+        Some(p) => Some(p.finish(Duration::from_secs_f64(d + 20.0))?),
+        None => None,
+    };
+    stop_trace.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = tracer {
+        let _ = t.join();
+    }
+    let rx_record = match rx_sampler {
+        Some(r) => Some(r.finish()?),
+        None => None,
+    };
+    // Ingress: the data crosses the link's whole delay (netem on the
+    // senders' side) after the receiver's test clock starts.
+    let data_delay_s = if ingress {
+        f64::from(args.rtt_ms) / 1000.0
+    } else {
+        0.0
+    };
     let mut per_group: Vec<(Windows, u64, u64, u64)> = Vec::new(); // windows, payload, retx, segments
     // Per group: the sender's windows (wire bits/s) and round trips (s, µs).
     let mut sent_windows: Vec<Windows> = Vec::new();
     let mut sender_srtt: Vec<Vec<(f64, u64)>> = Vec::new();
-    let mut starts: Vec<Vec<(f64, f64)>> = Vec::new(); // per group phase (offset, end)
-    for (i, ps) in phases.into_iter().enumerate() {
+    let mut starts: Vec<Vec<(f64, f64)>> = Vec::new(); // per group phase (test start, end)
+    for (i, rs) in reports.into_iter().enumerate() {
         // A report's interval (s from its test's start, payload bytes) as a
         // window of wire bits/s from the run's start; iperf3's last interval
         // is a sliver whose rate is noise, left out.
@@ -1346,23 +1422,27 @@ fn traffic(
         let mut srtt = Vec::new();
         let (mut payload, mut retx) = (0, 0);
         let mut spans = Vec::new();
-        for p in ps {
-            let c = p.client.finish(Duration::from_secs_f64(d + 20.0))?;
-            let s = p.server.finish(Duration::from_secs(20))?;
+        for (spawned, port, c, s) in rs {
+            // A UDP test's only TCP socket is its control connection.
+            let data_start = rx_record
+                .as_ref()
+                .filter(|_| !udp)
+                .and_then(|r| r.data_start(port));
+            let offset = test_start(spawned, data_start, data_delay_s);
             retx += c.retransmits;
             for iv in &c.intervals {
-                sent.extend(window(p.offset, iv.start, iv.end, iv.bytes));
-                srtt.extend(iv.srtt_us.iter().map(|us| (p.offset + iv.end, *us)));
+                sent.extend(window(offset, iv.start, iv.end, iv.bytes));
+                srtt.extend(iv.srtt_us.iter().map(|us| (offset + iv.end, *us)));
             }
             payload += s.bytes;
-            let mut end = p.offset;
+            let mut end = offset;
             for (a, b, bytes) in s.intervals {
-                if let Some(win) = window(p.offset, a, b, bytes) {
+                if let Some(win) = window(offset, a, b, bytes) {
                     end = win.1;
                     w.push(win);
                 }
             }
-            spans.push((p.offset, end));
+            spans.push((offset, end));
         }
         let segments = payload.div_ceil(iperf::TCP_MSS);
         per_group.push((w, payload, retx, segments));
@@ -1370,9 +1450,8 @@ fn traffic(
         sender_srtt.push(srtt);
         starts.push(spans);
     }
-    let rr_probe = match probe {
-        Some(p) => {
-            let stats = p.finish(Duration::from_secs_f64(d + 20.0))?;
+    let rr_probe = match rr_probe {
+        Some(stats) => {
             let wire_bps = stats.samples as f64
                 * iperf::wire_bytes(stats.response_bytes as u64, false) as f64
                 * 8.0
@@ -1388,20 +1467,37 @@ fn traffic(
         }
         None => None,
     };
-    stop_trace.store(true, std::sync::atomic::Ordering::Relaxed);
-    if let Some(t) = tracer {
-        let _ = t.join();
-    }
-    let rx_samples = match rx_sampler {
-        Some(r) => Some(r.finish()?),
-        None => None,
+    let rx_samples = rx_record.map(|r| r.samples);
+    let first_spans = || {
+        sc.groups
+            .iter()
+            .zip(&starts)
+            .filter_map(|(g, s)| s.first().map(|span| (g.demand, *span)))
+    };
+    let group_starts: Vec<f64> = first_spans()
+        .filter(|(demand, _)| *demand != Demand::Idle)
+        .map(|(_, span)| span.0)
+        .collect();
+    let busy_ends: Vec<f64> = first_spans()
+        .filter(|(demand, _)| *demand == Demand::Busy)
+        .map(|(_, span)| span.1)
+        .collect();
+    let probe_end = if rr_probe.is_some() { d } else { f64::INFINITY };
+    let Some((all_from, all_to)) = judged_range(&group_starts, &busy_ends, probe_end) else {
+        bail!(
+            "scenario {}: its busy groups' tests ran together for less than {MIN_JUDGED_S} s \
+             after the last one's first second (tests began at {:.2?} s, ended at {:.2?} s); \
+             give a longer --duration",
+            sc.name,
+            group_starts,
+            busy_ends
+        );
     };
     let (drops, ce, datapath_ns, ack_pacing) = counters(shaping, cgroups)?;
     let expect = expected(sc, cap);
 
     let mut groups = Vec::new();
     let mut util_bits = 0.0;
-    let end_all = d;
     for (i, g) in sc.groups.iter().enumerate() {
         let (w, payload, retx, segments) = &per_group[i];
         let mut p5_samples = Vec::new();
@@ -1415,8 +1511,8 @@ fn traffic(
         let mut busy_bits = 0.0;
         let mut busy_secs = 0.0;
         for (a, b) in &starts[i] {
-            let from = a + 1.0;
-            let to = b - 0.05;
+            let from = (a + 1.0).max(all_from);
+            let to = (b - 0.05).min(all_to);
             p5_samples.extend(fairness::rates_between(w, from, to));
             sent_samples.extend(fairness::rates_between(&sent_windows[i], from, to));
             sent_bits += fairness::mean_between(&sent_windows[i], from, to) * (to - from).max(0.0);
@@ -1435,8 +1531,7 @@ fn traffic(
         }
         util_bits += w
             .iter()
-            .filter(|(a, b, _)| *a >= 1.0 && *b <= end_all - 0.05)
-            .map(|(a, b, r)| r * (b - a))
+            .map(|(a, b, r)| r * overlap(*a, *b, all_from, all_to))
             .sum::<f64>();
         let recovery = if g.demand == Demand::OnOff {
             starts[i].get(1).and_then(|(on, _)| {
@@ -1461,10 +1556,10 @@ fn traffic(
             protocol: if g.udp { "udp" } else { "tcp" }.into(),
             expected_bps: expect[i],
             mean_bps: mean,
-            goodput_bps: if busy_secs > 0.0 {
-                *payload as f64 * 8.0 / starts[i].iter().map(|(a, b)| b - a).sum::<f64>()
-            } else {
-                0.0
+            test_starts_s: starts[i].iter().map(|(a, _)| *a).collect(),
+            goodput_bps: match starts[i].iter().map(|(a, b)| b - a).sum::<f64>() {
+                secs if secs > 0.0 => *payload as f64 * 8.0 / secs,
+                _ => 0.0,
             },
             p5_window_bps: fairness::percentile(&p5_samples, 5.0).unwrap_or(0.0),
             p5_rx_window_bps: rx_windows
@@ -1493,7 +1588,7 @@ fn traffic(
             series: with_gaps(w),
         });
     }
-    let utilization = util_bits / (end_all - 1.05) / cap as f64;
+    let utilization = util_bits / (all_to - all_from) / cap as f64;
     let mut by_prio: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
     for g in groups.iter().filter(|g| g.demand == Demand::Busy) {
         by_prio
@@ -1638,6 +1733,47 @@ impl Probe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_test_starts_a_delay_before_its_first_data_and_not_before_its_process() {
+        // No first data seen: the process's start.
+        assert_eq!(test_start(0.3, None, 0.06), 0.3);
+        // 32 streams from 60 ms away: data from 2.25 s, the test's clock
+        // from 2.19 s.
+        assert!((test_start(0.3, Some(2.25), 0.06) - 2.19).abs() < 1e-9);
+        // Never before the process (a sample's half-period of error).
+        assert_eq!(test_start(0.3, Some(0.32), 0.06), 0.3);
+    }
+
+    #[test]
+    fn windows_are_judged_while_every_busy_group_runs() {
+        let near = |x: f64, y: f64| (x - y).abs() < 1e-9;
+        // Groups whose tests began 0.3 and 2.2 s in and ended at 6.3 and
+        // 8.2 s: from 3.2 to 6.25 s.
+        let (from, to) = judged_range(&[0.3, 2.2], &[6.3, 8.2], f64::INFINITY).unwrap();
+        assert!(near(from, 3.2) && near(to, 6.25), "{from} {to}");
+        // A probe that ends at 6 s bounds it too.
+        let (_, to) = judged_range(&[0.3, 2.2], &[6.3, 8.2], 6.0).unwrap();
+        assert!(near(to, 5.95), "{to}");
+        // An on-off group's start counts (it is in `starts`), its early
+        // end does not (not in `busy_ends`).
+        let (from, to) = judged_range(&[0.1, 0.4], &[6.1], f64::INFINITY).unwrap();
+        assert!(near(from, 1.4) && near(to, 6.05), "{from} {to}");
+        // Less than a second left: none.
+        assert_eq!(judged_range(&[0.1, 2.8], &[4.1, 6.8], f64::INFINITY), None);
+        assert!(judged_range(&[0.0], &[2.06], f64::INFINITY).is_some());
+        // No busy group and no probe: nothing ends, nothing to judge.
+        assert_eq!(judged_range(&[0.1], &[], f64::INFINITY), None);
+    }
+
+    #[test]
+    fn windows_count_only_where_they_overlap_the_judged_span() {
+        let near = |x: f64, y: f64| (x - y).abs() < 1e-9;
+        assert!(near(overlap(0.0, 0.1, 0.05, 1.0), 0.05));
+        assert!(near(overlap(0.2, 0.3, 0.0, 1.0), 0.1));
+        assert_eq!(overlap(1.2, 1.3, 0.0, 1.0), 0.0);
+        assert!(near(overlap(0.95, 1.05, 0.0, 1.0), 0.05));
+    }
 
     #[test]
     fn paced_senders_share_the_group_rate_in_ip_bits() {
