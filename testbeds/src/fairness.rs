@@ -243,9 +243,28 @@ pub fn rates_between(w: &Windows, from: f64, to: f64) -> Vec<f64> {
     within(w, from, to).map(|w| w.2).collect()
 }
 
+/// Bits the windows carried within [from, to], a window that straddles an
+/// end counted for its part inside (a span whose ends do not fall on the
+/// windows' grid loses nothing).
+pub fn bits_between(w: &Windows, from: f64, to: f64) -> f64 {
+    w.iter()
+        .map(|(a, b, r)| r * (b.min(to) - a.max(from)).max(0.0))
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bits_between_counts_the_part_of_a_window_inside() {
+        let w: Windows = vec![(0.0, 0.1, 1000.0), (0.1, 0.2, 2000.0), (0.2, 0.3, 4000.0)];
+        let near = |x: f64, y: f64| (x - y).abs() < 1e-9;
+        assert!(near(bits_between(&w, 0.0, 0.3), 700.0));
+        // Half of the first window, all of the second, a quarter of the third.
+        assert!(near(bits_between(&w, 0.05, 0.225), 50.0 + 200.0 + 100.0));
+        assert_eq!(bits_between(&w, 0.4, 1.0), 0.0);
+    }
 
     #[test]
     fn scenario_set_is_complete_and_admissible() {

@@ -439,7 +439,8 @@ mod tests {
             "first data between {a} and {b} s, finished at {finished} s"
         );
         assert_eq!(record.data_start(port), Some((a + b) / 2.0));
-        assert!(!record.first_data.contains_key(&0));
+        // The sender's port (not the group's address) is not recorded.
+        assert_eq!(record.first_data.len(), 1, "{:?}", record.first_data);
         drop(rx);
         Ok(())
     }

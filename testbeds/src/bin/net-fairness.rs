@@ -1119,11 +1119,6 @@ fn judged_range(starts: &[f64], busy_ends: &[f64], end_cap: f64) -> Option<(f64,
     (to.is_finite() && to - from >= MIN_JUDGED_S).then_some((from, to))
 }
 
-/// Seconds of window (`a`, `b`) that lie within [`from`, `to`].
-fn overlap(a: f64, b: f64, from: f64, to: f64) -> f64 {
-    (b.min(to) - a.max(from)).max(0.0)
-}
-
 /// Where a phase's iperf3 intervals begin on the run's clock. iperf3 counts
 /// from its test's start, which follows its control connection and each
 /// stream's handshake, one after another: from 60 ms away a 32-stream test
@@ -1529,10 +1524,7 @@ fn traffic(
             busy_bits += m * (to - from).max(0.0);
             busy_secs += (to - from).max(0.0);
         }
-        util_bits += w
-            .iter()
-            .map(|(a, b, r)| r * overlap(*a, *b, all_from, all_to))
-            .sum::<f64>();
+        util_bits += fairness::bits_between(w, all_from, all_to);
         let recovery = if g.demand == Demand::OnOff {
             starts[i].get(1).and_then(|(on, _)| {
                 fairness::recovery_ms(w, *on, 0.95 * permille(cap, g.quota_permille) as f64)
@@ -1764,15 +1756,6 @@ mod tests {
         assert!(judged_range(&[0.0], &[2.06], f64::INFINITY).is_some());
         // No busy group and no probe: nothing ends, nothing to judge.
         assert_eq!(judged_range(&[0.1], &[], f64::INFINITY), None);
-    }
-
-    #[test]
-    fn windows_count_only_where_they_overlap_the_judged_span() {
-        let near = |x: f64, y: f64| (x - y).abs() < 1e-9;
-        assert!(near(overlap(0.0, 0.1, 0.05, 1.0), 0.05));
-        assert!(near(overlap(0.2, 0.3, 0.0, 1.0), 0.1));
-        assert_eq!(overlap(1.2, 1.3, 0.0, 1.0), 0.0);
-        assert!(near(overlap(0.95, 1.05, 0.0, 1.0), 0.05));
     }
 
     #[test]
