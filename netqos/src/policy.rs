@@ -657,7 +657,9 @@ pub struct Tuning {
     /// Pool depth, in time at the capacity.
     pub pool_ns: u64,
     pub min_pool: u64,
-    /// Pacing gains (1/1024; ki per second).
+    /// Pacing gains (1/1024; ki per second) at round trips up to 30 ms;
+    /// each class's are sized from them at every step
+    /// (`qos_common::policy::class_gains`).
     pub pacing_kp: u64,
     pub pacing_ki: u64,
 }
@@ -705,8 +707,6 @@ pub fn global_params(
         extra_watermark: pool_depth / 2,
         generation: 0,
         epoch: 0,
-        pacing_kp: t.pacing_kp,
-        pacing_ki: t.pacing_ki,
         shaped_ifindex,
         flags: 0,
     }
@@ -750,6 +750,8 @@ pub fn class_params(
         borrow_rate,
         flow_base: (alloc as u128 * UNIT as u128 / flows.max(UNIT) as u128) as u64,
         flow_even,
+        pacing_kp: t.pacing_kp,
+        pacing_ki: t.pacing_ki,
         alloc,
         depth,
         borrow_depth: bytes_in(borrow_rate, t.pool_ns).max(t.min_depth / 2),
@@ -776,6 +778,8 @@ pub fn worth_update(old: &ClassConfig, new: &ClassConfig) -> bool {
         || old.active != new.active
         || moved(old.borrow_rate, new.borrow_rate)
         || moved(old.flow_base, new.flow_base)
+        || moved(old.pacing_kp, new.pacing_kp)
+        || moved(old.pacing_ki, new.pacing_ki)
         // It only weighs flows and moves once per activity epoch: a write
         // when it moves by an eighth.
         || old.flow_even.abs_diff(new.flow_even) > new.flow_even / 8

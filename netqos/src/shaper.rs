@@ -978,6 +978,13 @@ impl ClassTable {
             if windows_hold || ceil < c.ceil(capacity) {
                 cfg.window_mult = ((window_mult.applied * UNIT as f64) as u64).max(1);
             }
+            (cfg.pacing_kp, cfg.pacing_ki) = qos_common::policy::class_gains(
+                tuning.pacing_kp,
+                tuning.pacing_ki,
+                c.prev.rtt_us,
+                &cfg,
+                self.global.flags & GLOBAL_ACK_PACING != 0,
+            );
             // One line per class and step (10 ms) at trace level: what the
             // allocator saw and decided, for tracing lending at a finer grain
             // than `net show` can be polled (`log = "qos::alloc=trace"`).

@@ -159,10 +159,6 @@ pub struct NetGlobal {
     pub generation: u64,
     /// Activity epoch, advanced by user space; flows count once per epoch.
     pub epoch: u64,
-    /// Proportional gain of the pacing correction, 1/1024 units.
-    pub pacing_kp: u64,
-    /// Integral gain of the class pacing multiplier, 1/1024 per second.
-    pub pacing_ki: u64,
     /// Time (µs) the receive windows of flows held by their windows (no
     /// ACK pacing) add up to beyond their round trips: half the upstream
     /// buffer at the capacity (`policy::shared_queue_us`), always set by
@@ -192,6 +188,12 @@ pub struct ClassConfig {
     /// weighed against (`policy::weight_reference`). 0 = the flow's own
     /// rate.
     pub flow_even: u64,
+    /// Proportional gain of the class's pacing correction, 1/1024 units,
+    /// and integral gain of its pacing multiplier, 1/1024 per second: the
+    /// configured ones sized by user space for the class's round trip, its
+    /// flows' waiting ACKs and its bucket's depth (`policy::class_gains`).
+    pub pacing_kp: u64,
+    pub pacing_ki: u64,
     /// Total rate the allocator gives this class (guarantee + borrow).
     pub alloc: u64,
     /// Own bucket depth, bytes.

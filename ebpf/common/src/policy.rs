@@ -464,6 +464,65 @@ pub const fn next_multiplier(mult: u64, fill: i64, ki: u64, elapsed_ns: u64, hel
     max_u64(min_u64(next, MULT_MAX), MULT_MIN)
 }
 
+/// Most [`ack_lead_us`] gives (µs).
+pub const ACK_LEAD_MAX_US: u64 = 2 * ACK_LEAD_CAP_RTT_MAX_US;
+
+/// How long (µs) the ACKs of an ACK-paced flow at `flow_rate` (wire
+/// bytes/s, its class's per-flow share) wait for their clock: about
+/// [`CLAMP_CEILING_SEGMENTS`] of its packet times, at most
+/// [`ACK_LEAD_MAX_US`] ([`class_gains`]).
+#[inline(always)]
+pub const fn ack_lead_us(flow_rate: u64) -> u64 {
+    // 4 × 1514 × 1e6 < 2^33.
+    let lead = CLAMP_CEILING_SEGMENTS * SEGMENT_WIRE_BYTES * 1_000_000 / max_u64(flow_rate, 1);
+    min_u64(lead, ACK_LEAD_MAX_US)
+}
+
+/// How much (1/1024, at most 1) an ACK-paced class's pacing gains shrink
+/// beyond [`rtt_gain`] of its round trip `rtt_us` because its ACKs wait
+/// `lead_us` ([`ack_lead_us`]): a change of its pacing shows in its
+/// buckets a round trip after the ACKs already waiting leave at the rate
+/// they were timed for, so the gains are sized for `rtt_us` + `lead_us`.
+/// Slow flows wait long: 32 flows sharing 10 Mbit/s from 60 ms away kept
+/// their ACKs 160 ms (sender round trips of 240-330 ms), and with gains
+/// sized for 60 ms their class's multiplier swung between 0.5 and 2.1
+/// every 1.5 s, the class between 4 and 21 Mbit/s (6.1 VM, 2026-12-07).
+#[inline(always)]
+pub const fn lead_gain(rtt_us: u64, lead_us: u64) -> u64 {
+    let rtt = max_u64(min_u64(rtt_us, 10_000_000), RTT_GAIN_FULL_US);
+    let delayed = max_u64(
+        min_u64(rtt_us, 10_000_000) + min_u64(lead_us, ACK_LEAD_MAX_US),
+        RTT_GAIN_FULL_US,
+    );
+    UNIT * rtt / delayed
+}
+
+/// The pacing loop's gains (`kp`, `ki`: 1/1024, and 1/1024 per second) of a
+/// class with settings `cfg` whose flows' round trip is `rtt_us` (0: none
+/// measured), from the configured ones: [`rtt_gain`], with ACK pacing
+/// (`ack_paced`) [`lead_gain`] of its per-flow share's waiting ACKs, and
+/// [`depth_gain`] for `ki`. User space sets them with the class's other
+/// settings (`ClassConfig::pacing_kp`, `pacing_ki`): computed in the
+/// datapath, the lead's branches took the ingress program past the
+/// verifier's million instructions on 6.18.
+pub const fn class_gains(
+    kp: u64,
+    ki: u64,
+    rtt_us: u64,
+    cfg: &ClassConfig,
+    ack_paced: bool,
+) -> (u64, u64) {
+    let scale = if ack_paced {
+        lead_gain(rtt_us, ack_lead_us(cfg.flow_base))
+    } else {
+        UNIT
+    };
+    // Gains ≤ 2^22 (see `rtt_gain`), × scale ≤ 1024: fits.
+    let kp = min_u64(rtt_gain(kp, rtt_us), 1 << 22) * scale / UNIT;
+    let ki = min_u64(rtt_gain(ki, rtt_us), 1 << 22) * scale / UNIT;
+    (kp, depth_gain(ki, cfg, ack_paced))
+}
+
 /// Round trip up to which the pacing loop's gains apply in full; beyond
 /// it they shrink in proportion ([`rtt_gain`]).
 pub const RTT_GAIN_FULL_US: u64 = 30_000;
@@ -775,6 +834,25 @@ pub const WOKEN_COUNT_BYTES: u64 = 2 * 1448;
 #[inline(always)]
 pub const fn woke_from_idle(flow_epoch: u64, epoch: u64) -> bool {
     flow_epoch != 0 && epoch > flow_epoch + IDLE_EPOCHS_WOKEN
+}
+
+/// How long after its start (its first packet, or its wake from idle) a
+/// flow that moves counts in full in its class's activity epochs
+/// ([`young_counts_in_full`]).
+pub const YOUNG_COUNT_NS: u64 = 1_000_000_000;
+
+/// Whether a flow counted by its use (`BY_USE`) that started `age_ns` ago
+/// (see [`YOUNG_COUNT_NS`]) and moved `moved` bytes since it was last counted
+/// counts in full instead: a flow in slow start uses a fraction of its rate
+/// however much it wants. Counted by use, 32 flows starting together from
+/// 60 ms away counted as 10, 11, 20 and 22 over their first 900 ms; their
+/// class, paced for a third as many flows, ran at 12-20 Mbit/s against its
+/// 10 into its debt's CE marks (400), and then at 4.5-6 for 1.3 s (6.1 VM,
+/// 2026-12-07). One moving less than [`WOKEN_COUNT_BYTES`] (a request, a
+/// heartbeat) still counts by its use.
+#[inline(always)]
+pub const fn young_counts_in_full(age_ns: u64, moved: u64) -> bool {
+    age_ns < YOUNG_COUNT_NS && moved >= WOKEN_COUNT_BYTES
 }
 
 /// [`epoch_count`]'s answer for a flow counted by its use.
@@ -2443,6 +2521,66 @@ mod tests {
         );
         assert_eq!(kp_full_rate(&deep(250_000, 65_536), false), KP_FULL_RATE);
         assert_eq!(kp_full_rate(&deep(1, u64::MAX), true), 1);
+    }
+
+    #[test]
+    fn young_moving_flows_count_in_full() {
+        assert!(young_counts_in_full(0, WOKEN_COUNT_BYTES));
+        assert!(young_counts_in_full(YOUNG_COUNT_NS - 1, 1 << 30));
+        assert!(!young_counts_in_full(YOUNG_COUNT_NS, 1 << 30));
+        assert!(!young_counts_in_full(0, WOKEN_COUNT_BYTES - 1));
+    }
+
+    #[test]
+    fn pacing_gains_shrink_for_waiting_acks() {
+        // 32 flows sharing 10 Mbit/s: four packets of 155 ms; one flow at
+        // 10 Mbit/s: 4.8 ms; nearly stopped flows: at most 400 ms.
+        assert_eq!(ack_lead_us(1_250_000 / 32), 155_035);
+        assert_eq!(ack_lead_us(1_250_000), 4_844);
+        assert_eq!(ack_lead_us(0), ACK_LEAD_MAX_US);
+        // From 60 ms away: gains sized for 215 ms instead of 60.
+        assert_eq!(lead_gain(60_000, 155_035), UNIT * 60_000 / 215_035);
+        // Near flows: only the part of the delay past 30 ms counts.
+        assert_eq!(lead_gain(1_000, 10_000), UNIT);
+        assert_eq!(lead_gain(10_000, 40_000), UNIT * 30_000 / 50_000);
+        assert_eq!(lead_gain(60_000, 0), UNIT);
+        assert_eq!(lead_gain(u64::MAX, u64::MAX), UNIT * 10_000 / 10_400);
+    }
+
+    #[test]
+    fn class_gains_follow_round_trip_lead_and_depth() {
+        let (kp, ki) = (3 * UNIT / 4, 5 * UNIT);
+        // At 10 Mbit/s: 125 ms of bucket is past the full-gain depth.
+        let slow = ClassConfig {
+            guarantee: 1_250_000,
+            alloc: 1_250_000,
+            flow_base: 1_250_000 / 32,
+            depth: 156_250,
+            ..Default::default()
+        };
+        // No round trip measured, no ACK pacing (egress): as configured.
+        assert_eq!(class_gains(kp, ki, 0, &slow, false), (kp, ki));
+        // Round trip only without ACK pacing.
+        assert_eq!(
+            class_gains(kp, ki, 60_000, &slow, false),
+            (rtt_gain(kp, 60_000), rtt_gain(ki, 60_000))
+        );
+        // With ACK pacing: the waiting ACKs, and ki the bucket's depth too;
+        // within a unit of the gains of the whole delay.
+        let (pkp, pki) = class_gains(kp, ki, 60_000, &slow, true);
+        assert!(pkp.abs_diff(rtt_gain(kp, 215_035)) <= 1, "{pkp}");
+        let ki_delay = rtt_gain(ki, 60_000) * lead_gain(60_000, 155_035) / UNIT;
+        assert_eq!(pki, depth_gain(ki_delay, &slow, true));
+        assert!(pki < ki_delay);
+        // One fast flow from nearby: in full.
+        let fast = ClassConfig {
+            flow_base: 125_000_000,
+            ..slow
+        };
+        assert_eq!(class_gains(kp, ki, 1_000, &fast, true).0, kp);
+        // Extremes stay finite.
+        let (hk, hi) = class_gains(u64::MAX, u64::MAX, u64::MAX, &slow, true);
+        assert!(hk <= 1 << 22 && hi <= 1 << 22);
     }
 
     #[test]

@@ -61,12 +61,12 @@ use qos_common::{
         self, ACK_LEAD_WINDOW_US, BY_USE, CLAMP_FOLLOWS_CLOCK_RTT_US, CONTROL_INTERVAL_NS,
         FlowKind, HELD_STAMP_NS, Levels, Limits, NO_PAYLOAD_MAX_L3_LEN, PATH_PROBE_STALE_NS,
         PathRtt, SOCK_WOKEN_BITS, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns,
-        class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide, depth_gain, earned,
-        epoch_count, first_flight, flow_share, flow_use, kp_full_rate, next_multiplier,
-        overflow_correction, pacing_changed, pacing_rate, path_probe_sample, path_rtt_update,
-        receive_window_clamp, recently_held, rtt_gain, underflow_correction, unpaced_window_clamp,
-        use_units, use_weight, weight_reference, window_clamp, window_rtt_us, wire_len,
-        wire_to_tcp_rate, woke_from_idle, woken_counts_now,
+        class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide, earned, epoch_count,
+        first_flight, flow_share, flow_use, kp_full_rate, next_multiplier, overflow_correction,
+        pacing_changed, pacing_rate, path_probe_sample, path_rtt_update, receive_window_clamp,
+        recently_held, underflow_correction, unpaced_window_clamp, use_units, use_weight,
+        weight_reference, window_clamp, window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle,
+        woken_counts_now, young_counts_in_full,
     },
 };
 use qos_ebpf::{
@@ -166,8 +166,9 @@ const PASS: i32 = TC_ACT_UNSPEC; // let the next tcx program (or the stack) deci
 const DROP: i32 = TC_ACT_SHOT;
 /// A class idle this long restarts with a neutral pacing multiplier.
 const IDLE_RESET_NS: u64 = 200_000_000;
-/// Flows younger than this fall back to an even share of the class when it
-/// is in debt (a burst of new connections before the epochs counted them).
+/// Flows younger than this (since their first packet or their wake from
+/// idle) fall back to an even share of the class when it is in debt (a
+/// burst of new connections before the epochs counted them).
 const YOUNG_FLOW_NS: u64 = 300_000_000;
 
 #[inline(always)]
@@ -367,12 +368,7 @@ fn control(st: *mut ClassState, cfg: &ClassConfig, g: &NetGlobal, now: u64) {
         }
         let fill = class_fill(st, cfg);
         let held = recently_held(g.flags & GLOBAL_ACK_PACING != 0, read(&(*st).held_ns), now);
-        let ki = depth_gain(
-            rtt_gain(g.pacing_ki, read(&(*st).rtt_us)),
-            cfg,
-            g.flags & GLOBAL_ACK_PACING != 0,
-        );
-        (*st).mult = next_multiplier(read(&(*st).mult), fill, ki, now - last, held);
+        (*st).mult = next_multiplier(read(&(*st).mult), fill, cfg.pacing_ki, now - last, held);
     }
 }
 
@@ -1213,7 +1209,7 @@ fn flow_rate<'a>(
         base,
         mult,
         class_fill(st, cfg),
-        rtt_gain(g.pacing_kp, rtt_us),
+        cfg.pacing_kp,
         full_rate,
         g.capacity,
     );
@@ -1224,16 +1220,23 @@ fn flow_rate<'a>(
             let woke = woke_from_idle((*sc).epoch, g.epoch);
             (*sc).epoch = g.epoch;
             // A flow counted for the first time counts fully, its use
-            // unknown; one woken from idle once it moves.
+            // unknown; one woken from idle once it moves; a young one
+            // while it moves (in slow start it uses a part of its rate).
             let first = last_ns == 0 || moved < last_bytes;
             let (count, flags) =
                 epoch_count((*sc).flags, first, woke, moved.wrapping_sub(last_bytes));
+            if woke {
+                // A flow waking from idle starts again (`young`).
+                (*sc).born_ns = now;
+            }
             let (weight, used) = if count == BY_USE {
                 let used = flow_use(moved - last_bytes, now - last_ns);
-                (
-                    use_weight(used, weight_reference(rate, cfg.flow_even)),
-                    use_units(used),
-                )
+                let weight = if young_counts_in_full(now.saturating_sub(born), moved - last_bytes) {
+                    UNIT
+                } else {
+                    use_weight(used, weight_reference(rate, cfg.flow_even))
+                };
+                (weight, use_units(used))
             } else {
                 (count, 0)
             };
