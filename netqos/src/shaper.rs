@@ -600,6 +600,20 @@ struct ClassTable {
     hold_at_alloc_until: Option<u64>,
 }
 
+/// `cfg` with its pacing gains sized for the class's round trip `rtt_us`
+/// (0: none measured yet) and, with ACK pacing (in `flags`), for the ACKs
+/// its flows keep waiting (`qos_common::policy::class_gains`).
+fn sized_gains(mut cfg: ClassConfig, tuning: &Tuning, rtt_us: u64, flags: u32) -> ClassConfig {
+    (cfg.pacing_kp, cfg.pacing_ki) = qos_common::policy::class_gains(
+        tuning.pacing_kp,
+        tuning.pacing_ki,
+        rtt_us,
+        &cfg,
+        flags & GLOBAL_ACK_PACING != 0,
+    );
+    cfg
+}
+
 fn bytes(rate: Rate) -> u64 {
     rate.bytes_per_sec()
 }
@@ -633,14 +647,19 @@ impl ClassTable {
             ceil: None,
             priority: settings.default_priority,
         };
-        let cfg = policy::class_params(
-            default_guarantee,
-            cap,
-            settings.default_priority,
-            0,
-            UNIT,
-            0,
+        let cfg = sized_gains(
+            policy::class_params(
+                default_guarantee,
+                cap,
+                settings.default_priority,
+                0,
+                UNIT,
+                0,
+                &settings.tuning,
+            ),
             &settings.tuning,
+            0,
+            flags,
         );
         let adopting = dp.adopted();
         let maps = dp.maps(dir);
@@ -749,6 +768,7 @@ impl ClassTable {
         let capacity = bytes(self.capacity);
         let ceil = quota.ceil.map(bytes).unwrap_or(capacity);
         let dir = self.dir;
+        let flags = self.global.flags;
         if let Some(c) = self.classes.get_mut(&cg.name) {
             if c.cgroup.as_ref().is_some_and(|old| old.id == cg.id) {
                 if c.quota == quota {
@@ -756,14 +776,19 @@ impl ClassTable {
                     // the class keeps what the controller gave it.
                     return Ok(());
                 }
-                let cfg = policy::class_params(
-                    bytes(quota.rate),
-                    ceil,
-                    quota.priority,
-                    0,
-                    c.flows,
-                    c.flow_even,
+                let cfg = sized_gains(
+                    policy::class_params(
+                        bytes(quota.rate),
+                        ceil,
+                        quota.priority,
+                        0,
+                        c.flows,
+                        c.flow_even,
+                        tuning,
+                    ),
                     tuning,
+                    c.prev.rtt_us,
+                    flags,
                 );
                 dp.maps(dir).write_class(c.slot, &cfg)?;
                 c.cfg = cfg;
@@ -781,9 +806,19 @@ impl ClassTable {
             Some(slot) => (slot, false),
             None => (self.take_slot()?, true),
         };
-        let mut cfg =
-            policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, UNIT, 0, tuning);
         let maps = dp.maps(dir);
+        // An adopted slot's round trip is its flows'; a fresh one has none.
+        let rtt_us = if fresh {
+            0
+        } else {
+            maps.read_state(slot).map_or(0, |st| st.rtt_us)
+        };
+        let mut cfg = sized_gains(
+            policy::class_params(bytes(quota.rate), ceil, quota.priority, 0, UNIT, 0, tuning),
+            tuning,
+            rtt_us,
+            flags,
+        );
         // An adopted class with the same quota goes on with the parameters
         // the earlier daemon gave it (its borrowed share, its flow split):
         // fresh ones would jolt its flows until the next control steps.
@@ -978,13 +1013,7 @@ impl ClassTable {
             if windows_hold || ceil < c.ceil(capacity) {
                 cfg.window_mult = ((window_mult.applied * UNIT as f64) as u64).max(1);
             }
-            (cfg.pacing_kp, cfg.pacing_ki) = qos_common::policy::class_gains(
-                tuning.pacing_kp,
-                tuning.pacing_ki,
-                c.prev.rtt_us,
-                &cfg,
-                self.global.flags & GLOBAL_ACK_PACING != 0,
-            );
+            let cfg = sized_gains(cfg, tuning, c.prev.rtt_us, self.global.flags);
             // One line per class and step (10 ms) at trace level: what the
             // allocator saw and decided, for tracing lending at a finer grain
             // than `net show` can be polled (`log = "qos::alloc=trace"`).
