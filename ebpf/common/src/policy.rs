@@ -484,7 +484,7 @@ pub const fn ack_lead_us(flow_rate: u64) -> u64 {
 /// buckets a round trip after the ACKs already waiting leave at the rate
 /// they were timed for, so the gains are sized for `rtt_us` + `lead_us`.
 /// Slow flows wait long: 32 flows sharing 10 Mbit/s from 60 ms away kept
-/// their ACKs 160 ms (sender round trips of 240-330 ms), and with gains
+/// their ACKs about 155 ms (sender round trips of 240-330 ms), and with gains
 /// sized for 60 ms their class's multiplier swung between 0.5 and 2.1
 /// every 1.5 s, the class between 4 and 21 Mbit/s (6.1 VM, 2026-12-07).
 #[inline(always)]
