@@ -64,9 +64,9 @@ use qos_common::{
         class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide, earned, epoch_count,
         first_flight, flow_share, flow_use, kp_full_rate, next_multiplier, overflow_correction,
         pacing_changed, pacing_rate, path_probe_sample, path_rtt_update, receive_window_clamp,
-        recently_held, underflow_correction, unpaced_window_clamp, use_units, use_weight,
-        weight_reference, window_clamp, window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle,
-        woken_counts_now, young_counts_in_full,
+        recently_held, underflow_correction, unpaced_window_clamp, unstarted_window_clamp,
+        use_units, use_weight, weight_reference, window_clamp, window_rtt_us, wire_len,
+        wire_to_tcp_rate, woke_from_idle, woken_counts_now, young_counts_in_full,
     },
 };
 use qos_ebpf::{
@@ -1406,7 +1406,10 @@ fn on_send(ctx: &SockOpsContext) {
     let Some((slot, st, rate, cfg)) = flow_rate(&d, g, sc, moved) else {
         return;
     };
-    let clamp = if ack_paced {
+    let unstarted = unstarted_window_clamp(received, mss as u64, ack_paced, rtt_us);
+    let clamp = if let Some(c) = unstarted {
+        c
+    } else if ack_paced {
         // Payload bytes/s received over the step, against the payload rate
         // of the flow's share.
         let measured = if applied == 0 || now <= step_ns {
@@ -1464,7 +1467,9 @@ fn on_send(ctx: &SockOpsContext) {
         (*sc).prev_clamp = applied as u32;
         (*sc).pacing = clamp;
         (*sc).rtt_us = rtt_us;
-        (*sc).step_ns = now;
+        // An unstarted flow's next segment is sized again: its first ACK
+        // of data gets the usual clamp.
+        (*sc).step_ns = if unstarted.is_some() { 0 } else { now };
         (*sc).step_bytes = received;
         if let Some(ct) = d.counters.get_ptr_mut(slot) {
             (*ct).window_clamps += 1;
