@@ -1592,7 +1592,9 @@ impl Shaper {
     /// Stops shaping: the datapath lets everything pass and the pacer lifts
     /// the pacing and window clamps of flows as they send; then it
     /// detaches (and its pins go). Flows that stay silent through the grace
-    /// period keep their last pacing rate until they close.
+    /// period keep their last pacing rate and receive-window clamp until
+    /// they close (a received flow from afar that never started: its share
+    /// of its class's round trip, `policy::unstarted_window_clamp`).
     pub fn stop(mut self) {
         let mut tables: Vec<&mut ClassTable> = vec![&mut self.egress];
         if let Some(t) = self.ingress.as_mut() {

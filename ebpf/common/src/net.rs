@@ -334,6 +334,10 @@ pub const SOCK_ACKS_HELD: u32 = 4;
 pub const SOCK_WOKEN: u32 = 8;
 /// `SockClass::flags` bit: with `SOCK_WOKEN`, the epoch after the wake.
 pub const SOCK_WOKEN_LATE: u32 = 16;
+/// `SockClass::flags` bit (ingress): the socket's window clamp is the one
+/// of a flow that has not started (`policy::unstarted_window_clamp`);
+/// sized again at the first segment it sends after it has.
+pub const SOCK_UNSTARTED: u32 = 32;
 
 /// Cached classification of one socket (LRU hash keyed by socket cookie).
 #[repr(C)]

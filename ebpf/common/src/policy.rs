@@ -22,7 +22,7 @@ pub const UNIT: u64 = 1024;
 /// ms away put their class 100 KB into debt, and with a floor of 0.5 the
 /// multiplier fell to it within a second; the class then ran at 5–7 of its
 /// 10 Mbit/s for 1.3 s while it climbed back (worst windows 0.40–0.49 in
-/// seven runs; at 0.75, 0.69–0.77 in three, 6.1 VM, 2026-12-07).
+/// seven runs; at 0.75, 0.67–0.72 in seven, 6.1 VM, 2026-12-07).
 pub const MULT_MIN: u64 = UNIT * 3 / 4;
 pub const MULT_MAX: u64 = UNIT * 4;
 /// Lowest multiplier of a received flow's window ([`unpaced_window_clamp`]).
@@ -1395,41 +1395,52 @@ pub const SEGMENT_WIRE_BYTES: u64 = 1514;
 /// Round trip assumed for a class none of whose flows has measured one.
 pub const FIRST_FLIGHT_RTT_US: u64 = 100_000;
 
-/// Bytes a received flow takes before its receive window may grow past its
-/// first flight ([`unstarted_window_clamp`]): two segments, more than what
-/// a client sends on a connection before its transfer starts (iperf3's
-/// 37-byte cookie, a request line).
-pub const STARTED_BYTES: u64 = FIRST_FLIGHT_MIN_SEGMENTS * 1448;
+/// Whether a received flow has started: it has taken a segment's worth
+/// (`received` bytes, `mss` as for [`window_clamp`]), more than what a
+/// client sends on a connection before its transfer (iperf3's 37-byte
+/// cookie, a request line). The first segment of data starts it, so the
+/// ACK that answers it gets the flow's usual clamp.
+#[inline(always)]
+pub const fn flow_started(received: u64, mss: u64) -> bool {
+    received >= min_u64(max_u64(mss, 536), 65_535)
+}
 
-/// Receive-window clamp of a received flow that has taken fewer than
-/// [`STARTED_BYTES`] (`received`), or `None` once it has: two segments, so
-/// that its window stays at what its first flight was granted
-/// ([`first_flight`]; TCP never moves an advertised window's right edge
-/// back) until data flows. Sized at its first ACK from the class's rate
-/// over the flows then counted, an idle connection's window grew with the
-/// handshake's payload and stayed open for whenever it would start: 32
-/// iperf3 streams that connected over two seconds from 60 ms away held
-/// windows of 6 to 40 segments, and started together with about 450 KB
-/// against their class's 75 KB round trip and a 256 KB buffer upstream
-/// (100-190 retransmissions a run, 2026-12-07). Only for ACK-paced flows
-/// from afar, whose next clamp does not grow from their last one
-/// ([`receive_window_clamp`]): a near ACK-paced flow would take several
-/// steps to grow out of two segments, and without ACK pacing (this
-/// host's veths) the bound cost the flows that started beside 32 others
-/// up to 14 % of their worst windows (many-flows' single flow 0.865 of
-/// its share against 1.033 without it, incast's guaranteed class 0.966
-/// against 1.014, 2026-12-07). `mss` as for [`window_clamp`].
+/// Receive-window clamp of a received flow that has not started
+/// ([`flow_started`]), or `None` once it has: its class's rate
+/// `class_rate` (wire bytes/s) × its round trip `rtt_us`, split over the
+/// class's `open` flows, at least two segments. Its window then stays at
+/// about what its first flight was granted ([`first_flight`], which splits
+/// the same way; TCP never moves an advertised window's right edge back)
+/// until data flows. Sized at its first ACK from the class's rate over the
+/// flows then counted, an idle connection's window grew with what it
+/// received on connecting and stayed open for whenever it would start:
+/// 32 iperf3 streams that connected over two seconds from 60 ms away held
+/// windows of six segments (the median) up to 40, and started together
+/// with about 460 KB against their class's 75 KB round trip and a 256 KB
+/// buffer upstream (100-190 retransmissions a run, 2026-12-07). The split
+/// over open flows, not a fixed two segments, because a flow still idle
+/// when its shaper stops keeps its clamp until it closes.
+///
+/// Only for ACK-paced flows from afar, whose next clamp does not grow
+/// from their last one ([`receive_window_clamp`]): a near ACK-paced flow
+/// would take several steps to grow out of a small one, and without ACK
+/// pacing (this host's veths) a two-segment bound cost the flows that
+/// started beside 32 others up to 0.17 of their share in their worst
+/// windows (many-flows' single flow 0.865 against 1.033 without it,
+/// incast's guaranteed class 0.966 against 1.014, 2026-12-07).
 #[inline(always)]
 pub const fn unstarted_window_clamp(
     received: u64,
     mss: u64,
     ack_paced: bool,
     rtt_us: u64,
+    class_rate: u64,
+    open: u64,
 ) -> Option<u64> {
-    if received >= STARTED_BYTES || !ack_paced || rtt_us < CLAMP_FOLLOWS_CLOCK_RTT_US {
+    if flow_started(received, mss) || !ack_paced || rtt_us < CLAMP_FOLLOWS_CLOCK_RTT_US {
         return None;
     }
-    Some(FIRST_FLIGHT_MIN_SEGMENTS * min_u64(max_u64(mss, 536), 65_535))
+    Some(window_clamp(class_rate / max_u64(open, 1), rtt_us, mss))
 }
 
 /// Full segments `rate` (wire bytes/s, at most `MAX_RATE`) moves in
@@ -1634,35 +1645,60 @@ mod tests {
 
     #[test]
     fn an_unstarted_flow_keeps_its_first_flight_where_its_clamp_restarts_each_step() {
-        // Nothing but a handshake's payload yet: two segments.
-        assert_eq!(unstarted_window_clamp(37, 1448, true, 60_000), Some(2896));
-        assert_eq!(unstarted_window_clamp(0, 1448, true, 200_000), Some(2896));
+        // 10 Mbit/s of wire rate from 60 ms away: 73 KB of payload a round
+        // trip, split over the class's open flows, at least two segments.
+        let (rate, rtt) = (1_250_000, 60_000);
+        let whole = window_clamp(rate, rtt, 1448);
         assert_eq!(
-            unstarted_window_clamp(STARTED_BYTES - 1, 1448, true, 60_000),
+            unstarted_window_clamp(37, 1448, true, rtt, rate, 1),
+            Some(whole)
+        );
+        assert_eq!(
+            unstarted_window_clamp(37, 1448, true, rtt, rate, 0),
+            Some(whole)
+        );
+        assert!(whole / 4 - window_clamp(rate / 4, rtt, 1448) < 64);
+        assert_eq!(
+            unstarted_window_clamp(0, 1448, true, rtt, rate, 4),
+            Some(window_clamp(rate / 4, rtt, 1448))
+        );
+        assert_eq!(
+            unstarted_window_clamp(37, 1448, true, rtt, rate, 32),
+            Some(2896)
+        );
+        assert_eq!(
+            unstarted_window_clamp(37, 1448, true, rtt, 0, 1),
+            Some(2896)
+        );
+        assert_eq!(
+            unstarted_window_clamp(1447, 1448, true, rtt, rate, 32),
             Some(2896)
         );
         // A tiny or absurd segment size is bounded as for the other clamps.
-        assert_eq!(unstarted_window_clamp(0, 0, true, 60_000), Some(2 * 536));
+        assert_eq!(unstarted_window_clamp(0, 0, true, rtt, 0, 1), Some(2 * 536));
+        // Started at a segment's worth: the usual clamp.
+        assert!(!flow_started(1447, 1448) && flow_started(1448, 1448));
+        assert!(!flow_started(535, 0) && flow_started(536, 0));
+        assert!(flow_started(65_535, u64::MAX));
         assert_eq!(
-            unstarted_window_clamp(0, 1 << 20, true, 60_000),
-            Some(2 * 65_535)
-        );
-        // Started: the usual clamp.
-        assert_eq!(
-            unstarted_window_clamp(STARTED_BYTES, 1448, true, 60_000),
+            unstarted_window_clamp(37 + 1448, 1448, true, rtt, rate, 32),
             None
         );
-        assert_eq!(unstarted_window_clamp(u64::MAX, 1448, false, 60_000), None);
+        assert_eq!(
+            unstarted_window_clamp(u64::MAX, 1448, true, rtt, rate, 1),
+            None
+        );
         // Without ACK pacing: never.
-        assert_eq!(unstarted_window_clamp(0, 1448, false, 60_000), None);
-        assert_eq!(unstarted_window_clamp(0, 1448, false, 200), None);
+        assert_eq!(unstarted_window_clamp(0, 1448, false, rtt, rate, 32), None);
+        assert_eq!(unstarted_window_clamp(0, 1448, false, 200, rate, 32), None);
         // A near ACK-paced flow grows each clamp from its last: not there.
+        let near = CLAMP_FOLLOWS_CLOCK_RTT_US;
         assert_eq!(
-            unstarted_window_clamp(0, 1448, true, CLAMP_FOLLOWS_CLOCK_RTT_US - 1),
+            unstarted_window_clamp(0, 1448, true, near - 1, rate, 32),
             None
         );
         assert_eq!(
-            unstarted_window_clamp(0, 1448, true, CLAMP_FOLLOWS_CLOCK_RTT_US),
+            unstarted_window_clamp(0, 1448, true, near, rate, 32),
             Some(2896)
         );
     }

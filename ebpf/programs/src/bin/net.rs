@@ -54,19 +54,20 @@ use qos_common::{
         CGROUP_MAP_ENTRIES, ClassConfig, ClassCounters, ClassState, DEFAULT_SLOT,
         GLOBAL_ACK_PACING, GLOBAL_CLAMP_ECN, GLOBAL_ENABLED, GLOBAL_RECEIVED, GLOBAL_RELEASE,
         GLOBAL_REPLACE_BBR, MAX_CGROUP_DEPTH, MAX_CLASSES, NetGlobal, PoolState, SOCK_ACKS_HELD,
-        SOCK_CACHE_ENTRIES, SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SockClass, TAG_INGRESS,
-        TAG_INGRESS_IFINDEX, TAG_OFFSET, TAG_PACED, TAG_TCP_SOCK, ingress_tag,
+        SOCK_CACHE_ENTRIES, SOCK_ROUTED_ELSEWHERE, SOCK_SHAPED, SOCK_UNSTARTED, SockClass,
+        TAG_INGRESS, TAG_INGRESS_IFINDEX, TAG_OFFSET, TAG_PACED, TAG_TCP_SOCK, ingress_tag,
     },
     policy::{
         self, ACK_LEAD_WINDOW_US, BY_USE, CLAMP_FOLLOWS_CLOCK_RTT_US, CONTROL_INTERVAL_NS,
         FlowKind, HELD_STAMP_NS, Levels, Limits, NO_PAYLOAD_MAX_L3_LEN, PATH_PROBE_STALE_NS,
         PathRtt, SOCK_WOKEN_BITS, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns,
         class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide, earned, epoch_count,
-        first_flight, flow_share, flow_use, kp_full_rate, next_multiplier, overflow_correction,
-        pacing_changed, pacing_rate, path_probe_sample, path_rtt_update, receive_window_clamp,
-        recently_held, underflow_correction, unpaced_window_clamp, unstarted_window_clamp,
-        use_units, use_weight, weight_reference, window_clamp, window_rtt_us, wire_len,
-        wire_to_tcp_rate, woke_from_idle, woken_counts_now, young_counts_in_full,
+        first_flight, flow_share, flow_started, flow_use, kp_full_rate, next_multiplier,
+        overflow_correction, pacing_changed, pacing_rate, path_probe_sample, path_rtt_update,
+        receive_window_clamp, recently_held, underflow_correction, unpaced_window_clamp,
+        unstarted_window_clamp, use_units, use_weight, weight_reference, window_clamp,
+        window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle, woken_counts_now,
+        young_counts_in_full,
     },
 };
 use qos_ebpf::{
@@ -1362,7 +1363,19 @@ fn on_send(ctx: &SockOpsContext) {
     // hold a flow on a short round trip; windows sharing the link's queue
     // can). Otherwise they are left to CE marks.
     let clamp_ecn = GLOBAL_CLAMP_ECN | GLOBAL_ACK_PACING;
+    // SAFETY: pointer into the socket map value.
+    let unstarted_clamp = unsafe { (*sc).flags } & SOCK_UNSTARTED != 0;
     if g.flags & GLOBAL_ENABLED == 0 || (ecn & TCP_ECN_OK != 0 && g.flags & clamp_ecn == 0) {
+        if unstarted_clamp {
+            // Left to marks now (ACK pacing turned off): no window of two
+            // segments stays behind.
+            set_int_option(ctx, SOL_TCP, TCP_WINDOW_CLAMP, UNCLAMPED);
+            // SAFETY: as above.
+            unsafe {
+                (*sc).flags &= !SOCK_UNSTARTED;
+                (*sc).pacing = 0;
+            }
+        }
         return;
     }
     // SAFETY: helper without arguments; pointer into the socket map value.
@@ -1393,7 +1406,9 @@ fn on_send(ctx: &SockOpsContext) {
     // Most ACKs fall between two steps: leave before the class lookups.
     // Steps (one round trip, 20..80 ms) are shorter than an activity epoch,
     // so the flow is still counted in every epoch it receives in.
-    if applied != 0 && now < step_ns + clamp_step_ns(window_rtt) {
+    // An unstarted flow's clamp is replaced as soon as it starts.
+    let starts = unstarted_clamp && flow_started(received, mss as u64);
+    if applied != 0 && now < step_ns + clamp_step_ns(window_rtt) && !starts {
         return;
     }
     // The count the ACK clock keeps, where it runs: one count per flow.
@@ -1406,7 +1421,15 @@ fn on_send(ctx: &SockOpsContext) {
     let Some((slot, st, rate, cfg)) = flow_rate(&d, g, sc, moved) else {
         return;
     };
-    let unstarted = unstarted_window_clamp(received, mss as u64, ack_paced, rtt_us);
+    let class_rate = if cfg.alloc > 0 {
+        cfg.alloc
+    } else {
+        cfg.guarantee
+    };
+    // SAFETY: pointer into a class state map value.
+    let open = unsafe { read(&(*st).flows_open) };
+    let unstarted =
+        unstarted_window_clamp(received, mss as u64, ack_paced, rtt_us, class_rate, open);
     let clamp = if let Some(c) = unstarted {
         c
     } else if ack_paced {
@@ -1467,9 +1490,17 @@ fn on_send(ctx: &SockOpsContext) {
         (*sc).prev_clamp = applied as u32;
         (*sc).pacing = clamp;
         (*sc).rtt_us = rtt_us;
-        // An unstarted flow's next segment is sized again: its first ACK
-        // of data gets the usual clamp.
-        (*sc).step_ns = if unstarted.is_some() { 0 } else { now };
+        (*sc).step_ns = now;
+        let flags = (*sc).flags;
+        let marked = if unstarted.is_some() {
+            flags | SOCK_UNSTARTED
+        } else {
+            flags & !SOCK_UNSTARTED
+        };
+        // Written only when it changes, as in `flow_rate`.
+        if marked != flags {
+            (*sc).flags = marked;
+        }
         (*sc).step_bytes = received;
         if let Some(ct) = d.counters.get_ptr_mut(slot) {
             (*ct).window_clamps += 1;
