@@ -22,7 +22,7 @@ pub const UNIT: u64 = 1024;
 /// ms away put their class 100 KB into debt, and with a floor of 0.5 the
 /// multiplier fell to it within a second; the class then ran at 5–7 of its
 /// 10 Mbit/s for 1.3 s while it climbed back (worst windows 0.40–0.49 in
-/// seven runs; at 0.75, 0.67–0.72 in seven, 6.1 VM, 2026-12-07).
+/// seven runs; at 0.75, 0.67–0.72 in eight, 6.1 VM, 2026-12-07).
 pub const MULT_MIN: u64 = UNIT * 3 / 4;
 pub const MULT_MAX: u64 = UNIT * 4;
 /// Lowest multiplier of a received flow's window ([`unpaced_window_clamp`]).

@@ -1367,8 +1367,8 @@ fn on_send(ctx: &SockOpsContext) {
     let unstarted_clamp = unsafe { (*sc).flags } & SOCK_UNSTARTED != 0;
     if g.flags & GLOBAL_ENABLED == 0 || (ecn & TCP_ECN_OK != 0 && g.flags & clamp_ecn == 0) {
         if unstarted_clamp {
-            // Left to marks now (ACK pacing turned off): no window of two
-            // segments stays behind.
+            // Shaping turned off, or the flow left to marks now (ACK pacing
+            // turned off): no unstarted clamp stays behind.
             set_int_option(ctx, SOL_TCP, TCP_WINDOW_CLAMP, UNCLAMPED);
             // SAFETY: as above.
             unsafe {
