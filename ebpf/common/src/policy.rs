@@ -1395,6 +1395,17 @@ pub const SEGMENT_WIRE_BYTES: u64 = 1514;
 /// Round trip assumed for a class none of whose flows has measured one.
 pub const FIRST_FLIGHT_RTT_US: u64 = 100_000;
 
+/// Rate a class's new flows are sized from (wire bytes/s): its allocation,
+/// or its guarantee before the allocator has given it one.
+#[inline(always)]
+pub const fn class_rate(cfg: &ClassConfig) -> u64 {
+    if cfg.alloc > 0 {
+        cfg.alloc
+    } else {
+        cfg.guarantee
+    }
+}
+
 /// Whether a received flow has started: it has taken a segment's worth
 /// (`received` bytes, `mss` as for [`window_clamp`]), more than what a
 /// client sends on a connection before its transfer (iperf3's 37-byte
@@ -1644,7 +1655,7 @@ mod tests {
     }
 
     #[test]
-    fn an_unstarted_flow_keeps_its_first_flight_where_its_clamp_restarts_each_step() {
+    fn an_unstarted_flow_from_afar_is_clamped_at_its_share_of_the_class_round_trip() {
         // 10 Mbit/s of wire rate from 60 ms away: 73 KB of payload a round
         // trip, split over the class's open flows, at least two segments.
         let (rate, rtt) = (1_250_000, 60_000);
@@ -1657,7 +1668,7 @@ mod tests {
             unstarted_window_clamp(37, 1448, true, rtt, rate, 0),
             Some(whole)
         );
-        assert!(whole / 4 - window_clamp(rate / 4, rtt, 1448) < 64);
+        assert!(whole.abs_diff(4 * window_clamp(rate / 4, rtt, 1448)) < 256);
         assert_eq!(
             unstarted_window_clamp(0, 1448, true, rtt, rate, 4),
             Some(window_clamp(rate / 4, rtt, 1448))
@@ -1676,6 +1687,14 @@ mod tests {
         );
         // A tiny or absurd segment size is bounded as for the other clamps.
         assert_eq!(unstarted_window_clamp(0, 0, true, rtt, 0, 1), Some(2 * 536));
+        // The class's rate: its allocation once it has one.
+        let mut cfg = ClassConfig {
+            guarantee: 1_000,
+            ..Default::default()
+        };
+        assert_eq!(class_rate(&cfg), 1_000);
+        cfg.alloc = 3_000;
+        assert_eq!(class_rate(&cfg), 3_000);
         // Started at a segment's worth: the usual clamp.
         assert!(!flow_started(1447, 1448) && flow_started(1448, 1448));
         assert!(!flow_started(535, 0) && flow_started(536, 0));

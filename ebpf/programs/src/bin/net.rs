@@ -61,12 +61,12 @@ use qos_common::{
         self, ACK_LEAD_WINDOW_US, BY_USE, CLAMP_FOLLOWS_CLOCK_RTT_US, CONTROL_INTERVAL_NS,
         FlowKind, HELD_STAMP_NS, Levels, Limits, NO_PAYLOAD_MAX_L3_LEN, PATH_PROBE_STALE_NS,
         PathRtt, SOCK_WOKEN_BITS, UNIT, Verdict, ack_lead_holds, clamp_seen, clamp_step_ns,
-        class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide, earned, epoch_count,
-        first_flight, flow_share, flow_started, flow_use, kp_full_rate, next_multiplier,
-        overflow_correction, pacing_changed, pacing_rate, path_probe_sample, path_rtt_update,
-        receive_window_clamp, recently_held, underflow_correction, unpaced_window_clamp,
-        unstarted_window_clamp, use_units, use_weight, weight_reference, window_clamp,
-        window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle, woken_counts_now,
+        class_rate, class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide, earned,
+        epoch_count, first_flight, flow_share, flow_started, flow_use, kp_full_rate,
+        next_multiplier, overflow_correction, pacing_changed, pacing_rate, path_probe_sample,
+        path_rtt_update, receive_window_clamp, recently_held, underflow_correction,
+        unpaced_window_clamp, unstarted_window_clamp, use_units, use_weight, weight_reference,
+        window_clamp, window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle, woken_counts_now,
         young_counts_in_full,
     },
 };
@@ -1027,11 +1027,7 @@ fn initial_window(ctx: &SockOpsContext) -> u32 {
     if cfg.active == 0 || g.flags & GLOBAL_RELEASE != 0 {
         return 0;
     }
-    let rate = if cfg.alloc > 0 {
-        cfg.alloc
-    } else {
-        cfg.guarantee
-    };
+    let rate = class_rate(cfg);
     // SAFETY: helper without arguments; pointer into a class state map value.
     let (segs, clock) = unsafe {
         first_flight(
@@ -1421,15 +1417,16 @@ fn on_send(ctx: &SockOpsContext) {
     let Some((slot, st, rate, cfg)) = flow_rate(&d, g, sc, moved) else {
         return;
     };
-    let class_rate = if cfg.alloc > 0 {
-        cfg.alloc
-    } else {
-        cfg.guarantee
-    };
     // SAFETY: pointer into a class state map value.
     let open = unsafe { read(&(*st).flows_open) };
-    let unstarted =
-        unstarted_window_clamp(received, mss as u64, ack_paced, rtt_us, class_rate, open);
+    let unstarted = unstarted_window_clamp(
+        received,
+        mss as u64,
+        ack_paced,
+        rtt_us,
+        class_rate(cfg),
+        open,
+    );
     let clamp = if let Some(c) = unstarted {
         c
     } else if ack_paced {
