@@ -505,8 +505,9 @@ pub const fn lead_gain(rtt_us: u64, lead_us: u64) -> u64 {
 /// The pacing loop's gains (`kp`, `ki`: 1/1024, and 1/1024 per second) of a
 /// class with settings `cfg` whose flows' round trip is `rtt_us` (0: none
 /// measured), from the configured ones: [`rtt_gain`], with ACK pacing
-/// (`ack_paced`) [`lead_gain`] of its per-flow share's waiting ACKs, and
-/// [`depth_gain`] for `ki`. User space sets them with the class's other
+/// (`ack_paced`) [`lead_gain`] of its per-flow share's waiting ACKs,
+/// [`depth_gain`] for `ki`, and both at most what the loop's delay allows
+/// ([`delay_bound_gains`]). User space sets them with the class's other
 /// settings (`ClassConfig::pacing_kp`, `pacing_ki`): computed in the
 /// datapath, the lead's branches took the ingress program past the
 /// verifier's million instructions on 6.18.
@@ -524,8 +525,56 @@ pub const fn class_gains(
     };
     // Gains ≤ 2^22 (see `rtt_gain`), × scale ≤ 1024: fits.
     let kp = min_u64(rtt_gain(kp, rtt_us), 1 << 22) * scale / UNIT;
-    let ki = min_u64(rtt_gain(ki, rtt_us), 1 << 22) * scale / UNIT;
-    (kp, depth_gain(ki, cfg, ack_paced))
+    let ki = depth_gain(
+        min_u64(rtt_gain(ki, rtt_us), 1 << 22) * scale / UNIT,
+        cfg,
+        ack_paced,
+    );
+    if !ack_paced {
+        return (kp, ki);
+    }
+    // The bucket the loop reads: the own one at the guarantee; a borrower's
+    // fill comes from the shallower of its two.
+    let (depth, rate) = if borrow_is_noise(cfg) {
+        (cfg.depth, cfg.guarantee)
+    } else {
+        (min_u64(cfg.depth, cfg.borrow_depth), class_rate(cfg))
+    };
+    let delay = min_u64(rtt_us, 10_000_000) + ack_lead_us(cfg.flow_base);
+    let (kp_max, ki_max) = delay_bound_gains(depth, rate, delay);
+    (min_u64(kp, kp_max), min_u64(ki, ki_max))
+}
+
+/// Shortest loop delay [`delay_bound_gains`] sizes gains for (µs).
+pub const LOOP_DELAY_MIN_US: u64 = 10_000;
+
+/// Largest pacing gains (`kp`, `ki` as for [`class_gains`]) of an ACK-paced
+/// class whose loop reads a bucket `depth` bytes deep that earns `rate`
+/// wire bytes/s (its own at its guarantee; a borrower's shallower bucket at
+/// its allocation), and whose rate changes reach that bucket `delay_us`
+/// later (its round trip and its flows' waiting ACKs): the bucket
+/// integrates the class's excess over `depth` / `rate` seconds (T), the multiplier
+/// integrates the fill, and the proportional term on the fill is the only
+/// damping. Crossing over at half a radian over the delay (`kp` = T / 2D)
+/// with the integral's zero 1.6 times below (`ki` = T / 6.5D²) leaves the
+/// loop about 30° of phase. Measured in the 6.1 VM (2026-12-07): sixteen
+/// flows sharing 10 Mbit/s from 60 ms away (T 52 ms, delay 138 ms) had a
+/// proportional gain of 0.013 (scaled by their per-flow rate) against ki
+/// 1.1/s, and their class swung between 7.2 and 11.3 Mbit/s with a 1.5 s
+/// period, its multiplier between its floor and 1.19. With kp 0.16 and ki
+/// 0.43/s the multiplier stayed within 0.99-1.02, and the class's worst
+/// 100 ms window went from 0.71-0.75 of its share to 0.88-0.90.
+pub const fn delay_bound_gains(depth: u64, rate: u64, delay_us: u64) -> (u64, u64) {
+    if rate == 0 || depth == 0 {
+        return (u64::MAX, u64::MAX);
+    }
+    // Bucket time (µs), at most 100 s; delay 10 ms .. ~10.4 s.
+    let t_us = min_u64(min_u64(depth, 1 << 40) * 1_000_000 / rate, 100_000_000);
+    let d_us = max_u64(delay_us, LOOP_DELAY_MIN_US);
+    // UNIT × 1e8 < 2^37; × 2e6 for ki < 2^58.
+    let kp = UNIT * t_us / (2 * d_us);
+    let ki = UNIT * t_us * 2 / 13 * 1_000_000 / d_us / d_us;
+    (kp, ki)
 }
 
 /// Round trip up to which the pacing loop's gains apply in full; beyond
@@ -563,9 +612,9 @@ pub const KI_FULL_DEPTH_NS: u64 = 100_000_000;
 /// fill: the pair swings at √(ki / bucket time), damped by `kp` / bucket
 /// time. A small class's bucket is its 64 KB floor, 262 ms at 2 Mbit/s;
 /// with the full gain from 60 ms away (ki 2.5/s) the 6.1 VM showed its
-/// multiplier swinging between 0.5 and 1.7 with a 2 s period. Like the
-/// proportional gain's depth rule ([`kp_full_rate`]) it applies to ACK
-/// clocks only: sender pacing (egress) was not measured with it.
+/// multiplier swinging between 0.5 and 1.7 with a 2 s period. It applies
+/// to ACK clocks only: sender pacing (egress) was not measured with it.
+/// [`delay_bound_gains`] bounds it further where the loop is slow.
 #[inline(always)]
 pub const fn depth_gain(ki: u64, cfg: &ClassConfig, ack_paced: bool) -> u64 {
     if !(ack_paced && borrow_is_noise(cfg)) {
@@ -688,47 +737,26 @@ pub const fn window_rtt_us(handshake_us: u64, path_us: u64) -> u64 {
     }
 }
 
-/// Per-flow rate at and above which the proportional gain applies in full.
-/// A slower flow sends its (up to 64 KB) segments further apart, so it sees
-/// the effect of a rate change later; its gain shrinks in proportion, which
-/// keeps the loop from oscillating with many slow flows.
+/// Per-flow rate at and above which the proportional gain applies in full
+/// with sender pacing. A slower flow sends its (up to 64 KB) segments
+/// further apart, so it sees the effect of a rate change later; its gain
+/// shrinks in proportion, which keeps the loop from oscillating with many
+/// slow flows.
 pub const KP_FULL_RATE: u64 = 12_500_000;
-/// [`KP_FULL_RATE`] of a flow held by its ACK clock: the clock applies a new
-/// rate at the next received packet, not at the sender's next burst.
-pub const KP_FULL_RATE_ACK: u64 = KP_FULL_RATE / 8;
-/// Own-bucket depth, in time at the guarantee, beyond which an ACK-paced
-/// class's [`kp_full_rate`] shrinks in proportion.
-pub const KP_FULL_DEPTH_NS: u64 = 32_000_000;
 
-/// Per-flow rate at which the proportional gain of a class's flows is full.
-/// An ACK-paced class at its guarantee (no borrow allowance to speak of)
-/// gets the ACK clock's; a borrowing one keeps the sender-pacing value,
-/// because its fill comes from the shallow borrow bucket, which moves with
-/// every allocation step. Measured in the 6.1 VM: with the sender-pacing
-/// gain a 10 Mbit/s class of two ACK-paced flows had kp 0.075 against ki
-/// 5/s and swung between 0.6 and 1.4 of its share (~0.7 s period).
-///
-/// The ACK clock's value shrinks by 32 ms / the time its own bucket holds
-/// at its guarantee when that is longer: the proportional term is what
-/// damps a deep bucket's swing (see [`depth_gain`]), which depends on the
-/// bucket, not on the flows' rate. A 2 Mbit/s class (64 KB, 262 ms) from
-/// 60 ms away had kp 0.06 and swung with a 2 s period (p5/quota 0.50–0.62
-/// in the 6.1 VM); with the full kp 0.78–0.83, and 0.87–0.93 with
-/// `depth_gain` as well. The full kp for every ACK-paced flow from 1.56
-/// Mbit/s (instead of this depth rule) made classes of 16 and 32 such
-/// flows, whose buckets hold 21 ms, swing at 0 ms (incast p5 0.82 → 0.59).
+/// Per-flow rate at which the proportional gain of a class's flows is full:
+/// [`KP_FULL_RATE`] with sender pacing, and 1 (every flow in full) where
+/// ACK clocks pace them. An ACK clock applies a new rate at the flow's next
+/// received packet, and an ACK-paced class's gains are sized whole for its
+/// bucket and loop delay in user space ([`delay_bound_gains`]). Scaled by
+/// the per-flow rate (in full from 1.56 Mbit/s, less for deep buckets,
+/// until 2026-12-07), the proportional term of a class of many slow flows
+/// all but vanished: sixteen flows sharing 10 Mbit/s from 60 ms away had
+/// 0.013 and swung between 7.2 and 11.3 Mbit/s (see
+/// [`delay_bound_gains`]).
 #[inline(always)]
-pub const fn kp_full_rate(cfg: &ClassConfig, ack_paced: bool) -> u64 {
-    if !(ack_paced && borrow_is_noise(cfg)) {
-        return KP_FULL_RATE;
-    }
-    // ≤ 4e8 bytes: × KP_FULL_RATE_ACK (< 2^21) fits.
-    let full = min_u64(cfg.guarantee, MAX_RATE) / 1000 * (KP_FULL_DEPTH_NS / 1_000_000);
-    if cfg.depth <= full {
-        KP_FULL_RATE_ACK
-    } else {
-        max_u64(KP_FULL_RATE_ACK * full / cfg.depth, 1)
-    }
+pub const fn kp_full_rate(ack_paced: bool) -> u64 {
+    if ack_paced { 1 } else { KP_FULL_RATE }
 }
 
 /// Pacing rate of one flow: feed-forward share × class multiplier, corrected
@@ -1075,11 +1103,53 @@ pub const CLAMP_CEILING_SEGMENTS: u64 = 4;
 /// sender's congestion window 36).
 #[inline(always)]
 pub const fn ack_paced_clamp_ceiling(target: u64, rtt_us: u64, mss: u64) -> u64 {
-    let segments = CLAMP_CEILING_SEGMENTS * min_u64(max_u64(mss, 536), 65_535);
+    ramped_clamp_ceiling(target, rtt_us, mss, CLAMP_CEILING_RAMP_NS)
+}
+
+/// How long the receive-window ceiling of an ACK-paced flow from afar takes
+/// to grow its segments beyond the round trip from none to
+/// [`CLAMP_CEILING_SEGMENTS`] ([`ramped_window_clamp`]).
+pub const CLAMP_CEILING_RAMP_NS: u64 = 2_000_000_000;
+
+/// [`ack_paced_clamp_ceiling`] of a flow `age_ns` after it started (or
+/// woke from idle): its segments beyond the round trip grow from none to
+/// [`CLAMP_CEILING_SEGMENTS`] over [`CLAMP_CEILING_RAMP_NS`].
+#[inline(always)]
+pub const fn ramped_clamp_ceiling(target: u64, rtt_us: u64, mss: u64, age_ns: u64) -> u64 {
+    let segments =
+        CLAMP_CEILING_SEGMENTS * min_u64(age_ns, CLAMP_CEILING_RAMP_NS) / CLAMP_CEILING_RAMP_NS;
+    let extra = segments * min_u64(max_u64(mss, 536), 65_535);
     max_u64(
         window_clamp_ceiling(target, rtt_us, mss),
-        window_clamp(target, rtt_us, mss) + segments,
+        window_clamp(target, rtt_us, mss) + extra,
     )
+}
+
+/// Receive-window clamp of an ACK-paced flow `age_ns` after it started (or
+/// woke from idle) whose step gave `clamp` ([`receive_window_clamp`], for
+/// `target` and the handshake's round trip `rtt_us`): from 10 ms away, at
+/// most [`ramped_clamp_ceiling`]. The segments a slow flow's window holds
+/// beyond its round trip are ACKs waiting on its clock once it runs; while
+/// its window grows into them, slow start sends two segments per paced
+/// ACK, and the class runs above its rate until they are full. For 32 flows
+/// sharing 10 Mbit/s from 60 ms away, four segments each are 185 KB, two
+/// and a half times the class's round trip: the class ran at 11-17 Mbit/s
+/// for its first second (the 6.1 VM, 2026-12-07). Grown over two seconds,
+/// the windows fill at about 0.75 Mbit/s above the class's rate. A faster
+/// flow's ceiling is its round trip plus 10 ms, which the ramp leaves as
+/// it is. Near flows follow their measured rate instead.
+#[inline(always)]
+pub const fn ramped_window_clamp(
+    clamp: u64,
+    target: u64,
+    rtt_us: u64,
+    mss: u64,
+    age_ns: u64,
+) -> u64 {
+    if rtt_us < CLAMP_FOLLOWS_CLOCK_RTT_US {
+        return clamp;
+    }
+    min_u64(clamp, ramped_clamp_ceiling(target, rtt_us, mss, age_ns))
 }
 
 /// The receive-window clamp that the rate a flow received over the last
@@ -1652,6 +1722,37 @@ mod tests {
         assert_eq!(epoch_count(other, true, true, 0), (UNIT, other));
         // Waking again restarts the watch.
         assert_eq!(epoch_count(late, false, true, 0), (0, other | SOCK_WOKEN));
+    }
+
+    #[test]
+    fn a_young_flow_from_afar_grows_its_window_past_the_round_trip_over_two_seconds() {
+        // One of 32 flows sharing 10 Mbit/s from 60 ms away.
+        let (target, rtt, mss) = (wire_to_tcp_rate(1_250_000 / 32), 60_000, 1448);
+        let full = ack_paced_clamp_ceiling(target, rtt, mss);
+        let step = receive_window_clamp(0, 0, target, mss, rtt, rtt, 0);
+        assert_eq!(step, full);
+        // Starting: its round trip and 10 ms, here the two-segment floor.
+        let start = ramped_window_clamp(step, target, rtt, mss, 0);
+        assert_eq!(start, window_clamp_ceiling(target, rtt, mss));
+        assert_eq!(start, 2 * 1448);
+        // Halfway: two of the four segments; from two seconds: all four.
+        let half = ramped_window_clamp(step, target, rtt, mss, CLAMP_CEILING_RAMP_NS / 2);
+        assert_eq!(half, window_clamp(target, rtt, mss) + 2 * 1448);
+        assert_eq!(
+            ramped_window_clamp(step, target, rtt, mss, CLAMP_CEILING_RAMP_NS),
+            full
+        );
+        assert_eq!(ramped_window_clamp(step, target, rtt, mss, u64::MAX), full);
+        assert!(start < half && half < full);
+        // Never above the step's clamp.
+        assert_eq!(ramped_window_clamp(1448, target, rtt, mss, u64::MAX), 1448);
+        // Near flows follow their measured rate: left as they are.
+        assert_eq!(ramped_window_clamp(12_345, target, 9_999, mss, 0), 12_345);
+        // A 10 Mbit/s flow's ceiling is its round trip plus 10 ms from the
+        // start.
+        let fast = wire_to_tcp_rate(1_250_000);
+        let fast_full = ack_paced_clamp_ceiling(fast, rtt, mss);
+        assert_eq!(ramped_window_clamp(fast_full, fast, rtt, mss, 0), fast_full);
     }
 
     #[test]
@@ -2610,49 +2711,55 @@ mod tests {
     }
 
     #[test]
-    fn ack_paced_classes_at_their_guarantee_get_the_full_gain_sooner() {
-        let at_guarantee = ClassConfig {
-            guarantee: 1_250_000,
-            borrow_rate: 0,
-            ..ClassConfig::default()
-        };
-        let borrowing = ClassConfig {
-            borrow_rate: 1_250_000,
-            ..at_guarantee
-        };
-        assert_eq!(kp_full_rate(&at_guarantee, true), KP_FULL_RATE_ACK);
-        assert_eq!(kp_full_rate(&at_guarantee, false), KP_FULL_RATE);
-        assert_eq!(kp_full_rate(&borrowing, true), KP_FULL_RATE);
-        // An allowance below 1/16 of the guarantee does not count.
-        let tiny = ClassConfig {
-            borrow_rate: 1_250_000 / 17,
-            ..at_guarantee
-        };
-        assert_eq!(kp_full_rate(&tiny, true), KP_FULL_RATE_ACK);
-        // A 12.5 Mbit/s flow gets the full gain from the ACK clock, an
-        // eighth of it from sender pacing.
-        let t = FILL_TARGET;
-        let f = KP_FULL_RATE_ACK;
-        let ack = pacing_rate(f, UNIT, 1024 + t, 1024, KP_FULL_RATE_ACK, 0) - f;
-        let sender = pacing_rate(f, UNIT, 1024 + t, 1024, KP_FULL_RATE, 0) - f;
-        assert!(ack.abs_diff(f) < f / 50, "{ack}");
-        assert!(sender.abs_diff(f / 8) < f / 50, "{sender}");
-        // A bucket deeper than 32 ms at the guarantee: in proportion.
-        let deep = |guarantee: u64, depth: u64| ClassConfig {
-            guarantee,
-            depth,
-            ..ClassConfig::default()
-        };
-        // 2 Mbit/s, 64 KB (262 ms): the full gain from 190 KB/s (1.5
-        // Mbit/s).
-        assert_eq!(kp_full_rate(&deep(250_000, 65_536), true), 190_734);
-        // 25 Mbit/s, 64 KB (21 ms): the ACK clock's as it is.
-        assert_eq!(
-            kp_full_rate(&deep(3_125_000, 65_536), true),
-            KP_FULL_RATE_ACK
+    fn ack_clocks_get_the_proportional_gain_in_full_at_any_flow_rate() {
+        assert_eq!(kp_full_rate(true), 1);
+        assert_eq!(kp_full_rate(false), KP_FULL_RATE);
+        // One of 32 flows sharing 10 Mbit/s, its class's fill a whole
+        // depth past the target: the whole gain with ACK pacing, a 320th
+        // of it with sender pacing.
+        let f = 1_250_000 / 32;
+        let full = FILL_TARGET + 1024;
+        let at_target = pacing_rate(f, UNIT, FILL_TARGET, 1024, 1, 0);
+        let ack = pacing_rate(f, UNIT, full, 1024, kp_full_rate(true), 0) - at_target;
+        let sender = pacing_rate(f, UNIT, full, 1024, kp_full_rate(false), 0) - at_target;
+        assert!(ack.abs_diff(f) <= f / 50, "{ack}");
+        assert!(sender <= f / 300, "{sender}");
+    }
+
+    #[test]
+    fn delay_bounds_the_gains_of_a_slow_loop() {
+        // Sixteen flows sharing 10 Mbit/s from 60 ms away: a 64 KB bucket
+        // holds 52 ms, the loop's delay is the round trip plus four of
+        // their packet times (78 ms): kp 0.19, ki 0.43/s.
+        let lead = ack_lead_us(1_250_000 / 16);
+        assert_eq!(lead, 77_516);
+        let (kp, ki) = delay_bound_gains(65_536, 1_250_000, 60_000 + lead);
+        assert_eq!((kp, ki), (195, 436));
+        // Twice the delay: half the proportional gain, a quarter of the
+        // integral one; twice the bucket: twice both.
+        let (kp2, ki2) = delay_bound_gains(65_536, 1_250_000, 2 * (60_000 + lead));
+        assert!(
+            kp2.abs_diff(kp / 2) <= 1 && ki2.abs_diff(ki / 4) <= 1,
+            "{kp2} {ki2}"
         );
-        assert_eq!(kp_full_rate(&deep(250_000, 65_536), false), KP_FULL_RATE);
-        assert_eq!(kp_full_rate(&deep(1, u64::MAX), true), 1);
+        let (kp3, ki3) = delay_bound_gains(2 * 65_536, 1_250_000, 60_000 + lead);
+        assert!(
+            kp3.abs_diff(2 * kp) <= 1 && ki3.abs_diff(2 * ki) <= 1,
+            "{kp3} {ki3}"
+        );
+        // Delays below 10 ms count as 10 ms.
+        assert_eq!(
+            delay_bound_gains(65_536, 1_250_000, 0),
+            delay_bound_gains(65_536, 1_250_000, LOOP_DELAY_MIN_US)
+        );
+        // No rate or no bucket: no bound. Extremes stay finite.
+        assert_eq!(delay_bound_gains(65_536, 0, 1), (u64::MAX, u64::MAX));
+        assert_eq!(
+            delay_bound_gains(0, 1_250_000, 60_000),
+            (u64::MAX, u64::MAX)
+        );
+        let (hk, hi) = delay_bound_gains(u64::MAX, 1, 0);
+        assert!(hk < u64::MAX && hi < u64::MAX);
     }
 
     #[test]
@@ -2702,8 +2809,27 @@ mod tests {
         let (pkp, pki) = class_gains(kp, ki, 60_000, &slow, true);
         assert!(pkp.abs_diff(rtt_gain(kp, 215_035)) <= 1, "{pkp}");
         let ki_delay = rtt_gain(ki, 60_000) * lead_gain(60_000, 155_035) / UNIT;
-        assert_eq!(pki, depth_gain(ki_delay, &slow, true));
-        assert!(pki < ki_delay);
+        assert!(depth_gain(ki_delay, &slow, true) < ki_delay);
+        // ... and both at most what the loop's delay allows: here ki.
+        let (kp_max, ki_max) = delay_bound_gains(156_250, 1_250_000, 215_035);
+        assert!(pkp < kp_max);
+        assert_eq!(pki, ki_max);
+        assert!(pki < depth_gain(ki_delay, &slow, true));
+        // A borrower's fill comes from the shallower of its buckets, at
+        // its allocation: one 20 Mbit/s flow from 60 ms away on a 32 KB
+        // borrow bucket (13 ms) gets kp 0.10, not 0.36.
+        let borrowing = ClassConfig {
+            alloc: 2_500_000,
+            borrow_rate: 1_250_000,
+            borrow_depth: 32_768,
+            flow_base: 2_500_000,
+            ..slow
+        };
+        let bound = delay_bound_gains(32_768, 2_500_000, 60_000 + ack_lead_us(2_500_000));
+        let (bkp, bki) = class_gains(kp, ki, 60_000, &borrowing, true);
+        assert_eq!(bkp, bound.0);
+        assert_eq!(bkp, 107);
+        assert!(bki <= bound.1);
         // One fast flow from nearby: in full.
         let fast = ClassConfig {
             flow_base: 125_000_000,

@@ -64,10 +64,10 @@ use qos_common::{
         class_rate, class_rtt, clock_bound, clock_fell_behind, debt_repayment, decide, earned,
         epoch_count, first_flight, flow_share, flow_started, flow_use, kp_full_rate,
         next_multiplier, overflow_correction, pacing_changed, pacing_rate, path_probe_sample,
-        path_rtt_update, receive_window_clamp, recently_held, underflow_correction,
-        unpaced_window_clamp, unstarted_window_clamp, use_units, use_weight, weight_reference,
-        window_clamp, window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle, woken_counts_now,
-        young_counts_in_full,
+        path_rtt_update, ramped_window_clamp, receive_window_clamp, recently_held,
+        underflow_correction, unpaced_window_clamp, unstarted_window_clamp, use_units, use_weight,
+        weight_reference, window_clamp, window_rtt_us, wire_len, wire_to_tcp_rate, woke_from_idle,
+        woken_counts_now, young_counts_in_full,
     },
 };
 use qos_ebpf::{
@@ -255,7 +255,9 @@ fn socket_view(d: &Dir, skb: *mut __sk_buff, g: &NetGlobal, route: Option<&TcCon
     };
     let entry = SockClass {
         slot,
-        flags,
+        // An unstarted flow's clamp stays applied (`pacing`), so its mark
+        // stays with it: its first segment is then re-clamped at once.
+        flags: flags | (old.flags & SOCK_UNSTARTED),
         generation: g.generation,
         ..old
     };
@@ -1201,7 +1203,7 @@ fn flow_rate<'a>(
     // The allocator keeps the feed-forward below the ceiling and the ceiling
     // bucket enforces it; clamping the rate at the ceiling as well would
     // keep the multiplier from correcting the wire/TCP byte conversion.
-    let full_rate = kp_full_rate(cfg, g.flags & GLOBAL_ACK_PACING != 0);
+    let full_rate = kp_full_rate(g.flags & GLOBAL_ACK_PACING != 0);
     let rate = pacing_rate(
         base,
         mult,
@@ -1340,6 +1342,7 @@ fn on_send(ctx: &SockOpsContext) {
             unsafe {
                 (*sc).pacing = 0;
                 (*sc).prev_clamp = 0;
+                (*sc).flags &= !SOCK_UNSTARTED;
             }
         }
         return;
@@ -1445,15 +1448,13 @@ fn on_send(ctx: &SockOpsContext) {
         // SAFETY: pointer into the socket map value.
         let previous = unsafe { (*sc).prev_clamp } as u64;
         let seen = clamp_seen(applied, previous, window_rtt);
-        receive_window_clamp(
-            seen,
-            measured,
-            wire_to_tcp_rate(rate),
-            mss as u64,
-            rtt_us,
-            window_rtt,
-            initial,
-        )
+        let target = wire_to_tcp_rate(rate);
+        let clamp = receive_window_clamp(
+            seen, measured, target, mss as u64, rtt_us, window_rtt, initial,
+        );
+        // SAFETY: as above (`flow_rate` set it).
+        let age = now.saturating_sub(unsafe { (*sc).born_ns });
+        ramped_window_clamp(clamp, target, rtt_us, mss as u64, age)
     } else {
         // The allocator's share × the multiplier user space sizes the
         // class's windows at (`ClassConfig::window_mult`; 1 until it has).
