@@ -570,7 +570,10 @@ pub const fn delay_bound_gains(depth: u64, rate: u64, delay_us: u64) -> (u64, u6
     }
     // Bucket time (µs), at most 100 s; delay 10 ms .. ~10.4 s.
     let t_us = min_u64(min_u64(depth, 1 << 40) * 1_000_000 / rate, 100_000_000);
-    let d_us = max_u64(delay_us, LOOP_DELAY_MIN_US);
+    let d_us = min_u64(
+        max_u64(delay_us, LOOP_DELAY_MIN_US),
+        10_000_000 + ACK_LEAD_MAX_US,
+    );
     // UNIT × 1e8 < 2^37; × 2e6 for ki < 2^58.
     let kp = UNIT * t_us / (2 * d_us);
     let ki = UNIT * t_us * 2 / 13 * 1_000_000 / d_us / d_us;
@@ -749,7 +752,7 @@ pub const KP_FULL_RATE: u64 = 12_500_000;
 /// ACK clocks pace them. An ACK clock applies a new rate at the flow's next
 /// received packet, and an ACK-paced class's gains are sized whole for its
 /// bucket and loop delay in user space ([`delay_bound_gains`]). Scaled by
-/// the per-flow rate (in full from 1.56 Mbit/s, less for deep buckets,
+/// the per-flow rate (in full from 12.5 Mbit/s, less for deep buckets,
 /// until 2026-12-07), the proportional term of a class of many slow flows
 /// all but vanished: sixteen flows sharing 10 Mbit/s from 60 ms away had
 /// 0.013 and swung between 7.2 and 11.3 Mbit/s (see
@@ -1113,7 +1116,8 @@ pub const CLAMP_CEILING_RAMP_NS: u64 = 2_000_000_000;
 
 /// [`ack_paced_clamp_ceiling`] of a flow `age_ns` after it started (or
 /// woke from idle): its segments beyond the round trip grow from none to
-/// [`CLAMP_CEILING_SEGMENTS`] over [`CLAMP_CEILING_RAMP_NS`].
+/// [`CLAMP_CEILING_SEGMENTS`] over [`CLAMP_CEILING_RAMP_NS`], a whole
+/// segment at a time.
 #[inline(always)]
 pub const fn ramped_clamp_ceiling(target: u64, rtt_us: u64, mss: u64, age_ns: u64) -> u64 {
     let segments =
@@ -1134,8 +1138,9 @@ pub const fn ramped_clamp_ceiling(target: u64, rtt_us: u64, mss: u64, age_ns: u6
 /// ACK, and the class runs above its rate until they are full. For 32 flows
 /// sharing 10 Mbit/s from 60 ms away, four segments each are 185 KB, two
 /// and a half times the class's round trip: the class ran at 11-17 Mbit/s
-/// for its first second (the 6.1 VM, 2026-12-07). Grown over two seconds,
-/// the windows fill at about 0.75 Mbit/s above the class's rate. A faster
+/// for its first second (the 6.1 VM, 2026-12-07). Grown a segment every
+/// half second (46 KB for those 32 flows each time), the windows fill at
+/// about 0.75 Mbit/s above the class's rate on average. A faster
 /// flow's ceiling is its round trip plus 10 ms, which the ramp leaves as
 /// it is. Near flows follow their measured rate instead.
 #[inline(always)]
@@ -1748,6 +1753,20 @@ mod tests {
         assert_eq!(ramped_window_clamp(1448, target, rtt, mss, u64::MAX), 1448);
         // Near flows follow their measured rate: left as they are.
         assert_eq!(ramped_window_clamp(12_345, target, 9_999, mss, 0), 12_345);
+        // A 2 Mbit/s flow (a 14.6 KB round trip): from its round trip plus
+        // 10 ms at the start to its round trip plus two segments halfway.
+        let mid = wire_to_tcp_rate(250_000);
+        let mid_full = ack_paced_clamp_ceiling(mid, rtt, mss);
+        assert_eq!(
+            ramped_window_clamp(mid_full, mid, rtt, mss, 0),
+            window_clamp_ceiling(mid, rtt, mss)
+        );
+        assert_eq!(
+            ramped_window_clamp(mid_full, mid, rtt, mss, CLAMP_CEILING_RAMP_NS / 2),
+            window_clamp(mid, rtt, mss) + 2 * 1448
+        );
+        assert!(window_clamp(mid, rtt, mss) > 2 * 1448);
+        assert!(window_clamp_ceiling(mid, rtt, mss) < mid_full);
         // A 10 Mbit/s flow's ceiling is its round trip plus 10 ms from the
         // start.
         let fast = wire_to_tcp_rate(1_250_000);
@@ -2760,6 +2779,11 @@ mod tests {
         );
         let (hk, hi) = delay_bound_gains(u64::MAX, 1, 0);
         assert!(hk < u64::MAX && hi < u64::MAX);
+        // Delays past what `class_gains` can give count as its longest.
+        assert_eq!(
+            delay_bound_gains(65_536, 1_250_000, u64::MAX),
+            delay_bound_gains(65_536, 1_250_000, 10_000_000 + ACK_LEAD_MAX_US)
+        );
     }
 
     #[test]
