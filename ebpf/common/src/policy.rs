@@ -518,8 +518,9 @@ pub const fn class_gains(
     cfg: &ClassConfig,
     ack_paced: bool,
 ) -> (u64, u64) {
+    let lead = ack_lead_us(cfg.flow_base);
     let scale = if ack_paced {
-        lead_gain(rtt_us, ack_lead_us(cfg.flow_base))
+        lead_gain(rtt_us, lead)
     } else {
         UNIT
     };
@@ -540,7 +541,7 @@ pub const fn class_gains(
     } else {
         (min_u64(cfg.depth, cfg.borrow_depth), class_rate(cfg))
     };
-    let delay = min_u64(rtt_us, 10_000_000) + ack_lead_us(cfg.flow_base);
+    let delay = min_u64(rtt_us, 10_000_000) + lead;
     let (kp_max, ki_max) = delay_bound_gains(depth, rate, delay);
     (min_u64(kp, kp_max), min_u64(ki, ki_max))
 }
