@@ -166,6 +166,132 @@ pub fn unheld_traffic_starting(unheld_since: Option<u64>, now_ns: u64) -> bool {
     unheld_since.is_some_and(|t| now_ns.saturating_sub(t) < UNHELD_START_NS)
 }
 
+/// Control steps without a byte received after which a class is idle (its
+/// share lent out at once; [`silent_steps`]), at the least.
+pub const SILENT_STEPS_MIN: u32 = 3;
+/// Time beyond its flows' round trip a class from afar must receive nothing
+/// for to be idle.
+pub const SILENT_SLACK_US: u64 = 10_000;
+/// Longest round trip [`silent_steps`] waits out.
+pub const SILENT_RTT_MAX_US: u64 = 500_000;
+
+/// Control steps of `step_ns` without a byte received after which a class
+/// whose flows' round trip is `rtt_us` is idle: three, or that round trip
+/// and 10 ms more where longer. While their windows ramp, flows from afar
+/// arrive in bursts once per round trip: from 60 ms away, one-idle's two
+/// busy classes each went 30-70 ms without a byte several times in their
+/// first 400 ms, and each time lent its share to the other (allocations
+/// moving between 5 and 20 Mbit/s, and 15 and 6; the 6.1 VM, 2026-12-07).
+pub fn silent_steps(rtt_us: u64, step_ns: u64) -> u32 {
+    let span_ns = rtt_us
+        .min(SILENT_RTT_MAX_US)
+        .saturating_add(SILENT_SLACK_US)
+        .saturating_mul(1_000);
+    let steps = span_ns.div_ceil(step_ns.max(1));
+    u32::try_from(steps)
+        .unwrap_or(u32::MAX)
+        .max(SILENT_STEPS_MIN)
+}
+
+/// Round trips of its flows for which a class waking from silence keeps its
+/// share ([`waking`]).
+pub const WAKE_ROUND_TRIPS: u64 = 16;
+/// ... at most this long.
+pub const WAKE_MAX_NS: u64 = 2_000_000_000;
+/// ... once it receives at least 1 / this of its guarantee.
+pub const WAKE_MIN_SHARE: f64 = 8.0;
+
+/// Whether a class busy since `busy_since` (after a silence, or from its
+/// first packet), whose flows' round trip is `rtt_us` and which receives
+/// `rate` bytes/s of its `guarantee`, is still waking: for sixteen round
+/// trips (at least `hold_ns`, the demand hysteresis; at most two seconds)
+/// once it receives an eighth of its guarantee. It then keeps its share
+/// whatever its rate ([`share_spare_waking`]). Its flows' windows ramp for
+/// several round trips, sized from what it is allocated, and its buckets
+/// start full, so until its rate has caught up the estimate (rate under
+/// nine tenths of the allocation, buckets over half full) reads a ramp as
+/// a class that wants less. From 60 ms away that lent a starting class's
+/// share out within its first 100 ms: the narrower windows then kept it
+/// from showing more, and one-idle's 2 Mbit/s class (5 expected) got
+/// 1.5-3 Mbit/s for 1-1.5 s in four of eight runs while its allocation
+/// moved between 2, 5 and 20 (the 6.1 VM, 2026-12-07). Sixteen round trips
+/// cover slow start to a window of 2^16 initial windows and the rate's
+/// smoothing.
+///
+/// A class that receives less (a handshake, a control exchange,
+/// keepalives) is judged by its rate at once. Kept greedy for the hold
+/// after each such trickle, on-off's returning class took its share back
+/// from the borrowers for 100 ms at a time before its data came, and a
+/// borrower 60 ms away, its ACKs then paced at a third of the rate its
+/// windows were sized for, received nothing for 120 ms.
+pub fn waking(
+    busy_since: Option<u64>,
+    now_ns: u64,
+    rtt_us: u64,
+    rate: f64,
+    guarantee: u64,
+    hold_ns: u64,
+) -> bool {
+    let wake_ns = WAKE_ROUND_TRIPS
+        .saturating_mul(rtt_us)
+        .saturating_mul(1_000)
+        .min(WAKE_MAX_NS)
+        .max(hold_ns);
+    rate * WAKE_MIN_SHARE >= guarantee as f64
+        && busy_since.is_some_and(|t| now_ns.saturating_sub(t) < wake_ns)
+}
+
+/// Whether a class whose flows' round trip is `rtt_us` wakes for longer
+/// than `hold_ns` ([`waking`]): only then do the others hand its share
+/// back as its rate grows ([`share_spare_waking`]). A nearer class ramps
+/// within the hold, and takes its share back at once as before.
+pub fn wakes_from_afar(rtt_us: u64, hold_ns: u64) -> bool {
+    WAKE_ROUND_TRIPS
+        .saturating_mul(rtt_us)
+        .saturating_mul(1_000)
+        .min(WAKE_MAX_NS)
+        > hold_ns
+}
+
+/// [`share_spare`] with waking classes from afar ([`wakes_from_afar`]): `waking[i]` is
+/// `Some(estimate)` for a waking class, what its rate says it wants
+/// ([`estimate_demand`]). A waking class gets its share as if greedy (its
+/// entry in `classes`); the others get theirs as if it wanted its estimate,
+/// so they hand its share back as its rate grows, not at once. For that
+/// while the allocations may add up to more than the capacity, by at most
+/// what the waking classes do not use yet. Cut at once from 15 to 6 Mbit/s
+/// when on-off's class returned, a borrower 60 ms away was paced at a
+/// third of the rate its windows in flight were sized for and received
+/// nothing for 120 ms.
+pub fn share_spare_waking(
+    capacity: u64,
+    classes: &[ClassDemand],
+    waking: &[Option<Option<u64>>],
+) -> Vec<u64> {
+    let greedy = share_spare(capacity, classes);
+    if waking.iter().all(Option::is_none) {
+        return greedy;
+    }
+    let as_seen: Vec<ClassDemand> = classes
+        .iter()
+        .zip(waking)
+        .map(|(c, w)| match w {
+            Some(estimate) => ClassDemand {
+                demand: *estimate,
+                ..*c
+            },
+            None => *c,
+        })
+        .collect();
+    let rest = share_spare(capacity, &as_seen);
+    greedy
+        .into_iter()
+        .zip(rest)
+        .zip(waking)
+        .map(|((g, r), w)| if w.is_some() { g } else { r })
+        .collect()
+}
+
 /// Ceiling the datapath holds a class to: its configured one (`ceil`), or
 /// its allocation `alloc` where lower while `hold_at_alloc`: its flows are
 /// window-held and another class receives traffic no window holds.
@@ -1093,6 +1219,85 @@ mod tests {
             10 * s + UNHELD_START_NS
         ));
         assert!(unheld_traffic_starting(Some(10 * s), s));
+    }
+
+    #[test]
+    fn a_class_from_afar_is_idle_after_its_round_trip() {
+        let step = 10_000_000;
+        assert_eq!(silent_steps(0, step), SILENT_STEPS_MIN);
+        assert_eq!(silent_steps(100, step), SILENT_STEPS_MIN);
+        assert_eq!(silent_steps(20_000, step), 3);
+        assert_eq!(silent_steps(20_001, step), 4);
+        assert_eq!(silent_steps(60_000, step), 7);
+        assert_eq!(silent_steps(u64::MAX, step), 51);
+        assert_eq!(silent_steps(60_000, 0), 70_000_000);
+        assert_eq!(silent_steps(60_000, 1_000_000), 70);
+    }
+
+    #[test]
+    fn a_waking_class_keeps_its_share_for_sixteen_round_trips() {
+        let s = 1_000_000_000;
+        let hold = 100_000_000;
+        let g = 250_000;
+        let busy = g as f64 / WAKE_MIN_SHARE;
+        let wake = |since, now, rtt| waking(since, now, rtt, busy, g, hold);
+        // 60 ms away: 960 ms.
+        assert!(wake(Some(10 * s), 10 * s, 60_000));
+        assert!(wake(Some(10 * s), 10 * s + 959_999_999, 60_000));
+        assert!(!wake(Some(10 * s), 10 * s + 960_000_000, 60_000));
+        // Not busy (silent): nothing to keep.
+        assert!(!wake(None, 10 * s, 60_000));
+        // Far away: at most two seconds.
+        assert!(wake(Some(10 * s), 12 * s - 1, 500_000));
+        assert!(!wake(Some(10 * s), 12 * s, 500_000));
+        assert!(!wake(Some(10 * s), 12 * s, u64::MAX));
+        // Near or unmeasured: the hold.
+        assert!(wake(Some(10 * s), 10 * s + hold - 1, 6_000));
+        assert!(!wake(Some(10 * s), 10 * s + hold, 6_000));
+        assert!(!wake(Some(10 * s), 10 * s + hold, 0));
+        assert!(wake(Some(10 * s), 10 * s + hold, 6_251));
+        // A clock that went backwards counts as just woken.
+        assert!(wake(Some(10 * s), s, 60_000));
+        // Only from afar do the others hand its share back gradually.
+        assert!(wakes_from_afar(60_000, hold));
+        assert!(wakes_from_afar(6_251, hold));
+        assert!(!wakes_from_afar(6_250, hold));
+        assert!(!wakes_from_afar(0, hold));
+        assert!(!wakes_from_afar(u64::MAX, WAKE_MAX_NS));
+        // A trickle under an eighth of the guarantee is not a wake.
+        assert!(!waking(Some(10 * s), 10 * s, 60_000, busy * 0.99, g, hold));
+        assert!(waking(Some(10 * s), 10 * s, 60_000, 0.0, 0, hold));
+        assert!(!waking(Some(10 * s), 10 * s, 60_000, 0.0, 1, hold));
+    }
+
+    #[test]
+    fn borrowers_hand_a_waking_class_its_share_back_as_its_rate_grows() {
+        let cap = 20 * M;
+        // a (2) wakes beside b (6) borrowing c's idle 12 of 20.
+        let cs = [c(2, 0, None), c(6, 0, None), c(12, 0, Some(0))];
+        let none = [None, None, None];
+        assert_eq!(
+            share_spare_waking(cap, &cs, &none),
+            share_spare(cap, &cs),
+            "nothing waking: as share_spare"
+        );
+        assert_eq!(mbit(&share_spare(cap, &cs)), vec![3, 9, 0]);
+        // Its rate says 1: it keeps its share (2 + 3); b borrows all that
+        // a and c leave (6 + 13): 24 allocated of 20 meanwhile.
+        let waking = [Some(Some(M)), None, None];
+        assert_eq!(mbit(&share_spare_waking(cap, &cs, &waking)), vec![3, 13, 0]);
+        // Its rate says 4: b hands back all but 1 of the 4 it lent.
+        let waking = [Some(Some(4 * M)), None, None];
+        assert_eq!(mbit(&share_spare_waking(cap, &cs, &waking)), vec![3, 10, 0]);
+        // Its rate says it wants all it gets: as share_spare.
+        let waking = [Some(None), None, None];
+        assert_eq!(mbit(&share_spare_waking(cap, &cs, &waking)), vec![3, 9, 0]);
+        // c wakes (its rate says 4 of its guarantee 12) while a and b borrow
+        // its share: c keeps its guarantee, a and b 8 of its 12 between them.
+        let cs = [c(2, 0, None), c(6, 0, None), c(12, 0, None)];
+        assert_eq!(mbit(&share_spare(cap, &cs)), vec![0, 0, 0]);
+        let waking = [None, None, Some(Some(4 * M))];
+        assert_eq!(mbit(&share_spare_waking(cap, &cs, &waking)), vec![2, 6, 0]);
     }
 
     #[test]

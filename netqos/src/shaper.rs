@@ -30,6 +30,7 @@ use crate::{
 
 /// How often the allocator runs.
 pub const TICK: Duration = Duration::from_millis(10);
+const TICK_NS: u64 = TICK.as_nanos() as u64;
 /// Activity epoch over which flows are counted.
 const EPOCH: Duration = Duration::from_nanos(qos_common::policy::ACTIVITY_EPOCH_NS);
 /// How often new container interfaces are looked for.
@@ -44,8 +45,6 @@ const DEMAND_HOLD_NS: u64 = 100_000_000;
 /// activity epochs): a controller that has not measured yet would move
 /// them on guesses.
 const ADOPT_SETTLE: Duration = Duration::from_millis(1000);
-/// A class that sent nothing for this many control steps is idle at once.
-const SILENT_TICKS: u32 = 3;
 /// How long the pacer gets to lift pacing from active flows at shutdown.
 const RELEASE_GRACE: Duration = Duration::from_millis(200);
 /// A freed slot is not reused before sockets cached on it were reclassified.
@@ -384,6 +383,10 @@ struct Class {
     window_integral: f64,
     /// Since when (ns) it has received without falling silent.
     busy_since: Option<u64>,
+    /// While it wakes (`policy::waking`): what its rate says it wants, the
+    /// demand the other classes' shares are computed with
+    /// (`policy::share_spare_waking`). None when not waking.
+    waking_estimate: Option<Option<u64>>,
     /// When (ns) `policy::held_window_mult` last steered its windows.
     held_steered_ns: Option<u64>,
     /// Held at its allocation beside traffic no window holds
@@ -427,6 +430,7 @@ impl Class {
             unheld_since: None,
             window_integral: 1.0,
             busy_since: None,
+            waking_estimate: None,
             held_steered_ns: None,
             held: false,
             policed: false,
@@ -525,7 +529,8 @@ impl Class {
         } else {
             0
         };
-        if self.silent_ticks >= SILENT_TICKS {
+        let silent = self.silent_ticks >= policy::silent_steps(st.rtt_us, TICK_NS);
+        if silent {
             self.busy_since = None;
         } else if d_bytes > 0 {
             self.busy_since.get_or_insert(now_ns);
@@ -535,29 +540,47 @@ impl Class {
         if dropped_bytes > 0 {
             self.last_drop_ns = Some(now_ns);
         }
+        let obs = Observation {
+            fill: self.fill,
+            rate: self.rate,
+            alloc: self.cfg.alloc,
+            over_bytes: ct.over_bytes.wrapping_sub(self.counters.over_bytes),
+            dropped_bytes,
+            bytes: d_bytes,
+        };
+        self.waking_estimate = None;
         let demand = if policy::stalled_by_drops(self.last_drop_ns, now_ns) {
             // Its flows may be waiting out a retransmission timeout: neither
             // silence nor a low rate says it wants less (lent out, its share
             // let the others fill the link while it stalled).
             self.wants_less_since = None;
             None
-        } else if self.silent_ticks >= SILENT_TICKS {
-            // Gone quiet: lend its share out now.
-            self.wants_less_since = Some(now_ns);
+        } else if silent {
+            // Gone quiet: lend its share out now. The run of wanting less
+            // goes on through the silence: a trickle after it (a handshake,
+            // a keepalive) does not take the share back.
+            self.wants_less_since.get_or_insert(now_ns);
             Some(0)
         } else if policy::unheld_traffic_starting(self.unheld_since, now_ns) {
             // Starting UDP: greedy whatever it gets so far.
             self.wants_less_since = None;
             None
+        } else if policy::waking(
+            self.busy_since,
+            now_ns,
+            st.rtt_us,
+            self.rate,
+            self.guarantee,
+            DEMAND_HOLD_NS,
+        ) {
+            // Its flows' windows are still ramping: it keeps its share;
+            // from afar the others hand it back as its rate grows. The hold
+            // starts again once it has woken.
+            self.wants_less_since = None;
+            self.waking_estimate = policy::wakes_from_afar(st.rtt_us, DEMAND_HOLD_NS)
+                .then(|| policy::estimate_demand(&obs));
+            None
         } else {
-            let obs = Observation {
-                fill: self.fill,
-                rate: self.rate,
-                alloc: self.cfg.alloc,
-                over_bytes: ct.over_bytes.wrapping_sub(self.counters.over_bytes),
-                dropped_bytes,
-                bytes: d_bytes,
-            };
             policy::held_demand(
                 policy::estimate_demand(&obs),
                 &mut self.wants_less_since,
@@ -956,7 +979,11 @@ impl ClassTable {
             })
             .collect();
         let window_mults = policy::window_mults(&window_classes, dt_ns);
-        let shares = policy::share_spare(capacity, &demands);
+        let waking: Vec<Option<Option<u64>>> = std::iter::once(&self.default)
+            .chain(self.classes.values())
+            .map(|c| c.waking_estimate)
+            .collect();
+        let shares = policy::share_spare_waking(capacity, &demands, &waking);
         for (((c, extra), window_mult), wanted) in std::iter::once(&mut self.default)
             .chain(self.classes.values_mut())
             .zip(shares)
