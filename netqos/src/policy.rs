@@ -198,47 +198,47 @@ pub fn silent_steps(rtt_us: u64, step_ns: u64) -> u32 {
 pub const WAKE_ROUND_TRIPS: u64 = 16;
 /// ... at most this long.
 pub const WAKE_MAX_NS: u64 = 2_000_000_000;
-/// ... once it receives at least 1 / this of its guarantee.
+/// ... from a control step in which it received at least 1 / this of its
+/// guarantee ([`wakes_with`]).
 pub const WAKE_MIN_SHARE: f64 = 8.0;
 
-/// Whether a class busy since `busy_since` (after a silence, or from its
-/// first packet), whose flows' round trip is `rtt_us` and which receives
-/// `rate` bytes/s of its `guarantee`, is still waking: for sixteen round
-/// trips (at least `hold_ns`, the demand hysteresis; at most two seconds)
-/// once it receives an eighth of its guarantee. It then keeps its share
-/// whatever its rate ([`share_spare_waking`]). Its flows' windows ramp for
-/// several round trips, sized from what it is allocated, and its buckets
-/// start full, so until its rate has caught up the estimate (rate under
-/// nine tenths of the allocation, buckets over half full) reads a ramp as
-/// a class that wants less. From 60 ms away that lent a starting class's
-/// share out within its first 100 ms: the narrower windows then kept it
-/// from showing more, and one-idle's 2 Mbit/s class (5 expected) got
-/// 1.5-3 Mbit/s for 1-1.5 s in four of eight runs while its allocation
-/// moved between 2, 5 and 20 (the 6.1 VM, 2026-12-07). Sixteen round trips
-/// cover slow start to a window of 2^16 initial windows and the rate's
-/// smoothing.
-///
-/// A class that receives less (a handshake, a control exchange,
-/// keepalives) is judged by its rate at once. Kept greedy for the hold
-/// after each such trickle, on-off's returning class took its share back
-/// from the borrowers for 100 ms at a time before its data came, and a
-/// borrower 60 ms away, its ACKs then paced at a third of the rate its
-/// windows were sized for, received nothing for 120 ms.
-pub fn waking(
-    busy_since: Option<u64>,
-    now_ns: u64,
-    rtt_us: u64,
-    rate: f64,
-    guarantee: u64,
-    hold_ns: u64,
-) -> bool {
+/// Whether a class that received at `step_rate` bytes/s over a control step
+/// (not smoothed) wakes with it: that rate is at least an eighth of its
+/// `guarantee` (any traffic for a class without one). A class that
+/// receives less (a handshake, a control exchange, keepalives) is judged
+/// by its rate at once. Kept greedy for the hold after each such trickle,
+/// on-off's returning class took its share back from the borrowers for
+/// 100 ms at a time before its data came, and a borrower 60 ms away, its
+/// ACKs then paced at a third of the rate its windows were sized for,
+/// received nothing for 120 ms. The step's own rate, not the smoothed one,
+/// so that a flow's first burst wakes its class at once (the smoothed rate
+/// takes a fifth of it in its first step).
+pub fn wakes_with(step_rate: f64, guarantee: u64) -> bool {
+    step_rate > 0.0 && step_rate * WAKE_MIN_SHARE >= guarantee as f64
+}
+
+/// Whether a class that woke at `woke_ns` ([`wakes_with`]; None: it has not
+/// since its last silence), whose flows' round trip is `rtt_us`, is still
+/// waking at `now_ns`: for sixteen round trips (at least `hold_ns`, the
+/// demand hysteresis; at most two seconds), whatever its rate meanwhile.
+/// It then keeps its share ([`share_spare_waking`]). Its flows' windows
+/// ramp for several round trips, sized from what it is allocated, and its
+/// buckets start full, so until its rate has caught up the estimate (rate
+/// under nine tenths of the allocation, buckets over half full) reads a
+/// ramp as a class that wants less. From 60 ms away that lent a starting
+/// class's share out within its first 100 ms: the narrower windows then
+/// kept it from showing more, and one-idle's 2 Mbit/s class (5 expected)
+/// got 1.5-3 Mbit/s for 1-1.5 s in four of eight runs while its
+/// allocation moved between 2, 5 and 20 (the 6.1 VM, 2026-12-07). Sixteen
+/// round trips cover slow start to a window of 2^16 initial windows and
+/// the rate's smoothing.
+pub fn waking(woke_ns: Option<u64>, now_ns: u64, rtt_us: u64, hold_ns: u64) -> bool {
     let wake_ns = WAKE_ROUND_TRIPS
         .saturating_mul(rtt_us)
         .saturating_mul(1_000)
         .min(WAKE_MAX_NS)
         .max(hold_ns);
-    rate * WAKE_MIN_SHARE >= guarantee as f64
-        && busy_since.is_some_and(|t| now_ns.saturating_sub(t) < wake_ns)
+    woke_ns.is_some_and(|t| now_ns.saturating_sub(t) < wake_ns)
 }
 
 /// Whether a class whose flows' round trip is `rtt_us` wakes for longer
@@ -1238,14 +1238,12 @@ mod tests {
     fn a_waking_class_keeps_its_share_for_sixteen_round_trips() {
         let s = 1_000_000_000;
         let hold = 100_000_000;
-        let g = 250_000;
-        let busy = g as f64 / WAKE_MIN_SHARE;
-        let wake = |since, now, rtt| waking(since, now, rtt, busy, g, hold);
+        let wake = |woke, now, rtt| waking(woke, now, rtt, hold);
         // 60 ms away: 960 ms.
         assert!(wake(Some(10 * s), 10 * s, 60_000));
         assert!(wake(Some(10 * s), 10 * s + 959_999_999, 60_000));
         assert!(!wake(Some(10 * s), 10 * s + 960_000_000, 60_000));
-        // Not busy (silent): nothing to keep.
+        // Not woken since its last silence: nothing to keep.
         assert!(!wake(None, 10 * s, 60_000));
         // Far away: at most two seconds.
         assert!(wake(Some(10 * s), 12 * s - 1, 500_000));
@@ -1258,16 +1256,20 @@ mod tests {
         assert!(wake(Some(10 * s), 10 * s + hold, 6_251));
         // A clock that went backwards counts as just woken.
         assert!(wake(Some(10 * s), s, 60_000));
+        // It wakes with an eighth of its guarantee in a step, not with a
+        // trickle; without a guarantee, with any traffic.
+        let g = 250_000;
+        assert!(wakes_with(g as f64 / WAKE_MIN_SHARE, g));
+        assert!(!wakes_with(g as f64 / WAKE_MIN_SHARE * 0.99, g));
+        assert!(!wakes_with(0.0, g));
+        assert!(wakes_with(1.0, 0));
+        assert!(!wakes_with(0.0, 0));
         // Only from afar do the others hand its share back gradually.
         assert!(wakes_from_afar(60_000, hold));
         assert!(wakes_from_afar(6_251, hold));
         assert!(!wakes_from_afar(6_250, hold));
         assert!(!wakes_from_afar(0, hold));
         assert!(!wakes_from_afar(u64::MAX, WAKE_MAX_NS));
-        // A trickle under an eighth of the guarantee is not a wake.
-        assert!(!waking(Some(10 * s), 10 * s, 60_000, busy * 0.99, g, hold));
-        assert!(waking(Some(10 * s), 10 * s, 60_000, 0.0, 0, hold));
-        assert!(!waking(Some(10 * s), 10 * s, 60_000, 0.0, 1, hold));
     }
 
     #[test]
@@ -1286,7 +1288,7 @@ mod tests {
         // a and c leave (6 + 13): 24 allocated of 20 meanwhile.
         let waking = [Some(Some(M)), None, None];
         assert_eq!(mbit(&share_spare_waking(cap, &cs, &waking)), vec![3, 13, 0]);
-        // Its rate says 4: b hands back all but 1 of the 4 it lent.
+        // Its rate says 4: b keeps 1 of the 4 it borrowed from a's share.
         let waking = [Some(Some(4 * M)), None, None];
         assert_eq!(mbit(&share_spare_waking(cap, &cs, &waking)), vec![3, 10, 0]);
         // Its rate says it wants all it gets: as share_spare.

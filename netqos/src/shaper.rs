@@ -383,6 +383,8 @@ struct Class {
     window_integral: f64,
     /// Since when (ns) it has received without falling silent.
     busy_since: Option<u64>,
+    /// When (ns) it woke (`policy::wakes_with`) since its last silence.
+    woke_ns: Option<u64>,
     /// While it wakes (`policy::waking`): what its rate says it wants, the
     /// demand the other classes' shares are computed with
     /// (`policy::share_spare_waking`). None when not waking.
@@ -430,6 +432,7 @@ impl Class {
             unheld_since: None,
             window_integral: 1.0,
             busy_since: None,
+            woke_ns: None,
             waking_estimate: None,
             held_steered_ns: None,
             held: false,
@@ -532,8 +535,12 @@ impl Class {
         let silent = self.silent_ticks >= policy::silent_steps(st.rtt_us, TICK_NS);
         if silent {
             self.busy_since = None;
+            self.woke_ns = None;
         } else if d_bytes > 0 {
             self.busy_since.get_or_insert(now_ns);
+            if policy::wakes_with(d_bytes as f64 * 1e9 / dt_ns.max(1) as f64, self.guarantee) {
+                self.woke_ns.get_or_insert(now_ns);
+            }
         }
         let dropped_bytes = ct.drop_bytes.wrapping_sub(self.counters.drop_bytes);
         self.policed = dropped_bytes > 0 || ct.ce_marks != self.counters.ce_marks;
@@ -565,14 +572,7 @@ impl Class {
             // Starting UDP: greedy whatever it gets so far.
             self.wants_less_since = None;
             None
-        } else if policy::waking(
-            self.busy_since,
-            now_ns,
-            st.rtt_us,
-            self.rate,
-            self.guarantee,
-            DEMAND_HOLD_NS,
-        ) {
+        } else if policy::waking(self.woke_ns, now_ns, st.rtt_us, DEMAND_HOLD_NS) {
             // Its flows' windows are still ramping: it keeps its share;
             // from afar the others hand it back as its rate grows. The hold
             // starts again once it has woken.
