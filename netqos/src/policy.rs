@@ -233,12 +233,16 @@ pub fn wakes_with(step_rate: f64, guarantee: u64) -> bool {
 /// round trips cover slow start to a window of 2^16 initial windows and
 /// the rate's smoothing.
 pub fn waking(woke_ns: Option<u64>, now_ns: u64, rtt_us: u64, hold_ns: u64) -> bool {
-    let wake_ns = WAKE_ROUND_TRIPS
+    let wake_ns = round_trips_waking_ns(rtt_us).max(hold_ns);
+    woke_ns.is_some_and(|t| now_ns.saturating_sub(t) < wake_ns)
+}
+
+/// Sixteen round trips of `rtt_us`, at most two seconds, in ns.
+fn round_trips_waking_ns(rtt_us: u64) -> u64 {
+    WAKE_ROUND_TRIPS
         .saturating_mul(rtt_us)
         .saturating_mul(1_000)
         .min(WAKE_MAX_NS)
-        .max(hold_ns);
-    woke_ns.is_some_and(|t| now_ns.saturating_sub(t) < wake_ns)
 }
 
 /// Whether a class whose flows' round trip is `rtt_us` wakes for longer
@@ -246,11 +250,7 @@ pub fn waking(woke_ns: Option<u64>, now_ns: u64, rtt_us: u64, hold_ns: u64) -> b
 /// back as its rate grows ([`share_spare_waking`]). A nearer class ramps
 /// within the hold, and takes its share back at once as before.
 pub fn wakes_from_afar(rtt_us: u64, hold_ns: u64) -> bool {
-    WAKE_ROUND_TRIPS
-        .saturating_mul(rtt_us)
-        .saturating_mul(1_000)
-        .min(WAKE_MAX_NS)
-        > hold_ns
+    round_trips_waking_ns(rtt_us) > hold_ns
 }
 
 /// [`share_spare`] with waking classes from afar ([`wakes_from_afar`]): `waking[i]` is

@@ -385,10 +385,6 @@ struct Class {
     busy_since: Option<u64>,
     /// When (ns) it woke (`policy::wakes_with`) since its last silence.
     woke_ns: Option<u64>,
-    /// While it wakes (`policy::waking`): what its rate says it wants, the
-    /// demand the other classes' shares are computed with
-    /// (`policy::share_spare_waking`). None when not waking.
-    waking_estimate: Option<Option<u64>>,
     /// When (ns) `policy::held_window_mult` last steered its windows.
     held_steered_ns: Option<u64>,
     /// Held at its allocation beside traffic no window holds
@@ -433,7 +429,6 @@ impl Class {
             window_integral: 1.0,
             busy_since: None,
             woke_ns: None,
-            waking_estimate: None,
             held_steered_ns: None,
             held: false,
             policed: false,
@@ -480,7 +475,8 @@ impl Class {
     }
 
     /// Takes in one control interval's state and counters and says what the
-    /// class wants next.
+    /// class wants next, and while it wakes from afar what its rate says it
+    /// wants (`policy::share_spare_waking`).
     fn observe(
         &mut self,
         st: ClassState,
@@ -489,7 +485,7 @@ impl Class {
         now_ns: u64,
         epoch_due: bool,
         capacity: u64,
-    ) -> ClassDemand {
+    ) -> (ClassDemand, Option<Option<u64>>) {
         // A counter's smoothed rate over the interval, bytes/s.
         let smoothed = |prev: f64, delta: u64| {
             policy::ewma(prev, delta as f64 * 1e9 / dt_ns as f64, dt_ns, RATE_TAU_NS)
@@ -555,7 +551,10 @@ impl Class {
             dropped_bytes,
             bytes: d_bytes,
         };
-        self.waking_estimate = None;
+        // While it wakes from afar: what its rate says it wants, the demand
+        // the other classes' shares are computed with
+        // (`policy::share_spare_waking`).
+        let mut waking_estimate = None;
         let demand = if policy::stalled_by_drops(self.last_drop_ns, now_ns) {
             // Its flows may be waiting out a retransmission timeout: neither
             // silence nor a low rate says it wants less (lent out, its share
@@ -577,7 +576,7 @@ impl Class {
             // from afar the others hand it back as its rate grows. The hold
             // starts again once it has woken.
             self.wants_less_since = None;
-            self.waking_estimate = policy::wakes_from_afar(st.rtt_us, DEMAND_HOLD_NS)
+            waking_estimate = policy::wakes_from_afar(st.rtt_us, DEMAND_HOLD_NS)
                 .then(|| policy::estimate_demand(&obs));
             None
         } else {
@@ -590,12 +589,13 @@ impl Class {
         };
         self.prev = st;
         self.counters = ct;
-        ClassDemand {
+        let wanted = ClassDemand {
             guarantee: self.guarantee,
             ceil: self.ceil(capacity),
             priority: self.quota.priority,
             demand,
-        }
+        };
+        (wanted, waking_estimate)
     }
 }
 
@@ -948,10 +948,13 @@ impl ClassTable {
         let capacity = bytes(self.capacity);
         let maps = dp.maps(self.dir);
         let mut demands = Vec::with_capacity(self.classes.len() + 1);
+        let mut waking = Vec::with_capacity(self.classes.len() + 1);
         for c in std::iter::once(&mut self.default).chain(self.classes.values_mut()) {
             let st = maps.read_state(c.slot)?;
             let ct = maps.read_counters(c.slot)?;
-            demands.push(c.observe(st, ct, dt_ns, now_ns, epoch_due, capacity));
+            let (wanted, waking_estimate) = c.observe(st, ct, dt_ns, now_ns, epoch_due, capacity);
+            demands.push(wanted);
+            waking.push(waking_estimate);
         }
         if std::iter::once(&self.default)
             .chain(self.classes.values())
@@ -979,10 +982,6 @@ impl ClassTable {
             })
             .collect();
         let window_mults = policy::window_mults(&window_classes, dt_ns);
-        let waking: Vec<Option<Option<u64>>> = std::iter::once(&self.default)
-            .chain(self.classes.values())
-            .map(|c| c.waking_estimate)
-            .collect();
         let shares = policy::share_spare_waking(capacity, &demands, &waking);
         for (((c, extra), window_mult), wanted) in std::iter::once(&mut self.default)
             .chain(self.classes.values_mut())
